@@ -1,0 +1,106 @@
+//! The cachecast wire contract.
+//!
+//! Everything that crosses NATS is defined here and nowhere else: the protobuf messages
+//! generated from `proto/cachecast/v1/cachecast.proto`, the subject names, the presence keys,
+//! and the validation of the ids that become subject tokens. This is the only crate that
+//! knows prost; other crates encode and decode through [`Wire`].
+
+mod ids;
+mod subjects;
+
+pub use ids::{AgentId, EnvId, InvalidId, new_event_id, new_publisher_id};
+pub use subjects::{Subjects, parse_presence_key};
+
+/// Generated protobuf types of `cachecast.v1`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/cachecast.v1.rs"));
+}
+
+pub use v1::{Ack, AckStatus, Invalidation, Presence, ResponseSelector, invalidation::Target};
+
+/// The largest message cachecast accepts on the bus. Larger payloads are refused before
+/// decoding, so a hostile peer cannot make an agent allocate without bound.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// Why a payload could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message of {0} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("not a valid cachecast.v1 message: {0}")]
+    Malformed(#[from] prost::DecodeError),
+}
+
+/// Encoding to and decoding from the protobuf wire format.
+pub trait Wire: Sized {
+    /// The message as protobuf bytes.
+    fn to_bytes(&self) -> bytes::Bytes;
+    /// Decodes a message, refusing payloads over [`MAX_MESSAGE_BYTES`].
+    fn from_bytes(payload: &[u8]) -> Result<Self, DecodeError>;
+}
+
+impl<M: prost::Message + Default> Wire for M {
+    fn to_bytes(&self) -> bytes::Bytes {
+        self.encode_to_vec().into()
+    }
+
+    fn from_bytes(payload: &[u8]) -> Result<Self, DecodeError> {
+        if payload.len() > MAX_MESSAGE_BYTES {
+            return Err(DecodeError::TooLarge(payload.len()));
+        }
+        Ok(M::decode(payload)?)
+    }
+}
+
+impl ResponseSelector {
+    /// True when the selector names neither a scope nor an identity: evict everything.
+    pub fn is_all(&self) -> bool {
+        self.scope_client_ids.is_empty() && self.identity_id.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalidation_round_trips() {
+        let event = Invalidation {
+            event_id: new_event_id(),
+            env: "dev".into(),
+            request_id: "r-1".into(),
+            ack_subject: "cachecast.v1.dev.ack.p.e".into(),
+            issued_at_unix_ms: 42,
+            target: Some(Target::Response(ResponseSelector {
+                scope_client_ids: vec!["s1".into(), "s2".into()],
+                identity_id: Some("alice".into()),
+            })),
+        };
+        let decoded = Invalidation::from_bytes(&event.to_bytes()).expect("decodes");
+        assert_eq!(decoded, event);
+    }
+
+    #[test]
+    fn garbage_and_oversized_payloads_are_refused() {
+        assert!(matches!(
+            Invalidation::from_bytes(&[0xff, 0xff, 0xff]),
+            Err(DecodeError::Malformed(_))
+        ));
+        let big = vec![0u8; MAX_MESSAGE_BYTES + 1];
+        assert!(matches!(
+            Invalidation::from_bytes(&big),
+            Err(DecodeError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn empty_selector_means_all() {
+        assert!(ResponseSelector::default().is_all());
+        let scoped = ResponseSelector {
+            scope_client_ids: vec!["s".into()],
+            identity_id: None,
+        };
+        assert!(!scoped.is_all());
+    }
+}

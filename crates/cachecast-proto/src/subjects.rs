@@ -1,0 +1,73 @@
+//! NATS subject names and presence keys.
+//!
+//! Events: `cachecast.v1.<env>.inval`. Acks: `cachecast.v1.<env>.ack.<publisherId>.<eventId>`.
+//! Presence: key `<env>.<agentId>` in the presence bucket. Every token here is either a
+//! validated id or a server-generated one, so no subject built here contains a wildcard.
+
+use crate::{AgentId, EnvId};
+
+const PREFIX: &str = "cachecast.v1";
+
+/// Subject names, all in one place.
+#[derive(Debug, Clone, Copy)]
+pub struct Subjects;
+
+impl Subjects {
+    /// What the invalidation stream captures: every environment's events.
+    pub const ALL_EVENTS: &'static str = "cachecast.v1.*.inval";
+
+    /// The event subject of one environment.
+    pub fn events(env: &EnvId) -> String {
+        format!("{PREFIX}.{env}.inval")
+    }
+
+    /// Where the agents of `env` acknowledge one event of one publisher.
+    pub fn ack(env: &EnvId, publisher_id: &str, event_id: &str) -> String {
+        format!("{PREFIX}.{env}.ack.{publisher_id}.{event_id}")
+    }
+
+    /// Every ack addressed to one publisher, in any environment.
+    pub fn acks_for_publisher(publisher_id: &str) -> String {
+        format!("{PREFIX}.*.ack.{publisher_id}.*")
+    }
+
+    /// The presence key of one agent.
+    pub fn presence_key(env: &EnvId, agent: &AgentId) -> String {
+        format!("{env}.{agent}")
+    }
+}
+
+/// Splits a presence key back into its environment and agent id.
+pub fn parse_presence_key(key: &str) -> Option<(EnvId, AgentId)> {
+    let (env, agent) = key.split_once('.')?;
+    Some((EnvId::new(env).ok()?, AgentId::new(agent).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_have_the_documented_shape() {
+        let env = EnvId::new("dev").expect("valid");
+        assert_eq!(Subjects::events(&env), "cachecast.v1.dev.inval");
+        assert_eq!(
+            Subjects::ack(&env, "p1", "e1"),
+            "cachecast.v1.dev.ack.p1.e1"
+        );
+        assert_eq!(
+            Subjects::acks_for_publisher("p1"),
+            "cachecast.v1.*.ack.p1.*"
+        );
+    }
+
+    #[test]
+    fn presence_keys_round_trip() {
+        let env = EnvId::new("dev").expect("valid");
+        let agent = AgentId::new("pod-1_a").expect("valid");
+        let key = Subjects::presence_key(&env, &agent);
+        assert_eq!(parse_presence_key(&key), Some((env, agent)));
+        assert_eq!(parse_presence_key("nodot"), None);
+        assert_eq!(parse_presence_key("dev.a.b"), None);
+    }
+}
