@@ -37,7 +37,10 @@ fn validate(kind: &'static str, value: &str) -> Result<(), InvalidId> {
 macro_rules! token_id {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[derive(
+            Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+        )]
+        #[serde(try_from = "String", into = "String")]
         pub struct $name(String);
 
         impl $name {
@@ -64,6 +67,19 @@ macro_rules! token_id {
             type Err = InvalidId;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 Self::new(s)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = InvalidId;
+            fn try_from(value: String) -> Result<Self, Self::Error> {
+                Self::new(value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
             }
         }
 
@@ -132,7 +148,10 @@ mod tests {
         let b = new_event_id();
         assert_ne!(a, b);
         assert_eq!(a.len(), 32);
-        assert!(AgentId::new(a.clone()).is_ok(), "event id {a} is a valid token");
+        assert!(
+            AgentId::new(a.clone()).is_ok(),
+            "event id {a} is a valid token"
+        );
         assert_eq!(&a[12..13], "7", "version nibble");
     }
 }

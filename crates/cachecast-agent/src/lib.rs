@@ -1,0 +1,19 @@
+//! The cachecast agent.
+//!
+//! An agent runs next to one cache (as a sidecar, or embedded in the service that owns the
+//! cache) for one environment. It consumes the environment's invalidation events from
+//! JetStream in order, evicts through a [`CacheBackend`], and acknowledges each event to the
+//! publisher that sent it. It acknowledges only what it applied; a failed eviction is
+//! reported as a failure with its reason.
+//!
+//! Start-up order is the guarantee's foundation: the consumer exists before the cache is
+//! flushed, and the cache is flushed before the agent announces its presence. So any event
+//! published while a publisher sees the agent as live reaches it, and nothing cached before
+//! the agent started survives.
+
+mod agent;
+pub mod backend;
+mod presence;
+
+pub use agent::{Agent, AgentConfig, AgentError, BackendKind, RunningAgent};
+pub use backend::{BackendError, CacheBackend, MemoryCache, RedisBackend, RedisConfig};

@@ -1,0 +1,82 @@
+//! The agent's presence: a key in the presence bucket, refreshed by heartbeat.
+//!
+//! Publishers treat an agent as live while its key was refreshed within three heartbeats, and
+//! expect its acknowledgement for every event they publish meanwhile. The key is deleted on
+//! graceful shutdown, so an agent that leaves properly is never waited for.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::kv;
+use cachecast_proto::{AgentId, EnvId, Presence, Subjects, Wire};
+use tokio::task::JoinHandle;
+
+/// A running heartbeat; [`Heartbeat::leave`] stops it and deletes the key.
+#[derive(Debug)]
+pub(crate) struct Heartbeat {
+    store: kv::Store,
+    key: String,
+    task: JoinHandle<()>,
+}
+
+pub(crate) fn unix_ms(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+impl Heartbeat {
+    /// Writes the presence key once (so the agent is live when this returns), then keeps
+    /// refreshing it every `interval` in the background.
+    pub(crate) async fn announce(
+        store: kv::Store,
+        env: &EnvId,
+        agent: &AgentId,
+        backend: &str,
+        interval: Duration,
+    ) -> Result<Self, kv::PutError> {
+        let key = Subjects::presence_key(env, agent);
+        let value = Presence {
+            agent_id: agent.to_string(),
+            env: env.to_string(),
+            heartbeat_ms: interval.as_millis() as u64,
+            started_at_unix_ms: unix_ms(SystemTime::now()),
+            backend: backend.to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+        .to_bytes();
+        store.put(&key, value.clone()).await?;
+        let task = tokio::spawn({
+            let store = store.clone();
+            let key = key.clone();
+            async move {
+                let mut ticker = tokio::time::interval(interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                ticker.tick().await;
+                loop {
+                    ticker.tick().await;
+                    if let Err(err) = store.put(&key, value.clone()).await {
+                        tracing::warn!(%key, error = %err, "presence heartbeat failed; retrying next interval");
+                    }
+                }
+            }
+        });
+        Ok(Self { store, key, task })
+    }
+
+    /// Stops the heartbeat and deletes the presence key, so publishers stop expecting acks.
+    pub(crate) async fn leave(self) {
+        self.task.abort();
+        match self.store.delete(&self.key).await {
+            Ok(()) => tracing::info!(key = %self.key, "presence removed"),
+            Err(err) => {
+                tracing::warn!(key = %self.key, error = %err, "could not remove presence; publishers will drop it after three missed heartbeats")
+            }
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,231 @@
+//! How cachecast talks to NATS.
+//!
+//! One place for the connection settings, the invalidation stream and the presence bucket, so
+//! the publisher and the agent can never disagree about them. The publisher side creates the
+//! stream and the bucket ([`ensure_stream`], [`ensure_presence_bucket`]); agents only open them
+//! ([`open_stream`], [`open_presence_bucket`]), which keeps agent credentials small.
+
+mod secret;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use serde::{Deserialize, Serialize};
+
+pub use async_nats::{Client, jetstream::Context as JetStream};
+pub use secret::{Secret, redact_url, serialize_redacted_url};
+
+/// NATS header carrying the caller's request id to every agent.
+pub const REQUEST_ID_HEADER: &str = "RequestID";
+
+/// Errors talking to NATS. Each says what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("invalid NATS address {url:?}: {source}; use a URL like nats://127.0.0.1:4222")]
+    Address {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error(
+        "JetStream stream {name:?} is not available: {reason}; is JetStream enabled on the server (`nats-server -js`)?"
+    )]
+    Stream { name: String, reason: String },
+    #[error(
+        "presence bucket {name:?} is not available: {reason}; is JetStream enabled on the server (`nats-server -js`)?"
+    )]
+    Presence { name: String, reason: String },
+}
+
+/// Connection settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL, or several separated by commas.
+    pub url: String,
+    /// How long one connection attempt may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a JetStream request (including a publish acknowledgement) may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// The longest wait between reconnection attempts.
+    #[serde(with = "humantime_serde")]
+    pub max_reconnect_delay: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(1),
+            max_reconnect_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The invalidation stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamConfig {
+    pub name: String,
+    /// 1 for a single server, 3 for a production cluster.
+    pub replicas: usize,
+    /// How long events are kept for agents that reconnect.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            name: "CACHECAST".into(),
+            replicas: 1,
+            max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// The presence bucket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    pub bucket: String,
+    pub replicas: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            bucket: "cachecast-agents".into(),
+            replicas: 1,
+        }
+    }
+}
+
+/// Everything a publisher or an agent needs to know about the bus.
+#[derive(Debug, Clone, Default)]
+pub struct BusConfig {
+    pub nats: NatsConfig,
+    pub stream: StreamConfig,
+    pub presence: PresenceConfig,
+}
+
+/// Connects to NATS. Returns at once even when no server is up: the client keeps trying in
+/// the background, so a process can start before NATS and survive NATS restarts.
+pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Client, BusError> {
+    let max_delay = config.max_reconnect_delay;
+    let name = client_name.to_owned();
+    async_nats::ConnectOptions::new()
+        .name(client_name)
+        .connection_timeout(config.connect_timeout)
+        .request_timeout(Some(config.request_timeout))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(move |attempts| {
+            (Duration::from_millis(50) * attempts.min(20) as u32).min(max_delay)
+        })
+        .event_callback(move |event| {
+            let name = name.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!(client = %name, "connected to NATS")
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(client = %name, "disconnected from NATS; reconnecting")
+                    }
+                    async_nats::Event::Draining | async_nats::Event::Closed => {
+                        tracing::debug!(client = %name, event = %event, "NATS connection closing")
+                    }
+                    other => tracing::warn!(client = %name, event = %other, "NATS event"),
+                }
+            }
+        })
+        .connect(config.url.as_str())
+        .await
+        .map_err(|source| BusError::Address {
+            url: config.url.clone(),
+            source,
+        })
+}
+
+/// A JetStream context whose requests (and publish acknowledgements) are bounded.
+pub fn jetstream(client: Client, config: &NatsConfig) -> JetStream {
+    let mut js = jetstream::new(client);
+    js.set_timeout(config.request_timeout);
+    js
+}
+
+/// Creates the invalidation stream, or opens it if it exists.
+pub async fn ensure_stream(
+    js: &JetStream,
+    config: &StreamConfig,
+) -> Result<stream::Stream, BusError> {
+    let wanted = stream::Config {
+        name: config.name.clone(),
+        subjects: vec![cachecast_proto::Subjects::ALL_EVENTS.into()],
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        max_age: config.max_age,
+        // Publisher retries of one event carry its event id as Nats-Msg-Id.
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    js.get_or_create_stream(wanted)
+        .await
+        .map_err(|err| BusError::Stream {
+            name: config.name.clone(),
+            reason: err.to_string(),
+        })
+}
+
+/// Opens the invalidation stream, which a publisher must have created.
+pub async fn open_stream(
+    js: &JetStream,
+    config: &StreamConfig,
+) -> Result<stream::Stream, BusError> {
+    js.get_stream(&config.name)
+        .await
+        .map_err(|err| BusError::Stream {
+            name: config.name.clone(),
+            reason: format!("{err} (start `cachecast serve` once to create it)"),
+        })
+}
+
+/// Creates the presence bucket, or opens it if it exists.
+pub async fn ensure_presence_bucket(
+    js: &JetStream,
+    config: &PresenceConfig,
+) -> Result<kv::Store, BusError> {
+    if let Ok(store) = js.get_key_value(&config.bucket).await {
+        return Ok(store);
+    }
+    js.create_key_value(kv::Config {
+        bucket: config.bucket.clone(),
+        description: "cachecast agent presence: key <env>.<agentId>".into(),
+        history: 1,
+        num_replicas: config.replicas,
+        // Leftovers of agents that died long ago; liveness itself is judged from heartbeats.
+        max_age: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await
+    .map_err(|err| BusError::Presence {
+        name: config.bucket.clone(),
+        reason: err.to_string(),
+    })
+}
+
+/// Opens the presence bucket, which a publisher must have created.
+pub async fn open_presence_bucket(
+    js: &JetStream,
+    config: &PresenceConfig,
+) -> Result<kv::Store, BusError> {
+    js.get_key_value(&config.bucket)
+        .await
+        .map_err(|err| BusError::Presence {
+            name: config.bucket.clone(),
+            reason: format!("{err} (start `cachecast serve` once to create it)"),
+        })
+}

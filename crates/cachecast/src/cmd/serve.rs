@@ -1,0 +1,45 @@
+//! `cachecast serve`: the HTTP API.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use cachecast_publisher::Publisher;
+use cachecast_publisher::auth::Verifier;
+use std::process::ExitCode;
+
+use crate::config::Config;
+use crate::shutdown::Shutdown;
+
+pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
+    let verifier = Verifier::new(&config.auth)?;
+    let bus = config.bus();
+    let shutdown = Shutdown::on_signals();
+    let client = super::connect(&bus, "cachecast-serve").await?;
+    // Keep trying until the bus is there: the API starts in any order with NATS.
+    let publisher = loop {
+        match Publisher::start(client.clone(), &bus).await {
+            Ok(p) => break p,
+            Err(err) => {
+                tracing::warn!(error = %err, nats = %bus.nats.url, "publisher not ready; retrying in 1s");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = shutdown.clone().wait() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "could not listen on {}: is another process using it? set --listen or api.listen",
+                config.api.listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    tracing::info!("API listening on http://{addr}");
+    let router = cachecast_publisher::http::router(publisher, verifier, config.api.clone());
+    cachecast_publisher::http::serve(listener, router, shutdown.wait()).await?;
+    client.drain().await.ok();
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,126 @@
+//! `cachecast up`: a whole local stack in one process tree, for trying cachecast out.
+//!
+//! A nats-server child with JetStream (in a temporary store), the HTTP API, and in-memory
+//! agents, all signed with the dev secret. Ctrl-C stops the agents (they leave the presence
+//! bucket), the API, and the nats-server child.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use cachecast_agent::{Agent, AgentConfig, MemoryCache};
+use cachecast_bus::Secret;
+use cachecast_nats_server::NatsServer;
+use cachecast_proto::AgentId;
+use cachecast_publisher::Publisher;
+use cachecast_publisher::auth::{AuthConfig, DEV_SECRET, Verifier, issue_hs256};
+
+use crate::cli::UpArgs;
+use crate::config::Config;
+use crate::shutdown::Shutdown;
+
+pub(crate) async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<ExitCode> {
+    let shutdown = Shutdown::on_signals();
+    let tools_dir = args.tools_dir.clone();
+    let binary =
+        tokio::task::spawn_blocking(move || cachecast_nats_server::locate_or_install(&tools_dir))
+            .await??;
+    let mut nats = NatsServer::builder(&binary)
+        .port(args.nats_port)
+        .start()
+        .await
+        .context("could not start nats-server")?;
+    tracing::info!(url = %nats.url(), binary = %binary.display(), "nats-server started");
+    config.nats.url = nats.url();
+
+    let result = stack(&config, &args, shutdown.clone()).await;
+    if result.is_err() {
+        shutdown.trigger();
+    }
+    nats.stop().await;
+    tracing::info!("nats-server stopped");
+    result
+}
+
+async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
+    let bus = config.bus();
+    let client = super::connect(&bus, "cachecast-up-api").await?;
+    let publisher = Publisher::start(client.clone(), &bus).await?;
+
+    let mut agents = Vec::new();
+    for n in 1..=args.agents {
+        let id = AgentId::new(format!("{}-agent-{n}", args.env))?;
+        let agent_client = super::connect(&bus, &format!("cachecast-up-{id}")).await?;
+        let agent = Agent::new(
+            agent_client.clone(),
+            &bus,
+            (args.env.clone(), id),
+            AgentConfig::default(),
+            MemoryCache::new(),
+        );
+        let running = agent.start().await?;
+        let stop = shutdown.clone().wait();
+        agents.push(tokio::spawn(async move {
+            running.run(stop).await;
+            agent_client.drain().await.ok();
+        }));
+    }
+    if !publisher
+        .wait_for_live_agents(&args.env, args.agents, Duration::from_secs(10))
+        .await
+    {
+        anyhow::bail!("the agents did not become live within 10s");
+    }
+
+    let auth = AuthConfig {
+        hs256_secret: Some(Secret::new(DEV_SECRET)),
+        ..config.auth.clone()
+    };
+    let verifier = Verifier::new(&auth)?;
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "could not listen on {}: is another process using it? pass --listen 127.0.0.1:<port>",
+                config.api.listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let token = issue_hs256(
+        &auth.hs256_secret.clone().unwrap_or_default(),
+        &auth.envs_claim,
+        &[args.env.to_string()],
+        "cachecast-up",
+        Duration::from_secs(24 * 3600),
+    )?;
+    let router = cachecast_publisher::http::router(publisher, verifier, config.api.clone());
+    let api = tokio::spawn(cachecast_publisher::http::serve(
+        listener,
+        router,
+        shutdown.clone().wait(),
+    ));
+
+    let base = format!(
+        "http://{addr}/api/1.0/runtime/caches/response/{}/invalidate",
+        args.env
+    );
+    println!(
+        "cachecast is up: API http://{addr}, NATS {}, {} agents in environment {}",
+        bus.nats.url, args.agents, args.env
+    );
+    println!();
+    println!("Invalidate everything in {}:", args.env);
+    println!(
+        "  curl -sS -X POST {base} -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{}}'"
+    );
+    println!();
+    println!("Press Ctrl-C to stop.");
+
+    shutdown.wait().await;
+    for agent in agents {
+        agent.await.ok();
+    }
+    api.await??;
+    client.drain().await.ok();
+    Ok(ExitCode::SUCCESS)
+}
