@@ -1,0 +1,249 @@
+//! The end-to-end harness: a real NATS server, the publisher and its HTTP API on
+//! `127.0.0.1:0`, and agents embedded in the test process or run as `cachecast agent`.
+//!
+//! Each test builds its own [`Stack`], so tests share nothing and run in parallel.
+
+use std::time::Duration;
+
+use cachecast_agent::{Agent, AgentConfig, CacheBackend, MemoryCache};
+use cachecast_bus::{BusConfig, Secret};
+use cachecast_proto::{AgentId, EnvId};
+use cachecast_publisher::Publisher;
+use cachecast_publisher::auth::{AuthConfig, Verifier, issue_hs256};
+use cachecast_publisher::http::ApiConfig;
+pub use cachecast_testkit::{ChildProcess, NatsServer, RedisServer, Signal};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The HS256 secret of every test stack.
+pub const TEST_SECRET: &str = "e2e-test-secret";
+
+/// How long a test waits for agents to appear in a publisher's view.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// NATS, a publisher and the HTTP API, all real.
+#[derive(Debug)]
+pub struct Stack {
+    pub nats: NatsServer,
+    pub bus: BusConfig,
+    pub publisher: Publisher,
+    /// `http://127.0.0.1:<port>`
+    pub base_url: String,
+    pub http: reqwest::Client,
+    stop_api: Option<oneshot::Sender<()>>,
+    api: Option<JoinHandle<()>>,
+}
+
+/// An HTTP answer: status, `requestid` header and JSON body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub request_id_header: Option<String>,
+    pub body: serde_json::Value,
+}
+
+impl Answer {
+    /// The agent ids listed in `_nodes.failures`.
+    pub fn failed_agents(&self) -> Vec<String> {
+        self.body["_nodes"]["failures"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f["node_id"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Stack {
+    /// Starts NATS, the publisher and the API.
+    pub async fn start() -> Self {
+        let nats = cachecast_testkit::nats().await;
+        Self::on(nats).await
+    }
+
+    /// Starts the publisher and the API on an already running NATS server.
+    pub async fn on(nats: NatsServer) -> Self {
+        let mut bus = BusConfig::default();
+        bus.nats.url = nats.url();
+        let client = cachecast_bus::connect(&bus.nats, "e2e-publisher")
+            .await
+            .expect("NATS client");
+        let publisher = Publisher::start(client, &bus)
+            .await
+            .expect("publisher starts");
+        let auth = AuthConfig {
+            hs256_secret: Some(Secret::new(TEST_SECRET)),
+            ..AuthConfig::default()
+        };
+        let api_config = ApiConfig {
+            max_body_bytes: 4096,
+            ..ApiConfig::default()
+        };
+        let router = cachecast_publisher::http::router(
+            publisher.clone(),
+            Verifier::new(&auth).expect("verifier"),
+            api_config,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the API");
+        let base_url = format!("http://{}", listener.local_addr().expect("address"));
+        let (stop_api, stopped) = oneshot::channel::<()>();
+        let api = tokio::spawn(async move {
+            cachecast_publisher::http::serve(listener, router, async {
+                stopped.await.ok();
+            })
+            .await
+            .expect("API serves");
+        });
+        Self {
+            nats,
+            bus,
+            publisher,
+            base_url,
+            http: reqwest::Client::new(),
+            stop_api: Some(stop_api),
+            api: Some(api),
+        }
+    }
+
+    /// A token for `envs`, valid for an hour.
+    pub fn token(&self, envs: &[&str]) -> String {
+        let envs: Vec<String> = envs.iter().map(|e| e.to_string()).collect();
+        issue_hs256(
+            &Secret::new(TEST_SECRET),
+            "envs",
+            &envs,
+            "e2e",
+            Duration::from_secs(3600),
+        )
+        .expect("token")
+    }
+
+    /// `POST .../response/{env}/invalidate{query}` with `body` and a token for `env`.
+    pub async fn invalidate(&self, env: &str, body: &str, query: &str) -> Answer {
+        let token = self.token(&[env]);
+        self.post(
+            &format!("/api/1.0/runtime/caches/response/{env}/invalidate{query}"),
+            body,
+            &[
+                ("Authorization", format!("Bearer {token}")),
+                ("Content-Type", "application/json".into()),
+            ],
+        )
+        .await
+    }
+
+    /// A POST with the given headers; the answer must be JSON.
+    pub async fn post(&self, path: &str, body: &str, headers: &[(&str, String)]) -> Answer {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.base_url))
+            .body(body.to_owned());
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        answer(request.send().await.expect("the API answers")).await
+    }
+
+    /// Starts an agent for `env` inside this process and waits until it is live.
+    pub async fn agent<B: CacheBackend>(&self, env: &str, id: &str, backend: B) -> AgentHandle {
+        let client = cachecast_bus::connect(&self.bus.nats, id)
+            .await
+            .expect("agent NATS client");
+        let agent = Agent::new(
+            client,
+            &self.bus,
+            (env_id(env), AgentId::new(id).expect("valid agent id")),
+            AgentConfig::default(),
+            backend,
+        );
+        let running = tokio::time::timeout(JOIN_TIMEOUT, agent.start())
+            .await
+            .expect("agent starts in time")
+            .expect("agent starts");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(running.run(async {
+            stopped.await.ok();
+        }));
+        AgentHandle { stop, task }
+    }
+
+    /// Starts an in-process memory agent and returns its cache.
+    pub async fn memory_agent(&self, env: &str, id: &str) -> (MemoryCache, AgentHandle) {
+        let cache = MemoryCache::new();
+        let handle = self.agent(env, id, cache.clone()).await;
+        (cache, handle)
+    }
+
+    /// Waits until the publisher sees exactly `count` live agents in `env`.
+    pub async fn wait_for_agents(&self, env: &str, count: usize) {
+        assert!(
+            self.publisher
+                .wait_for_live_agents(&env_id(env), count, JOIN_TIMEOUT)
+                .await,
+            "expected {count} live agents in {env}, the publisher sees {:?}",
+            self.publisher.live_agents(&env_id(env))
+        );
+    }
+
+    /// Stops the API (letting in-flight requests finish).
+    pub async fn stop_api(&mut self) {
+        if let Some(stop) = self.stop_api.take() {
+            stop.send(()).ok();
+        }
+        if let Some(api) = self.api.take() {
+            api.await.ok();
+        }
+    }
+}
+
+/// An in-process agent; dropping it leaves it running until the test ends.
+#[derive(Debug)]
+pub struct AgentHandle {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl AgentHandle {
+    /// Graceful shutdown: the agent removes its presence and stops.
+    pub async fn stop(self) {
+        self.stop.send(()).ok();
+        self.task.await.ok();
+    }
+}
+
+/// Reads an HTTP answer whose body must be JSON.
+pub async fn answer(response: reqwest::Response) -> Answer {
+    let status = response.status().as_u16();
+    let request_id_header = response
+        .headers()
+        .get("requestid")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let text = response.text().await.expect("body");
+    let body = serde_json::from_str(&text)
+        .unwrap_or_else(|err| panic!("status {status}: body is not JSON ({err}): {text:?}"));
+    Answer {
+        status,
+        request_id_header,
+        body,
+    }
+}
+
+/// A valid environment id.
+pub fn env_id(env: &str) -> EnvId {
+    EnvId::new(env).expect("valid environment id")
+}
+
+/// Runs `cachecast` with `args` against `nats_url`, with a quiet log.
+pub fn cachecast(nats_url: &str, args: &[&str]) -> ChildProcess {
+    let mut command = tokio::process::Command::new(cachecast_testkit::cachecast_bin());
+    command
+        .args(args)
+        .arg("--nats-url")
+        .arg(nats_url)
+        .env("RUST_LOG", "info")
+        .env_remove("CACHECAST_CONFIG");
+    ChildProcess::from_command(command)
+}
