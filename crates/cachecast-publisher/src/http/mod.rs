@@ -82,14 +82,20 @@ pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Ro
             "/api/1.0/runtime/caches/response/{env_id}/invalidate",
             post(invalidate_response),
         )
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        .fallback(|headers: HeaderMap| async move {
+            refuse(
+                &headers,
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+            )
         })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "use POST for invalidations",
+        .method_not_allowed_fallback(|headers: HeaderMap| async move {
+            refuse(
+                &headers,
+                ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "use POST for invalidations",
+                ),
             )
         })
         .with_state(api)
@@ -104,6 +110,14 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// An error answer carrying the caller's request id (or a new one).
+fn refuse(headers: &HeaderMap, err: ApiError) -> Response {
+    match request::request_id(headers) {
+        Ok(id) => err.with_request_id(&id).into_response(),
+        Err(invalid_id) => invalid_id.into_response(),
+    }
 }
 
 async fn invalidate_response(
