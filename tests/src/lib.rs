@@ -57,6 +57,7 @@ impl Answer {
 impl Stack {
     /// Starts NATS, the publisher and the API.
     pub async fn start() -> Self {
+        init_logs();
         let nats = cachecast_testkit::nats().await;
         Self::on(nats).await
     }
@@ -231,19 +232,37 @@ pub async fn answer(response: reqwest::Response) -> Answer {
     }
 }
 
+/// Shows the stack's logs in a failing test's output (filter with `RUST_LOG`, default warn).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init()
+        .ok();
+}
+
 /// A valid environment id.
 pub fn env_id(env: &str) -> EnvId {
     EnvId::new(env).expect("valid environment id")
 }
 
-/// Runs `cachecast` with `args` against `nats_url`, with a quiet log.
+/// Runs `cachecast` with `args` against `nats_url`.
 pub fn cachecast(nats_url: &str, args: &[&str]) -> ChildProcess {
+    cachecast_with_env(nats_url, args, &[])
+}
+
+/// Runs `cachecast` with `args` against `nats_url`, with extra environment variables.
+pub fn cachecast_with_env(nats_url: &str, args: &[&str], env: &[(&str, &str)]) -> ChildProcess {
     let mut command = tokio::process::Command::new(cachecast_testkit::cachecast_bin());
     command
         .args(args)
         .arg("--nats-url")
         .arg(nats_url)
         .env("RUST_LOG", "info")
-        .env_remove("CACHECAST_CONFIG");
+        .env("NO_COLOR", "1")
+        .env_remove("CACHECAST_CONFIG")
+        .envs(env.iter().copied());
     ChildProcess::from_command(command)
 }

@@ -124,7 +124,10 @@ pub struct Agent<B> {
 /// An agent that is consuming, flushed and announced: publishers now expect its acks.
 pub struct RunningAgent<B> {
     agent: Agent<B>,
+    stream: stream::Stream,
     events: pull::Ordered,
+    /// The stream sequence of the last event handled; the consumer resumes after it.
+    last_sequence: u64,
     heartbeat: Heartbeat,
 }
 
@@ -167,8 +170,16 @@ impl<B: CacheBackend> Agent<B> {
                 cachecast_bus::open_presence_bucket(&self.js, &self.bus.presence)
             })
             .await;
-            let events = retry("create the event consumer", || {
-                consume(&stream, &self.env, DeliverPolicy::New)
+            // Start right after the stream's current end: every event published from now on.
+            let (events, last_sequence) = retry("create the event consumer", || async {
+                let last = stream
+                    .clone()
+                    .info()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .state
+                    .last_sequence;
+                Ok::<_, String>((consume(&stream, &self.env, last).await?, last))
             })
             .await;
             let all = ResponseSelector::default();
@@ -196,7 +207,9 @@ impl<B: CacheBackend> Agent<B> {
             tracing::info!(backend = self.backend.kind(), "agent is live");
             Ok(RunningAgent {
                 agent: self,
+                stream,
                 events,
+                last_sequence,
                 heartbeat,
             })
         }
@@ -224,12 +237,35 @@ impl<B: CacheBackend> RunningAgent<B> {
         let span = tracing::info_span!("agent", env = %self.agent.env, agent = %self.agent.id);
         async move {
             tokio::pin!(shutdown);
+            let mut connection_check = tokio::time::interval(CONNECTION_CHECK);
+            let statistics = self.agent.client.statistics();
+            let connects = || statistics.connects.load(std::sync::atomic::Ordering::Relaxed);
+            let mut resumed_at = connects();
             loop {
                 tokio::select! {
                     biased;
                     () = &mut shutdown => break,
+                    _ = connection_check.tick() => {
+                        let now = connects();
+                        // Reconnected, however briefly: the server may have restarted and lost
+                        // the consumer, so resume right after the last event handled.
+                        if now != resumed_at
+                            && self.agent.client.connection_state() == async_nats::connection::State::Connected
+                            && self.resume().await
+                        {
+                            resumed_at = now;
+                        }
+                    }
                     next = self.events.next() => match next {
-                        Some(Ok(message)) => self.agent.handle(message).await,
+                        Some(Ok(message)) => {
+                            let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                            if sequence <= self.last_sequence {
+                                tracing::debug!(sequence, "skipping an event already handled");
+                                continue;
+                            }
+                            self.agent.handle(message, sequence).await;
+                            self.last_sequence = sequence;
+                        }
                         Some(Err(err)) => {
                             tracing::warn!(error = %err, "event consumer error; it recovers by itself");
                         }
@@ -251,9 +287,29 @@ impl<B: CacheBackend> RunningAgent<B> {
     }
 }
 
+impl<B: CacheBackend> RunningAgent<B> {
+    /// Replaces the consumer with one that starts right after the last handled event.
+    /// Returns false if that failed (it is tried again on the next check).
+    async fn resume(&mut self) -> bool {
+        match consume(&self.stream, &self.agent.env, self.last_sequence).await {
+            Ok(events) => {
+                tracing::info!(
+                    after = self.last_sequence,
+                    "reconnected; event consumer resumed"
+                );
+                self.events = events;
+                true
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not resume the event consumer; retrying");
+                false
+            }
+        }
+    }
+}
+
 impl<B: CacheBackend> Agent<B> {
-    async fn handle(&self, message: jetstream::Message) {
-        let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+    async fn handle(&self, message: jetstream::Message, sequence: u64) {
         let event = match Invalidation::from_bytes(&message.payload) {
             Ok(event) => event,
             Err(err) => {
@@ -326,17 +382,29 @@ impl<B: CacheBackend> Agent<B> {
     }
 }
 
-/// An ordered consumer of one environment's events: every event in stream order, recreated
-/// by the client from the last delivered sequence when it falls behind or the server restarts.
+/// The longest pull request of the event consumer. The server sends an idle heartbeat every
+/// half of it and the client recreates a consumer that missed two, so this bounds how long a
+/// consumer lost to a server restart goes unnoticed (about 4 s) at the cost of one pull
+/// request per agent every 4 s while idle.
+const PULL_EXPIRES: Duration = Duration::from_secs(4);
+
+/// How often the agent checks whether its NATS client reconnected.
+const CONNECTION_CHECK: Duration = Duration::from_millis(250);
+
+/// An ordered consumer of one environment's events after stream sequence `after`: every
+/// event in stream order, recreated by the client when it falls behind.
 async fn consume(
     stream: &stream::Stream,
     env: &EnvId,
-    deliver_policy: DeliverPolicy,
+    after: u64,
 ) -> Result<pull::Ordered, String> {
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: Subjects::events(env),
-            deliver_policy,
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: after + 1,
+            },
+            max_expires: PULL_EXPIRES,
             ..Default::default()
         })
         .await

@@ -74,7 +74,16 @@ pub(crate) fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<
     figment.extract().map_err(|err| {
         let mut message = String::from("invalid configuration:");
         for e in err {
-            message.push_str(&format!("\n  - {e}"));
+            let key = e.path.join(".").to_lowercase();
+            let from = e
+                .metadata
+                .as_ref()
+                .map(|m| match &m.source {
+                    Some(source) => format!(" (from {source})"),
+                    None => format!(" (from {})", m.name),
+                })
+                .unwrap_or_default();
+            message.push_str(&format!("\n  - {key}: {}{from}", e.kind));
         }
         anyhow::anyhow!(message)
     })

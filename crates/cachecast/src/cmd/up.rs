@@ -30,7 +30,7 @@ pub(crate) async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<Exit
         .start()
         .await
         .context("could not start nats-server")?;
-    tracing::info!(url = %nats.url(), binary = %binary.display(), "nats-server started");
+    tracing::info!(url = %nats.url(), pid = nats.pid(), binary = %binary.display(), "nats-server started");
     config.nats.url = nats.url();
 
     let result = stack(&config, &args, shutdown.clone()).await;

@@ -1,0 +1,293 @@
+//! The `cachecast` binary as users run it: `up`, `serve`, `agent`, `invalidate`, `agents`,
+//! `token`, and the configuration it reads.
+
+use std::time::Duration;
+
+use cachecast_e2e::{ChildProcess, Signal, Stack, cachecast, cachecast_with_env};
+
+const STARTUP: Duration = Duration::from_secs(30);
+const EXIT: Duration = Duration::from_secs(15);
+
+/// The value of `key=` in a log line, e.g. `pid=1234`.
+fn log_field(output: &str, line_marker: &str, key: &str) -> Option<String> {
+    let line = output.lines().find(|l| l.contains(line_marker))?;
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    Some(
+        line[start..]
+            .split_whitespace()
+            .next()?
+            .trim_matches('"')
+            .to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_starts_a_stack_whose_curl_line_works_and_ctrl_c_stops_everything() {
+    let port = cachecast_testkit::free_port();
+    let mut command = tokio::process::Command::new(cachecast_testkit::cachecast_bin());
+    command
+        .args(["up", "--listen", &format!("127.0.0.1:{port}")])
+        .env("NATS_SERVER_BIN", cachecast_testkit::nats_binary())
+        .env("NO_COLOR", "1")
+        .env_remove("CACHECAST_CONFIG");
+    let mut up = ChildProcess::from_command(command);
+    up.wait_for_output("Press Ctrl-C to stop.", STARTUP)
+        .await
+        .unwrap_or_else(|e| panic!("up did not start: {e}"));
+    let stdout = up.stdout();
+    let curl = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("curl "))
+        .unwrap_or_else(|| panic!("no curl line in {stdout}"))
+        .trim()
+        .to_owned();
+
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", &curl])
+        .output()
+        .await
+        .expect("curl runs (apt-get install curl)");
+    assert!(
+        out.status.success(),
+        "{curl}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON answer");
+    assert_eq!(body["_nodes"]["total"], 3, "{body}");
+    assert_eq!(body["_nodes"]["successful"], 3, "{body}");
+
+    let nats_pid = log_field(&up.stderr(), "nats-server started", "pid")
+        .unwrap_or_else(|| panic!("no nats-server pid in {}", up.stderr()));
+    assert!(std::path::Path::new(&format!("/proc/{nats_pid}")).exists());
+    up.signal(Signal::SIGINT);
+    let status = up.wait_exit(EXIT).await.expect("up exits on Ctrl-C");
+    assert!(status.success(), "{status:?}: {}", up.output());
+    assert!(
+        !std::path::Path::new(&format!("/proc/{nats_pid}")).exists(),
+        "nats-server {nats_pid} still runs after up exited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reads_its_secret_from_the_environment_and_answers() {
+    let nats = cachecast_testkit::nats().await;
+    let mut serve = cachecast_with_env(
+        &nats.url(),
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[("CACHECAST_AUTH__HS256_SECRET", "serve-secret")],
+    );
+    serve
+        .wait_for_output("API listening on", STARTUP)
+        .await
+        .unwrap_or_else(|e| panic!("serve did not start: {e}"));
+    let output = serve.output();
+    let addr = output
+        .split("API listening on http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("address")
+        .to_owned();
+    assert!(
+        !output.contains("serve-secret"),
+        "the secret is never logged"
+    );
+
+    let token = cachecast(&nats.url(), &["token", "--env", "dev"]);
+    let mut token = token;
+    token.wait_exit(EXIT).await.expect("token exits");
+    // Signed with the dev secret, not serve's: refused.
+    let dev_token = token.stdout().trim().to_owned();
+    let mut signer = cachecast_with_env(
+        &nats.url(),
+        &["token", "--env", "dev"],
+        &[("CACHECAST_AUTH__HS256_SECRET", "serve-secret")],
+    );
+    signer.wait_exit(EXIT).await.expect("token exits");
+    let good_token = signer.stdout().trim().to_owned();
+
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/api/1.0/runtime/caches/response/dev/invalidate");
+    for (token, status) in [(&dev_token, 401), (&good_token, 200)] {
+        let response = http
+            .post(&url)
+            .bearer_auth(token)
+            .body("{}")
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(response.status().as_u16(), status);
+    }
+    serve.signal(Signal::SIGTERM);
+    let status = serve.wait_exit(EXIT).await.expect("serve exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_invalidates_lists_agents_and_reports_failures_by_exit_code() {
+    let stack = Stack::start().await;
+    let url = stack.nats.url();
+    let mut agents = Vec::new();
+    for id in ["cli-a", "cli-b"] {
+        let agent = cachecast(&url, &["agent", "--env", "dev", "--id", id]);
+        agent
+            .wait_for_output("agent is live", STARTUP)
+            .await
+            .unwrap_or_else(|e| panic!("{id}: {e}"));
+        agents.push(agent);
+    }
+    stack.wait_for_agents("dev", 2).await;
+
+    let mut list = cachecast(&url, &["agents", "--env", "dev", "--json"]);
+    assert_eq!(
+        list.wait_exit(EXIT).await.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        list.output()
+    );
+    let listed: serde_json::Value = serde_json::from_str(list.stdout().trim()).expect("JSON");
+    let ids: Vec<&str> = listed["agents"]
+        .as_array()
+        .expect("agents")
+        .iter()
+        .filter_map(|a| a["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["cli-a", "cli-b"]);
+
+    let args = [
+        "invalidate",
+        "--env",
+        "dev",
+        "--scope",
+        "s1",
+        "--identity",
+        "u1",
+        "--json",
+    ];
+    let mut ok = cachecast(&url, &args);
+    assert_eq!(
+        ok.wait_exit(EXIT).await.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        ok.output()
+    );
+    let outcome: serde_json::Value = serde_json::from_str(ok.stdout().trim()).expect("JSON");
+    assert_eq!(outcome["_nodes"]["successful"], 2, "{outcome}");
+
+    agents[1].kill().await;
+    let mut partial = cachecast(&url, &["invalidate", "--env", "dev", "--timeout", "1s"]);
+    assert_eq!(
+        partial.wait_exit(EXIT).await.and_then(|s| s.code()),
+        Some(3),
+        "{}",
+        partial.output()
+    );
+    let table = partial.stdout();
+    assert!(
+        table.contains("cli-b") && table.contains("timeout"),
+        "{table}"
+    );
+    assert!(table.contains("1 of 2 agents confirmed"), "{table}");
+
+    let mut unavailable = cachecast(
+        "nats://127.0.0.1:1",
+        &["invalidate", "--env", "dev", "--timeout", "1s"],
+    );
+    assert_eq!(
+        unavailable.wait_exit(EXIT).await.and_then(|s| s.code()),
+        Some(4),
+        "{}",
+        unavailable.output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_is_layered_redacted_and_checked() {
+    let dir = tempfile_dir();
+    let file = dir.join("cachecast.toml");
+    std::fs::write(
+        &file,
+        "[agent]\nenv = \"from-file\"\nheartbeat = \"3s\"\n[redis]\nurl = \"redis://:file-password@127.0.0.1:6379\"\n",
+    )
+    .expect("write config");
+    let file = file.to_string_lossy().into_owned();
+    let mut print = cachecast_with_env(
+        "nats://127.0.0.1:4999",
+        &[
+            "agent",
+            "--config",
+            &file,
+            "--env",
+            "from-flag",
+            "--print-config",
+        ],
+        &[
+            ("CACHECAST_AUTH__HS256_SECRET", "env-secret"),
+            ("CACHECAST_AGENT__HEARTBEAT", "4s"),
+        ],
+    );
+    assert_eq!(
+        print.wait_exit(EXIT).await.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        print.output()
+    );
+    let printed = print.stdout();
+    assert!(
+        printed.contains("env = \"from-flag\""),
+        "flags win over the file: {printed}"
+    );
+    assert!(
+        printed.contains("heartbeat = \"4s\""),
+        "variables win over the file: {printed}"
+    );
+    assert!(
+        printed.contains("url = \"nats://127.0.0.1:4999\""),
+        "{printed}"
+    );
+    for secret in ["env-secret", "file-password"] {
+        assert!(
+            !print.output().contains(secret),
+            "{secret} leaked: {printed}"
+        );
+    }
+
+    let mut invalid = cachecast_with_env(
+        "nats://127.0.0.1:4999",
+        &["agent", "--print-config"],
+        &[("CACHECAST_API__MAX_TIMEOUT", "forever")],
+    );
+    assert_eq!(
+        invalid.wait_exit(EXIT).await.and_then(|s| s.code()),
+        Some(1)
+    );
+    assert!(
+        invalid.stderr().contains("max_timeout"),
+        "{}",
+        invalid.stderr()
+    );
+
+    let mut no_secret = cachecast(
+        "nats://127.0.0.1:4999",
+        &["serve", "--listen", "127.0.0.1:0"],
+    );
+    assert_eq!(
+        no_secret.wait_exit(EXIT).await.and_then(|s| s.code()),
+        Some(1)
+    );
+    assert!(
+        no_secret.stderr().contains("auth.hs256_secret"),
+        "{}",
+        no_secret.stderr()
+    );
+
+    let mut no_env = cachecast("nats://127.0.0.1:4999", &["agent"]);
+    assert_eq!(no_env.wait_exit(EXIT).await.and_then(|s| s.code()), Some(1));
+    assert!(no_env.stderr().contains("agent.env"), "{}", no_env.stderr());
+    std::fs::remove_dir_all(dir).ok();
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("cachecast-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}

@@ -1,0 +1,68 @@
+//! When NATS is down the API says so at once (`503`, `Retry-After`, nothing published), and
+//! when NATS is back it works again without restarting anything.
+
+use std::time::{Duration, Instant};
+
+use cachecast_e2e::Stack;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_is_a_fast_503_and_recovery_needs_no_restart() {
+    let mut stack = Stack::start().await;
+    let (cache, agent) = stack.memory_agent("dev", "survivor").await;
+    stack.wait_for_agents("dev", 1).await;
+    assert_eq!(stack.invalidate("dev", "{}", "").await.status, 200);
+
+    stack.nats.stop().await;
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let answer = stack.invalidate("dev", "{}", "").await;
+        let took = started.elapsed();
+        assert_eq!(answer.status, 503, "attempt {attempt}: {}", answer.body);
+        assert_eq!(answer.body["code"], "bus_unavailable");
+        assert!(
+            took < Duration::from_millis(1500),
+            "attempt {attempt} took {took:?}"
+        );
+    }
+    let token = stack.token(&["dev"]);
+    let raw = stack
+        .http
+        .post(format!(
+            "{}/api/1.0/runtime/caches/response/dev/invalidate",
+            stack.base_url
+        ))
+        .header("Authorization", format!("Bearer {token}"))
+        .body("{}")
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(raw.status().as_u16(), 503);
+    assert!(
+        raw.headers().get("retry-after").is_some(),
+        "Retry-After is set"
+    );
+
+    stack.nats.start_again().await.expect("NATS restarts");
+    // Clients reconnect on their own; poll the API (each answer is immediate) until the
+    // agent confirms again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        cache.insert("k", "s1", "u1", bytes::Bytes::from_static(b"permit"));
+        let answer = stack.invalidate("dev", "{}", "?timeout=2s").await;
+        if answer.status == 200 && answer.body["_nodes"]["total"] == 1 {
+            break answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery within 30s; last answer {} {}",
+            answer.status,
+            answer.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(answer.body["agents"]["survivor"]["status"], "applied");
+    // Events published while the agent was cut off may be applied first (they stay in the
+    // stream); either way, after a 200 the entry is gone.
+    assert!(!cache.contains("k"));
+    agent.stop().await;
+}
