@@ -286,6 +286,36 @@ async fn configuration_is_layered_redacted_and_checked() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_configuration_is_valid_and_complete() {
+    let example = cachecast_testkit::workspace_root().join("deploy/cachecast.example.toml");
+    let example = example.to_string_lossy().into_owned();
+    let mut with_file = cachecast(
+        "nats://127.0.0.1:4222",
+        &["agent", "--config", &example, "--print-config"],
+    );
+    assert_eq!(
+        with_file.wait_exit(EXIT).await.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        with_file.output()
+    );
+    let mut defaults = cachecast("nats://127.0.0.1:4222", &["agent", "--print-config"]);
+    assert_eq!(
+        defaults.wait_exit(EXIT).await.and_then(|s| s.code()),
+        Some(0)
+    );
+    // The example documents the defaults: loading it changes nothing.
+    assert_eq!(with_file.stdout(), defaults.stdout());
+    // And it names every key there is.
+    let text = std::fs::read_to_string(&example).expect("read the example");
+    for line in defaults.stdout().lines() {
+        if let Some((key, _)) = line.split_once(" = ") {
+            assert!(text.contains(&format!("{key} = ")), "the example lacks {key}");
+        }
+    }
+}
+
 fn tempfile_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("cachecast-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
