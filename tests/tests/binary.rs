@@ -311,7 +311,10 @@ async fn the_example_configuration_is_valid_and_complete() {
     let text = std::fs::read_to_string(&example).expect("read the example");
     for line in defaults.stdout().lines() {
         if let Some((key, _)) = line.split_once(" = ") {
-            assert!(text.contains(&format!("{key} = ")), "the example lacks {key}");
+            assert!(
+                text.contains(&format!("{key} = ")),
+                "the example lacks {key}"
+            );
         }
     }
 }

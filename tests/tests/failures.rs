@@ -219,3 +219,32 @@ async fn a_reused_request_id_is_two_invalidations() {
     assert_ne!(event_ids[0], event_ids[1]);
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_agent_stops_being_expected_after_three_missed_heartbeats() {
+    let stack = Stack::start().await;
+    let url = stack.nats.url();
+    let mut agent = cachecast(
+        &url,
+        &[
+            "agent",
+            "--env",
+            "dev",
+            "--id",
+            "short-lived",
+            "--heartbeat",
+            "200ms",
+        ],
+    );
+    agent
+        .wait_for_output("agent is live", STARTUP)
+        .await
+        .unwrap_or_else(|e| panic!("agent did not start: {e}"));
+    stack.wait_for_agents("dev", 1).await;
+    agent.kill().await;
+    // Three missed 200 ms heartbeats later it is no longer live.
+    stack.wait_for_agents("dev", 0).await;
+    let answer = stack.invalidate("dev", "{}", "?timeout=2s").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body["_nodes"]["total"], 0);
+}

@@ -92,6 +92,11 @@ impl Default for StreamConfig {
 pub struct PresenceConfig {
     pub bucket: String,
     pub replicas: usize,
+    /// How long the key of an agent that stopped heartbeating lingers. Must exceed three
+    /// heartbeats of the slowest agent; it bounds how long a new publisher may still expect
+    /// a crashed agent when no other agent writes (see docs/ARCHITECTURE.md).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
 }
 
 impl Default for PresenceConfig {
@@ -99,6 +104,7 @@ impl Default for PresenceConfig {
         Self {
             bucket: "cachecast-agents".into(),
             replicas: 1,
+            max_age: Duration::from_secs(60),
         }
     }
 }
@@ -206,8 +212,7 @@ pub async fn ensure_presence_bucket(
         description: "cachecast agent presence: key <env>.<agentId>".into(),
         history: 1,
         num_replicas: config.replicas,
-        // Leftovers of agents that died long ago; liveness itself is judged from heartbeats.
-        max_age: Duration::from_secs(3600),
+        max_age: config.max_age,
         ..Default::default()
     })
     .await

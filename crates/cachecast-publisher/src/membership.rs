@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use cachecast_proto::{AgentId, EnvId, Presence, Wire, parse_presence_key};
@@ -98,7 +98,8 @@ impl Membership {
         let _ = synced.wait_for(|s| *s).await;
     }
 
-    fn apply(&self, entry: &kv::Entry) {
+    /// Applies one presence change, written `age` ago.
+    fn apply(&self, entry: &kv::Entry, age: Duration) {
         let Some((env, agent)) = parse_presence_key(&entry.key) else {
             tracing::warn!(key = %entry.key, "ignoring a presence key that is not <env>.<agentId>");
             return;
@@ -117,7 +118,6 @@ impl Membership {
                     0 => Duration::from_secs(2),
                     ms => Duration::from_millis(ms),
                 };
-                let age = age_of(entry);
                 let Some(seen_at) = Instant::now().checked_sub(age) else {
                     return;
                 };
@@ -155,14 +155,9 @@ impl Membership {
     }
 }
 
-/// How long ago the server stored `entry`, by the server's clock.
-fn age_of(entry: &kv::Entry) -> Duration {
-    let created_ms = entry.created.unix_timestamp_nanos() / 1_000_000;
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i128)
-        .unwrap_or_default();
-    Duration::from_millis((now_ms - created_ms).clamp(0, i128::from(u32::MAX)) as u64)
+/// When the server stored `entry`, in Unix milliseconds by the server's clock.
+fn created_ms(entry: &kv::Entry) -> i128 {
+    entry.created.unix_timestamp_nanos() / 1_000_000
 }
 
 /// Follows the presence bucket forever, re-watching after any failure.
@@ -176,8 +171,8 @@ pub(crate) async fn follow(store: kv::Store, membership: Arc<Membership>) {
 }
 
 async fn follow_once(store: &kv::Store, membership: &Membership) -> Result<(), String> {
-    // The watch replays the latest value of every key; with an empty bucket it replays
-    // nothing, so learn from the stream itself whether there is anything to wait for.
+    // The watch first replays the latest value of every key; with an empty bucket it
+    // replays nothing, so learn from the stream itself whether there is anything to wait for.
     let mut stream = store.stream.clone();
     let stored = stream
         .info()
@@ -189,15 +184,38 @@ async fn follow_once(store: &kv::Store, membership: &Membership) -> Result<(), S
         .watch_with_history(">")
         .await
         .map_err(|e| e.to_string())?;
-    if stored == 0 {
+    let mut replayed = stored == 0;
+    if replayed {
         membership.mark_synced();
     }
+    let mut replay = Vec::new();
     while let Some(entry) = watch.next().await {
         let entry = entry.map_err(|e| e.to_string())?;
-        membership.apply(&entry);
-        if entry.delta == 0 {
+        if replayed {
+            // A live change: it happened just now.
+            membership.apply(&entry, Duration::ZERO);
+            continue;
+        }
+        let last = entry.delta == 0;
+        replay.push(entry);
+        if last {
+            apply_replay(membership, &mut replay);
             membership.mark_synced();
+            replayed = true;
         }
     }
     Err("the watch ended".into())
+}
+
+/// Applies replayed values with their ages measured against the newest of them, all by the
+/// server's clock: no skew between this host and the server can make a live agent look
+/// stale. While agents heartbeat the newest write is seconds old, so the ages are close;
+/// when it is old, every age is underestimated, so a dead agent is expected a little longer
+/// (a `424`), never a live one skipped (a `200` without its ack).
+fn apply_replay(membership: &Membership, replay: &mut Vec<kv::Entry>) {
+    let newest = replay.iter().map(created_ms).max().unwrap_or_default();
+    for entry in replay.drain(..) {
+        let age_ms = (newest - created_ms(&entry)).clamp(0, i128::from(u32::MAX)) as u64;
+        membership.apply(&entry, Duration::from_millis(age_ms));
+    }
 }
