@@ -1,6 +1,8 @@
 //! The agent: start-up (consumer, flush, presence), the event loop, and acknowledgements.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -33,6 +35,8 @@ pub struct AgentConfig {
     pub evict_timeout: Duration,
     /// Which cache the agent evicts from.
     pub backend: BackendKind,
+    /// Where `cachecast agent` serves /healthz, /readyz and /metrics (off when unset).
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 /// The cache backends an agent process can run with.
@@ -54,6 +58,7 @@ impl Default for AgentConfig {
             heartbeat: Duration::from_secs(2),
             evict_timeout: Duration::from_secs(10),
             backend: BackendKind::default(),
+            admin_listen: None,
         }
     }
 }
@@ -118,7 +123,43 @@ pub struct Agent<B> {
     id: AgentId,
     config: AgentConfig,
     bus: BusConfig,
-    backend: B,
+    backend: Arc<B>,
+    /// True from the moment presence is announced until shutdown begins.
+    live: Arc<AtomicBool>,
+}
+
+/// Tells whether an agent can do its job, for `/readyz`.
+#[derive(Debug)]
+pub struct AgentProbe<B> {
+    client: Client,
+    backend: Arc<B>,
+    live: Arc<AtomicBool>,
+}
+
+impl<B> Clone for AgentProbe<B> {
+    fn clone(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            backend: self.backend.clone(),
+            live: self.live.clone(),
+        }
+    }
+}
+
+impl<B: CacheBackend> AgentProbe<B> {
+    /// `Ok` when the agent is live, connected to NATS and its backend answers; else why not.
+    pub async fn ready(&self) -> Result<(), String> {
+        if !self.live.load(Ordering::Relaxed) {
+            return Err("not live: starting or shutting down".into());
+        }
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err("not connected to NATS".into());
+        }
+        self.backend
+            .check()
+            .await
+            .map_err(|err| format!("backend {}: {err}", self.backend.kind()))
+    }
 }
 
 /// An agent that is consuming, flushed and announced: publishers now expect its acks.
@@ -148,12 +189,38 @@ impl<B: CacheBackend> Agent<B> {
             id,
             config,
             bus: bus.clone(),
-            backend,
+            backend: Arc::new(backend),
+            live: Arc::default(),
         }
     }
 
     pub fn id(&self) -> &AgentId {
         &self.id
+    }
+
+    /// A readiness probe for this agent, usable before and after it starts.
+    pub fn probe(&self) -> AgentProbe<B> {
+        AgentProbe {
+            client: self.client.clone(),
+            backend: self.backend.clone(),
+            live: self.live.clone(),
+        }
+    }
+
+    /// Evicts everything, bounded by `evict_timeout`, and counts it under `reason`.
+    async fn flush(&self, reason: &'static str) -> Result<u64, String> {
+        let all = ResponseSelector::default();
+        let evicted = tokio::time::timeout(
+            self.config.evict_timeout,
+            self.backend.evict_responses(&self.env, &all),
+        )
+        .await
+        .map_err(|_| format!("timed out after {:?}", self.config.evict_timeout))?
+        .map_err(|err| err.to_string())?;
+        metrics::counter!("cachecast_agent_flushes_total", "env" => self.env.to_string(), "reason" => reason)
+            .increment(1);
+        tracing::info!(evicted, reason, "cache flushed");
+        Ok(evicted)
     }
 
     /// Starts the agent in the order its guarantee needs: consumer, then flush, then
@@ -182,18 +249,7 @@ impl<B: CacheBackend> Agent<B> {
                 Ok::<_, String>((consume(&stream, &self.env, last).await?, last))
             })
             .await;
-            let all = ResponseSelector::default();
-            let flushed = retry("flush the cache", || async {
-                tokio::time::timeout(
-                    self.config.evict_timeout,
-                    self.backend.evict_responses(&self.env, &all),
-                )
-                .await
-                .map_err(|_| format!("timed out after {:?}", self.config.evict_timeout))?
-                .map_err(|err| err.to_string())
-            })
-            .await;
-            tracing::info!(evicted = flushed, "cache flushed on start");
+            retry("flush the cache", || self.flush("start")).await;
             let heartbeat = retry("announce presence", || {
                 Heartbeat::announce(
                     store.clone(),
@@ -204,6 +260,7 @@ impl<B: CacheBackend> Agent<B> {
                 )
             })
             .await;
+            self.live.store(true, Ordering::Relaxed);
             tracing::info!(backend = self.backend.kind(), "agent is live");
             Ok(RunningAgent {
                 agent: self,
@@ -276,6 +333,7 @@ impl<B: CacheBackend> RunningAgent<B> {
                     },
                 }
             }
+            self.agent.live.store(false, Ordering::Relaxed);
             self.heartbeat.leave().await;
             if let Err(err) = self.agent.client.flush().await {
                 tracing::warn!(error = %err, "could not flush pending acks");
@@ -289,22 +347,49 @@ impl<B: CacheBackend> RunningAgent<B> {
 
 impl<B: CacheBackend> RunningAgent<B> {
     /// Replaces the consumer with one that starts right after the last handled event.
+    /// If the stream no longer holds every event since then (retention dropped some), the
+    /// agent cannot prove it saw them all: it starts at the stream's end and flushes instead.
     /// Returns false if that failed (it is tried again on the next check).
     async fn resume(&mut self) -> bool {
-        match consume(&self.stream, &self.agent.env, self.last_sequence).await {
-            Ok(events) => {
-                tracing::info!(
-                    after = self.last_sequence,
-                    "reconnected; event consumer resumed"
-                );
-                self.events = events;
-                true
+        let state = match self.stream.info().await {
+            Ok(info) => info.state.clone(),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read the stream to resume; retrying");
+                return false;
             }
+        };
+        let gap = state.first_sequence > self.last_sequence + 1
+            && state.last_sequence > self.last_sequence;
+        let after = if gap {
+            state.last_sequence
+        } else {
+            self.last_sequence
+        };
+        let events = match consume(&self.stream, &self.agent.env, after).await {
+            Ok(events) => events,
             Err(err) => {
                 tracing::warn!(error = %err, "could not resume the event consumer; retrying");
-                false
+                return false;
             }
+        };
+        self.events = events;
+        if gap {
+            metrics::counter!("cachecast_agent_gaps_total", "env" => self.agent.env.to_string())
+                .increment(1);
+            tracing::warn!(
+                last_handled = self.last_sequence,
+                stream_first = state.first_sequence,
+                "events were dropped from the stream while disconnected; flushing the whole cache"
+            );
+            if let Err(err) = self.agent.flush("gap").await {
+                tracing::error!(error = %err, "flush after a gap failed; retrying");
+                return false;
+            }
+            self.last_sequence = after;
+        } else {
+            tracing::info!(after, "reconnected; event consumer resumed");
         }
+        true
     }
 }
 
@@ -330,9 +415,14 @@ impl<B: CacheBackend> Agent<B> {
             .unwrap_or_else(|| event.request_id.clone());
         let span = tracing::info_span!("event", request_id = %request_id, event_id = %event.event_id, sequence);
         async {
+            tracing::debug!("applying the eviction");
+            let started = std::time::Instant::now();
+            let env = self.env.to_string();
             let (status, evicted, error) = match self.apply(&event).await {
                 Ok(evicted) => {
                     tracing::info!(evicted, "eviction applied");
+                    metrics::counter!("cachecast_agent_evicted_entries_total", "env" => env.clone())
+                        .increment(evicted);
                     (AckStatus::Applied, evicted, String::new())
                 }
                 Err(reason) => {
@@ -340,6 +430,11 @@ impl<B: CacheBackend> Agent<B> {
                     (AckStatus::Failed, 0, reason)
                 }
             };
+            let outcome = if status == AckStatus::Applied { "applied" } else { "failed" };
+            metrics::counter!("cachecast_agent_events_total", "env" => env.clone(), "outcome" => outcome)
+                .increment(1);
+            metrics::histogram!("cachecast_agent_eviction_seconds", "env" => env)
+                .record(started.elapsed().as_secs_f64());
             let ack = Ack {
                 event_id: event.event_id.clone(),
                 agent_id: self.id.to_string(),

@@ -136,9 +136,11 @@ pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Client, B
             async move {
                 match event {
                     async_nats::Event::Connected => {
+                        metrics::counter!("cachecast_nats_connects_total").increment(1);
                         tracing::info!(client = %name, "connected to NATS")
                     }
                     async_nats::Event::Disconnected => {
+                        metrics::counter!("cachecast_nats_disconnects_total").increment(1);
                         tracing::warn!(client = %name, "disconnected from NATS; reconnecting")
                     }
                     async_nats::Event::Draining | async_nats::Event::Closed => {

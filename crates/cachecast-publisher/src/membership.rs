@@ -91,6 +91,19 @@ impl Membership {
         self.changes.subscribe()
     }
 
+    /// True once the first full read of the bucket is done.
+    pub(crate) fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Sets the live-agents gauge of every environment known.
+    fn export_gauges(&self) {
+        let envs = self.lock();
+        for (env, members) in envs.iter() {
+            export_gauge(env, members);
+        }
+    }
+
     /// Waits until the first full read of the bucket is done.
     pub(crate) async fn wait_synced(&self) {
         let mut synced = self.synced.subscribe();
@@ -125,7 +138,7 @@ impl Membership {
                 if !known {
                     tracing::info!(%env, %agent, backend = %presence.backend, "agent joined");
                 }
-                envs.entry(env).or_default().insert(
+                envs.entry(env.clone()).or_default().insert(
                     agent,
                     Member {
                         seen_at,
@@ -135,15 +148,15 @@ impl Membership {
                 );
             }
             kv::Operation::Delete | kv::Operation::Purge => {
-                if let Some(members) = envs.get_mut(&env) {
-                    if members.remove(&agent).is_some() {
-                        tracing::info!(%env, %agent, "agent left");
-                    }
-                    if members.is_empty() {
-                        envs.remove(&env);
-                    }
+                if let Some(members) = envs.get_mut(&env)
+                    && members.remove(&agent).is_some()
+                {
+                    tracing::info!(%env, %agent, "agent left");
                 }
             }
+        }
+        if let Some(members) = envs.get(&env) {
+            export_gauge(&env, members);
         }
         drop(envs);
         self.changes.send_modify(|n| *n += 1);
@@ -155,19 +168,39 @@ impl Membership {
     }
 }
 
+/// Sets the live-agents gauge of `env`.
+fn export_gauge(env: &EnvId, members: &HashMap<AgentId, Member>) {
+    let live = members
+        .values()
+        .filter(|m| m.seen_at.elapsed() < m.stale_after)
+        .count();
+    metrics::gauge!("cachecast_live_agents", "env" => env.to_string()).set(live as f64);
+}
+
 /// When the server stored `entry`, in Unix milliseconds by the server's clock.
 fn created_ms(entry: &kv::Entry) -> i128 {
     entry.created.unix_timestamp_nanos() / 1_000_000
 }
 
-/// Follows the presence bucket forever, re-watching after any failure.
+/// Follows the presence bucket forever, re-watching after any failure, and keeps the
+/// live-agents gauges current (agents also leave by going stale, which no change announces).
 pub(crate) async fn follow(store: kv::Store, membership: Arc<Membership>) {
-    loop {
-        if let Err(reason) = follow_once(&store, &membership).await {
-            tracing::warn!(%reason, "presence watch interrupted; watching again");
+    let gauges = async {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            membership.export_gauges();
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    };
+    let watch = async {
+        loop {
+            if let Err(reason) = follow_once(&store, &membership).await {
+                tracing::warn!(%reason, "presence watch interrupted; watching again");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    tokio::join!(gauges, watch);
 }
 
 async fn follow_once(store: &kv::Store, membership: &Membership) -> Result<(), String> {

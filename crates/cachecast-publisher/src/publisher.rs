@@ -119,6 +119,17 @@ impl Publisher {
         &self.inner.id
     }
 
+    /// `Ok` when this publisher can publish and knows the live agents; else why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.inner.client.connection_state() != async_nats::connection::State::Connected {
+            return Err("not connected to NATS".into());
+        }
+        if !self.inner.membership.is_synced() {
+            return Err("the view of live agents is not complete yet".into());
+        }
+        Ok(())
+    }
+
     /// The agents live in `env` now.
     pub fn live_agents(&self, env: &EnvId) -> Vec<LiveAgent> {
         self.inner.membership.live(env)
@@ -170,7 +181,10 @@ impl Publisher {
             issued_at_unix_ms: unix_ms(SystemTime::now()),
             target: Some(Target::Response(request.selector.clone())),
         };
-        let sequence = self.publish(&request, event).await?;
+        let sequence = self.publish(&request, event).await.inspect_err(|_| {
+            metrics::counter!("cachecast_invalidations_total", "env" => request.env.to_string(), "outcome" => "unavailable")
+                .increment(1);
+        })?;
         tracing::debug!(request_id = %request.request_id, %event_id, sequence, expected = expected.len(), "event published");
 
         let mut agents: BTreeMap<AgentId, Option<AgentOutcome>> =
@@ -194,6 +208,8 @@ impl Publisher {
                 continue;
             }
             let latency = at.saturating_duration_since(started);
+            metrics::histogram!("cachecast_agent_ack_seconds", "env" => request.env.to_string())
+                .record(latency.as_secs_f64());
             *slot = Some(match AckStatus::try_from(ack.status) {
                 Ok(AckStatus::Applied) => AgentOutcome::Applied {
                     evicted: ack.evicted,
@@ -211,10 +227,29 @@ impl Publisher {
             outstanding -= 1;
         }
         let took = started.elapsed();
-        let agents = agents
+        let agents: BTreeMap<AgentId, AgentOutcome> = agents
             .into_iter()
             .map(|(id, o)| (id, o.unwrap_or(AgentOutcome::TimedOut { after: took })))
             .collect();
+        let env = request.env.to_string();
+        for outcome in agents.values() {
+            let kind = match outcome {
+                AgentOutcome::Applied { .. } => continue,
+                AgentOutcome::Failed { .. } => "eviction_failed",
+                AgentOutcome::TimedOut { .. } => "timeout",
+            };
+            metrics::counter!("cachecast_agent_failures_total", "env" => env.clone(), "type" => kind)
+                .increment(1);
+        }
+        let result = if agents.values().all(AgentOutcome::is_applied) {
+            "confirmed"
+        } else {
+            "failed_dependency"
+        };
+        metrics::counter!("cachecast_invalidations_total", "env" => env.clone(), "outcome" => result)
+            .increment(1);
+        metrics::histogram!("cachecast_invalidation_seconds", "env" => env, "outcome" => result)
+            .record(took.as_secs_f64());
         Ok(Outcome {
             request_id: request.request_id,
             event_id,

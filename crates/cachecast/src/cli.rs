@@ -42,6 +42,11 @@ pub(crate) struct Cli {
     #[arg(long, global = true)]
     pub(crate) print_config: bool,
 
+    /// Check that the configuration is complete and valid for this command, then exit
+    /// (0 valid, 1 not, with the reason).
+    #[arg(long, global = true)]
+    pub(crate) check_config: bool,
+
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -102,6 +107,9 @@ pub(crate) struct AgentArgs {
     /// Presence heartbeat interval, e.g. 2s (agent.heartbeat).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) heartbeat: Option<Duration>,
+    /// Where to serve /healthz, /readyz and /metrics (agent.admin_listen).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) admin_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -202,6 +210,7 @@ impl Cli {
                 );
                 o.set("redis.url", a.redis_url.clone());
                 o.set("redis.key_template", a.key_template.clone());
+                o.set("agent.admin_listen", a.admin_listen.clone());
                 o.set(
                     "agent.heartbeat",
                     a.heartbeat

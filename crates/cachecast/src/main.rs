@@ -27,6 +27,17 @@ fn main() -> ExitCode {
             Err(err) => fail(&err),
         };
     }
+    if cli.check_config {
+        return match cmd::check_config(&cli.command, &config) {
+            Ok(()) => {
+                println!("configuration is valid");
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(&err),
+        };
+    }
+    // Before anything records: connection events happen first.
+    cachecast_admin::install_metrics();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

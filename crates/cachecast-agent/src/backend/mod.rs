@@ -34,4 +34,9 @@ pub trait CacheBackend: Send + Sync + 'static {
         env: &EnvId,
         selector: &ResponseSelector,
     ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// Whether the cache answers, for readiness. In-process caches always do.
+    fn check(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
+        async { Ok(()) }
+    }
 }

@@ -129,6 +129,12 @@ impl CacheBackend for RedisBackend {
         }
         Ok(removed)
     }
+
+    async fn check(&self) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
 }
 
 /// A parsed key template.

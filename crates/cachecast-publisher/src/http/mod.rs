@@ -22,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use cachecast_proto::EnvId;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 pub use self::error::ApiError;
 pub use self::response::outcome_json;
@@ -48,6 +49,10 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// The most scopes one request may name.
     pub max_scopes: usize,
+    /// On shutdown, how long `/readyz` answers `503` before the listener closes, so load
+    /// balancers stop sending requests first (a few seconds on Kubernetes).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
 }
 
 impl Default for ApiConfig {
@@ -58,6 +63,7 @@ impl Default for ApiConfig {
             max_timeout: Duration::from_secs(60),
             max_body_bytes: 64 * 1024,
             max_scopes: 1000,
+            shutdown_delay: Duration::ZERO,
         }
     }
 }
@@ -132,18 +138,21 @@ async fn invalidate_response(
         Err(err) => return err.into_response(),
     };
     let span = tracing::info_span!("request", request_id = %request_id, env = %env);
-    let _enter = span.enter();
     match api
         .invalidate_response(&request_id, &env, query.as_deref(), &headers, body)
+        .instrument(span.clone())
         .await
     {
         Ok(response) => response,
         Err(err) => {
-            tracing::info!(
-                status = err.status.as_u16(),
-                code = err.code,
-                "request refused"
-            );
+            span.in_scope(|| {
+                tracing::info!(
+                    status = err.status.as_u16(),
+                    code = err.code,
+                    "request refused"
+                )
+            });
+            metrics::counter!("cachecast_http_refused_total", "code" => err.code).increment(1);
             err.with_request_id(&request_id).into_response()
         }
     }

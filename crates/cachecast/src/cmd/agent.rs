@@ -2,7 +2,9 @@
 
 use std::process::ExitCode;
 
-use cachecast_agent::{Agent, BackendKind, CacheBackend, MemoryCache, RedisBackend};
+use anyhow::Context;
+use cachecast_admin::Health;
+use cachecast_agent::{Agent, AgentProbe, BackendKind, CacheBackend, MemoryCache, RedisBackend};
 
 use crate::config::Config;
 use crate::shutdown::Shutdown;
@@ -30,11 +32,45 @@ async fn run_with(config: Config, backend: impl CacheBackend) -> anyhow::Result<
         config.agent.clone(),
         backend,
     );
+    let admin = match config.agent.admin_listen {
+        Some(addr) => Some(serve_admin(addr, agent.probe(), shutdown.clone()).await?),
+        None => None,
+    };
     let running = tokio::select! {
         started = agent.start() => started?,
         () = shutdown.clone().wait() => return Ok(ExitCode::SUCCESS),
     };
     running.run(shutdown.wait()).await;
     client.drain().await.ok();
+    if let Some(admin) = admin {
+        admin.await.ok();
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves /healthz, /readyz and /metrics on `addr` until shutdown.
+async fn serve_admin<B: CacheBackend>(
+    addr: std::net::SocketAddr,
+    probe: AgentProbe<B>,
+    shutdown: Shutdown,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let metrics = cachecast_admin::install_metrics();
+    let health = Health::new(move || {
+        let probe = probe.clone();
+        async move { probe.ready().await }
+    });
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("could not listen on {addr}: is another process using it? set agent.admin_listen")
+    })?;
+    tracing::info!("admin endpoints on http://{}", listener.local_addr()?);
+    let router = cachecast_admin::router(health.clone(), metrics);
+    Ok(tokio::spawn(async move {
+        let stop = async move {
+            shutdown.wait().await;
+            health.begin_shutdown();
+        };
+        if let Err(err) = cachecast_admin::serve(listener, router, stop).await {
+            tracing::error!(error = %err, "admin server failed");
+        }
+    }))
 }

@@ -8,8 +8,31 @@ pub(crate) mod token;
 pub(crate) mod up;
 
 use anyhow::Context;
+use cachecast_agent::{BackendKind, RedisBackend};
+use cachecast_publisher::auth::Verifier;
+
+use crate::cli::Command;
+use crate::config::Config;
 use cachecast_bus::{BusConfig, Client};
 use cachecast_publisher::Publisher;
+
+/// Checks what `command` needs from `config` beyond what loading it checked, without
+/// connecting to anything.
+pub(crate) fn check_config(command: &Command, config: &Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(_) => {
+            Verifier::new(&config.auth)?;
+        }
+        Command::Agent(_) => {
+            config.agent.env()?;
+            if config.agent.backend == BackendKind::Redis {
+                RedisBackend::new(&config.redis)?;
+            }
+        }
+        Command::Invalidate(_) | Command::Agents(_) | Command::Token(_) | Command::Up(_) => {}
+    }
+    Ok(())
+}
 
 /// Connects to NATS (returns at once; the client reconnects in the background).
 pub(crate) async fn connect(bus: &BusConfig, name: &str) -> anyhow::Result<Client> {

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use cachecast_admin::Health;
 use cachecast_publisher::Publisher;
 use cachecast_publisher::auth::Verifier;
 use std::process::ExitCode;
@@ -12,6 +13,7 @@ use crate::shutdown::Shutdown;
 
 pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let verifier = Verifier::new(&config.auth)?;
+    let metrics = cachecast_admin::install_metrics();
     let bus = config.bus();
     let shutdown = Shutdown::on_signals();
     let client = super::connect(&bus, "cachecast-serve").await?;
@@ -38,8 +40,21 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         })?;
     let addr = listener.local_addr()?;
     tracing::info!("API listening on http://{addr}");
-    let router = cachecast_publisher::http::router(publisher, verifier, config.api.clone());
-    cachecast_publisher::http::serve(listener, router, shutdown.wait()).await?;
+    let health = Health::new({
+        let publisher = publisher.clone();
+        move || std::future::ready(publisher.readiness())
+    });
+    let router = cachecast_publisher::http::router(publisher, verifier, config.api.clone())
+        .merge(cachecast_admin::router(health.clone(), metrics));
+    let delay = config.api.shutdown_delay;
+    let stop_accepting = async move {
+        shutdown.wait().await;
+        health.begin_shutdown();
+        tokio::time::sleep(delay).await;
+        tracing::info!("no new requests; finishing the ones in flight");
+    };
+    cachecast_publisher::http::serve(listener, router, stop_accepting).await?;
     client.drain().await.ok();
+    tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
