@@ -248,3 +248,51 @@ async fn a_crashed_agent_stops_being_expected_after_three_missed_heartbeats() {
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.body["_nodes"]["total"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_eviction_is_repaired_by_a_full_flush() {
+    let stack = Stack::start().await;
+    let redis = cachecast_testkit::redis().await;
+    let backend = RedisBackend::new(&RedisConfig {
+        url: redis.url(),
+        command_timeout: Duration::from_millis(500),
+        ..RedisConfig::default()
+    })
+    .expect("backend");
+    let agent = stack.agent("dev", "flaky", backend).await;
+    stack.wait_for_agents("dev", 1).await;
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let () = redis::pipe()
+        .set("pdp:dev:s1:u1:a", "permit")
+        .ignore()
+        .set("pdp:dev:s2:u1:a", "permit")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("seed");
+
+    redis.pause();
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s1"}"#, "?timeout=5s")
+        .await;
+    assert_eq!(answer.status, 424, "{}", answer.body);
+    assert_eq!(answer.body["agents"]["flaky"]["status"], "failed");
+    redis.resume();
+
+    // The next invalidation touches only s3, yet the agent flushes first: nothing survives.
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s3"}"#, "?timeout=5s")
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("pdp:*")
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    assert!(keys.is_empty(), "the dirty cache was flushed: {keys:?}");
+    agent.stop().await;
+}

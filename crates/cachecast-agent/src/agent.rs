@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use std::time::Instant;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
@@ -126,6 +127,9 @@ pub struct Agent<B> {
     backend: Arc<B>,
     /// True from the moment presence is announced until shutdown begins.
     live: Arc<AtomicBool>,
+    /// Set when an eviction failed: the cache may hold entries it should not, so it is
+    /// flushed before anything else is acknowledged as applied.
+    dirty: AtomicBool,
 }
 
 /// Tells whether an agent can do its job, for `/readyz`.
@@ -191,6 +195,7 @@ impl<B: CacheBackend> Agent<B> {
             bus: bus.clone(),
             backend: Arc::new(backend),
             live: Arc::default(),
+            dirty: AtomicBool::new(false),
         }
     }
 
@@ -298,11 +303,18 @@ impl<B: CacheBackend> RunningAgent<B> {
             let statistics = self.agent.client.statistics();
             let connects = || statistics.connects.load(std::sync::atomic::Ordering::Relaxed);
             let mut resumed_at = connects();
+            let mut next_repair = Instant::now();
             loop {
                 tokio::select! {
                     biased;
                     () = &mut shutdown => break,
                     _ = connection_check.tick() => {
+                        if self.agent.dirty.load(Ordering::Relaxed) && Instant::now() >= next_repair {
+                            if let Err(err) = self.agent.repair().await {
+                                tracing::warn!(%err, "the cache is still dirty after a failed eviction");
+                            }
+                            next_repair = Instant::now() + REPAIR_INTERVAL;
+                        }
                         let now = connects();
                         // Reconnected, however briefly: the server may have restarted and lost
                         // the consumer, so resume right after the last event handled.
@@ -315,7 +327,13 @@ impl<B: CacheBackend> RunningAgent<B> {
                     }
                     next = self.events.next() => match next {
                         Some(Ok(message)) => {
-                            let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                            let sequence = match message.info() {
+                                Ok(info) => info.stream_sequence,
+                                Err(err) => {
+                                    tracing::warn!(subject = %message.subject, error = %err, "ignoring a message without JetStream metadata");
+                                    continue;
+                                }
+                            };
                             if sequence <= self.last_sequence {
                                 tracing::debug!(sequence, "skipping an event already handled");
                                 continue;
@@ -335,9 +353,7 @@ impl<B: CacheBackend> RunningAgent<B> {
             }
             self.agent.live.store(false, Ordering::Relaxed);
             self.heartbeat.leave().await;
-            if let Err(err) = self.agent.client.flush().await {
-                tracing::warn!(error = %err, "could not flush pending acks");
-            }
+                        cachecast_bus::flush(&self.agent.client, self.agent.bus.nats.request_timeout).await;
             tracing::info!("agent stopped");
         }
         .instrument(span)
@@ -358,8 +374,11 @@ impl<B: CacheBackend> RunningAgent<B> {
                 return false;
             }
         };
-        let gap = state.first_sequence > self.last_sequence + 1
-            && state.last_sequence > self.last_sequence;
+        // Events dropped by retention, or a stream created anew (its sequence went back):
+        // either way the agent cannot prove it saw every event since the last one it handled.
+        let gap = (state.first_sequence > self.last_sequence + 1
+            && state.last_sequence > self.last_sequence)
+            || state.last_sequence < self.last_sequence;
         let after = if gap {
             state.last_sequence
         } else {
@@ -379,7 +398,8 @@ impl<B: CacheBackend> RunningAgent<B> {
             tracing::warn!(
                 last_handled = self.last_sequence,
                 stream_first = state.first_sequence,
-                "events were dropped from the stream while disconnected; flushing the whole cache"
+                stream_last = state.last_sequence,
+                "events may have been missed while disconnected; flushing the whole cache"
             );
             if let Err(err) = self.agent.flush("gap").await {
                 tracing::error!(error = %err, "flush after a gap failed; retrying");
@@ -402,8 +422,11 @@ impl<B: CacheBackend> Agent<B> {
                 return;
             }
         };
-        let ack_prefix = format!("cachecast.v1.{}.ack.", self.env);
-        if event.env != self.env.as_str() || !event.ack_subject.starts_with(&ack_prefix) {
+        if event.env != self.env.as_str()
+            || !event
+                .ack_subject
+                .starts_with(&Subjects::ack_prefix(&self.env))
+        {
             tracing::warn!(sequence, env = %event.env, ack_subject = %event.ack_subject, "ignoring an event addressed outside this environment");
             return;
         }
@@ -457,7 +480,28 @@ impl<B: CacheBackend> Agent<B> {
         .await
     }
 
+    /// Flushes the whole cache if an earlier eviction failed.
+    async fn repair(&self) -> Result<(), String> {
+        if self.dirty.load(Ordering::Relaxed) {
+            self.flush("failed_eviction").await.map_err(|err| {
+                format!("an earlier eviction failed and flushing the cache failed too: {err}")
+            })?;
+            self.dirty.store(false, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Applies one event. A failure marks the cache dirty until a flush succeeds.
     async fn apply(&self, event: &Invalidation) -> Result<u64, String> {
+        self.repair().await?;
+        let result = self.evict(event).await;
+        if result.is_err() {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn evict(&self, event: &Invalidation) -> Result<u64, String> {
         let Some(Target::Response(selector)) = &event.target else {
             return Err("unsupported invalidation kind: upgrade this agent".into());
         };
@@ -482,6 +526,9 @@ impl<B: CacheBackend> Agent<B> {
 /// consumer lost to a server restart goes unnoticed (about 4 s) at the cost of one pull
 /// request per agent every 4 s while idle.
 const PULL_EXPIRES: Duration = Duration::from_secs(4);
+
+/// How often a dirty cache is flushed again while the flush keeps failing.
+const REPAIR_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often the agent checks whether its NATS client reconnected.
 const CONNECTION_CHECK: Duration = Duration::from_millis(250);

@@ -4,7 +4,7 @@
 //! expect its acknowledgement for every event they publish meanwhile. The key is deleted on
 //! graceful shutdown, so an agent that leaves properly is never waited for.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use cachecast_proto::{AgentId, EnvId, Presence, Subjects, Wire};
@@ -16,12 +16,6 @@ pub(crate) struct Heartbeat {
     store: kv::Store,
     key: String,
     task: JoinHandle<()>,
-}
-
-pub(crate) fn unix_ms(at: SystemTime) -> i64 {
-    at.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
 }
 
 impl Heartbeat {
@@ -39,7 +33,7 @@ impl Heartbeat {
             agent_id: agent.to_string(),
             env: env.to_string(),
             heartbeat_ms: interval.as_millis() as u64,
-            started_at_unix_ms: unix_ms(SystemTime::now()),
+            started_at_unix_ms: cachecast_proto::now_unix_ms(),
             backend: backend.to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }

@@ -40,7 +40,8 @@ pub enum BusError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
-    /// Server URL, or several separated by commas.
+    /// Server URL, or several separated by commas. A password in it is never printed.
+    #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
     /// How long one connection attempt may take.
     #[serde(with = "humantime_serde")]
@@ -153,9 +154,19 @@ pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Client, B
         .connect(config.url.as_str())
         .await
         .map_err(|source| BusError::Address {
-            url: config.url.clone(),
+            url: redact_url(&config.url),
             source,
         })
+}
+
+/// Sends what the client still buffers (acks, presence deletes), waiting at most `timeout`:
+/// while NATS is unreachable a flush would never return.
+pub async fn flush(client: &Client, timeout: Duration) {
+    match tokio::time::timeout(timeout, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "could not flush to NATS"),
+        Err(_) => tracing::warn!("NATS unreachable: buffered messages not sent"),
+    }
 }
 
 /// A JetStream context whose requests (and publish acknowledgements) are bounded.
@@ -176,8 +187,9 @@ pub async fn ensure_stream(
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
         max_age: config.max_age,
-        // Publisher retries of one event carry its event id as Nats-Msg-Id.
-        duplicate_window: Duration::from_secs(120),
+        // Publisher retries of one event carry its event id as Nats-Msg-Id. The server
+        // refuses a window longer than the stream's max age.
+        duplicate_window: Duration::from_secs(120).min(config.max_age),
         ..Default::default()
     };
     js.get_or_create_stream(wanted)

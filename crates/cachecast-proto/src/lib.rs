@@ -53,6 +53,14 @@ impl<M: prost::Message + Default> Wire for M {
     }
 }
 
+/// Milliseconds since the Unix epoch, for the `*_unix_ms` fields.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
 impl ResponseSelector {
     /// True when the selector names neither a scope nor an identity: evict everything.
     pub fn is_all(&self) -> bool {

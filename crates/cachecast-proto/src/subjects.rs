@@ -26,6 +26,11 @@ impl Subjects {
         format!("{PREFIX}.{env}.ack.{publisher_id}.{event_id}")
     }
 
+    /// What every ack subject of `env` starts with.
+    pub fn ack_prefix(env: &EnvId) -> String {
+        format!("{PREFIX}.{env}.ack.")
+    }
+
     /// Every ack addressed to one publisher, in any environment.
     pub fn acks_for_publisher(publisher_id: &str) -> String {
         format!("{PREFIX}.*.ack.{publisher_id}.*")
@@ -55,6 +60,7 @@ mod tests {
             Subjects::ack(&env, "p1", "e1"),
             "cachecast.v1.dev.ack.p1.e1"
         );
+        assert!(Subjects::ack(&env, "p1", "e1").starts_with(&Subjects::ack_prefix(&env)));
         assert_eq!(
             Subjects::acks_for_publisher("p1"),
             "cachecast.v1.*.ack.p1.*"

@@ -101,10 +101,11 @@ impl Verifier {
     /// Checks the value of an `Authorization` header.
     pub fn verify(&self, authorization: Option<&str>) -> Result<Grant, AuthError> {
         let header = authorization.ok_or(AuthError::MissingToken)?;
+        // The scheme is case-insensitive (RFC 9110).
         let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .map(str::trim)
+            .get(..7)
+            .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+            .map(|_| header[7..].trim())
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::NotBearer)?;
         let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(

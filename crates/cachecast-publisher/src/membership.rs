@@ -3,18 +3,28 @@
 //! The expected set of a request is the set of agents live in its environment at publish
 //! time. An agent is live while its presence key was refreshed within three of its own
 //! heartbeat intervals; a deleted key (graceful shutdown) removes it at once.
+//!
+//! The view is only trusted while it is current: after the publisher's NATS client reconnects
+//! or the watch fails, the view is marked out of date (requests get `503`) until the bucket has
+//! been replayed, because heartbeats missed meanwhile would otherwise make live agents look gone.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
+use cachecast_bus::{Client, JetStream, PresenceConfig};
 use cachecast_proto::{AgentId, EnvId, Presence, Wire, parse_presence_key};
 use futures::StreamExt;
 use tokio::sync::watch;
 
 /// Heartbeats an agent may miss before it is no longer live.
 const MISSED_HEARTBEATS: u32 = 3;
+/// Members not live for this long are forgotten (default agent ids change on every start).
+const FORGET_AFTER: Duration = Duration::from_secs(300);
+/// How often the watch loop checks for reconnects and refreshes the gauges.
+const TICK: Duration = Duration::from_millis(250);
 
 /// A live agent as a publisher sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,12 +43,21 @@ struct Member {
     presence: Presence,
 }
 
+impl Member {
+    fn is_live(&self) -> bool {
+        self.seen_at.elapsed() < self.stale_after
+    }
+}
+
+type Envs = HashMap<EnvId, HashMap<AgentId, Member>>;
+
 /// Live agents by environment.
 #[derive(Debug)]
 pub(crate) struct Membership {
-    envs: Mutex<HashMap<EnvId, HashMap<AgentId, Member>>>,
+    envs: Mutex<Envs>,
     /// Bumped on every change, so waiters need no polling.
     changes: watch::Sender<u64>,
+    /// True while the view is current: after a full replay and until a reconnect or error.
     synced: watch::Sender<bool>,
 }
 
@@ -51,19 +70,17 @@ impl Membership {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<EnvId, HashMap<AgentId, Member>>> {
+    fn lock(&self) -> MutexGuard<'_, Envs> {
         self.envs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The ids of the agents live in `env` now.
     pub(crate) fn live_ids(&self, env: &EnvId) -> Vec<AgentId> {
         let envs = self.lock();
-        let Some(members) = envs.get(env) else {
-            return Vec::new();
-        };
-        members
-            .iter()
-            .filter(|(_, m)| m.seen_at.elapsed() < m.stale_after)
+        envs.get(env)
+            .into_iter()
+            .flatten()
+            .filter(|(_, m)| m.is_live())
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -75,7 +92,7 @@ impl Membership {
             .get(env)
             .into_iter()
             .flatten()
-            .filter(|(_, m)| m.seen_at.elapsed() < m.stale_after)
+            .filter(|(_, m)| m.is_live())
             .map(|(id, m)| LiveAgent {
                 id: id.clone(),
                 backend: m.presence.backend.clone(),
@@ -91,24 +108,21 @@ impl Membership {
         self.changes.subscribe()
     }
 
-    /// True once the first full read of the bucket is done.
+    /// True while the view is current.
     pub(crate) fn is_synced(&self) -> bool {
         *self.synced.borrow()
     }
 
-    /// Sets the live-agents gauge of every environment known.
-    fn export_gauges(&self) {
-        let envs = self.lock();
-        for (env, members) in envs.iter() {
-            export_gauge(env, members);
-        }
-    }
-
-    /// Waits until the first full read of the bucket is done.
+    /// Waits until the view is current.
     pub(crate) async fn wait_synced(&self) {
         let mut synced = self.synced.subscribe();
         // The sender lives as long as `self`, so this cannot fail while we borrow it.
         let _ = synced.wait_for(|s| *s).await;
+    }
+
+    fn set_synced(&self, synced: bool) {
+        self.synced
+            .send_if_modified(|s| std::mem::replace(s, synced) != synced);
     }
 
     /// Applies one presence change, written `age` ago.
@@ -131,14 +145,14 @@ impl Membership {
                     0 => Duration::from_secs(2),
                     ms => Duration::from_millis(ms),
                 };
-                let Some(seen_at) = Instant::now().checked_sub(age) else {
-                    return;
-                };
-                let known = envs.get(&env).is_some_and(|m| m.contains_key(&agent));
-                if !known {
+                let now = Instant::now();
+                // An age beyond what Instant can represent errs toward expecting the agent.
+                let seen_at = now.checked_sub(age).unwrap_or(now);
+                let members = envs.entry(env.clone()).or_default();
+                if !members.contains_key(&agent) {
                     tracing::info!(%env, %agent, backend = %presence.backend, "agent joined");
                 }
-                envs.entry(env.clone()).or_default().insert(
+                members.insert(
                     agent,
                     Member {
                         seen_at,
@@ -162,18 +176,19 @@ impl Membership {
         self.changes.send_modify(|n| *n += 1);
     }
 
-    fn mark_synced(&self) {
-        self.synced
-            .send_if_modified(|s| !std::mem::replace(s, true));
+    /// Refreshes every gauge and forgets agents that have been gone for long.
+    fn tidy(&self) {
+        let mut envs = self.lock();
+        for (env, members) in envs.iter_mut() {
+            members.retain(|_, m| m.seen_at.elapsed() < m.stale_after + FORGET_AFTER);
+            export_gauge(env, members);
+        }
     }
 }
 
 /// Sets the live-agents gauge of `env`.
 fn export_gauge(env: &EnvId, members: &HashMap<AgentId, Member>) {
-    let live = members
-        .values()
-        .filter(|m| m.seen_at.elapsed() < m.stale_after)
-        .count();
+    let live = members.values().filter(|m| m.is_live()).count();
     metrics::gauge!("cachecast_live_agents", "env" => env.to_string()).set(live as f64);
 }
 
@@ -182,48 +197,68 @@ fn created_ms(entry: &kv::Entry) -> i128 {
     entry.created.unix_timestamp_nanos() / 1_000_000
 }
 
-/// Follows the presence bucket forever, re-watching after any failure, and keeps the
-/// live-agents gauges current (agents also leave by going stale, which no change announces).
-pub(crate) async fn follow(store: kv::Store, membership: Arc<Membership>) {
-    let gauges = async {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            membership.export_gauges();
-        }
-    };
-    let watch = async {
-        loop {
-            if let Err(reason) = follow_once(&store, &membership).await {
-                tracing::warn!(%reason, "presence watch interrupted; watching again");
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    };
-    tokio::join!(gauges, watch);
+/// What the follower needs to watch, and to mend, the presence bucket.
+#[derive(Debug)]
+pub(crate) struct Follower {
+    pub(crate) client: Client,
+    pub(crate) js: JetStream,
+    pub(crate) presence: PresenceConfig,
+    pub(crate) store: kv::Store,
 }
 
-async fn follow_once(store: &kv::Store, membership: &Membership) -> Result<(), String> {
+/// Follows the presence bucket forever. After a reconnect or any failure it marks the view
+/// out of date and replays the bucket; if the bucket is gone (a server that lost its store)
+/// it creates it again, so agents' heartbeats land somewhere.
+pub(crate) async fn follow(mut follower: Follower, membership: Arc<Membership>) {
+    loop {
+        let reason = follow_once(&follower, &membership).await;
+        membership.set_synced(false);
+        tracing::warn!(%reason, "presence view out of date; reading the bucket again");
+        tokio::time::sleep(TICK).await;
+        match cachecast_bus::ensure_presence_bucket(&follower.js, &follower.presence).await {
+            Ok(store) => follower.store = store,
+            Err(err) => tracing::warn!(error = %err, "presence bucket unavailable"),
+        }
+    }
+}
+
+/// Replays the bucket, then applies changes until a reconnect or a failure; returns why it
+/// stopped.
+async fn follow_once(follower: &Follower, membership: &Membership) -> String {
+    let statistics = follower.client.statistics();
+    let connects = || statistics.connects.load(Ordering::Relaxed);
+    let connects_at_start = connects();
     // The watch first replays the latest value of every key; with an empty bucket it
     // replays nothing, so learn from the stream itself whether there is anything to wait for.
-    let mut stream = store.stream.clone();
-    let stored = stream
-        .info()
-        .await
-        .map_err(|e| e.to_string())?
-        .state
-        .messages;
-    let mut watch = store
-        .watch_with_history(">")
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut stream = follower.store.stream.clone();
+    let stored = match stream.info().await {
+        Ok(info) => info.state.messages,
+        Err(err) => return format!("could not read the presence bucket: {err}"),
+    };
+    let mut watch = match follower.store.watch_with_history(">").await {
+        Ok(watch) => watch,
+        Err(err) => return format!("could not watch the presence bucket: {err}"),
+    };
     let mut replayed = stored == 0;
-    if replayed {
-        membership.mark_synced();
-    }
+    membership.set_synced(replayed);
     let mut replay = Vec::new();
-    while let Some(entry) = watch.next().await {
-        let entry = entry.map_err(|e| e.to_string())?;
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        let entry = tokio::select! {
+            entry = watch.next() => entry,
+            _ = tick.tick() => {
+                if connects() != connects_at_start {
+                    return "the NATS client reconnected".into();
+                }
+                membership.tidy();
+                continue;
+            }
+        };
+        let entry = match entry {
+            Some(Ok(entry)) => entry,
+            Some(Err(err)) => return format!("the presence watch failed: {err}"),
+            None => return "the presence watch ended".into(),
+        };
         if replayed {
             // A live change: it happened just now.
             membership.apply(&entry, Duration::ZERO);
@@ -233,11 +268,10 @@ async fn follow_once(store: &kv::Store, membership: &Membership) -> Result<(), S
         replay.push(entry);
         if last {
             apply_replay(membership, &mut replay);
-            membership.mark_synced();
+            membership.set_synced(true);
             replayed = true;
         }
     }
-    Err("the watch ended".into())
 }
 
 /// Applies replayed values with their ages measured against the newest of them, all by the

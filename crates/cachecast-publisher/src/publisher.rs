@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage;
@@ -14,7 +14,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::membership::{self, LiveAgent, Membership};
+use crate::membership::{self, Follower, LiveAgent, Membership};
 use crate::outcome::{AgentOutcome, Outcome};
 
 /// How long [`Publisher::start`] waits for its first full view of live agents.
@@ -39,6 +39,8 @@ pub enum PublisherError {
 pub enum PublishError {
     #[error("the message bus is unavailable: {0}; retry shortly")]
     Unavailable(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
 }
 
 /// One invalidation to publish.
@@ -67,6 +69,8 @@ struct Inner {
     js: JetStream,
     id: String,
     stream: StreamConfig,
+    /// Bounds a whole publish, retries included: the `503` comes within this.
+    request_timeout: Duration,
     membership: Arc<Membership>,
     /// Requests waiting for acks, by event id.
     pending: Mutex<HashMap<String, mpsc::UnboundedSender<Received>>>,
@@ -94,7 +98,15 @@ impl Publisher {
             .await
             .map_err(|e| PublisherError::Subscribe(e.to_string()))?;
         let membership = Membership::new();
-        let follower = tokio::spawn(membership::follow(store, membership.clone()));
+        let follower = tokio::spawn(membership::follow(
+            Follower {
+                client: client.clone(),
+                js: js.clone(),
+                presence: bus.presence.clone(),
+                store,
+            },
+            membership.clone(),
+        ));
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
             let demux = tokio::spawn(demux_acks(acks, weak.clone()));
             Inner {
@@ -102,6 +114,7 @@ impl Publisher {
                 js,
                 id,
                 stream: bus.stream.clone(),
+                request_timeout: bus.nats.request_timeout,
                 membership,
                 pending: Mutex::default(),
                 tasks: vec![follower, demux],
@@ -160,11 +173,18 @@ impl Publisher {
     /// Publishes one invalidation and waits for every agent live in its environment to
     /// acknowledge it, or for the request's timeout.
     pub async fn invalidate(&self, request: InvalidationRequest) -> Result<Outcome, PublishError> {
+        crate::validate::request_id(&request.request_id).map_err(PublishError::Invalid)?;
+        crate::validate::selector(&request.selector).map_err(PublishError::Invalid)?;
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + request.timeout);
         let inner = &self.inner;
         if inner.client.connection_state() != async_nats::connection::State::Connected {
             return Err(PublishError::Unavailable("not connected to NATS".into()));
+        }
+        if !inner.membership.is_synced() {
+            return Err(PublishError::Unavailable(
+                "the view of live agents is being refreshed after a reconnect".into(),
+            ));
         }
         // The expected set is fixed before publishing: an agent announces itself only after
         // its consumer exists, so every agent in this set will receive the event.
@@ -178,10 +198,18 @@ impl Publisher {
             env: request.env.to_string(),
             request_id: request.request_id.clone(),
             ack_subject: Subjects::ack(&request.env, &inner.id, &event_id),
-            issued_at_unix_ms: unix_ms(SystemTime::now()),
+            issued_at_unix_ms: cachecast_proto::now_unix_ms(),
             target: Some(Target::Response(request.selector.clone())),
         };
-        let sequence = self.publish(&request, event).await.inspect_err(|_| {
+        let publish = tokio::time::timeout(inner.request_timeout, self.publish(&request, event));
+        let sequence = match publish.await {
+            Ok(result) => result,
+            Err(_) => Err(PublishError::Unavailable(format!(
+                "no publish acknowledgement within {:?}",
+                inner.request_timeout
+            ))),
+        }
+        .inspect_err(|_| {
             metrics::counter!("cachecast_invalidations_total", "env" => request.env.to_string(), "outcome" => "unavailable")
                 .increment(1);
         })?;
@@ -368,10 +396,7 @@ async fn demux_acks(mut acks: async_nats::Subscriber, inner: std::sync::Weak<Inn
             }
         }
     }
-}
-
-fn unix_ms(at: SystemTime) -> i64 {
-    at.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
+    tracing::error!(
+        "the ack subscription ended: no request can be confirmed any more; restart the publisher"
+    );
 }

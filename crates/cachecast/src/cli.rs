@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cachecast_agent::BackendKind;
 use cachecast_proto::{AgentId, EnvId};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -116,15 +115,6 @@ pub(crate) struct AgentArgs {
 pub(crate) enum Backend {
     Memory,
     Redis,
-}
-
-impl From<Backend> for BackendKind {
-    fn from(b: Backend) -> Self {
-        match b {
-            Backend::Memory => BackendKind::Memory,
-            Backend::Redis => BackendKind::Redis,
-        }
-    }
 }
 
 #[derive(Debug, Args)]

@@ -67,7 +67,22 @@ pub(crate) fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<
         }
         figment = figment.merge(Toml::file_exact(path));
     }
-    figment = figment.merge(Env::prefixed("CACHECAST_").split("__").ignore(&["config"]));
+    figment = figment.merge(
+        Env::prefixed("CACHECAST_")
+            .filter(|key| {
+                // Every key is in a section (CACHECAST_NATS__URL). Others are not ours:
+                // Kubernetes injects CACHECAST_API_PORT & co. for a Service named cachecast-api.
+                let ours = key.as_str().contains("__");
+                if !ours && !key.as_str().eq_ignore_ascii_case("config") {
+                    tracing::warn!(
+                        variable = %format!("CACHECAST_{}", key.as_str().to_uppercase()),
+                        "ignored: configuration variables name a section and a key with a double underscore, like CACHECAST_NATS__URL"
+                    );
+                }
+                ours
+            })
+            .split("__"),
+    );
     for (key, value) in overrides.0 {
         figment = figment.merge(Serialized::default(key, value));
     }

@@ -60,17 +60,29 @@ impl std::fmt::Debug for RedisBackend {
     }
 }
 
-impl RedisBackend {
-    /// Validates the settings. Connects lazily: the first eviction (the start-up flush)
-    /// reaches Redis, and a Redis that is down is retried then.
-    pub fn new(config: &RedisConfig) -> Result<Self, BackendError> {
-        let template = KeyTemplate::parse(&config.key_template)?;
-        let client = redis::Client::open(config.url.as_str()).map_err(|err| {
+impl RedisConfig {
+    /// Checks the URL and the key template without connecting.
+    pub fn check(&self) -> Result<(), BackendError> {
+        self.parse().map(|_| ())
+    }
+
+    fn parse(&self) -> Result<(redis::Client, KeyTemplate), BackendError> {
+        let template = KeyTemplate::parse(&self.key_template)?;
+        let client = redis::Client::open(self.url.as_str()).map_err(|err| {
             BackendError::Other(format!(
                 "invalid Redis URL {}: {err}; use redis://host:port",
-                cachecast_bus::redact_url(&config.url)
+                cachecast_bus::redact_url(&self.url)
             ))
         })?;
+        Ok((client, template))
+    }
+}
+
+impl RedisBackend {
+    /// Validates the settings. Connects lazily: the first eviction (the start-up flush)
+    /// reaches Redis, and a Redis that is down is retried then. Needs a Tokio runtime.
+    pub fn new(config: &RedisConfig) -> Result<Self, BackendError> {
+        let (client, template) = config.parse()?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.command_timeout))
             .set_response_timeout(Some(config.command_timeout))

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -128,7 +129,7 @@ fn refuse(headers: &HeaderMap, err: ApiError) -> Response {
 
 async fn invalidate_response(
     State(api): State<Arc<Api>>,
-    Path(env): Path<String>,
+    env: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
@@ -137,6 +138,8 @@ async fn invalidate_response(
         Ok(id) => id,
         Err(err) => return err.into_response(),
     };
+    // A path that does not even decode (bad percent-encoding) is an invalid environment id.
+    let env = env.map(|Path(env)| env).unwrap_or_default();
     let span = tracing::info_span!("request", request_id = %request_id, env = %env);
     match api
         .invalidate_response(&request_id, &env, query.as_deref(), &headers, body)
@@ -146,11 +149,11 @@ async fn invalidate_response(
         Ok(response) => response,
         Err(err) => {
             span.in_scope(|| {
-                tracing::info!(
-                    status = err.status.as_u16(),
-                    code = err.code,
-                    "request refused"
-                )
+                if err.status.is_server_error() {
+                    tracing::warn!(status = err.status.as_u16(), code = err.code, message = %err.message, "request not served");
+                } else {
+                    tracing::info!(status = err.status.as_u16(), code = err.code, "request refused");
+                }
             });
             metrics::counter!("cachecast_http_refused_total", "code" => err.code).increment(1);
             err.with_request_id(&request_id).into_response()
@@ -203,13 +206,18 @@ impl Api {
                 timeout,
             })
             .await
-            .map_err(|PublishError::Unavailable(reason)| ApiError {
-                retry_after: Some(1),
-                ..ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "bus_unavailable",
-                    format!("the invalidation was not published ({reason}); it is safe to retry"),
-                )
+            .map_err(|err| match err {
+                PublishError::Unavailable(reason) => ApiError {
+                    retry_after: Some(1),
+                    ..ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "bus_unavailable",
+                        format!(
+                            "the invalidation was not published ({reason}); it is safe to retry"
+                        ),
+                    )
+                },
+                PublishError::Invalid(message) => ApiError::bad_request("invalid_value", message),
             })?;
         tracing::info!(
             sequence = outcome.sequence,
@@ -222,12 +230,37 @@ impl Api {
     }
 }
 
+/// How long a client may take to send its body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit));
+    match read.await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(err)) if is_length_limit(&err) => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             format!("the body exceeds {limit} bytes"),
-        )
-    })
+        )),
+        Ok(Err(err)) => Err(ApiError::bad_request(
+            "invalid_body",
+            format!("the body could not be read: {err}"),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+        )),
+    }
+}
+
+fn is_length_limit(err: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }

@@ -11,11 +11,7 @@ use serde_json::{Map, Value};
 
 use super::ApiConfig;
 use super::error::ApiError;
-
-/// The longest request id accepted.
-const MAX_REQUEST_ID_LEN: usize = 128;
-/// The longest scope client id or identity id accepted.
-const MAX_VALUE_LEN: usize = 512;
+use crate::validate;
 
 /// The caller's request id (`RequestID` or `X-Request-ID`), or a new UUIDv7.
 pub(crate) fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
@@ -25,20 +21,11 @@ pub(crate) fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
     let Some(value) = given else {
         return Ok(uuid::Uuid::now_v7().to_string());
     };
-    let valid = value
-        .to_str()
-        .ok()
-        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID_LEN)
-        .filter(|v| v.bytes().all(|b| b.is_ascii_graphic()));
-    match valid {
-        Some(v) => Ok(v.to_owned()),
-        None => Err(ApiError::bad_request(
-            "invalid_request_id",
-            format!(
-                "the RequestID header must be 1 to {MAX_REQUEST_ID_LEN} visible ASCII characters without spaces"
-            ),
-        )
-        .with_request_id(&uuid::Uuid::now_v7().to_string())),
+    let value = value.to_str().unwrap_or_default();
+    match validate::request_id(value) {
+        Ok(()) => Ok(value.to_owned()),
+        Err(message) => Err(ApiError::bad_request("invalid_request_id", message)
+            .with_request_id(&uuid::Uuid::now_v7().to_string())),
     }
 }
 
@@ -182,12 +169,8 @@ fn string_value(name: &str, value: &Value) -> Result<String, ApiError> {
     let Value::String(s) = value else {
         return Err(wrong_type(name, "a string"));
     };
-    if s.is_empty() || s.len() > MAX_VALUE_LEN || s.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(
-            "invalid_value",
-            format!("{name} must be 1 to {MAX_VALUE_LEN} bytes without control characters"),
-        ));
-    }
+    validate::selector_value(name, s)
+        .map_err(|message| ApiError::bad_request("invalid_value", message))?;
     Ok(s.clone())
 }
 

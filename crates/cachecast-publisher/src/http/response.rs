@@ -15,6 +15,7 @@ use crate::outcome::{AgentOutcome, Outcome};
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Body<'a> {
+    status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     code: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -129,7 +130,7 @@ pub fn outcome_json(outcome: &Outcome) -> (StatusCode, serde_json::Value) {
             StatusCode::FAILED_DEPENDENCY,
             Some("failed_dependency"),
             Some(format!(
-                "{} of {} agents did not confirm: {}; the event stays in the stream and reaches them when they recover",
+                "{} of {} agents did not confirm: {}; an agent that missed the event applies it when it is back, and one whose eviction failed flushes its whole cache before it confirms anything else",
                 failures.len(),
                 outcome.agents.len(),
                 names.join(", ")
@@ -137,6 +138,7 @@ pub fn outcome_json(outcome: &Outcome) -> (StatusCode, serde_json::Value) {
         )
     };
     let body = Body {
+        status: status.as_u16(),
         code,
         message,
         request_id: &outcome.request_id,

@@ -41,7 +41,6 @@ async fn run_with(config: Config, backend: impl CacheBackend) -> anyhow::Result<
         () = shutdown.clone().wait() => return Ok(ExitCode::SUCCESS),
     };
     running.run(shutdown.wait()).await;
-    client.drain().await.ok();
     if let Some(admin) = admin {
         admin.await.ok();
     }

@@ -44,6 +44,7 @@ pub(crate) async fn run(config: Config, args: InvalidateArgs) -> anyhow::Result<
             );
             return Ok(ExitCode::from(EXIT_UNAVAILABLE));
         }
+        Err(PublishError::Invalid(message)) => anyhow::bail!("{message}"),
     };
     if args.json {
         let (_, body) = cachecast_publisher::http::outcome_json(&outcome);

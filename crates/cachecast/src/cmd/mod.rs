@@ -8,7 +8,7 @@ pub(crate) mod token;
 pub(crate) mod up;
 
 use anyhow::Context;
-use cachecast_agent::{BackendKind, RedisBackend};
+use cachecast_agent::BackendKind;
 use cachecast_publisher::auth::Verifier;
 
 use crate::cli::Command;
@@ -26,7 +26,7 @@ pub(crate) fn check_config(command: &Command, config: &Config) -> anyhow::Result
         Command::Agent(_) => {
             config.agent.env()?;
             if config.agent.backend == BackendKind::Redis {
-                RedisBackend::new(&config.redis)?;
+                config.redis.check()?;
             }
         }
         Command::Invalidate(_) | Command::Agents(_) | Command::Token(_) | Command::Up(_) => {}
@@ -42,7 +42,10 @@ pub(crate) async fn connect(bus: &BusConfig, name: &str) -> anyhow::Result<Clien
 /// Starts a publisher once, for short-lived commands: an unreachable bus is an error.
 pub(crate) async fn publisher_once(bus: &BusConfig) -> anyhow::Result<Publisher> {
     let client = connect(bus, "cachecast-cli").await?;
-    Publisher::start(client, bus)
-        .await
-        .with_context(|| format!("could not reach the bus at {}", bus.nats.url))
+    Publisher::start(client, bus).await.with_context(|| {
+        format!(
+            "could not reach the bus at {}",
+            cachecast_bus::redact_url(&bus.nats.url)
+        )
+    })
 }

@@ -22,7 +22,7 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         match Publisher::start(client.clone(), &bus).await {
             Ok(p) => break p,
             Err(err) => {
-                tracing::warn!(error = %err, nats = %bus.nats.url, "publisher not ready; retrying in 1s");
+                tracing::warn!(error = %err, nats = %cachecast_bus::redact_url(&bus.nats.url), "publisher not ready; retrying in 1s");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     () = shutdown.clone().wait() => return Ok(ExitCode::SUCCESS),
@@ -53,8 +53,22 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         tokio::time::sleep(delay).await;
         tracing::info!("no new requests; finishing the ones in flight");
     };
-    cachecast_publisher::http::serve(listener, router, stop_accepting).await?;
-    client.drain().await.ok();
+    // In-flight requests end by their own deadline; don't wait past the longest one.
+    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+    let server = cachecast_publisher::http::serve(listener, router, async move {
+        stop_accepting.await;
+        stopping_tx.send(()).ok();
+    });
+    tokio::pin!(server);
+    let grace = config.api.max_timeout + Duration::from_secs(5);
+    tokio::select! {
+        result = &mut server => result?,
+        () = async {
+            stopping.await.ok();
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway"),
+    }
+    cachecast_bus::flush(&client, config.nats.request_timeout).await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }

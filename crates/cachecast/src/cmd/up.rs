@@ -62,7 +62,6 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
         let stop = shutdown.clone().wait();
         agents.push(tokio::spawn(async move {
             running.run(stop).await;
-            agent_client.drain().await.ok();
         }));
     }
     if !publisher
@@ -121,6 +120,6 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
         agent.await.ok();
     }
     api.await??;
-    client.drain().await.ok();
+    cachecast_bus::flush(&client, config.nats.request_timeout).await;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,61 @@
+//! What makes a request id and a selector value acceptable, for every way in (HTTP, CLI,
+//! library): checked before anything is published.
+
+use cachecast_proto::ResponseSelector;
+
+/// The longest request id accepted.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// The longest scope client id or identity id accepted.
+pub const MAX_VALUE_LEN: usize = 512;
+
+/// A request id: 1 to 128 visible ASCII characters (it travels in headers).
+pub fn request_id(value: &str) -> Result<(), String> {
+    if !value.is_empty()
+        && value.len() <= MAX_REQUEST_ID_LEN
+        && value.bytes().all(|b| b.is_ascii_graphic())
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "the request id must be 1 to {MAX_REQUEST_ID_LEN} visible ASCII characters without spaces"
+        ))
+    }
+}
+
+/// A scope client id or identity id: 1 to 512 bytes without control characters.
+pub fn selector_value(name: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > MAX_VALUE_LEN || value.chars().any(char::is_control) {
+        Err(format!(
+            "{name} must be 1 to {MAX_VALUE_LEN} bytes without control characters"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Every value of a selector.
+pub fn selector(selector: &ResponseSelector) -> Result<(), String> {
+    for scope in &selector.scope_client_ids {
+        selector_value("scopeClientId", scope)?;
+    }
+    if let Some(identity) = &selector.identity_id {
+        selector_value("identityId", identity)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_checked() {
+        assert!(selector_value("identityId", "alice@example.com").is_ok());
+        assert!(selector_value("identityId", "").is_err());
+        assert!(selector_value("identityId", "a\nb").is_err());
+        assert!(selector_value("identityId", &"x".repeat(513)).is_err());
+        assert!(request_id("r-1").is_ok());
+        assert!(request_id("has space").is_err());
+        assert!(request_id("").is_err());
+    }
+}
