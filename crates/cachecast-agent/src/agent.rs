@@ -437,6 +437,7 @@ impl<B: CacheBackend> Agent<B> {
             .map(|v| v.as_str().to_owned())
             .unwrap_or_else(|| event.request_id.clone());
         let span = tracing::info_span!("event", request_id = %request_id, event_id = %event.event_id, sequence);
+        cachecast_bus::trace_context::adopt_parent(&span, message.headers.as_ref());
         async {
             tracing::debug!("applying the eviction");
             let started = std::time::Instant::now();
@@ -466,8 +467,9 @@ impl<B: CacheBackend> Agent<B> {
                 error,
                 stream_sequence: sequence,
             };
-            let mut headers = HeaderMap::new();
+                        let mut headers = HeaderMap::new();
             headers.insert(REQUEST_ID_HEADER, request_id.as_str());
+            cachecast_bus::trace_context::inject_current(&mut headers);
             if let Err(err) = self
                 .client
                 .publish_with_headers(event.ack_subject.clone(), headers, ack.to_bytes())

@@ -6,6 +6,7 @@
 //! ([`open_stream`], [`open_presence_bucket`]), which keeps agent credentials small.
 
 mod secret;
+pub mod trace_context;
 
 use std::time::Duration;
 

@@ -297,6 +297,7 @@ impl Publisher {
         let inner = &self.inner;
         let mut headers = HeaderMap::new();
         headers.insert(REQUEST_ID_HEADER, request.request_id.as_str());
+        cachecast_bus::trace_context::inject_current(&mut headers);
         let message = PublishMessage::build()
             .payload(event.to_bytes())
             .headers(headers)

@@ -181,6 +181,20 @@ pub(crate) struct UpArgs {
     pub(crate) tools_dir: PathBuf,
 }
 
+impl Command {
+    /// This process's name in traces (`service.name`), unless `OTEL_SERVICE_NAME` is set.
+    pub(crate) fn service_name(&self) -> &'static str {
+        match self {
+            Command::Serve(_) => "cachecast-serve",
+            Command::Agent(_) => "cachecast-agent",
+            Command::Invalidate(_) => "cachecast-invalidate",
+            Command::Agents(_) => "cachecast-agents",
+            Command::Token(_) => "cachecast-token",
+            Command::Up(_) => "cachecast-up",
+        }
+    }
+}
+
 impl Cli {
     /// The configuration keys this command line overrides.
     pub(crate) fn overrides(&self) -> Overrides {

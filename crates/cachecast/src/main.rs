@@ -4,16 +4,24 @@ mod cli;
 mod cmd;
 mod config;
 mod shutdown;
+mod telemetry;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, LogFormat};
+use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let telemetry = telemetry::init(cli.log_format, cli.command.service_name());
+    let code = run(cli);
+    // After the runtime is gone: the exporter's blocking client must not run inside it.
+    telemetry.shutdown();
+    code
+}
+
+fn run(cli: Cli) -> ExitCode {
     let config = match config::load(cli.config.as_deref(), cli.overrides()) {
         Ok(config) => config,
         Err(err) => return fail(&err),
@@ -64,17 +72,4 @@ fn main() -> ExitCode {
 fn fail(err: &anyhow::Error) -> ExitCode {
     eprintln!("error: {err:#}");
     ExitCode::FAILURE
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
 }
