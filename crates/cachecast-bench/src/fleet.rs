@@ -1,0 +1,161 @@
+//! cachecast itself: N embedded agents with memory caches, invalidated through the publisher
+//! library and through the HTTP API.
+
+use std::time::Duration;
+
+use cachecast_agent::{Agent, AgentConfig, MemoryCache};
+use cachecast_bus::{BusConfig, Client, Secret};
+use cachecast_proto::{AgentId, EnvId, ResponseSelector};
+use cachecast_publisher::auth::{AuthConfig, Verifier, issue_hs256};
+use cachecast_publisher::http::ApiConfig;
+use cachecast_publisher::{InvalidationRequest, Publisher};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Running agents; stopped (leaving presence) by [`Agents::stop`].
+#[derive(Debug)]
+pub(crate) struct Agents {
+    stops: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Agents {
+    /// Starts one agent per fleet connection in `env` and waits until `publisher` sees them.
+    pub(crate) async fn start(
+        fleet: &[Client],
+        bus: &BusConfig,
+        env: &EnvId,
+        publisher: &Publisher,
+    ) -> anyhow::Result<Self> {
+        let mut stops = Vec::new();
+        let mut tasks = Vec::new();
+        for (n, client) in fleet.iter().enumerate() {
+            let agent = Agent::new(
+                client.clone(),
+                bus,
+                (env.clone(), AgentId::new(format!("bench-{n}"))?),
+                AgentConfig::default(),
+                MemoryCache::new(),
+            );
+            let running = agent.start().await?;
+            let (stop, stopped) = oneshot::channel::<()>();
+            stops.push(stop);
+            tasks.push(tokio::spawn(running.run(async {
+                stopped.await.ok();
+            })));
+        }
+        anyhow::ensure!(
+            publisher
+                .wait_for_live_agents(env, fleet.len(), Duration::from_secs(60))
+                .await,
+            "the {} agents did not become live",
+            fleet.len()
+        );
+        Ok(Self { stops, tasks })
+    }
+
+    pub(crate) async fn stop(self) {
+        for stop in self.stops {
+            stop.send(()).ok();
+        }
+        for task in self.tasks {
+            task.await.ok();
+        }
+    }
+}
+
+/// One confirmed invalidation through the library; complains if it was not confirmed.
+pub(crate) async fn library_round(publisher: &Publisher, env: &EnvId) {
+    let request = InvalidationRequest {
+        env: env.clone(),
+        selector: ResponseSelector::default(),
+        request_id: "bench".into(),
+        timeout: Duration::from_secs(30),
+    };
+    match publisher.invalidate(request).await {
+        Ok(outcome) if outcome.confirmed() => {}
+        Ok(outcome) => eprintln!(
+            "warning: {} of {} agents confirmed",
+            outcome.successful(),
+            outcome.agents.len()
+        ),
+        Err(err) => eprintln!("warning: {err}"),
+    }
+}
+
+/// The HTTP API on 127.0.0.1, and a keep-alive client for it. Clones share both.
+#[derive(Debug, Clone)]
+pub(crate) struct Http {
+    client: reqwest::Client,
+    url: std::sync::Arc<str>,
+    token: std::sync::Arc<str>,
+    _server: std::sync::Arc<Server>,
+}
+
+/// The server task, stopped when the last clone goes.
+#[derive(Debug)]
+pub(crate) struct Server(JoinHandle<()>);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Http {
+    pub(crate) async fn start(publisher: Publisher, env: &EnvId) -> anyhow::Result<Self> {
+        let secret = Secret::new("bench-secret");
+        let auth = AuthConfig {
+            hs256_secret: Some(secret.clone()),
+            ..AuthConfig::default()
+        };
+        let router = cachecast_publisher::http::router(
+            publisher,
+            Verifier::new(&auth)?,
+            ApiConfig::default(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move {
+            cachecast_publisher::http::serve(listener, router, std::future::pending())
+                .await
+                .ok();
+        });
+        Ok(Self {
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(128)
+                .build()?,
+            url: format!(
+                "http://{addr}/api/1.0/runtime/caches/response/{env}/invalidate?timeout=30s"
+            )
+            .into(),
+            token: issue_hs256(
+                &secret,
+                "envs",
+                &[env.to_string()],
+                "bench",
+                Duration::from_secs(3600),
+            )?
+            .into(),
+            _server: std::sync::Arc::new(Server(server)),
+        })
+    }
+
+    pub(crate) async fn round(&self) {
+        let sent = self
+            .client
+            .post(&*self.url)
+            .bearer_auth(&*self.token)
+            .header("Content-Type", "application/json")
+            .body("{}")
+            .send()
+            .await;
+        match sent {
+            Ok(response) if response.status().as_u16() == 200 => {
+                response.bytes().await.ok();
+            }
+            Ok(response) => eprintln!("warning: HTTP {}", response.status()),
+            Err(err) => eprintln!("warning: {err}"),
+        }
+    }
+}

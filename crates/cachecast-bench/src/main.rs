@@ -1,0 +1,282 @@
+//! `cachecast-bench`: how fast a confirmed, fleet-wide invalidation is, next to the NATS floors
+//! measured in the same run, and what cachecast costs in memory and in Redis.
+//!
+//! Everything runs on this machine: a nats-server (JetStream, file store) and a redis-server
+//! started for the run, agents as real NATS connections in this process. Run it through
+//! `scripts/bench`, which builds in release mode and writes docs/BENCHMARKS.md.
+
+mod fleet;
+mod floors;
+mod memory;
+mod redis_eviction;
+mod report;
+mod stats;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use cachecast_bus::BusConfig;
+use cachecast_proto::EnvId;
+use cachecast_publisher::Publisher;
+use clap::{Parser, Subcommand};
+
+use crate::report::{LatencyRow, Report};
+
+/// Benchmark cachecast against the NATS floors.
+#[derive(Debug, Parser)]
+struct Cli {
+    /// Fleet sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000")]
+    agents: Vec<usize>,
+    /// Concurrency of the throughput runs.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Shorter runs, for a smoke test of the benchmark itself.
+    #[arg(long)]
+    quick: bool,
+    /// Write the results into this Markdown file (between its bench markers).
+    #[arg(long)]
+    write: Option<PathBuf>,
+    #[command(subcommand)]
+    role: Option<Role>,
+}
+
+/// Roles the benchmark runs itself in, as child processes whose memory it measures.
+#[derive(Debug, Subcommand)]
+enum Role {
+    #[command(hide = true)]
+    HoldEntries {
+        #[arg(long)]
+        nats_url: String,
+        #[arg(long)]
+        entries: usize,
+    },
+    #[command(hide = true)]
+    TrackAgents {
+        #[arg(long)]
+        nats_url: String,
+        #[arg(long)]
+        env: String,
+        #[arg(long)]
+        expect: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.role {
+        Some(Role::HoldEntries { nats_url, entries }) => {
+            memory::hold_entries(&nats_url, entries).await
+        }
+        Some(Role::TrackAgents {
+            nats_url,
+            env,
+            expect,
+        }) => memory::track_agents(&nats_url, &env, expect).await,
+        None => run(cli).await,
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let nats = cachecast_testkit::nats().await;
+    let mut bus = BusConfig::default();
+    bus.nats.url = nats.url();
+    let mut report = Report::new(&cli.agents, cli.concurrency, cli.quick, &nats);
+    let (iterations, budget, window) = if cli.quick {
+        (100, Duration::from_secs(2), Duration::from_secs(1))
+    } else {
+        (2000, Duration::from_secs(10), Duration::from_secs(3))
+    };
+
+    let requester = cachecast_bus::connect(&bus.nats, "bench-requester").await?;
+    let js = async_nats::jetstream::new(requester.clone());
+    floors::durable_stream(&js).await?;
+    let replies = floors::Replies::start(&requester, "bench.replies").await?;
+    let publisher = Publisher::start(
+        cachecast_bus::connect(&bus.nats, "bench-publisher").await?,
+        &bus,
+    )
+    .await?;
+    for (round, &n) in cli.agents.iter().enumerate() {
+        eprintln!("fleet of {n}");
+        let mut fleet = Vec::with_capacity(n);
+        for i in 0..n {
+            fleet.push(cachecast_bus::connect(&bus.nats, &format!("bench-fleet-{i}")).await?);
+        }
+        let c = cli.concurrency;
+
+        let responders = floors::core_responders(&fleet).await?;
+        let lat = stats::latency(iterations, budget, || {
+            floors::core_round(&requester, &replies, n)
+        })
+        .await;
+        let ops = {
+            let (requester, replies) = (requester.clone(), replies.clone());
+            stats::throughput(c, window, move || {
+                let (requester, replies) = (requester.clone(), replies.clone());
+                async move { floors::core_round(&requester, &replies, n).await }
+            })
+            .await
+        };
+        report.latency(LatencyRow {
+            what: "core floor",
+            agents: n,
+            latency: lat,
+            ops,
+        });
+        drop(responders);
+
+        let consumers = floors::durable_consumers(&fleet).await?;
+        let lat = stats::latency(iterations, budget, || {
+            floors::durable_round(&js, &replies, n)
+        })
+        .await;
+        let ops = {
+            let (js, replies) = (js.clone(), replies.clone());
+            stats::throughput(c, window, move || {
+                let (js, replies) = (js.clone(), replies.clone());
+                async move { floors::durable_round(&js, &replies, n).await }
+            })
+            .await
+        };
+        report.latency(LatencyRow {
+            what: "durable floor",
+            agents: n,
+            latency: lat,
+            ops,
+        });
+        drop(consumers);
+
+        // Each fleet gets an environment of its own, so no agent of one size counts in the next.
+        let env = EnvId::new(format!("bench-{round}"))?;
+        let agents = fleet::Agents::start(&fleet, &bus, &env, &publisher).await?;
+        let lat = stats::latency(iterations, budget, || {
+            fleet::library_round(&publisher, &env)
+        })
+        .await;
+        let ops = {
+            let (publisher, env) = (publisher.clone(), env.clone());
+            stats::throughput(c, window, move || {
+                let (publisher, env) = (publisher.clone(), env.clone());
+                async move { fleet::library_round(&publisher, &env).await }
+            })
+            .await
+        };
+        report.latency(LatencyRow {
+            what: "cachecast library",
+            agents: n,
+            latency: lat,
+            ops,
+        });
+
+        let http = fleet::Http::start(publisher.clone(), &env).await?;
+        let lat = stats::latency(iterations, budget, || http.round()).await;
+        let ops = stats::throughput(c, window, move || {
+            let http = http.clone();
+            async move { http.round().await }
+        })
+        .await;
+        report.latency(LatencyRow {
+            what: "cachecast HTTP",
+            agents: n,
+            latency: lat,
+            ops,
+        });
+        agents.stop().await;
+        drop(fleet);
+    }
+
+    eprintln!("memory");
+    let own = std::env::current_exe()?;
+    let cachecast = own.with_file_name("cachecast");
+    anyhow::ensure!(
+        cachecast.exists(),
+        "{} is missing: build it (scripts/bench does)",
+        cachecast.display()
+    );
+    let url = nats.url();
+    report.memory(
+        "idle agent (`cachecast agent`, memory backend)",
+        memory::rss_of(
+            &cachecast,
+            &args(&["agent", "--env", "bench-idle", "--nats-url", &url]),
+            "agent is live",
+        )
+        .await?,
+        None,
+    );
+    let entries = if cli.quick { 100_000 } else { 1_000_000 };
+    report.memory(
+        &format!("agent holding {entries} memory-cache entries (64-byte values)"),
+        memory::rss_of(
+            &own,
+            &args(&[
+                "hold-entries",
+                "--nats-url",
+                &url,
+                "--entries",
+                &entries.to_string(),
+            ]),
+            "ready",
+        )
+        .await?,
+        None,
+    );
+    let tracked = if cli.quick { 1000 } else { 10_000 };
+    let base = memory::rss_of(
+        &own,
+        &args(&[
+            "track-agents",
+            "--nats-url",
+            &url,
+            "--env",
+            "bench-none",
+            "--expect",
+            "0",
+        ]),
+        "ready",
+    )
+    .await?;
+    memory::fake_presences(&bus, &EnvId::new("bench-track")?, tracked).await?;
+    let loaded = memory::rss_of(
+        &own,
+        &args(&[
+            "track-agents",
+            "--nats-url",
+            &url,
+            "--env",
+            "bench-track",
+            "--expect",
+            &tracked.to_string(),
+        ]),
+        "ready",
+    )
+    .await?;
+    report.memory("publisher tracking no agent", base, None);
+    report.memory(
+        &format!("publisher tracking {tracked} agents"),
+        loaded,
+        Some(loaded.saturating_sub(base) / tracked as u64),
+    );
+
+    eprintln!("redis");
+    let redis = cachecast_testkit::redis().await;
+    let (ours, floor) =
+        redis_eviction::measure(&redis.url(), if cli.quick { 3 } else { 7 }).await?;
+    report.redis(ours, floor);
+
+    let text = report.render();
+    println!("{text}");
+    if let Some(path) = cli.write {
+        report::write_into(&path, &text)
+            .with_context(|| format!("could not write {}", path.display()))?;
+        eprintln!("written into {}", path.display());
+    }
+    Ok(())
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}

@@ -1,0 +1,195 @@
+//! The benchmark's table, the machine it ran on, and writing both into docs/BENCHMARKS.md.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use cachecast_testkit::NatsServer;
+
+use crate::stats::{Latency, ms};
+
+const START: &str = "<!-- bench:start -->";
+const END: &str = "<!-- bench:end -->";
+
+#[derive(Debug)]
+pub(crate) struct LatencyRow {
+    pub(crate) what: &'static str,
+    pub(crate) agents: usize,
+    pub(crate) latency: Latency,
+    /// Confirmed operations per second at the run's concurrency.
+    pub(crate) ops: f64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Report {
+    header: String,
+    concurrency: usize,
+    latency: Vec<LatencyRow>,
+    memory: Vec<(String, u64, Option<u64>)>,
+    redis: Option<(Duration, Duration)>,
+}
+
+impl Report {
+    pub(crate) fn new(
+        agents: &[usize],
+        concurrency: usize,
+        quick: bool,
+        nats: &NatsServer,
+    ) -> Self {
+        let sizes: Vec<String> = agents.iter().map(|n| n.to_string()).collect();
+        let mut command = format!("scripts/bench --agents {}", sizes.join(","));
+        if quick {
+            command.push_str(" --quick");
+        }
+        let header = format!(
+            "Command: `{command}` (concurrency {concurrency})\n\nMachine: {}\n",
+            machine(nats)
+        );
+        Self {
+            header,
+            concurrency,
+            latency: Vec::new(),
+            memory: Vec::new(),
+            redis: None,
+        }
+    }
+
+    pub(crate) fn latency(&mut self, row: LatencyRow) {
+        eprintln!(
+            "  {:<18} N={:<5} p50 {} ms  p99 {} ms  {:.0}/s",
+            row.what,
+            row.agents,
+            ms(row.latency.p50),
+            ms(row.latency.p99),
+            row.ops
+        );
+        self.latency.push(row);
+    }
+
+    pub(crate) fn memory(&mut self, what: &str, rss: u64, per_agent: Option<u64>) {
+        self.memory.push((what.to_owned(), rss, per_agent));
+    }
+
+    pub(crate) fn redis(&mut self, ours: Duration, floor: Duration) {
+        self.redis = Some((ours, floor));
+    }
+
+    /// Markdown: the header, then one table per measure.
+    pub(crate) fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "{}", self.header);
+        let _ = writeln!(
+            out,
+            "Latency of one confirmed invalidation at concurrency 1 (ms), the ratio of its p50 and p99 to the durable floor's at the same N, and confirmed invalidations per second at concurrency {}.\n",
+            self.concurrency
+        );
+        let _ = writeln!(
+            out,
+            "| what | N | samples | p50 | p99 | p99.9 | p50 / durable | p99 / durable | per second |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for row in &self.latency {
+            let floor = self
+                .latency
+                .iter()
+                .find(|r| r.what == "durable floor" && r.agents == row.agents);
+            let ratio = |a: Duration, b: Option<Duration>| match b {
+                Some(b) if !b.is_zero() => format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64()),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+                row.what,
+                row.agents,
+                row.latency.samples,
+                ms(row.latency.p50),
+                ms(row.latency.p99),
+                ms(row.latency.p999),
+                ratio(row.latency.p50, floor.map(|f| f.latency.p50)),
+                ratio(row.latency.p99, floor.map(|f| f.latency.p99)),
+                row.ops
+            );
+        }
+        let _ = writeln!(out, "\nResident memory (VmRSS).\n");
+        let _ = writeln!(out, "| process | RSS (MiB) | per tracked agent |");
+        let _ = writeln!(out, "|---|---:|---:|");
+        for (what, rss, per_agent) in &self.memory {
+            let per = per_agent.map_or("-".into(), |b| format!("{:.2} KiB", b as f64 / 1024.0));
+            let _ = writeln!(
+                out,
+                "| {what} | {:.1} | {per} |",
+                *rss as f64 / (1024.0 * 1024.0)
+            );
+        }
+        if let Some((ours, floor)) = self.redis {
+            let _ = writeln!(
+                out,
+                "\nEvicting one scope's {} entries from a Redis holding {} keys (median of the runs).\n",
+                crate::redis_eviction::PER_SCOPE,
+                crate::redis_eviction::PER_SCOPE * crate::redis_eviction::SCOPES
+            );
+            let _ = writeln!(out, "| what | ms | / floor |");
+            let _ = writeln!(out, "|---|---:|---:|");
+            let _ = writeln!(
+                out,
+                "| plain `SCAN MATCH` + `UNLINK` loop (floor) | {} | 1.00x |",
+                ms(floor)
+            );
+            let _ = writeln!(
+                out,
+                "| cachecast Redis backend | {} | {:.2}x |",
+                ms(ours),
+                ours.as_secs_f64() / floor.as_secs_f64()
+            );
+        }
+        out
+    }
+}
+
+/// Cores, memory, CPU, kernel, and the servers' versions.
+fn machine(nats: &NatsServer) -> String {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let version = |program: &std::path::Path| {
+        std::process::Command::new(program)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    format!(
+        "{cores} cores ({cpu}), {:.0} GiB, Linux {}; {}; {}; everything on this one machine, release build",
+        mem_kib as f64 / (1024.0 * 1024.0),
+        read("/proc/sys/kernel/osrelease").trim(),
+        version(nats.binary()),
+        version(std::path::Path::new("redis-server"))
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// Replaces what stands between the bench markers of `path` with `text`.
+pub(crate) fn write_into(path: &Path, text: &str) -> anyhow::Result<()> {
+    let doc = std::fs::read_to_string(path)?;
+    let (Some(start), Some(end)) = (doc.find(START), doc.find(END)) else {
+        anyhow::bail!("{} has no {START} ... {END} markers", path.display());
+    };
+    let updated = format!("{}{START}\n{text}\n{}", &doc[..start], &doc[end..]);
+    std::fs::write(path, updated)?;
+    Ok(())
+}
