@@ -127,9 +127,33 @@ pub struct Agent<B> {
     backend: Arc<B>,
     /// True from the moment presence is announced until shutdown begins.
     live: Arc<AtomicBool>,
-    /// Set when an eviction failed: the cache may hold entries it should not, so it is
+        /// Set when an eviction failed: the cache may hold entries it should not, so it is
     /// flushed before anything else is acknowledged as applied.
     dirty: AtomicBool,
+    /// What every ack subject of this environment starts with.
+    ack_prefix: String,
+    metrics: EventMetrics,
+}
+
+/// Per-event metric handles, registered once (no allocation per event).
+#[derive(Debug)]
+struct EventMetrics {
+    applied: metrics::Counter,
+    failed: metrics::Counter,
+    evicted: metrics::Counter,
+    eviction_seconds: metrics::Histogram,
+}
+
+impl EventMetrics {
+    fn new(env: &EnvId) -> Self {
+        let env = env.to_string();
+        Self {
+            applied: metrics::counter!("cachecast_agent_events_total", "env" => env.clone(), "outcome" => "applied"),
+            failed: metrics::counter!("cachecast_agent_events_total", "env" => env.clone(), "outcome" => "failed"),
+            evicted: metrics::counter!("cachecast_agent_evicted_entries_total", "env" => env.clone()),
+            eviction_seconds: metrics::histogram!("cachecast_agent_eviction_seconds", "env" => env),
+        }
+    }
 }
 
 /// Tells whether an agent can do its job, for `/readyz`.
@@ -187,6 +211,8 @@ impl<B: CacheBackend> Agent<B> {
     ) -> Self {
         let js = cachecast_bus::jetstream(client.clone(), &bus.nats);
         Self {
+            ack_prefix: Subjects::ack_prefix(&env),
+            metrics: EventMetrics::new(&env),
             client,
             js,
             env,
@@ -194,7 +220,7 @@ impl<B: CacheBackend> Agent<B> {
             config,
             bus: bus.clone(),
             backend: Arc::new(backend),
-            live: Arc::default(),
+                        live: Arc::default(),
             dirty: AtomicBool::new(false),
         }
     }
@@ -422,11 +448,7 @@ impl<B: CacheBackend> Agent<B> {
                 return;
             }
         };
-        if event.env != self.env.as_str()
-            || !event
-                .ack_subject
-                .starts_with(&Subjects::ack_prefix(&self.env))
-        {
+                if event.env != self.env.as_str() || !event.ack_subject.starts_with(&self.ack_prefix) {
             tracing::warn!(sequence, env = %event.env, ack_subject = %event.ack_subject, "ignoring an event addressed outside this environment");
             return;
         }
@@ -440,25 +462,21 @@ impl<B: CacheBackend> Agent<B> {
         cachecast_bus::trace_context::adopt_parent(&span, message.headers.as_ref());
         async {
             tracing::debug!("applying the eviction");
-            let started = std::time::Instant::now();
-            let env = self.env.to_string();
+                        let started = std::time::Instant::now();
             let (status, evicted, error) = match self.apply(&event).await {
                 Ok(evicted) => {
                     tracing::info!(evicted, "eviction applied");
-                    metrics::counter!("cachecast_agent_evicted_entries_total", "env" => env.clone())
-                        .increment(evicted);
+                    self.metrics.applied.increment(1);
+                    self.metrics.evicted.increment(evicted);
                     (AckStatus::Applied, evicted, String::new())
                 }
                 Err(reason) => {
                     tracing::warn!(%reason, "eviction failed");
+                    self.metrics.failed.increment(1);
                     (AckStatus::Failed, 0, reason)
                 }
             };
-            let outcome = if status == AckStatus::Applied { "applied" } else { "failed" };
-            metrics::counter!("cachecast_agent_events_total", "env" => env.clone(), "outcome" => outcome)
-                .increment(1);
-            metrics::histogram!("cachecast_agent_eviction_seconds", "env" => env)
-                .record(started.elapsed().as_secs_f64());
+            self.metrics.eviction_seconds.record(started.elapsed().as_secs_f64());
             let ack = Ack {
                 event_id: event.event_id.clone(),
                 agent_id: self.id.to_string(),

@@ -141,6 +141,29 @@ impl Http {
         })
     }
 
+    /// The HTTP transport alone: the same client against an endpoint that answers at once.
+    pub(crate) async fn empty() -> anyhow::Result<Self> {
+        let router = axum::Router::new().route(
+            "/empty",
+            axum::routing::post(|| async { axum::Json(serde_json::json!({})) }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move {
+            cachecast_publisher::http::serve(listener, router, std::future::pending())
+                .await
+                .ok();
+        });
+        Ok(Self {
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(128)
+                .build()?,
+            url: format!("http://{addr}/empty").into(),
+            token: "".into(),
+            _server: std::sync::Arc::new(Server(server)),
+        })
+    }
+
     pub(crate) async fn round(&self) {
         let sent = self
             .client

@@ -38,8 +38,18 @@ struct Cli {
     /// Write the results into this Markdown file (between its bench markers).
     #[arg(long)]
     write: Option<PathBuf>,
+    /// Which parts to run.
+    #[arg(long, value_delimiter = ',', default_value = "latency,memory,redis")]
+    parts: Vec<Part>,
     #[command(subcommand)]
     role: Option<Role>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Latency,
+    Memory,
+    Redis,
 }
 
 /// Roles the benchmark runs itself in, as child processes whose memory it measures.
@@ -99,7 +109,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         &bus,
     )
     .await?;
-    for (round, &n) in cli.agents.iter().enumerate() {
+    let sizes = if cli.parts.contains(&Part::Latency) {
+        cli.agents.clone()
+    } else {
+        Vec::new()
+    };
+    if !sizes.is_empty() {
+        let empty = fleet::Http::empty().await?;
+        let lat = stats::latency(iterations, budget, || empty.round()).await;
+        let ops = stats::throughput(cli.concurrency, window, move || {
+            let empty = empty.clone();
+            async move { empty.round().await }
+        })
+        .await;
+        report.latency(LatencyRow {
+            what: "HTTP round trip alone",
+            agents: 0,
+            latency: lat,
+            ops,
+        });
+    }
+    for (round, &n) in sizes.iter().enumerate() {
         eprintln!("fleet of {n}");
         let mut fleet = Vec::with_capacity(n);
         for i in 0..n {
@@ -188,84 +218,88 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         drop(fleet);
     }
 
-    eprintln!("memory");
-    let own = std::env::current_exe()?;
-    let cachecast = own.with_file_name("cachecast");
-    anyhow::ensure!(
-        cachecast.exists(),
-        "{} is missing: build it (scripts/bench does)",
-        cachecast.display()
-    );
-    let url = nats.url();
-    report.memory(
-        "idle agent (`cachecast agent`, memory backend)",
-        memory::rss_of(
-            &cachecast,
-            &args(&["agent", "--env", "bench-idle", "--nats-url", &url]),
-            "agent is live",
-        )
-        .await?,
-        None,
-    );
-    let entries = if cli.quick { 100_000 } else { 1_000_000 };
-    report.memory(
-        &format!("agent holding {entries} memory-cache entries (64-byte values)"),
-        memory::rss_of(
+    if cli.parts.contains(&Part::Memory) {
+        eprintln!("memory");
+        let own = std::env::current_exe()?;
+        let cachecast = own.with_file_name("cachecast");
+        anyhow::ensure!(
+            cachecast.exists(),
+            "{} is missing: build it (scripts/bench does)",
+            cachecast.display()
+        );
+        let url = nats.url();
+        report.memory(
+            "idle agent (`cachecast agent`, memory backend)",
+            memory::rss_of(
+                &cachecast,
+                &args(&["agent", "--env", "bench-idle", "--nats-url", &url]),
+                "agent is live",
+            )
+            .await?,
+            None,
+        );
+        let entries = if cli.quick { 100_000 } else { 1_000_000 };
+        report.memory(
+            &format!("agent holding {entries} memory-cache entries (64-byte values)"),
+            memory::rss_of(
+                &own,
+                &args(&[
+                    "hold-entries",
+                    "--nats-url",
+                    &url,
+                    "--entries",
+                    &entries.to_string(),
+                ]),
+                "ready",
+            )
+            .await?,
+            None,
+        );
+        let tracked = if cli.quick { 1000 } else { 10_000 };
+        let base = memory::rss_of(
             &own,
             &args(&[
-                "hold-entries",
+                "track-agents",
                 "--nats-url",
                 &url,
-                "--entries",
-                &entries.to_string(),
+                "--env",
+                "bench-none",
+                "--expect",
+                "0",
             ]),
             "ready",
         )
-        .await?,
-        None,
-    );
-    let tracked = if cli.quick { 1000 } else { 10_000 };
-    let base = memory::rss_of(
-        &own,
-        &args(&[
-            "track-agents",
-            "--nats-url",
-            &url,
-            "--env",
-            "bench-none",
-            "--expect",
-            "0",
-        ]),
-        "ready",
-    )
-    .await?;
-    memory::fake_presences(&bus, &EnvId::new("bench-track")?, tracked).await?;
-    let loaded = memory::rss_of(
-        &own,
-        &args(&[
-            "track-agents",
-            "--nats-url",
-            &url,
-            "--env",
-            "bench-track",
-            "--expect",
-            &tracked.to_string(),
-        ]),
-        "ready",
-    )
-    .await?;
-    report.memory("publisher tracking no agent", base, None);
-    report.memory(
-        &format!("publisher tracking {tracked} agents"),
-        loaded,
-        Some(loaded.saturating_sub(base) / tracked as u64),
-    );
+        .await?;
+        memory::fake_presences(&bus, &EnvId::new("bench-track")?, tracked).await?;
+        let loaded = memory::rss_of(
+            &own,
+            &args(&[
+                "track-agents",
+                "--nats-url",
+                &url,
+                "--env",
+                "bench-track",
+                "--expect",
+                &tracked.to_string(),
+            ]),
+            "ready",
+        )
+        .await?;
+        report.memory("publisher tracking no agent", base, None);
+        report.memory(
+            &format!("publisher tracking {tracked} agents"),
+            loaded,
+            Some(loaded.saturating_sub(base) / tracked as u64),
+        );
+    }
 
-    eprintln!("redis");
-    let redis = cachecast_testkit::redis().await;
-    let (ours, floor) =
-        redis_eviction::measure(&redis.url(), if cli.quick { 3 } else { 7 }).await?;
-    report.redis(ours, floor);
+    if cli.parts.contains(&Part::Redis) {
+        eprintln!("redis");
+        let redis = cachecast_testkit::redis().await;
+        let (ours, floor) =
+            redis_eviction::measure(&redis.url(), if cli.quick { 3 } else { 7 }).await?;
+        report.redis(ours, floor);
+    }
 
     let text = report.render();
     println!("{text}");

@@ -217,27 +217,24 @@ impl Publisher {
 
         let mut agents: BTreeMap<AgentId, Option<AgentOutcome>> =
             expected.into_iter().map(|id| (id, None)).collect();
-        let mut outstanding = agents.len();
+                let mut outstanding = agents.len();
+        let ack_seconds =
+            metrics::histogram!("cachecast_agent_ack_seconds", "env" => request.env.to_string());
         while outstanding > 0 {
             let received = tokio::select! {
                 received = rx.recv() => received,
                 () = tokio::time::sleep_until(deadline) => None,
             };
             let Some((ack, at)) = received else { break };
-            let Ok(agent) = AgentId::new(ack.agent_id.clone()) else {
-                tracing::warn!(agent = %ack.agent_id, "ignoring an ack with an invalid agent id");
-                continue;
-            };
-            let Some(slot) = agents.get_mut(&agent) else {
-                tracing::debug!(%agent, %event_id, "ignoring an ack from an agent that was not expected");
+            let Some(slot) = agents.get_mut(ack.agent_id.as_str()) else {
+                tracing::debug!(agent = %ack.agent_id, %event_id, "ignoring an ack from an agent that was not expected");
                 continue;
             };
             if slot.is_some() {
                 continue;
             }
             let latency = at.saturating_duration_since(started);
-            metrics::histogram!("cachecast_agent_ack_seconds", "env" => request.env.to_string())
-                .record(latency.as_secs_f64());
+                        ack_seconds.record(latency.as_secs_f64());
             *slot = Some(match AckStatus::try_from(ack.status) {
                 Ok(AckStatus::Applied) => AgentOutcome::Applied {
                     evicted: ack.evicted,

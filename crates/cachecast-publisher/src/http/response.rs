@@ -63,7 +63,7 @@ fn millis(d: std::time::Duration) -> f64 {
 
 /// The HTTP answer to `outcome`: `200` when every expected agent confirmed, else `424`.
 pub(super) fn outcome(outcome: &Outcome) -> Response {
-    let (status, body) = outcome_json(outcome);
+    let (status, body) = outcome_body(outcome);
     let mut response = (status, axum::Json(body)).into_response();
     if let Ok(id) = HeaderValue::from_str(&outcome.request_id) {
         response
@@ -75,6 +75,12 @@ pub(super) fn outcome(outcome: &Outcome) -> Response {
 
 /// The status and JSON body that report `outcome`, as the HTTP API answers it.
 pub fn outcome_json(outcome: &Outcome) -> (StatusCode, serde_json::Value) {
+    let (status, body) = outcome_body(outcome);
+    (status, serde_json::to_value(body).unwrap_or_default())
+}
+
+/// The status and body that report `outcome`.
+fn outcome_body(outcome: &Outcome) -> (StatusCode, Body<'_>) {
     let failures: Vec<Failure<'_>> = outcome
         .failures()
         .map(|(id, o)| match o {
@@ -154,5 +160,5 @@ pub fn outcome_json(outcome: &Outcome) -> (StatusCode, serde_json::Value) {
         },
         agents,
     };
-    (status, serde_json::to_value(body).unwrap_or_default())
+    (status, body)
 }
