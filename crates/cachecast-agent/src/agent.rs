@@ -127,7 +127,7 @@ pub struct Agent<B> {
     backend: Arc<B>,
     /// True from the moment presence is announced until shutdown begins.
     live: Arc<AtomicBool>,
-        /// Set when an eviction failed: the cache may hold entries it should not, so it is
+    /// Set when an eviction failed: the cache may hold entries it should not, so it is
     /// flushed before anything else is acknowledged as applied.
     dirty: AtomicBool,
     /// What every ack subject of this environment starts with.
@@ -220,7 +220,7 @@ impl<B: CacheBackend> Agent<B> {
             config,
             bus: bus.clone(),
             backend: Arc::new(backend),
-                        live: Arc::default(),
+            live: Arc::default(),
             dirty: AtomicBool::new(false),
         }
     }
@@ -448,7 +448,7 @@ impl<B: CacheBackend> Agent<B> {
                 return;
             }
         };
-                if event.env != self.env.as_str() || !event.ack_subject.starts_with(&self.ack_prefix) {
+        if event.env != self.env.as_str() || !event.ack_subject.starts_with(&self.ack_prefix) {
             tracing::warn!(sequence, env = %event.env, ack_subject = %event.ack_subject, "ignoring an event addressed outside this environment");
             return;
         }
@@ -462,7 +462,7 @@ impl<B: CacheBackend> Agent<B> {
         cachecast_bus::trace_context::adopt_parent(&span, message.headers.as_ref());
         async {
             tracing::debug!("applying the eviction");
-                        let started = std::time::Instant::now();
+            let started = std::time::Instant::now();
             let (status, evicted, error) = match self.apply(&event).await {
                 Ok(evicted) => {
                     tracing::info!(evicted, "eviction applied");
@@ -476,7 +476,9 @@ impl<B: CacheBackend> Agent<B> {
                     (AckStatus::Failed, 0, reason)
                 }
             };
-            self.metrics.eviction_seconds.record(started.elapsed().as_secs_f64());
+            self.metrics
+                .eviction_seconds
+                .record(started.elapsed().as_secs_f64());
             let ack = Ack {
                 event_id: event.event_id.clone(),
                 agent_id: self.id.to_string(),
@@ -485,7 +487,7 @@ impl<B: CacheBackend> Agent<B> {
                 error,
                 stream_sequence: sequence,
             };
-                        let mut headers = HeaderMap::new();
+            let mut headers = HeaderMap::new();
             headers.insert(REQUEST_ID_HEADER, request_id.as_str());
             cachecast_bus::trace_context::inject_current(&mut headers);
             if let Err(err) = self
@@ -543,9 +545,10 @@ impl<B: CacheBackend> Agent<B> {
 
 /// The longest pull request of the event consumer. The server sends an idle heartbeat every
 /// half of it and the client recreates a consumer that missed two, so this bounds how long a
-/// consumer lost to a server restart goes unnoticed (about 4 s) at the cost of one pull
-/// request per agent every 4 s while idle.
-const PULL_EXPIRES: Duration = Duration::from_secs(4);
+/// consumer lost without a reconnect goes unnoticed (about 10 s; after a reconnect the agent
+/// resumes at once), at the cost of one pull request per agent every 10 s and an idle
+/// heartbeat every 5 s: with a thousand agents, what the server does while nothing happens.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
 
 /// How often a dirty cache is flushed again while the flush keeps failing.
 const REPAIR_INTERVAL: Duration = Duration::from_secs(1);

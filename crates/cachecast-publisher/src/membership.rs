@@ -149,7 +149,8 @@ impl Membership {
                 // An age beyond what Instant can represent errs toward expecting the agent.
                 let seen_at = now.checked_sub(age).unwrap_or(now);
                 let members = envs.entry(env.clone()).or_default();
-                if !members.contains_key(&agent) {
+                let joined = !members.contains_key(&agent);
+                if joined {
                     tracing::info!(%env, %agent, backend = %presence.backend, "agent joined");
                 }
                 members.insert(
@@ -160,18 +161,20 @@ impl Membership {
                         presence,
                     },
                 );
+                if joined {
+                    export_gauge(&env, members);
+                }
             }
             kv::Operation::Delete | kv::Operation::Purge => {
                 if let Some(members) = envs.get_mut(&env)
                     && members.remove(&agent).is_some()
                 {
                     tracing::info!(%env, %agent, "agent left");
+                    export_gauge(&env, members);
                 }
             }
         }
-        if let Some(members) = envs.get(&env) {
-            export_gauge(&env, members);
-        }
+        // Heartbeats change nothing the gauges show; `tidy` refreshes them every tick.
         drop(envs);
         self.changes.send_modify(|n| *n += 1);
     }

@@ -217,7 +217,7 @@ impl Publisher {
 
         let mut agents: BTreeMap<AgentId, Option<AgentOutcome>> =
             expected.into_iter().map(|id| (id, None)).collect();
-                let mut outstanding = agents.len();
+        let mut outstanding = agents.len();
         let ack_seconds =
             metrics::histogram!("cachecast_agent_ack_seconds", "env" => request.env.to_string());
         while outstanding > 0 {
@@ -234,7 +234,7 @@ impl Publisher {
                 continue;
             }
             let latency = at.saturating_duration_since(started);
-                        ack_seconds.record(latency.as_secs_f64());
+            ack_seconds.record(latency.as_secs_f64());
             *slot = Some(match AckStatus::try_from(ack.status) {
                 Ok(AckStatus::Applied) => AgentOutcome::Applied {
                     evicted: ack.evicted,
