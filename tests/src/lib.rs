@@ -110,15 +110,7 @@ impl Stack {
 
     /// A token for `envs`, valid for an hour.
     pub fn token(&self, envs: &[&str]) -> String {
-        let envs: Vec<String> = envs.iter().map(|e| e.to_string()).collect();
-        issue_hs256(
-            &Secret::new(TEST_SECRET),
-            "envs",
-            &envs,
-            "e2e",
-            Duration::from_secs(3600),
-        )
-        .expect("token")
+        token(TEST_SECRET, envs)
     }
 
     /// `POST .../response/{env}/invalidate{query}` with `body` and a token for `env`.
@@ -246,6 +238,44 @@ pub fn init_logs() {
 /// A valid environment id.
 pub fn env_id(env: &str) -> EnvId {
     EnvId::new(env).expect("valid environment id")
+}
+
+/// A token for `envs` signed with `secret`, valid for an hour.
+pub fn token(secret: &str, envs: &[&str]) -> String {
+    let envs: Vec<String> = envs.iter().map(|e| e.to_string()).collect();
+    issue_hs256(
+        &Secret::new(secret),
+        "envs",
+        &envs,
+        "e2e",
+        Duration::from_secs(3600),
+    )
+    .expect("token")
+}
+
+/// The address a process logged right after `marker`, e.g. "API listening on http://".
+pub fn logged_addr(process: &ChildProcess, marker: &str) -> String {
+    let output = process.output();
+    output
+        .split(marker)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {marker:?} in {output}"))
+        .to_owned()
+}
+
+/// Starts `cachecast serve` on a free port, signing with [`TEST_SECRET`] unless `env` sets
+/// another secret; returns the process and the API's base URL.
+pub async fn start_serve(nats_url: &str, env: &[(&str, &str)]) -> (ChildProcess, String) {
+    let mut all = vec![("CACHECAST_AUTH__HS256_SECRET", TEST_SECRET)];
+    all.extend_from_slice(env);
+    let serve = cachecast_with_env(nats_url, &["serve", "--listen", "127.0.0.1:0"], &all);
+    serve
+        .wait_for_output("API listening on", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("serve did not start: {e}"));
+    let addr = logged_addr(&serve, "API listening on http://");
+    (serve, format!("http://{addr}"))
 }
 
 /// Runs `cachecast` with `args` against `nats_url`.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cachecast_e2e::{ChildProcess, Signal, Stack, cachecast, cachecast_with_env};
+use cachecast_e2e::{ChildProcess, Signal, Stack, cachecast, cachecast_with_env, start_serve};
 
 const STARTUP: Duration = Duration::from_secs(30);
 const EXIT: Duration = Duration::from_secs(15);
@@ -71,22 +71,12 @@ async fn up_starts_a_stack_whose_curl_line_works_and_ctrl_c_stops_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_reads_its_secret_from_the_environment_and_answers() {
     let nats = cachecast_testkit::nats().await;
-    let mut serve = cachecast_with_env(
+    let (mut serve, api) = start_serve(
         &nats.url(),
-        &["serve", "--listen", "127.0.0.1:0"],
         &[("CACHECAST_AUTH__HS256_SECRET", "serve-secret")],
-    );
-    serve
-        .wait_for_output("API listening on", STARTUP)
-        .await
-        .unwrap_or_else(|e| panic!("serve did not start: {e}"));
+    )
+    .await;
     let output = serve.output();
-    let addr = output
-        .split("API listening on http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("address")
-        .to_owned();
     assert!(
         !output.contains("serve-secret"),
         "the secret is never logged"
@@ -106,7 +96,7 @@ async fn serve_reads_its_secret_from_the_environment_and_answers() {
     let good_token = signer.stdout().trim().to_owned();
 
     let http = reqwest::Client::new();
-    let url = format!("http://{addr}/api/1.0/runtime/caches/response/dev/invalidate");
+    let url = format!("{api}/api/1.0/runtime/caches/response/dev/invalidate");
     for (token, status) in [(&dev_token, 401), (&good_token, 200)] {
         let response = http
             .post(&url)

@@ -3,34 +3,12 @@
 
 use std::time::Duration;
 
-use cachecast_e2e::{ChildProcess, Signal, cachecast_with_env};
+use cachecast_e2e::{
+    ChildProcess, Signal, TEST_SECRET, cachecast_with_env, logged_addr, start_serve,
+};
 
 const STARTUP: Duration = Duration::from_secs(30);
 const EXIT: Duration = Duration::from_secs(15);
-const SECRET: &str = "ops-secret";
-
-/// The address a process logged after `marker`, e.g. "API listening on http://".
-fn logged_addr(process: &ChildProcess, marker: &str) -> String {
-    let output = process.output();
-    output
-        .split(marker)
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no {marker:?} in {output}"))
-        .to_owned()
-}
-
-async fn start_serve(nats_url: &str, extra_env: &[(&str, &str)]) -> (ChildProcess, String) {
-    let mut env = vec![("CACHECAST_AUTH__HS256_SECRET", SECRET)];
-    env.extend_from_slice(extra_env);
-    let serve = cachecast_with_env(nats_url, &["serve", "--listen", "127.0.0.1:0"], &env);
-    serve
-        .wait_for_output("API listening on", STARTUP)
-        .await
-        .unwrap_or_else(|e| panic!("serve did not start: {e}"));
-    let addr = logged_addr(&serve, "API listening on http://");
-    (serve, format!("http://{addr}"))
-}
 
 async fn start_agent(
     nats_url: &str,
@@ -49,14 +27,7 @@ async fn start_agent(
 }
 
 fn token() -> String {
-    cachecast_publisher::auth::issue_hs256(
-        &cachecast_bus::Secret::new(SECRET),
-        "envs",
-        &["dev".to_owned()],
-        "ops",
-        Duration::from_secs(600),
-    )
-    .expect("token")
+    cachecast_e2e::token(TEST_SECRET, &["dev"])
 }
 
 async fn invalidate(

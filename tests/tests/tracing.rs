@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cachecast_e2e::{ChildProcess, Signal, cachecast_with_env};
+use cachecast_e2e::{ChildProcess, Signal, TEST_SECRET, cachecast_with_env, start_serve};
 
 const STARTUP: Duration = Duration::from_secs(30);
 const EXIT: Duration = Duration::from_secs(15);
@@ -67,20 +67,8 @@ async fn a_request_and_its_evictions_are_one_trace() {
     let otel = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
-        ("CACHECAST_AUTH__HS256_SECRET", "trace-secret"),
     ];
-    let mut serve = cachecast_with_env(&nats.url(), &["serve", "--listen", "127.0.0.1:0"], &otel);
-    serve
-        .wait_for_output("API listening on http://", STARTUP)
-        .await
-        .unwrap_or_else(|e| panic!("serve did not start: {e}"));
-    let output = serve.output();
-    let addr = output
-        .split("API listening on http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("address")
-        .to_owned();
+    let (mut serve, api) = start_serve(&nats.url(), &otel).await;
     let mut agents: Vec<ChildProcess> = Vec::new();
     for id in ["traced-1", "traced-2"] {
         let agent = cachecast_with_env(&nats.url(), &["agent", "--env", "dev", "--id", id], &otel);
@@ -90,17 +78,10 @@ async fn a_request_and_its_evictions_are_one_trace() {
             .unwrap_or_else(|e| panic!("{id} did not start: {e}"));
         agents.push(agent);
     }
-    let token = cachecast_publisher::auth::issue_hs256(
-        &cachecast_bus::Secret::new("trace-secret"),
-        "envs",
-        &["dev".to_owned()],
-        "t",
-        Duration::from_secs(600),
-    )
-    .expect("token");
+    let token = cachecast_e2e::token(TEST_SECRET, &["dev"]);
     let response = reqwest::Client::new()
         .post(format!(
-            "http://{addr}/api/1.0/runtime/caches/response/dev/invalidate"
+            "{api}/api/1.0/runtime/caches/response/dev/invalidate"
         ))
         .bearer_auth(token)
         .body("{}")

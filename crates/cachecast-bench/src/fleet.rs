@@ -103,6 +103,7 @@ impl Drop for Server {
 }
 
 impl Http {
+    /// The cachecast API for `env`.
     pub(crate) async fn start(publisher: Publisher, env: &EnvId) -> anyhow::Result<Self> {
         let secret = Secret::new("bench-secret");
         let auth = AuthConfig {
@@ -114,31 +115,15 @@ impl Http {
             Verifier::new(&auth)?,
             ApiConfig::default(),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let server = tokio::spawn(async move {
-            cachecast_publisher::http::serve(listener, router, std::future::pending())
-                .await
-                .ok();
-        });
-        Ok(Self {
-            client: reqwest::Client::builder()
-                .pool_max_idle_per_host(128)
-                .build()?,
-            url: format!(
-                "http://{addr}/api/1.0/runtime/caches/response/{env}/invalidate?timeout=30s"
-            )
-            .into(),
-            token: issue_hs256(
-                &secret,
-                "envs",
-                &[env.to_string()],
-                "bench",
-                Duration::from_secs(3600),
-            )?
-            .into(),
-            _server: std::sync::Arc::new(Server(server)),
-        })
+        let token = issue_hs256(
+            &secret,
+            "envs",
+            &[env.to_string()],
+            "bench",
+            Duration::from_secs(3600),
+        )?;
+        let path = format!("/api/1.0/runtime/caches/response/{env}/invalidate?timeout=30s");
+        Self::serve(router, &path, &token).await
     }
 
     /// The HTTP transport alone: the same client against an endpoint that answers at once.
@@ -147,6 +132,10 @@ impl Http {
             "/empty",
             axum::routing::post(|| async { axum::Json(serde_json::json!({})) }),
         );
+        Self::serve(router, "/empty", "").await
+    }
+
+    async fn serve(router: axum::Router, path: &str, token: &str) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let server = tokio::spawn(async move {
@@ -158,8 +147,8 @@ impl Http {
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(128)
                 .build()?,
-            url: format!("http://{addr}/empty").into(),
-            token: "".into(),
+            url: format!("http://{addr}{path}").into(),
+            token: token.into(),
             _server: std::sync::Arc::new(Server(server)),
         })
     }

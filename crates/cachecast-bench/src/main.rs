@@ -114,20 +114,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let settings = Settings {
+        iterations,
+        budget,
+        window,
+        concurrency: cli.concurrency,
+    };
     if !sizes.is_empty() {
         let empty = fleet::Http::empty().await?;
-        let lat = stats::latency(iterations, budget, || empty.round()).await;
-        let ops = stats::throughput(cli.concurrency, window, move || {
-            let empty = empty.clone();
-            async move { empty.round().await }
-        })
+        measure(
+            &mut report,
+            "HTTP round trip alone",
+            0,
+            &settings,
+            move || {
+                let empty = empty.clone();
+                async move { empty.round().await }
+            },
+        )
         .await;
-        report.latency(LatencyRow {
-            what: "HTTP round trip alone",
-            agents: 0,
-            latency: lat,
-            ops,
-        });
     }
     for (round, &n) in sizes.iter().enumerate() {
         eprintln!("fleet of {n}");
@@ -135,85 +140,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         for i in 0..n {
             fleet.push(cachecast_bus::connect(&bus.nats, &format!("bench-fleet-{i}")).await?);
         }
-        let c = cli.concurrency;
 
         let responders = floors::core_responders(&fleet).await?;
-        let lat = stats::latency(iterations, budget, || {
-            floors::core_round(&requester, &replies, n)
+        let (r, rs) = (requester.clone(), replies.clone());
+        measure(&mut report, "core floor", n, &settings, move || {
+            let (r, rs) = (r.clone(), rs.clone());
+            async move { floors::core_round(&r, &rs, n).await }
         })
         .await;
-        let ops = {
-            let (requester, replies) = (requester.clone(), replies.clone());
-            stats::throughput(c, window, move || {
-                let (requester, replies) = (requester.clone(), replies.clone());
-                async move { floors::core_round(&requester, &replies, n).await }
-            })
-            .await
-        };
-        report.latency(LatencyRow {
-            what: "core floor",
-            agents: n,
-            latency: lat,
-            ops,
-        });
         drop(responders);
 
         let consumers = floors::durable_consumers(&fleet).await?;
-        let lat = stats::latency(iterations, budget, || {
-            floors::durable_round(&js, &replies, n)
+        let (j, rs) = (js.clone(), replies.clone());
+        measure(&mut report, "durable floor", n, &settings, move || {
+            let (j, rs) = (j.clone(), rs.clone());
+            async move { floors::durable_round(&j, &rs, n).await }
         })
         .await;
-        let ops = {
-            let (js, replies) = (js.clone(), replies.clone());
-            stats::throughput(c, window, move || {
-                let (js, replies) = (js.clone(), replies.clone());
-                async move { floors::durable_round(&js, &replies, n).await }
-            })
-            .await
-        };
-        report.latency(LatencyRow {
-            what: "durable floor",
-            agents: n,
-            latency: lat,
-            ops,
-        });
         drop(consumers);
 
         // Each fleet gets an environment of its own, so no agent of one size counts in the next.
         let env = EnvId::new(format!("bench-{round}"))?;
         let agents = fleet::Agents::start(&fleet, &bus, &env, &publisher).await?;
-        let lat = stats::latency(iterations, budget, || {
-            fleet::library_round(&publisher, &env)
+        let (p, e) = (publisher.clone(), env.clone());
+        measure(&mut report, "cachecast library", n, &settings, move || {
+            let (p, e) = (p.clone(), e.clone());
+            async move { fleet::library_round(&p, &e).await }
         })
         .await;
-        let ops = {
-            let (publisher, env) = (publisher.clone(), env.clone());
-            stats::throughput(c, window, move || {
-                let (publisher, env) = (publisher.clone(), env.clone());
-                async move { fleet::library_round(&publisher, &env).await }
-            })
-            .await
-        };
-        report.latency(LatencyRow {
-            what: "cachecast library",
-            agents: n,
-            latency: lat,
-            ops,
-        });
 
         let http = fleet::Http::start(publisher.clone(), &env).await?;
-        let lat = stats::latency(iterations, budget, || http.round()).await;
-        let ops = stats::throughput(c, window, move || {
+        measure(&mut report, "cachecast HTTP", n, &settings, move || {
             let http = http.clone();
             async move { http.round().await }
         })
         .await;
-        report.latency(LatencyRow {
-            what: "cachecast HTTP",
-            agents: n,
-            latency: lat,
-            ops,
-        });
         agents.stop().await;
         drop(fleet);
     }
@@ -309,6 +270,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         eprintln!("written into {}", path.display());
     }
     Ok(())
+}
+
+/// How long each measure runs.
+#[derive(Debug)]
+struct Settings {
+    iterations: usize,
+    budget: Duration,
+    window: Duration,
+    concurrency: usize,
+}
+
+/// Latency at concurrency 1, then throughput at the configured concurrency, of one operation.
+async fn measure<F, Fut>(
+    report: &mut Report,
+    what: &'static str,
+    agents: usize,
+    settings: &Settings,
+    op: F,
+) where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let latency = stats::latency(settings.iterations, settings.budget, op.clone()).await;
+    let ops = stats::throughput(settings.concurrency, settings.window, op).await;
+    report.latency(LatencyRow {
+        what,
+        agents,
+        latency,
+        ops,
+    });
 }
 
 fn args(list: &[&str]) -> Vec<String> {

@@ -205,15 +205,7 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
-            let _ = child.start_kill();
-            // Reap it (bounded) so it is gone before the temporary directory is deleted.
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline {
-                match child.try_wait() {
-                    Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-                    _ => break,
-                }
-            }
+            cachecast_nats_server::kill_and_reap(child);
         }
     }
 }
