@@ -64,8 +64,14 @@ impl Stack {
 
     /// Starts the publisher and the API on an already running NATS server.
     pub async fn on(nats: NatsServer) -> Self {
+        Self::configured(nats, |_| {}).await
+    }
+
+    /// Like [`Stack::on`], with bus settings (credentials, say) adjusted by `configure`.
+    pub async fn configured(nats: NatsServer, configure: impl FnOnce(&mut BusConfig)) -> Self {
         let mut bus = BusConfig::default();
         bus.nats.url = nats.url();
+        configure(&mut bus);
         let client = cachecast_bus::connect(&bus.nats, "e2e-publisher")
             .await
             .expect("NATS client");

@@ -8,6 +8,7 @@
 mod secret;
 pub mod trace_context;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
@@ -35,6 +36,8 @@ pub enum BusError {
         "presence bucket {name:?} is not available: {reason}; is JetStream enabled on the server (`nats-server -js`)?"
     )]
     Presence { name: String, reason: String },
+    #[error("invalid NATS settings: {0}")]
+    Settings(String),
 }
 
 /// Connection settings.
@@ -53,6 +56,23 @@ pub struct NatsConfig {
     /// The longest wait between reconnection attempts.
     #[serde(with = "humantime_serde")]
     pub max_reconnect_delay: Duration,
+    /// User name, with `password`. At most one way to authenticate: user and password,
+    /// `token`, `nkey_seed` or `creds_file`.
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    /// An authentication token.
+    pub token: Option<Secret>,
+    /// A user NKey seed (`SU...`).
+    pub nkey_seed: Option<Secret>,
+    /// A `.creds` file (user JWT and NKey seed, as `nsc` writes it).
+    pub creds_file: Option<PathBuf>,
+    /// PEM bundle of the certificate authorities to trust.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), for mutual TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse to connect without TLS.
+    pub require_tls: bool,
 }
 
 impl Default for NatsConfig {
@@ -62,7 +82,92 @@ impl Default for NatsConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(1),
             max_reconnect_delay: Duration::from_secs(1),
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed: None,
+            creds_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            require_tls: false,
         }
+    }
+}
+
+impl NatsConfig {
+    /// Checks the authentication and TLS settings without connecting: one way to
+    /// authenticate at most, pairs complete, files readable.
+    pub fn check(&self) -> Result<(), BusError> {
+        let bad = |reason: String| Err(BusError::Settings(reason));
+        let methods = [
+            ("nats.user", self.user.is_some()),
+            ("nats.token", self.token.is_some()),
+            ("nats.nkey_seed", self.nkey_seed.is_some()),
+            ("nats.creds_file", self.creds_file.is_some()),
+        ];
+        let chosen: Vec<&str> = methods
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(k, _)| *k)
+            .collect();
+        if chosen.len() > 1 {
+            return bad(format!(
+                "{} are set: choose one way to authenticate",
+                chosen.join(" and ")
+            ));
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return bad("nats.user and nats.password go together: set both or neither".into());
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return bad(
+                "nats.tls_cert_file and nats.tls_key_file go together: set both or neither".into(),
+            );
+        }
+        for (key, path) in [
+            ("nats.creds_file", &self.creds_file),
+            ("nats.tls_ca_file", &self.tls_ca_file),
+            ("nats.tls_cert_file", &self.tls_cert_file),
+            ("nats.tls_key_file", &self.tls_key_file),
+        ] {
+            if let Some(path) = path
+                && let Err(err) = std::fs::metadata(path)
+            {
+                return bad(format!("{key} {}: {err}", path.display()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Connect options carrying the authentication and TLS settings.
+    async fn options(&self) -> Result<async_nats::ConnectOptions, BusError> {
+        self.check()?;
+        let mut options = match &self.creds_file {
+            Some(path) => async_nats::ConnectOptions::new()
+                .credentials_file(path)
+                .await
+                .map_err(|err| {
+                    BusError::Settings(format!("nats.creds_file {}: {err}", path.display()))
+                })?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            options = options.user_and_password(user.clone(), password.expose().to_owned());
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.expose().to_owned());
+        }
+        if let Some(seed) = &self.nkey_seed {
+            options = options.nkey(seed.expose().to_owned());
+        }
+        if let Some(ca) = &self.tls_ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        Ok(options.require_tls(self.require_tls))
     }
 }
 
@@ -124,7 +229,9 @@ pub struct BusConfig {
 pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Client, BusError> {
     let max_delay = config.max_reconnect_delay;
     let name = client_name.to_owned();
-    async_nats::ConnectOptions::new()
+    config
+        .options()
+        .await?
         .name(client_name)
         .connection_timeout(config.connect_timeout)
         .request_timeout(Some(config.request_timeout))

@@ -19,6 +19,7 @@ use cachecast_publisher::Publisher;
 /// Checks what `command` needs from `config` beyond what loading it checked, without
 /// connecting to anything.
 pub(crate) fn check_config(command: &Command, config: &Config) -> anyhow::Result<()> {
+    config.nats.check()?;
     match command {
         Command::Serve(_) => {
             Verifier::new(&config.auth)?;

@@ -1,0 +1,122 @@
+//! Publishers and agents log in to NATS with the credentials configured (user and password,
+//! token, NKey), and a wrong one is refused, within bounded time, saying why.
+
+use std::time::Duration;
+
+use cachecast_bus::{BusConfig, Secret};
+use cachecast_e2e::Stack;
+use cachecast_publisher::Publisher;
+use cachecast_testkit::NatsServer;
+
+async fn nats_with(args: &[&str]) -> NatsServer {
+    NatsServer::builder(cachecast_testkit::nats_binary())
+        .args(args.iter().copied())
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("nats-server did not start: {e}"))
+}
+
+/// A publisher with `configure`d settings must fail to start against `nats`.
+async fn refused(nats: &NatsServer, configure: impl FnOnce(&mut BusConfig)) {
+    let mut bus = BusConfig::default();
+    bus.nats.url = nats.url();
+    configure(&mut bus);
+    let client = cachecast_bus::connect(&bus.nats, "intruder")
+        .await
+        .expect("client");
+    let started =
+        tokio::time::timeout(Duration::from_secs(15), Publisher::start(client, &bus)).await;
+    assert!(
+        matches!(started, Ok(Err(_))),
+        "a publisher with wrong credentials must fail to start, in bounded time"
+    );
+}
+
+/// With `configure`d credentials a publisher and an agent work end to end.
+async fn works(nats: NatsServer, configure: impl FnOnce(&mut BusConfig)) {
+    let stack = Stack::configured(nats, configure).await;
+    let (_cache, agent) = stack.memory_agent("dev", "authed").await;
+    stack.wait_for_agents("dev", 1).await;
+    let answer = stack.invalidate("dev", "{}", "").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body["_nodes"]["successful"], 1);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password() {
+    let nats = nats_with(&["--user", "cachecast", "--pass", "s3cret-pass"]).await;
+    refused(&nats, |bus| {
+        bus.nats.user = Some("cachecast".into());
+        bus.nats.password = Some(Secret::new("wrong"));
+    })
+    .await;
+    works(nats, |bus| {
+        bus.nats.user = Some("cachecast".into());
+        bus.nats.password = Some(Secret::new("s3cret-pass"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token() {
+    let nats = nats_with(&["--auth", "t0ken-for-cachecast"]).await;
+    refused(&nats, |bus| bus.nats.token = Some(Secret::new("not-it"))).await;
+    works(nats, |bus| {
+        bus.nats.token = Some(Secret::new("t0ken-for-cachecast"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey() {
+    let user = nkeys::KeyPair::new_user();
+    let stranger = nkeys::KeyPair::new_user();
+    let dir = std::env::temp_dir().join(format!("cachecast-nkey-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("nkey.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .expect("write the server config");
+    let nats = nats_with(&["-c", &config.to_string_lossy()]).await;
+    let seed = |pair: &nkeys::KeyPair| Secret::new(pair.seed().expect("seed"));
+    refused(&nats, |bus| bus.nats.nkey_seed = Some(seed(&stranger))).await;
+    works(nats, |bus| bus.nats.nkey_seed = Some(seed(&user))).await;
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn conflicting_or_incomplete_settings_are_refused_before_connecting() {
+    let with = |f: fn(&mut cachecast_bus::NatsConfig)| {
+        let mut config = cachecast_bus::NatsConfig::default();
+        f(&mut config);
+        config.check().map_err(|e| e.to_string())
+    };
+    assert!(with(|_| {}).is_ok());
+    let both = with(|c| {
+        c.token = Some(Secret::new("t"));
+        c.nkey_seed = Some(Secret::new("s"));
+    });
+    assert!(
+        both.as_ref()
+            .is_err_and(|e| e.contains("nats.token and nats.nkey_seed")),
+        "{both:?}"
+    );
+    let half = with(|c| c.user = Some("u".into()));
+    assert!(
+        half.as_ref().is_err_and(|e| e.contains("nats.password")),
+        "{half:?}"
+    );
+    let missing = with(|c| c.creds_file = Some("/nonexistent/cachecast.creds".into()));
+    assert!(
+        missing
+            .as_ref()
+            .is_err_and(|e| e.contains("nats.creds_file")),
+        "{missing:?}"
+    );
+}
