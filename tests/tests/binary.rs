@@ -210,7 +210,7 @@ async fn configuration_is_layered_redacted_and_checked() {
             "from-flag",
             "--print-config",
         ],
-                &[
+        &[
             ("CACHECAST_AUTH__HS256_SECRET", "env-secret"),
             ("CACHECAST_AGENT__HEARTBEAT", "4s"),
             ("CACHECAST_NATS__TOKEN", "nats-token-value"),
@@ -235,7 +235,7 @@ async fn configuration_is_layered_redacted_and_checked() {
         printed.contains("url = \"nats://127.0.0.1:4999\""),
         "{printed}"
     );
-        for secret in ["env-secret", "file-password", "nats-token-value"] {
+    for secret in ["env-secret", "file-password", "nats-token-value"] {
         assert!(
             !print.output().contains(secret),
             "{secret} leaked: {printed}"

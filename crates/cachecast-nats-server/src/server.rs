@@ -423,6 +423,19 @@ fn log_tail(path: &Path) -> String {
     }
 }
 
+/// Kills `child` and reaps it, waiting at most 2 s, so it is really gone before its temporary
+/// directory is deleted. For `Drop` implementations, which cannot await.
+pub fn kill_and_reap(child: &mut tokio::process::Child) {
+    let _ = child.start_kill();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            _ => break,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,18 +447,5 @@ mod tests {
                    [1] 2026/01/01 00:00:00.000000 [INF] Server is ready\n";
         assert_eq!(listening_port(log), Some(35551));
         assert_eq!(listening_port("Server is ready"), None);
-    }
-}
-
-/// Kills `child` and reaps it, waiting at most 2 s, so it is really gone before its temporary
-/// directory is deleted. For `Drop` implementations, which cannot await.
-pub fn kill_and_reap(child: &mut tokio::process::Child) {
-    let _ = child.start_kill();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline {
-        match child.try_wait() {
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            _ => break,
-        }
     }
 }
