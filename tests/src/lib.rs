@@ -147,6 +147,18 @@ impl Stack {
 
     /// Starts an agent for `env` inside this process and waits until it is live.
     pub async fn agent<B: CacheBackend>(&self, env: &str, id: &str, backend: B) -> AgentHandle {
+        self.agent_configured(env, id, AgentConfig::default(), backend)
+            .await
+    }
+
+    /// Like [`Stack::agent`], with its own agent settings.
+    pub async fn agent_configured<B: CacheBackend>(
+        &self,
+        env: &str,
+        id: &str,
+        config: AgentConfig,
+        backend: B,
+    ) -> AgentHandle {
         let client = cachecast_bus::connect(&self.bus.nats, id)
             .await
             .expect("agent NATS client");
@@ -154,7 +166,7 @@ impl Stack {
             client,
             &self.bus,
             (env_id(env), AgentId::new(id).expect("valid agent id")),
-            AgentConfig::default(),
+            config,
             backend,
         );
         let running = tokio::time::timeout(JOIN_TIMEOUT, agent.start())

@@ -68,3 +68,32 @@ async fn nats_down_is_a_fast_503_and_recovery_needs_no_restart() {
     assert!(!cache.contains("k"));
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cut_off_from_nats_flushes_its_cache_while_it_cannot_hear() {
+    let mut stack = Stack::start().await;
+    let cache = cachecast_agent::MemoryCache::new();
+    let config = cachecast_agent::AgentConfig {
+        heartbeat: Duration::from_millis(200),
+        ..cachecast_agent::AgentConfig::default()
+    };
+    let agent = stack
+        .agent_configured("dev", "cut-off", config, cache.clone())
+        .await;
+    stack.wait_for_agents("dev", 1).await;
+    cache.insert("k", "s1", "u1", bytes::Bytes::from_static(b"permit"));
+
+    stack.nats.stop().await;
+    // Publishers stop expecting it after three missed heartbeats (600 ms); it must not keep
+    // serving what it can no longer hear invalidated. The cache is polled: nothing announces it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cache.contains("k") {
+        assert!(
+            Instant::now() < deadline,
+            "the cache was not flushed while cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stack.nats.start_again().await.expect("NATS restarts");
+    agent.stop().await;
+}

@@ -328,13 +328,16 @@ impl<B: CacheBackend> RunningAgent<B> {
             let mut connection_check = tokio::time::interval(CONNECTION_CHECK);
             let statistics = self.agent.client.statistics();
             let connects = || statistics.connects.load(std::sync::atomic::Ordering::Relaxed);
-            let mut resumed_at = connects();
+                        let mut resumed_at = connects();
             let mut next_repair = Instant::now();
+            let mut next_stale_flush: Option<Instant> = None;
             loop {
                 tokio::select! {
                     biased;
                     () = &mut shutdown => break,
-                    _ = connection_check.tick() => {
+                                        _ = connection_check.tick() => {
+                                                let since = self.heartbeat.since_last_ok();
+                        self.agent.flush_if_stale(since, &mut next_stale_flush).await;
                         if self.agent.dirty.load(Ordering::Relaxed) && Instant::now() >= next_repair {
                             if let Err(err) = self.agent.repair().await {
                                 tracing::warn!(%err, "the cache is still dirty after a failed eviction");
@@ -500,6 +503,31 @@ impl<B: CacheBackend> Agent<B> {
         }
         .instrument(span)
         .await
+    }
+
+    /// While presence writes fail, publishers stop expecting this agent after three
+    /// heartbeats and answer without it, but the agent cannot hear their events: so after two
+    /// failed heartbeats it flushes the whole cache, and again every heartbeat while the
+    /// outage lasts (the service keeps caching meanwhile).
+    async fn flush_if_stale(&self, since_last_heartbeat: Duration, next: &mut Option<Instant>) {
+        let heartbeat = self.config.heartbeat;
+        if since_last_heartbeat < heartbeat * 2 {
+            *next = None;
+            return;
+        }
+        if next.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        if next.is_none() {
+            tracing::warn!(
+                since = ?since_last_heartbeat,
+                "presence is not being refreshed: publishers will stop expecting this agent; flushing the cache until it is back"
+            );
+        }
+        if let Err(err) = self.flush("disconnected").await {
+            tracing::warn!(%err, "could not flush while disconnected");
+        }
+        *next = Some(Instant::now() + heartbeat);
     }
 
     /// Flushes the whole cache if an earlier eviction failed.

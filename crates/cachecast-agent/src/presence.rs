@@ -4,7 +4,8 @@
 //! expect its acknowledgement for every event they publish meanwhile. The key is deleted on
 //! graceful shutdown, so an agent that leaves properly is never waited for.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use cachecast_proto::{AgentId, EnvId, Presence, Subjects, Wire};
@@ -16,6 +17,8 @@ pub(crate) struct Heartbeat {
     store: kv::Store,
     key: String,
     task: JoinHandle<()>,
+    /// When a presence write last succeeded.
+    last_ok: Arc<Mutex<Instant>>,
 }
 
 impl Heartbeat {
@@ -39,22 +42,42 @@ impl Heartbeat {
         }
         .to_bytes();
         store.put(&key, value.clone()).await?;
+        let last_ok = Arc::new(Mutex::new(Instant::now()));
         let task = tokio::spawn({
             let store = store.clone();
             let key = key.clone();
+            let last_ok = last_ok.clone();
             async move {
                 let mut ticker = tokio::time::interval(interval);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 ticker.tick().await;
                 loop {
                     ticker.tick().await;
-                    if let Err(err) = store.put(&key, value.clone()).await {
-                        tracing::warn!(%key, error = %err, "presence heartbeat failed; retrying next interval");
+                    match store.put(&key, value.clone()).await {
+                        Ok(_) => {
+                            *last_ok.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now()
+                        }
+                        Err(err) => {
+                            tracing::warn!(%key, error = %err, "presence heartbeat failed; retrying next interval")
+                        }
                     }
                 }
             }
         });
-        Ok(Self { store, key, task })
+        Ok(Self {
+            store,
+            key,
+            task,
+            last_ok,
+        })
+    }
+
+    /// How long ago a presence write last succeeded.
+    pub(crate) fn since_last_ok(&self) -> Duration {
+        self.last_ok
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
     }
 
     /// Stops the heartbeat and deletes the presence key, so publishers stop expecting acks.
