@@ -296,3 +296,95 @@ async fn a_failed_eviction_is_repaired_by_a_full_flush() {
     assert!(keys.is_empty(), "the dirty cache was flushed: {keys:?}");
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_agent_is_named_then_catches_up_in_order_when_resumed() {
+    let stack = Stack::start().await;
+    let redis = cachecast_testkit::redis().await;
+    let url = stack.nats.url();
+    let agent = cachecast(
+        &url,
+        &[
+            "agent",
+            "--env",
+            "dev",
+            "--id",
+            "sleepy",
+            "--backend",
+            "redis",
+            "--redis-url",
+            &redis.url(),
+        ],
+    );
+    agent
+        .wait_for_output("agent is live", STARTUP)
+        .await
+        .unwrap_or_else(|e| panic!("agent did not start: {e}"));
+    stack.wait_for_agents("dev", 1).await;
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let () = redis::pipe()
+        .set("pdp:dev:s1:u1:a", "permit")
+        .ignore()
+        .set("pdp:dev:s2:u1:a", "permit")
+        .ignore()
+        .set("pdp:dev:s3:u1:a", "permit")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("seed");
+
+    agent.signal(Signal::SIGSTOP);
+    let mut sequences = Vec::new();
+    for scope in ["s1", "s2"] {
+        let started = Instant::now();
+        let answer = stack
+            .invalidate(
+                "dev",
+                &format!(r#"{{"scopeClientId":"{scope}"}}"#),
+                "?timeout=1s",
+            )
+            .await;
+        assert_eq!(answer.status, 424, "{}", answer.body);
+        assert_eq!(answer.failed_agents(), ["sleepy"]);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "answered at the deadline"
+        );
+        sequences.push(answer.body["sequence"].as_u64().expect("sequence"));
+    }
+    agent.signal(Signal::SIGCONT);
+    // Both events are still in the stream: the agent applies them once it runs again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("pdp:*")
+            .query_async(&mut conn)
+            .await
+            .expect("keys");
+        if keys == ["pdp:dev:s3:u1:a"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the missed events were not applied: {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // In stream order.
+    agent
+        .wait_for_output(&format!("sequence={}", sequences[1]), STARTUP)
+        .await
+        .expect("the second event is logged");
+    let output = agent.output();
+    let first = output
+        .find(&format!("sequence={}", sequences[0]))
+        .expect("first event logged");
+    let second = output
+        .find(&format!("sequence={}", sequences[1]))
+        .expect("second event logged");
+    assert!(first < second, "applied in stream order");
+}
