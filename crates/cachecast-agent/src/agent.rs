@@ -38,6 +38,21 @@ pub struct AgentConfig {
     pub backend: BackendKind,
     /// Where `cachecast agent` serves /healthz, /readyz and /metrics (off when unset).
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// What the agent does with its cache on start.
+    pub on_start: OnStart,
+}
+
+/// What an agent does with its cache when it starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStart {
+    /// Flush everything: nothing cached before the start survives.
+    #[default]
+    Flush,
+    /// Carry on from the position stored next to the cache (a Redis that outlives the agent;
+    /// needs a stable `agent.id`): apply every event missed since, in order. Falls back to a
+    /// flush when there is no position, or the stream no longer holds every event since it.
+    Resume,
 }
 
 /// The cache backends an agent process can run with.
@@ -60,6 +75,7 @@ impl Default for AgentConfig {
             evict_timeout: Duration::from_secs(10),
             backend: BackendKind::default(),
             admin_listen: None,
+            on_start: OnStart::default(),
         }
     }
 }
@@ -197,6 +213,8 @@ pub struct RunningAgent<B> {
     events: pull::Ordered,
     /// The stream sequence of the last event handled; the consumer resumes after it.
     last_sequence: u64,
+    /// Which stream `last_sequence` counts in (its creation time).
+    stream_created_ns: i128,
     heartbeat: Heartbeat,
 }
 
@@ -238,6 +256,58 @@ impl<B: CacheBackend> Agent<B> {
         }
     }
 
+    /// With `on_start = "resume"`, stores how far the cache is up to date. Not while it is
+    /// dirty: a restart must then replay the failed event (or flush), never skip it.
+    async fn remember_position(&self, sequence: u64, stream_created_ns: i128) {
+        if self.config.on_start != OnStart::Resume || self.dirty.load(Ordering::Relaxed) {
+            return;
+        }
+        let position = crate::backend::Position {
+            sequence,
+            stream_created_ns,
+        };
+        if let Err(err) = self
+            .backend
+            .store_position(&self.env, &self.id, position)
+            .await
+        {
+            tracing::warn!(error = %err, "could not store the stream position; a restart will flush");
+        }
+    }
+
+    /// With `on_start = "resume"`: the stream sequence to resume after, if the position stored
+    /// next to the cache is usable (same stream, every event since still held).
+    async fn resume_point(&self, info: &stream::Info) -> Option<u64> {
+        if self.config.on_start != OnStart::Resume {
+            return None;
+        }
+        let stored = match self.backend.load_position(&self.env, &self.id).await {
+            Ok(Some(position)) => position,
+            Ok(None) => {
+                tracing::info!("no stored position to resume from; flushing instead");
+                return None;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read the stored position; flushing instead");
+                return None;
+            }
+        };
+        let same_stream = stored.stream_created_ns == info.created.unix_timestamp_nanos();
+        let all_held = info.state.first_sequence <= stored.sequence + 1
+            && stored.sequence <= info.state.last_sequence;
+        if same_stream && all_held {
+            tracing::info!(after = stored.sequence, "resuming from the stored position");
+            Some(stored.sequence)
+        } else {
+            tracing::warn!(
+                stored = stored.sequence,
+                same_stream,
+                "the stream no longer holds every event since the stored position; flushing instead"
+            );
+            None
+        }
+    }
+
     /// Evicts everything, bounded by `evict_timeout`, and counts it under `reason`.
     async fn flush(&self, reason: &'static str) -> Result<u64, String> {
         let all = ResponseSelector::default();
@@ -268,19 +338,24 @@ impl<B: CacheBackend> Agent<B> {
                 cachecast_bus::open_presence_bucket(&self.js, &self.bus.presence)
             })
             .await;
-            // Start right after the stream's current end: every event published from now on.
-            let (events, last_sequence) = retry("create the event consumer", || async {
-                let last = stream
-                    .clone()
-                    .info()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .state
-                    .last_sequence;
-                Ok::<_, String>((consume(&stream, &self.env, last).await?, last))
+            let (info, resume_from) = retry("read the invalidation stream", || async {
+                let mut fresh = stream.clone();
+                let info = fresh.info().await.map_err(|e| e.to_string())?.clone();
+                let resume_from = self.resume_point(&info).await;
+                Ok::<_, String>((info, resume_from))
             })
             .await;
-            retry("flush the cache", || self.flush("start")).await;
+            // Resume right after the stored position, or start right after the stream's
+            // current end (every event published from now on) and flush.
+            let after = resume_from.unwrap_or(info.state.last_sequence);
+            let events = retry("create the event consumer", || {
+                consume(&stream, &self.env, after)
+            })
+            .await;
+            let stream_created_ns = info.created.unix_timestamp_nanos();
+            if resume_from.is_none() {
+                retry("flush the cache", || self.flush("start")).await;
+            }
             let heartbeat = retry("announce presence", || {
                 Heartbeat::announce(
                     store.clone(),
@@ -293,13 +368,19 @@ impl<B: CacheBackend> Agent<B> {
             .await;
             self.live.store(true, Ordering::Relaxed);
             tracing::info!(backend = self.backend.kind(), "agent is live");
-            Ok(RunningAgent {
+            let running = RunningAgent {
                 agent: self,
                 stream,
                 events,
-                last_sequence,
+                last_sequence: after,
+                stream_created_ns,
                 heartbeat,
-            })
+            };
+            running
+                .agent
+                .remember_position(after, stream_created_ns)
+                .await;
+            Ok(running)
         }
         .instrument(span)
         .await
@@ -367,8 +448,9 @@ impl<B: CacheBackend> RunningAgent<B> {
                                 tracing::debug!(sequence, "skipping an event already handled");
                                 continue;
                             }
-                            self.agent.handle(message, sequence).await;
+                                                        self.agent.handle(message, sequence).await;
                             self.last_sequence = sequence;
+                            self.agent.remember_position(sequence, self.stream_created_ns).await;
                         }
                         Some(Err(err)) => {
                             tracing::warn!(error = %err, "event consumer error; it recovers by itself");
@@ -396,8 +478,8 @@ impl<B: CacheBackend> RunningAgent<B> {
     /// agent cannot prove it saw them all: it starts at the stream's end and flushes instead.
     /// Returns false if that failed (it is tried again on the next check).
     async fn resume(&mut self) -> bool {
-        let state = match self.stream.info().await {
-            Ok(info) => info.state.clone(),
+        let (state, state_created_ns) = match self.stream.info().await {
+            Ok(info) => (info.state.clone(), info.created.unix_timestamp_nanos()),
             Err(err) => {
                 tracing::warn!(error = %err, "could not read the stream to resume; retrying");
                 return false;
@@ -435,6 +517,8 @@ impl<B: CacheBackend> RunningAgent<B> {
                 return false;
             }
             self.last_sequence = after;
+            self.stream_created_ns = state_created_ns;
+            self.agent.remember_position(after, state_created_ns).await;
         } else {
             tracing::info!(after, "reconnected; event consumer resumed");
         }

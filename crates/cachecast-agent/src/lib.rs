@@ -15,5 +15,5 @@ mod agent;
 pub mod backend;
 mod presence;
 
-pub use agent::{Agent, AgentConfig, AgentError, AgentProbe, BackendKind, RunningAgent};
-pub use backend::{BackendError, CacheBackend, MemoryCache, RedisBackend, RedisConfig};
+pub use agent::{Agent, AgentConfig, AgentError, AgentProbe, BackendKind, OnStart, RunningAgent};
+pub use backend::{BackendError, CacheBackend, MemoryCache, Position, RedisBackend, RedisConfig};

@@ -109,6 +109,10 @@ pub(crate) struct AgentArgs {
     /// Where to serve /healthz, /readyz and /metrics (agent.admin_listen).
     #[arg(long, value_name = "ADDR")]
     pub(crate) admin_listen: Option<String>,
+    /// On start, flush the cache, or resume from the position stored next to it (agent.on_start;
+    /// resume needs a cache that outlives the agent, like Redis, and a stable --id).
+    #[arg(long, value_name = "flush|resume", value_parser = ["flush", "resume"])]
+    pub(crate) on_start: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -215,6 +219,7 @@ impl Cli {
                 o.set("redis.url", a.redis_url.clone());
                 o.set("redis.key_template", a.key_template.clone());
                 o.set("agent.admin_listen", a.admin_listen.clone());
+                o.set("agent.on_start", a.on_start.clone());
                 o.set(
                     "agent.heartbeat",
                     a.heartbeat

@@ -8,10 +8,33 @@ mod redis;
 
 use std::future::Future;
 
-use cachecast_proto::{EnvId, ResponseSelector};
+use cachecast_proto::{AgentId, EnvId, ResponseSelector};
 
 pub use self::memory::MemoryCache;
 pub use self::redis::{RedisBackend, RedisConfig};
+
+/// Where an agent is in the invalidation stream: the last event it applied, and which
+/// stream that was (a stream created anew restarts its sequences).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub sequence: u64,
+    /// The stream's creation time, in Unix nanoseconds.
+    pub stream_created_ns: i128,
+}
+
+impl Position {
+    fn encode(&self) -> String {
+        format!("{} {}", self.sequence, self.stream_created_ns)
+    }
+
+    fn decode(text: &str) -> Option<Self> {
+        let (sequence, created) = text.split_once(' ')?;
+        Some(Self {
+            sequence: sequence.parse().ok()?,
+            stream_created_ns: created.parse().ok()?,
+        })
+    }
+}
 
 /// Why an eviction failed. The message travels to the caller in the failed ack.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +57,27 @@ pub trait CacheBackend: Send + Sync + 'static {
         env: &EnvId,
         selector: &ResponseSelector,
     ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// The stream position stored next to the cache by [`CacheBackend::store_position`], so
+    /// an agent with `on_start = "resume"` can carry on after a restart. A cache that does
+    /// not outlive its agent has none, and the agent flushes instead.
+    fn load_position(
+        &self,
+        _env: &EnvId,
+        _agent: &AgentId,
+    ) -> impl Future<Output = Result<Option<Position>, BackendError>> + Send {
+        async { Ok(None) }
+    }
+
+    /// Stores the position of the last event applied.
+    fn store_position(
+        &self,
+        _env: &EnvId,
+        _agent: &AgentId,
+        _position: Position,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        async { Ok(()) }
+    }
 
     /// Whether the cache answers, for readiness. In-process caches always do.
     fn check(&self) -> impl Future<Output = Result<(), BackendError>> + Send {

@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
-use cachecast_proto::{EnvId, ResponseSelector};
+use cachecast_proto::{AgentId, EnvId, ResponseSelector};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
-use super::{BackendError, CacheBackend};
+use super::{BackendError, CacheBackend, Position};
 
 /// Settings of the Redis backend.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,11 +142,44 @@ impl CacheBackend for RedisBackend {
         Ok(removed)
     }
 
+    async fn load_position(
+        &self,
+        env: &EnvId,
+        agent: &AgentId,
+    ) -> Result<Option<Position>, BackendError> {
+        let mut conn = self.conn.clone();
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(position_key(env, agent))
+            .query_async(&mut conn)
+            .await?;
+        Ok(stored.as_deref().and_then(Position::decode))
+    }
+
+    async fn store_position(
+        &self,
+        env: &EnvId,
+        agent: &AgentId,
+        position: Position,
+    ) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let () = redis::cmd("SET")
+            .arg(position_key(env, agent))
+            .arg(position.encode())
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
     async fn check(&self) -> Result<(), BackendError> {
         let mut conn = self.conn.clone();
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
         Ok(())
     }
+}
+
+/// Where an agent keeps its stream position in the cache's Redis.
+fn position_key(env: &EnvId, agent: &AgentId) -> String {
+    format!("cachecast:position:{env}:{agent}")
 }
 
 /// A parsed key template.
