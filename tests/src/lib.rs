@@ -11,7 +11,7 @@ use cachecast_proto::{AgentId, EnvId};
 use cachecast_publisher::Publisher;
 use cachecast_publisher::auth::{AuthConfig, Verifier, issue_hs256};
 use cachecast_publisher::http::ApiConfig;
-pub use cachecast_testkit::{ChildProcess, NatsServer, RedisServer, Signal};
+pub use cachecast_testkit::{ChildProcess, NatsServer, RedisServer, Signal, TcpProxy};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -159,12 +159,27 @@ impl Stack {
         config: AgentConfig,
         backend: B,
     ) -> AgentHandle {
-        let client = cachecast_bus::connect(&self.bus.nats, id)
+        let url = self.bus.nats.url.clone();
+        self.agent_at(&url, env, id, config, backend).await
+    }
+
+    /// Like [`Stack::agent_configured`], connecting to `nats_url` (a [`TcpProxy`], say).
+    pub async fn agent_at<B: CacheBackend>(
+        &self,
+        nats_url: &str,
+        env: &str,
+        id: &str,
+        config: AgentConfig,
+        backend: B,
+    ) -> AgentHandle {
+        let mut bus = self.bus.clone();
+        bus.nats.url = nats_url.to_owned();
+        let client = cachecast_bus::connect(&bus.nats, id)
             .await
             .expect("agent NATS client");
         let agent = Agent::new(
             client,
-            &self.bus,
+            &bus,
             (env_id(env), AgentId::new(id).expect("valid agent id")),
             config,
             backend,

@@ -9,6 +9,7 @@
 //! missing fails, it never skips. `scripts/test` installs what is needed.
 
 mod child;
+mod proxy;
 mod redis;
 
 use std::{
@@ -20,6 +21,7 @@ use std::{
 pub use cachecast_nats_server::{NatsServer, NatsServerOptions};
 pub use child::ChildProcess;
 pub use nix::sys::signal::Signal;
+pub use proxy::TcpProxy;
 pub use redis::{RedisServer, redis};
 
 /// The root of the cachecast workspace (where the top-level `Cargo.toml` is).
