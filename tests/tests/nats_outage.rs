@@ -97,3 +97,52 @@ async fn an_agent_cut_off_from_nats_flushes_its_cache_while_it_cannot_hear() {
     stack.nats.start_again().await.expect("NATS restarts");
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_publish_ack_is_retried_without_doubling_the_event() {
+    let stack = Stack::start().await;
+    let (_cache, agent) = stack.memory_agent("dev", "steady").await;
+    // A generous budget (2 s an attempt), so a loaded machine resumes the server in time.
+    let (serve, api) = cachecast_e2e::start_serve(
+        &stack.nats.url(),
+        &[("CACHECAST_NATS__REQUEST_TIMEOUT", "4s")],
+    )
+    .await;
+    stack.wait_for_agents("dev", 1).await;
+    let token = stack.token(&["dev"]);
+
+    // A paused server keeps the connection open and answers nothing: the first publish
+    // acknowledgement never comes in time.
+    stack.nats.pause().expect("pause");
+    let request = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!(
+                "{api}/api/1.0/runtime/caches/response/dev/invalidate?timeout=5s"
+            ))
+            .bearer_auth(token)
+            .body("{}")
+            .send()
+            .await
+            .expect("answers")
+    });
+    serve
+        .wait_for_output("retrying with the same event id", Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("no retry: {e}"));
+    stack.nats.resume().expect("resume");
+
+    let response = request.await.expect("request task");
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    assert_eq!(body["_nodes"]["successful"], 1, "{body}");
+    // Both attempts reached the server; the stream kept one event.
+    let client = cachecast_bus::connect(&stack.bus.nats, "observer")
+        .await
+        .expect("client");
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream("CACHECAST")
+        .await
+        .expect("stream");
+    assert_eq!(stream.info().await.expect("info").state.messages, 1);
+    agent.stop().await;
+}

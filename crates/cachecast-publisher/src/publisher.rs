@@ -301,34 +301,43 @@ impl Publisher {
             .message_id(&event.event_id);
         let subject = Subjects::events(&request.env);
         let unavailable = |e: &dyn std::fmt::Display| PublishError::Unavailable(e.to_string());
-        let ack = inner
-            .js
-            .send_publish(subject.clone(), message.clone())
-            .await
-            .map_err(|e| unavailable(&e))?
-            .await;
-        let ack = match ack {
-            Err(err)
-                if err.kind()
-                    == async_nats::jetstream::context::PublishErrorKind::StreamNotFound =>
-            {
-                // The stream is gone (a server that lost its store): create it again and
-                // publish once more; the same Nats-Msg-Id keeps this from doubling the event.
-                tracing::warn!(stream = %inner.stream.name, "invalidation stream missing; creating it again");
-                cachecast_bus::ensure_stream(&inner.js, &inner.stream)
-                    .await
-                    .map_err(|e| unavailable(&e))?;
-                inner
-                    .js
-                    .send_publish(subject, message)
-                    .await
-                    .map_err(|e| unavailable(&e))?
-                    .await
+        // Each attempt gets half the budget, so a lost acknowledgement leaves time for a retry.
+        // Every attempt carries the same Nats-Msg-Id: the stream keeps one event however many
+        // of them arrive.
+        let attempt_budget = inner.request_timeout / 2;
+        let mut recreated = false;
+        loop {
+            let sent = inner
+                .js
+                .send_publish(subject.clone(), message.clone())
+                .await
+                .map_err(|e| unavailable(&e))?;
+            match tokio::time::timeout(attempt_budget, sent).await {
+                Ok(Ok(ack)) => return Ok(ack.sequence),
+                Ok(Err(err))
+                    if err.kind()
+                        == async_nats::jetstream::context::PublishErrorKind::StreamNotFound
+                        && !recreated =>
+                {
+                    // The stream is gone (a server that lost its store): create it again.
+                    tracing::warn!(stream = %inner.stream.name, "invalidation stream missing; creating it again");
+                    cachecast_bus::ensure_stream(&inner.js, &inner.stream)
+                        .await
+                        .map_err(|e| unavailable(&e))?;
+                    recreated = true;
+                }
+                Ok(Err(err))
+                    if err.kind() != async_nats::jetstream::context::PublishErrorKind::TimedOut =>
+                {
+                    return Err(unavailable(&err));
+                }
+                // Timed out: the caller's overall bound ends the retries.
+                _ => tracing::warn!(
+                    event_id = %event.event_id,
+                    "publish not acknowledged within {attempt_budget:?}; retrying with the same event id"
+                ),
             }
-            other => other,
-        };
-        let ack = ack.map_err(|e| unavailable(&e))?;
-        Ok(ack.sequence)
+        }
     }
 }
 
