@@ -268,6 +268,66 @@ pub fn init_logs() {
         .ok();
 }
 
+/// A Redis that an agent caches in, as a test sees it.
+#[derive(Clone)]
+pub struct RedisCache(redis::aio::MultiplexedConnection);
+
+impl std::fmt::Debug for RedisCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RedisCache")
+    }
+}
+
+impl RedisCache {
+    /// Connects to the Redis at `url`.
+    pub async fn open(url: &str) -> Self {
+        let client = redis::Client::open(url).expect("Redis URL");
+        Self(
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("Redis connection"),
+        )
+    }
+
+    /// Caches `keys` (each with a stand-in decision).
+    pub async fn set(&mut self, keys: &[&str]) {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.set(*key, "permit").ignore();
+        }
+        let () = pipe.query_async(&mut self.0).await.expect("seed Redis");
+    }
+
+    /// Every cached `pdp:*` key, sorted.
+    pub async fn keys(&mut self) -> Vec<String> {
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg("pdp:*")
+            .query_async(&mut self.0)
+            .await
+            .expect("list Redis keys");
+        keys.sort();
+        keys
+    }
+}
+
+/// Checks `condition` every 20 ms until it holds; fails the test after `within`. For states
+/// that nothing announces (what a cache holds after an agent caught up, say).
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A valid environment id.
 pub fn env_id(env: &str) -> EnvId {
     EnvId::new(env).expect("valid environment id")

@@ -2,11 +2,11 @@
 //! is back: it applies every event it missed, in order; or, when the stream no longer holds
 //! them, it flushes its whole cache.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use cachecast_agent::{AgentConfig, MemoryCache};
-use cachecast_e2e::{Stack, TcpProxy};
+use cachecast_e2e::{AgentHandle, Stack, TcpProxy, eventually};
 
 /// A long heartbeat, so the agent's own "cut off" flush stays out of these tests.
 fn slow_heartbeat() -> AgentConfig {
@@ -27,20 +27,8 @@ fn seed(cache: &MemoryCache) {
     }
 }
 
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within 15s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_missed_while_cut_off_are_applied_on_return() {
-    let stack = Stack::start().await;
+/// An agent of `dev` connected through a proxy the test can cut, its cache seeded.
+async fn cut_off_agent(stack: &Stack) -> (TcpProxy, MemoryCache, AgentHandle) {
     let proxy = TcpProxy::start(stack.nats.port()).await;
     let cache = MemoryCache::new();
     let agent = stack
@@ -54,6 +42,17 @@ async fn events_missed_while_cut_off_are_applied_on_return() {
         .await;
     stack.wait_for_agents("dev", 1).await;
     seed(&cache);
+    (proxy, cache, agent)
+}
+
+async fn until(what: &str, done: impl Fn() -> bool) {
+    eventually(what, Duration::from_secs(15), || std::future::ready(done())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_missed_while_cut_off_are_applied_on_return() {
+    let stack = Stack::start().await;
+    let (proxy, cache, agent) = cut_off_agent(&stack).await;
 
     proxy.cut();
     for scope in ["s1", "s2"] {
@@ -99,19 +98,7 @@ async fn events_dropped_by_retention_while_cut_off_mean_a_full_flush() {
         bus.stream.max_age = Duration::from_secs(1);
     })
     .await;
-    let proxy = TcpProxy::start(stack.nats.port()).await;
-    let cache = MemoryCache::new();
-    let agent = stack
-        .agent_at(
-            &proxy.nats_url(),
-            "dev",
-            "cut",
-            slow_heartbeat(),
-            cache.clone(),
-        )
-        .await;
-    stack.wait_for_agents("dev", 1).await;
-    seed(&cache);
+    let (proxy, cache, agent) = cut_off_agent(&stack).await;
 
     proxy.cut();
     let answer = stack
@@ -123,15 +110,14 @@ async fn events_dropped_by_retention_while_cut_off_mean_a_full_flush() {
         .await
         .expect("client");
     let js = async_nats::jetstream::new(client);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let mut stream = js.get_stream("CACHECAST").await.expect("stream");
-        if stream.info().await.expect("info").state.messages == 0 {
-            break;
+    eventually("retention drops the event", Duration::from_secs(15), || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream("CACHECAST").await.expect("stream");
+            stream.info().await.expect("info").state.messages == 0
         }
-        assert!(Instant::now() < deadline, "the stream kept the event");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     assert!(cache.contains("s1/k"), "nothing applied while cut off");
     proxy.restore();
 

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cachecast_agent::{RedisBackend, RedisConfig};
-use cachecast_e2e::{Signal, Stack, cachecast};
+use cachecast_e2e::{RedisCache, Signal, Stack, cachecast, eventually};
 
 const STARTUP: Duration = Duration::from_secs(20);
 
@@ -261,19 +261,8 @@ async fn a_failed_eviction_is_repaired_by_a_full_flush() {
     .expect("backend");
     let agent = stack.agent("dev", "flaky", backend).await;
     stack.wait_for_agents("dev", 1).await;
-    let client = redis::Client::open(redis.url()).expect("url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let () = redis::pipe()
-        .set("pdp:dev:s1:u1:a", "permit")
-        .ignore()
-        .set("pdp:dev:s2:u1:a", "permit")
-        .ignore()
-        .query_async(&mut conn)
-        .await
-        .expect("seed");
+    let mut cache = RedisCache::open(&redis.url()).await;
+    cache.set(&["pdp:dev:s1:u1:a", "pdp:dev:s2:u1:a"]).await;
 
     redis.pause();
     let answer = stack
@@ -288,11 +277,7 @@ async fn a_failed_eviction_is_repaired_by_a_full_flush() {
         .invalidate("dev", r#"{"scopeClientId":"s3"}"#, "?timeout=5s")
         .await;
     assert_eq!(answer.status, 200, "{}", answer.body);
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("pdp:*")
-        .query_async(&mut conn)
-        .await
-        .expect("keys");
+    let keys = cache.keys().await;
     assert!(keys.is_empty(), "the dirty cache was flushed: {keys:?}");
     agent.stop().await;
 }
@@ -321,21 +306,10 @@ async fn a_paused_agent_is_named_then_catches_up_in_order_when_resumed() {
         .await
         .unwrap_or_else(|e| panic!("agent did not start: {e}"));
     stack.wait_for_agents("dev", 1).await;
-    let client = redis::Client::open(redis.url()).expect("url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let () = redis::pipe()
-        .set("pdp:dev:s1:u1:a", "permit")
-        .ignore()
-        .set("pdp:dev:s2:u1:a", "permit")
-        .ignore()
-        .set("pdp:dev:s3:u1:a", "permit")
-        .ignore()
-        .query_async(&mut conn)
-        .await
-        .expect("seed");
+    let mut cache = RedisCache::open(&redis.url()).await;
+    cache
+        .set(&["pdp:dev:s1:u1:a", "pdp:dev:s2:u1:a", "pdp:dev:s3:u1:a"])
+        .await;
 
     agent.signal(Signal::SIGSTOP);
     let mut sequences = Vec::new();
@@ -358,22 +332,15 @@ async fn a_paused_agent_is_named_then_catches_up_in_order_when_resumed() {
     }
     agent.signal(Signal::SIGCONT);
     // Both events are still in the stream: the agent applies them once it runs again.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("pdp:*")
-            .query_async(&mut conn)
-            .await
-            .expect("keys");
-        if keys == ["pdp:dev:s3:u1:a"] {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the missed events were not applied: {keys:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the missed events are applied",
+        Duration::from_secs(10),
+        || {
+            let mut cache = cache.clone();
+            async move { cache.keys().await == ["pdp:dev:s3:u1:a"] }
+        },
+    )
+    .await;
     // In stream order.
     agent
         .wait_for_output(&format!("sequence={}", sequences[1]), STARTUP)

@@ -1,9 +1,9 @@
 //! An agent restarted next to a cache that outlived it (Redis): with `on_start = "resume"` it
 //! applies what it missed while it was down and keeps the rest; by default it flushes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cachecast_e2e::{ChildProcess, Signal, Stack, cachecast};
+use cachecast_e2e::{ChildProcess, RedisCache, Signal, Stack, cachecast, eventually};
 
 const STARTUP: Duration = Duration::from_secs(30);
 
@@ -31,38 +31,17 @@ async fn agent(nats_url: &str, redis_url: &str, on_start: &str) -> ChildProcess 
     agent
 }
 
-async fn keys(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
-    let mut keys: Vec<String> = redis::cmd("KEYS")
-        .arg("pdp:*")
-        .query_async(conn)
-        .await
-        .expect("keys");
-    keys.sort();
-    keys
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_applies_what_was_missed_and_keeps_the_rest() {
     let stack = Stack::start().await;
     let redis = cachecast_testkit::redis().await;
     let (nats_url, redis_url) = (stack.nats.url(), redis.url());
-    let client = redis::Client::open(redis_url.clone()).expect("url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut cache = RedisCache::open(&redis_url).await;
 
     let mut first = agent(&nats_url, &redis_url, "resume").await;
     stack.wait_for_agents("dev", 1).await;
     // Cached while the agent runs (after its start-up flush).
-    let () = redis::pipe()
-        .set("pdp:dev:s1:u1:a", "permit")
-        .ignore()
-        .set("pdp:dev:s2:u1:a", "permit")
-        .ignore()
-        .query_async(&mut conn)
-        .await
-        .expect("seed");
+    cache.set(&["pdp:dev:s1:u1:a", "pdp:dev:s2:u1:a"]).await;
     let answer = stack
         .invalidate("dev", r#"{"identityId":"nobody"}"#, "")
         .await;
@@ -89,18 +68,18 @@ async fn resume_applies_what_was_missed_and_keeps_the_rest() {
         "{}",
         second.output()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while keys(&mut conn).await != ["pdp:dev:s2:u1:a"] {
-        assert!(
-            Instant::now() < deadline,
-            "the missed event was not applied, or everything was flushed: {:?}",
-            keys(&mut conn).await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the missed event is applied, and nothing else evicted",
+        Duration::from_secs(10),
+        || {
+            let mut cache = cache.clone();
+            async move { cache.keys().await == ["pdp:dev:s2:u1:a"] }
+        },
+    )
+    .await;
     drop(second);
 
     // The default, flush, starts from an empty cache.
     let _third = agent(&nats_url, &redis_url, "flush").await;
-    assert!(keys(&mut conn).await.is_empty(), "flushed on start");
+    assert!(cache.keys().await.is_empty(), "flushed on start");
 }
