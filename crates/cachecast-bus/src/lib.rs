@@ -96,6 +96,15 @@ impl Default for NatsConfig {
 }
 
 impl NatsConfig {
+    /// The server URLs in `url`, which may list several separated by commas.
+    pub fn servers(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
     /// Checks the authentication and TLS settings without connecting: one way to
     /// authenticate at most, pairs complete, files readable.
     pub fn check(&self) -> Result<(), BusError> {
@@ -259,7 +268,7 @@ pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Client, B
                 }
             }
         })
-        .connect(config.url.as_str())
+        .connect(config.servers())
         .await
         .map_err(|source| BusError::Address {
             url: redact_url(&config.url),

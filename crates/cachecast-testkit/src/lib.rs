@@ -9,6 +9,7 @@
 //! missing fails, it never skips. `scripts/test` installs what is needed.
 
 mod child;
+mod cluster;
 mod proxy;
 mod redis;
 
@@ -20,6 +21,7 @@ use std::{
 
 pub use cachecast_nats_server::{NatsServer, NatsServerOptions};
 pub use child::ChildProcess;
+pub use cluster::NatsCluster;
 pub use nix::sys::signal::Signal;
 pub use proxy::TcpProxy;
 pub use redis::{RedisServer, redis};

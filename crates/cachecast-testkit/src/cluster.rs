@@ -1,0 +1,54 @@
+//! Three (or any number of) nats-servers in one JetStream cluster on 127.0.0.1, whose nodes a
+//! test can kill, restart and pause one by one.
+
+use crate::{NatsServer, free_port, nats_binary};
+
+/// A JetStream cluster of real nats-servers.
+#[derive(Debug)]
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` servers routed to each other, each with its own store.
+    pub async fn start(size: usize) -> NatsCluster {
+        let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let starts = cluster_ports.iter().enumerate().map(|(n, port)| {
+            let args = vec![
+                "--server_name".to_owned(),
+                format!("n{n}"),
+                "--cluster_name".to_owned(),
+                "cachecast".to_owned(),
+                "--cluster".to_owned(),
+                format!("nats://127.0.0.1:{port}"),
+                "--routes".to_owned(),
+                routes.clone(),
+            ];
+            NatsServer::builder(nats_binary())
+                .port(free_port())
+                .args(args)
+                .start()
+        });
+        // Started together: a clustered server waits for its routes before it is ready.
+        let nodes = futures::future::join_all(starts)
+            .await
+            .into_iter()
+            .map(|node| node.unwrap_or_else(|e| panic!("a cluster node did not start: {e}")))
+            .collect();
+        NatsCluster { nodes }
+    }
+
+    /// Every node's client URL, comma-separated, for a client that fails over.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}

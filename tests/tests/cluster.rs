@@ -1,0 +1,183 @@
+//! A 3-node JetStream cluster with the stream and the presence bucket replicated three times:
+//! invalidations at a steady rate while one node is killed and restarted and then another is
+//! paused. Every answer comes in bounded time; a `200` is backed by every agent's ack; every
+//! event that was published reaches every agent in the end (applied, or covered by a flush).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cachecast_agent::{Agent, AgentConfig, BackendError, CacheBackend};
+use cachecast_bus::BusConfig;
+use cachecast_e2e::{env_id, eventually};
+use cachecast_proto::{AgentId, EnvId, ResponseSelector};
+use cachecast_publisher::{InvalidationRequest, PublishError, Publisher};
+use cachecast_testkit::NatsCluster;
+
+/// A cache that records what it was asked to evict: the scope, or `*` for a flush.
+#[derive(Debug, Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<String>>>);
+
+impl Recorder {
+    fn seen(&self) -> Vec<String> {
+        self.0.lock().expect("lock").clone()
+    }
+}
+
+impl CacheBackend for Recorder {
+    fn kind(&self) -> &'static str {
+        "recorder"
+    }
+
+    async fn evict_responses(
+        &self,
+        _env: &EnvId,
+        selector: &ResponseSelector,
+    ) -> Result<u64, BackendError> {
+        let what = selector
+            .scope_client_ids
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "*".into());
+        self.0.lock().expect("lock").push(what);
+        Ok(1)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidations_survive_losing_one_node_at_a_time() {
+    let mut cluster = NatsCluster::start(3).await;
+    let mut bus = BusConfig::default();
+    bus.nats.url = cluster.urls();
+    bus.stream.replicas = 3;
+    bus.presence.replicas = 3;
+    // The cluster elects its JetStream leaders after it is up: retry the first start.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let publisher = loop {
+        let client = cachecast_bus::connect(&bus.nats, "cluster-publisher")
+            .await
+            .expect("client");
+        match Publisher::start(client, &bus).await {
+            Ok(publisher) => break publisher,
+            Err(err) => assert!(
+                Instant::now() < deadline,
+                "no publisher on the cluster: {err}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let env = env_id("dev");
+    let mut recorders = Vec::new();
+    let mut stops = Vec::new();
+    for n in 0..2 {
+        let recorder = Recorder::default();
+        let client = cachecast_bus::connect(&bus.nats, &format!("agent-{n}"))
+            .await
+            .expect("client");
+        let agent = Agent::new(
+            client,
+            &bus,
+            (env.clone(), AgentId::new(format!("agent-{n}")).expect("id")),
+            AgentConfig::default(),
+            recorder.clone(),
+        );
+        let running = tokio::time::timeout(Duration::from_secs(60), agent.start())
+            .await
+            .expect("the agent starts in time")
+            .expect("the agent starts");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        stops.push(stop);
+        tokio::spawn(running.run(async {
+            stopped.await.ok();
+        }));
+        recorders.push(recorder);
+    }
+    assert!(
+        publisher
+            .wait_for_live_agents(&env, 2, Duration::from_secs(30))
+            .await
+    );
+
+    let timeout = Duration::from_secs(2);
+    let mut published = BTreeSet::new();
+    let mut confirmed = 0;
+    for i in 0..60 {
+        match i {
+            10 => cluster.nodes[0].kill().await,
+            25 => cluster.nodes[0]
+                .start_again()
+                .await
+                .expect("node 0 restarts"),
+            35 => cluster.nodes[1].pause().expect("pause node 1"),
+            50 => cluster.nodes[1].resume().expect("resume node 1"),
+            _ => {}
+        }
+        let scope = format!("e{i}");
+        let started = Instant::now();
+        let result = publisher
+            .invalidate(InvalidationRequest {
+                env: env.clone(),
+                selector: ResponseSelector {
+                    scope_client_ids: vec![scope.clone()],
+                    identity_id: None,
+                },
+                request_id: scope.clone(),
+                timeout,
+            })
+            .await;
+        assert!(
+            started.elapsed() < timeout + Duration::from_millis(1500),
+            "request {i} hung for {:?}",
+            started.elapsed()
+        );
+        match result {
+            Ok(outcome) => {
+                published.insert(scope.clone());
+                if outcome.confirmed() {
+                    confirmed += 1;
+                    // A 200 is backed by every expected agent having applied it.
+                    for id in outcome.agents.keys() {
+                        let n: usize = id
+                            .as_str()
+                            .trim_start_matches("agent-")
+                            .parse()
+                            .expect("agent-<n>");
+                        assert!(
+                            recorders[n].seen().contains(&scope),
+                            "request {i} confirmed by {id} without being applied: {outcome:?}; {id} saw {:?}",
+                            recorders[n].seen()
+                        );
+                    }
+                }
+            }
+            Err(PublishError::Unavailable(_)) => {}
+            Err(err) => panic!("request {i}: {err}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        confirmed >= 20,
+        "only {confirmed} of 60 confirmed: the test proves little"
+    );
+
+    // Every event the stream took reaches every agent: applied, or covered by a later flush.
+    for (n, recorder) in recorders.iter().enumerate() {
+        eventually(
+            &format!("agent {n} catches up"),
+            Duration::from_secs(60),
+            || {
+                let seen = recorder.seen();
+                let flushed_later = seen.iter().skip(1).any(|s| s == "*");
+                let missing = published
+                    .iter()
+                    .filter(|scope| !seen.contains(scope))
+                    .count();
+                std::future::ready(missing == 0 || flushed_later)
+            },
+        )
+        .await;
+    }
+    for stop in stops {
+        stop.send(()).ok();
+    }
+}
