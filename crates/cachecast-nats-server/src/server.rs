@@ -261,12 +261,20 @@ impl NatsServer {
 
     /// Freezes the process (SIGSTOP): connections stay open but nothing is answered.
     pub fn pause(&self) -> Result<(), Error> {
-        self.signal(Signal::SIGSTOP)
+        self.signal(Signal::SIGSTOP)?;
+        if let Some(pid) = self.pid() {
+            wait_until_stopped(pid, true);
+        }
+        Ok(())
     }
 
     /// Lets a paused process go on (SIGCONT).
     pub fn resume(&self) -> Result<(), Error> {
-        self.signal(Signal::SIGCONT)
+        self.signal(Signal::SIGCONT)?;
+        if let Some(pid) = self.pid() {
+            wait_until_stopped(pid, false);
+        }
+        Ok(())
     }
 
     /// Sends `signal` to the process (for example SIGHUP to reload a configuration file).
@@ -420,6 +428,36 @@ fn log_tail(path: &Path) -> String {
         format!("(the log {} is empty)", path.display())
     } else {
         tail
+    }
+}
+
+/// Waits (at most 2 s) until every thread of process `pid` is stopped, or running again: a
+/// signal is delivered asynchronously, and a test that pauses a server must not race its last
+/// words.
+pub fn wait_until_stopped(pid: u32, stopped: bool) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return; // gone
+        };
+        let all_there = tasks.flatten().all(|task| {
+            // .../stat: "tid (comm) STATE ...", and comm may contain spaces.
+            let state = std::fs::read_to_string(task.path().join("stat"))
+                .ok()
+                .and_then(|stat| {
+                    let after = stat.rfind(')')?;
+                    stat[after + 1..]
+                        .split_whitespace()
+                        .next()
+                        .map(str::to_owned)
+                });
+            let is_stopped = matches!(state.as_deref(), Some("T") | Some("t"));
+            state.is_none() || is_stopped == stopped
+        });
+        if all_there {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

@@ -175,6 +175,12 @@ impl ChildProcess {
         if let Err(error) = signal::kill(target, signal) {
             panic!("could not send {signal} to {}: {error}", self.name);
         }
+        // Stopping and continuing take effect asynchronously: return once they have.
+        match signal {
+            Signal::SIGSTOP => cachecast_nats_server::wait_until_stopped(pid, true),
+            Signal::SIGCONT => cachecast_nats_server::wait_until_stopped(pid, false),
+            _ => {}
+        }
     }
 
     /// Kills the process (SIGKILL) and waits for it. Does nothing if it already exited.

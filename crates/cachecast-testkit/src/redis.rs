@@ -121,11 +121,17 @@ impl RedisServer {
     /// Freezes the process (SIGSTOP): connections are accepted but nothing is answered.
     pub fn pause(&self) {
         self.signal(Signal::SIGSTOP);
+        if let Some(pid) = self.pid() {
+            cachecast_nats_server::wait_until_stopped(pid, true);
+        }
     }
 
     /// Lets a paused process go on (SIGCONT).
     pub fn resume(&self) {
         self.signal(Signal::SIGCONT);
+        if let Some(pid) = self.pid() {
+            cachecast_nats_server::wait_until_stopped(pid, false);
+        }
     }
 
     fn signal(&self, signal: Signal) {
