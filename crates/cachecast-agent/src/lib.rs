@@ -16,4 +16,6 @@ pub mod backend;
 mod presence;
 
 pub use agent::{Agent, AgentConfig, AgentError, AgentProbe, BackendKind, OnStart, RunningAgent};
-pub use backend::{BackendError, CacheBackend, MemoryCache, Position, RedisBackend, RedisConfig};
+pub use backend::{
+    BackendError, CacheBackend, FillTicket, MemoryCache, Position, RedisBackend, RedisConfig,
+};

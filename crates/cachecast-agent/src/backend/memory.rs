@@ -24,8 +24,16 @@ struct Entry {
     value: Bytes,
 }
 
+/// Taken before computing a decision to cache: [`MemoryCache::insert_if_current`] refuses the
+/// decision if an eviction ran meanwhile, since it may have been computed from what that
+/// eviction invalidated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillTicket(u64);
+
 #[derive(Debug, Default)]
 struct Index {
+    /// How many evictions ran; a [`FillTicket`] is this count when it was taken.
+    evictions: u64,
     entries: HashMap<Arc<str>, Entry>,
     by_scope: HashMap<Arc<str>, HashSet<Arc<str>>>,
     by_identity: HashMap<Arc<str>, HashSet<Arc<str>>>,
@@ -40,29 +48,30 @@ impl MemoryCache {
     /// Caches `value` under `key` as the decision for `identity` within `scope`, replacing
     /// any previous entry of that key.
     pub fn insert(&self, key: &str, scope: &str, identity: &str, value: Bytes) {
+        self.lock().store(key, scope, identity, value);
+    }
+
+    /// A ticket for a fill that starts now (see [`FillTicket`]).
+    pub fn ticket(&self) -> FillTicket {
+        FillTicket(self.lock().evictions)
+    }
+
+    /// Caches `value` like [`MemoryCache::insert`], unless an eviction ran since `ticket` was
+    /// taken; returns whether it was cached.
+    pub fn insert_if_current(
+        &self,
+        ticket: FillTicket,
+        key: &str,
+        scope: &str,
+        identity: &str,
+        value: Bytes,
+    ) -> bool {
         let mut index = self.lock();
-        index.remove(key);
-        let key: Arc<str> = Arc::from(key);
-        let scope = index.intern_scope(scope);
-        let identity = index.intern_identity(identity);
-        index
-            .by_scope
-            .entry(scope.clone())
-            .or_default()
-            .insert(key.clone());
-        index
-            .by_identity
-            .entry(identity.clone())
-            .or_default()
-            .insert(key.clone());
-        index.entries.insert(
-            key,
-            Entry {
-                scope,
-                identity,
-                value,
-            },
-        );
+        if index.evictions != ticket.0 {
+            return false;
+        }
+        index.store(key, scope, identity, value);
+        true
     }
 
     /// The cached value of `key`, if any.
@@ -93,9 +102,14 @@ impl MemoryCache {
     /// Removes every entry `selector` matches; returns how many were removed.
     pub fn evict(&self, selector: &ResponseSelector) -> u64 {
         let mut index = self.lock();
+        index.evictions += 1;
         if selector.is_all() {
             let removed = index.entries.len() as u64;
-            *index = Index::default();
+            let evictions = index.evictions;
+            *index = Index {
+                evictions,
+                ..Index::default()
+            };
             return removed;
         }
         let victims = index.matching(selector);
@@ -116,6 +130,29 @@ impl MemoryCache {
 }
 
 impl Index {
+    fn store(&mut self, key: &str, scope: &str, identity: &str, value: Bytes) {
+        self.remove(key);
+        let key: Arc<str> = Arc::from(key);
+        let scope = self.intern_scope(scope);
+        let identity = self.intern_identity(identity);
+        self.by_scope
+            .entry(scope.clone())
+            .or_default()
+            .insert(key.clone());
+        self.by_identity
+            .entry(identity.clone())
+            .or_default()
+            .insert(key.clone());
+        self.entries.insert(
+            key,
+            Entry {
+                scope,
+                identity,
+                value,
+            },
+        );
+    }
+
     /// The keys `selector` matches (which must not be "all").
     fn matching(&self, selector: &ResponseSelector) -> Vec<Arc<str>> {
         let scopes: Vec<&HashSet<Arc<str>>> = selector
@@ -272,6 +309,28 @@ mod tests {
         assert_eq!(cache.get("k"), Some(Bytes::from_static(b"b")));
         assert_eq!(cache.evict(&selector(&[], Some("bob"))), 1);
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn a_fill_that_raced_an_eviction_is_refused() {
+        let cache = MemoryCache::new();
+        let ticket = cache.ticket();
+        assert!(cache.insert_if_current(ticket, "a", "s1", "alice", Bytes::from_static(b"1")));
+        let stale = cache.ticket();
+        // An eviction runs while the decision is being computed (even an unrelated one).
+        cache.evict(&selector(&["s2"], None));
+        assert!(!cache.insert_if_current(stale, "b", "s1", "bob", Bytes::from_static(b"2")));
+        assert!(!cache.contains("b"));
+        let fresh = cache.ticket();
+        cache.evict(&ResponseSelector::default());
+        assert!(!cache.insert_if_current(fresh, "c", "s1", "carol", Bytes::from_static(b"3")));
+        assert!(cache.insert_if_current(
+            cache.ticket(),
+            "c",
+            "s1",
+            "carol",
+            Bytes::from_static(b"3")
+        ));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::future::Future;
 
 use cachecast_proto::{AgentId, EnvId, ResponseSelector};
 
-pub use self::memory::MemoryCache;
+pub use self::memory::{FillTicket, MemoryCache};
 pub use self::redis::{RedisBackend, RedisConfig};
 
 /// Where an agent is in the invalidation stream: the last event it applied, and which
