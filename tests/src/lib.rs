@@ -268,6 +268,43 @@ pub fn init_logs() {
         .ok();
 }
 
+/// A cache backend that records what it was asked to evict, in order: the first scope of
+/// each selector, or `*` for a flush. For checking what an agent applied.
+#[derive(Debug, Clone, Default)]
+pub struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Recorder {
+    /// Everything evicted so far.
+    pub fn seen(&self) -> Vec<String> {
+        self.0.lock().expect("lock").clone()
+    }
+
+    /// True if `other` is this very recorder (a clone shares it).
+    pub fn same_as(&self, other: &Recorder) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl CacheBackend for Recorder {
+    fn kind(&self) -> &'static str {
+        "recorder"
+    }
+
+    async fn evict_responses(
+        &self,
+        _env: &EnvId,
+        selector: &cachecast_proto::ResponseSelector,
+    ) -> Result<u64, cachecast_agent::BackendError> {
+        let what = selector
+            .scope_client_ids
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "*".into());
+        self.0.lock().expect("lock").push(what);
+        Ok(1)
+    }
+}
+
 /// A Redis that an agent caches in, as a test sees it.
 #[derive(Clone)]
 pub struct RedisCache(redis::aio::MultiplexedConnection);

@@ -4,45 +4,14 @@
 //! event that was published reaches every agent in the end (applied, or covered by a flush).
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cachecast_agent::{Agent, AgentConfig, BackendError, CacheBackend};
+use cachecast_agent::{Agent, AgentConfig};
 use cachecast_bus::BusConfig;
-use cachecast_e2e::{env_id, eventually};
-use cachecast_proto::{AgentId, EnvId, ResponseSelector};
+use cachecast_e2e::{Recorder, env_id, eventually};
+use cachecast_proto::{AgentId, ResponseSelector};
 use cachecast_publisher::{InvalidationRequest, PublishError, Publisher};
 use cachecast_testkit::NatsCluster;
-
-/// A cache that records what it was asked to evict: the scope, or `*` for a flush.
-#[derive(Debug, Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<String>>>);
-
-impl Recorder {
-    fn seen(&self) -> Vec<String> {
-        self.0.lock().expect("lock").clone()
-    }
-}
-
-impl CacheBackend for Recorder {
-    fn kind(&self) -> &'static str {
-        "recorder"
-    }
-
-    async fn evict_responses(
-        &self,
-        _env: &EnvId,
-        selector: &ResponseSelector,
-    ) -> Result<u64, BackendError> {
-        let what = selector
-            .scope_client_ids
-            .first()
-            .cloned()
-            .unwrap_or_else(|| "*".into());
-        self.0.lock().expect("lock").push(what);
-        Ok(1)
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidations_survive_losing_one_node_at_a_time() {

@@ -14,44 +14,13 @@
 //! every failure).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cachecast_agent::{AgentConfig, BackendError, CacheBackend};
-use cachecast_e2e::{AgentHandle, Stack, TcpProxy, env_id, eventually};
-use cachecast_proto::{EnvId, ResponseSelector};
+use cachecast_agent::AgentConfig;
+use cachecast_e2e::{AgentHandle, Recorder, Stack, TcpProxy, env_id, eventually};
+use cachecast_proto::ResponseSelector;
 use cachecast_publisher::{AgentOutcome, InvalidationRequest, PublishError};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-
-/// What an agent's cache was asked to evict, in order: a scope, or `*` for a flush.
-#[derive(Debug, Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<String>>>);
-
-impl Recorder {
-    fn seen(&self) -> Vec<String> {
-        self.0.lock().expect("lock").clone()
-    }
-}
-
-impl CacheBackend for Recorder {
-    fn kind(&self) -> &'static str {
-        "recorder"
-    }
-
-    async fn evict_responses(
-        &self,
-        _env: &EnvId,
-        selector: &ResponseSelector,
-    ) -> Result<u64, BackendError> {
-        let what = selector
-            .scope_client_ids
-            .first()
-            .cloned()
-            .unwrap_or_else(|| "*".into());
-        self.0.lock().expect("lock").push(what);
-        Ok(1)
-    }
-}
 
 /// One agent slot: its proxy (so it alone can be cut off), and the agent when it runs.
 struct Slot {
@@ -242,7 +211,7 @@ async fn a_random_fault_schedule_keeps_every_promise() {
             slots.iter().any(|s| {
                 s.running
                     .as_ref()
-                    .is_some_and(|(_, r)| Arc::ptr_eq(&r.0, &recorders_by_id[*id].0))
+                    .is_some_and(|(_, r)| r.same_as(&recorders_by_id[*id]))
             })
         })
         .cloned()
