@@ -174,12 +174,24 @@ impl Stack {
     ) -> AgentHandle {
         let mut bus = self.bus.clone();
         bus.nats.url = nats_url.to_owned();
+        self.agent_with_bus(&bus, env, id, config, backend).await
+    }
+
+    /// Like [`Stack::agent_configured`], with its own bus settings (another NATS user, say).
+    pub async fn agent_with_bus<B: CacheBackend>(
+        &self,
+        bus: &BusConfig,
+        env: &str,
+        id: &str,
+        config: AgentConfig,
+        backend: B,
+    ) -> AgentHandle {
         let client = cachecast_bus::connect(&bus.nats, id)
             .await
             .expect("agent NATS client");
         let agent = Agent::new(
             client,
-            &bus,
+            bus,
             (env_id(env), AgentId::new(id).expect("valid agent id")),
             config,
             backend,

@@ -1,5 +1,6 @@
 //! Publishers and agents log in to NATS with the credentials configured (user and password,
-//! token, NKey), and a wrong one is refused, within bounded time, saying why.
+//! token, NKey, a `.creds` file in operator mode) and over TLS (a custom CA, mutual TLS); a
+//! wrong credential or an untrusted certificate is refused within bounded time.
 
 use std::time::Duration;
 
@@ -7,6 +8,8 @@ use cachecast_bus::{BusConfig, Secret};
 use cachecast_e2e::Stack;
 use cachecast_publisher::Publisher;
 use cachecast_testkit::NatsServer;
+use cachecast_testkit::jwt::Operator;
+use cachecast_testkit::tls::TestCa;
 
 async fn nats_with(args: &[&str]) -> NatsServer {
     NatsServer::builder(cachecast_testkit::nats_binary())
@@ -90,6 +93,100 @@ async fn nkey() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// A server started with the configuration `config`, written into `dir`.
+async fn nats_with_config(dir: &std::path::Path, config: &str) -> NatsServer {
+    let file = dir.join("server.conf");
+    std::fs::write(&file, config).expect("write the server config");
+    nats_with(&["-c", &file.to_string_lossy()]).await
+}
+
+fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("cachecast-{name}-"))
+        .tempdir()
+        .expect("temporary directory")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_file_in_operator_mode() {
+    let dir = temp_dir("creds");
+    let mut operator = Operator::new("cachecast-test");
+    let account = operator.account("CACHECAST");
+    let good = dir.path().join("cachecast.creds");
+    std::fs::write(&good, account.user_creds("cachecast")).expect("write creds");
+    // A user signed by an account the server does not know.
+    let mut other = Operator::new("stranger");
+    let bad = dir.path().join("stranger.creds");
+    std::fs::write(&bad, other.account("ELSEWHERE").user_creds("intruder")).expect("write");
+    let nats = nats_with_config(dir.path(), &operator.server_config(dir.path())).await;
+    refused(&nats, |bus| bus.nats.creds_file = Some(bad.clone())).await;
+    works(nats, |bus| bus.nats.creds_file = Some(good.clone())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_custom_ca() {
+    let dir = temp_dir("tls");
+    let ca = TestCa::new(dir.path(), "cachecast-ca");
+    let other_ca = TestCa::new(dir.path(), "other-ca");
+    let server = ca.server("nats");
+    let nats = nats_with_config(
+        dir.path(),
+        &format!(
+            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  timeout: 2\n}}\n",
+            server.cert_file.display(),
+            server.key_file.display()
+        ),
+    )
+    .await;
+    // The server's certificate is signed by a CA this client does not trust.
+    refused(&nats, |bus| {
+        bus.nats.tls_ca_file = Some(other_ca.ca_file.clone());
+        bus.nats.require_tls = true;
+    })
+    .await;
+    works(nats, |bus| {
+        bus.nats.tls_ca_file = Some(ca.ca_file.clone());
+        bus.nats.require_tls = true;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls() {
+    let dir = temp_dir("mtls");
+    let ca = TestCa::new(dir.path(), "cachecast-ca");
+    let other_ca = TestCa::new(dir.path(), "other-ca");
+    let server = ca.server("nats");
+    let client = ca.client("cachecast");
+    let forged = other_ca.client("intruder");
+    let nats = nats_with_config(
+        dir.path(),
+        &format!(
+            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n  timeout: 2\n}}\n",
+            server.cert_file.display(),
+            server.key_file.display(),
+            ca.ca_file.display()
+        ),
+    )
+    .await;
+    let trust = ca.ca_file.clone();
+    // No client certificate at all.
+    refused(&nats, |bus| bus.nats.tls_ca_file = Some(trust.clone())).await;
+    // A client certificate the server's CA did not sign.
+    refused(&nats, |bus| {
+        bus.nats.tls_ca_file = Some(trust.clone());
+        bus.nats.tls_cert_file = Some(forged.cert_file.clone());
+        bus.nats.tls_key_file = Some(forged.key_file.clone());
+    })
+    .await;
+    works(nats, |bus| {
+        bus.nats.tls_ca_file = Some(trust.clone());
+        bus.nats.tls_cert_file = Some(client.cert_file.clone());
+        bus.nats.tls_key_file = Some(client.key_file.clone());
+    })
+    .await;
+}
+
 #[test]
 fn conflicting_or_incomplete_settings_are_refused_before_connecting() {
     let with = |f: fn(&mut cachecast_bus::NatsConfig)| {
@@ -111,6 +208,13 @@ fn conflicting_or_incomplete_settings_are_refused_before_connecting() {
     assert!(
         half.as_ref().is_err_and(|e| e.contains("nats.password")),
         "{half:?}"
+    );
+    let inbox = with(|c| c.inbox_prefix = "_INBOX.*".into());
+    assert!(
+        inbox
+            .as_ref()
+            .is_err_and(|e| e.contains("nats.inbox_prefix")),
+        "{inbox:?}"
     );
     let missing = with(|c| c.creds_file = Some("/nonexistent/cachecast.creds".into()));
     assert!(

@@ -9,7 +9,9 @@ use std::time::Instant;
 use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::{self, stream};
-use cachecast_bus::{BusConfig, Client, JetStream, REQUEST_ID_HEADER};
+use cachecast_bus::{
+    BusConfig, Client, JetStream, LogLimiter, REQUEST_ID_HEADER, WIRE_VERSION, WIRE_VERSION_HEADER,
+};
 use cachecast_proto::{
     Ack, AckStatus, AgentId, EnvId, Invalidation, ResponseSelector, Subjects, Target, Wire,
 };
@@ -149,6 +151,8 @@ pub struct Agent<B> {
     /// What every ack subject of this environment starts with.
     ack_prefix: String,
     metrics: EventMetrics,
+    /// Keeps a flood of refused events from flooding the log.
+    log_limit: LogLimiter,
 }
 
 /// Per-event metric handles, registered once (no allocation per event).
@@ -231,6 +235,7 @@ impl<B: CacheBackend> Agent<B> {
         Self {
             ack_prefix: Subjects::ack_prefix(&env),
             metrics: EventMetrics::new(&env),
+            log_limit: LogLimiter::new(REJECT_LOG_INTERVAL),
             client,
             js,
             env,
@@ -349,7 +354,7 @@ impl<B: CacheBackend> Agent<B> {
             // current end (every event published from now on) and flush.
             let after = resume_from.unwrap_or(info.state.last_sequence);
             let events = retry("create the event consumer", || {
-                consume(&stream, &self.env, after)
+                consume(&stream, &self.env, &self.id, after)
             })
             .await;
             let stream_created_ns = info.created.unix_timestamp_nanos();
@@ -440,7 +445,7 @@ impl<B: CacheBackend> RunningAgent<B> {
                             let sequence = match message.info() {
                                 Ok(info) => info.stream_sequence,
                                 Err(err) => {
-                                    tracing::warn!(subject = %message.subject, error = %err, "ignoring a message without JetStream metadata");
+                                    self.agent.reject("no_metadata", 0, &message.subject, &err.to_string());
                                     continue;
                                 }
                             };
@@ -495,7 +500,7 @@ impl<B: CacheBackend> RunningAgent<B> {
         } else {
             self.last_sequence
         };
-        let events = match consume(&self.stream, &self.agent.env, after).await {
+        let events = match consume(&self.stream, &self.agent.env, &self.agent.id, after).await {
             Ok(events) => events,
             Err(err) => {
                 tracing::warn!(error = %err, "could not resume the event consumer; retrying");
@@ -527,18 +532,80 @@ impl<B: CacheBackend> RunningAgent<B> {
 }
 
 impl<B: CacheBackend> Agent<B> {
-    async fn handle(&self, message: jetstream::Message, sequence: u64) {
+    /// Counts an event this agent refuses (`reason` is a fixed word), and logs it unless
+    /// too many were logged lately. Called once per stream sequence: a redelivered event is
+    /// skipped before it gets here.
+    fn reject(&self, reason: &'static str, sequence: u64, subject: &str, detail: &str) {
+        metrics::counter!("cachecast_agent_rejected_events_total", "env" => self.env.to_string(), "reason" => reason)
+            .increment(1);
+        if let Some(left_out) = self.log_limit.allow(reason) {
+            tracing::warn!(
+                reason,
+                sequence,
+                subject,
+                stream = %self.bus.stream.name,
+                left_out,
+                error = detail,
+                "ignoring an invalid event: not applied, not acknowledged (who can publish on this subject? check the NATS permissions)"
+            );
+        }
+    }
+
+    /// The event in `message`, if it is one this agent may apply: a wire version it speaks,
+    /// decodable, addressed to its environment, with a well-formed ack subject.
+    fn admit(&self, message: &jetstream::Message, sequence: u64) -> Option<Invalidation> {
+        let subject = message.subject.as_str();
+        if let Some(version) = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(WIRE_VERSION_HEADER))
+            && version.as_str() != WIRE_VERSION
+        {
+            let detail = format!(
+                "wire version {:?}, this agent speaks {WIRE_VERSION}: upgrade it",
+                version.as_str()
+            );
+            self.reject("unknown_version", sequence, subject, &detail);
+            return None;
+        }
         let event = match Invalidation::from_bytes(&message.payload) {
             Ok(event) => event,
             Err(err) => {
-                tracing::warn!(sequence, subject = %message.subject, error = %err, "ignoring an undecodable event");
-                return;
+                self.reject(err.reason(), sequence, subject, &err.to_string());
+                return None;
             }
         };
         if event.env != self.env.as_str() || !event.ack_subject.starts_with(&self.ack_prefix) {
-            tracing::warn!(sequence, env = %event.env, ack_subject = %event.ack_subject, "ignoring an event addressed outside this environment");
-            return;
+            let detail = format!(
+                "addressed to environment {:?}, ack subject {:?}",
+                event.env, event.ack_subject
+            );
+            self.reject("wrong_env", sequence, subject, &detail);
+            return None;
         }
+        // The ack subject ends `<publisherId>.<eventId>`, and names this event.
+        let tail = &event.ack_subject[self.ack_prefix.len()..];
+        let well_formed = match tail.split_once('.') {
+            Some((publisher, event_id)) => {
+                is_plain_token(publisher) && is_plain_token(event_id) && event_id == event.event_id
+            }
+            None => false,
+        };
+        if !well_formed {
+            let detail = format!(
+                "event id {:?}, ack subject {:?}",
+                event.event_id, event.ack_subject
+            );
+            self.reject("invalid", sequence, subject, &detail);
+            return None;
+        }
+        Some(event)
+    }
+
+    async fn handle(&self, message: jetstream::Message, sequence: u64) {
+        let Some(event) = self.admit(&message, sequence) else {
+            return;
+        };
         let request_id = message
             .headers
             .as_ref()
@@ -668,15 +735,33 @@ const REPAIR_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the agent checks whether its NATS client reconnected.
 const CONNECTION_CHECK: Duration = Duration::from_millis(250);
 
+/// The name of a new event consumer of `agent`: its id (cut to 48 characters) and 64 random
+/// bits, new for every consumer (the client names its replacements `<name>_<n>`).
+///
+/// A name matters for permissions: with a name and one filter subject, the client creates
+/// the consumer on `$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`, a subject that carries
+/// the environment, so a NATS user can be allowed to read its own environment's events only
+/// (deploy/nats/accounts.conf). The random part makes the name unguessable: the other
+/// consumer subjects (`MSG.NEXT`, `INFO`, `DELETE`) carry only the name, and an agent that
+/// cannot list consumers cannot pull from, or delete, another agent's.
+fn consumer_name(agent: &AgentId) -> String {
+    let id: String = agent.as_str().chars().take(48).collect();
+    let event_id = cachecast_proto::new_event_id();
+    // The last 16 hex digits of a UUIDv7 are random.
+    format!("{id}_{}", &event_id[event_id.len() - 16..])
+}
+
 /// An ordered consumer of one environment's events after stream sequence `after`: every
 /// event in stream order, recreated by the client when it falls behind.
 async fn consume(
     stream: &stream::Stream,
     env: &EnvId,
+    agent: &AgentId,
     after: u64,
 ) -> Result<pull::Ordered, String> {
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
+            name: Some(consumer_name(agent)),
             filter_subject: Subjects::events(env),
             deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: after + 1,
@@ -688,6 +773,17 @@ async fn consume(
         .map_err(|err| err.to_string())?;
     consumer.messages().await.map_err(|err| err.to_string())
 }
+
+/// A non-empty subject token without wildcards or whitespace.
+fn is_plain_token(token: &str) -> bool {
+    !token.is_empty()
+        && !token
+            .chars()
+            .any(|c| c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control())
+}
+
+/// At most one warning per kind of refused event in this interval (the rest are counted).
+const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Runs `attempt` until it succeeds, logging each failure, with a capped backoff.
 async fn retry<T, E, F, Fut>(what: &str, mut attempt: F) -> T

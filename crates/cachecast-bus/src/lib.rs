@@ -5,6 +5,7 @@
 //! stream and the bucket ([`ensure_stream`], [`ensure_presence_bucket`]); agents only open them
 //! ([`open_stream`], [`open_presence_bucket`]), which keeps agent credentials small.
 
+mod log_limit;
 mod secret;
 pub mod trace_context;
 
@@ -15,10 +16,22 @@ use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
 
 pub use async_nats::{Client, jetstream::Context as JetStream};
+pub use log_limit::LogLimiter;
 pub use secret::{Secret, redact_url, serialize_redacted_url};
 
 /// NATS header carrying the caller's request id to every agent.
 pub const REQUEST_ID_HEADER: &str = "RequestID";
+
+/// NATS header carrying the wire version of an event. Publishers set [`WIRE_VERSION`]; an
+/// agent ignores (and counts) an event with any other version, and treats an event without
+/// the header as this version.
+pub const WIRE_VERSION_HEADER: &str = "Cachecast-Wire-Version";
+
+/// The wire version this build speaks: the `cachecast.v1` messages.
+pub const WIRE_VERSION: &str = "1";
+
+/// The inbox prefix NATS clients use unless told otherwise.
+pub const DEFAULT_INBOX_PREFIX: &str = "_INBOX";
 
 /// Errors talking to NATS. Each says what to check.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +86,10 @@ pub struct NatsConfig {
     pub tls_key_file: Option<PathBuf>,
     /// Refuse to connect without TLS.
     pub require_tls: bool,
+    /// What this client's reply subjects (inboxes) start with. Give every NATS user its
+    /// own prefix and allow it to subscribe only to `<prefix>.>`, so no user can read the
+    /// replies (JetStream deliveries included) meant for another (see deploy/nats/).
+    pub inbox_prefix: String,
 }
 
 impl Default for NatsConfig {
@@ -91,6 +108,7 @@ impl Default for NatsConfig {
             tls_cert_file: None,
             tls_key_file: None,
             require_tls: false,
+            inbox_prefix: DEFAULT_INBOX_PREFIX.into(),
         }
     }
 }
@@ -134,6 +152,18 @@ impl NatsConfig {
                 "nats.tls_cert_file and nats.tls_key_file go together: set both or neither".into(),
             );
         }
+        let valid_token = |t: &str| {
+            !t.is_empty()
+                && !t
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '*' || c == '>' || c.is_control())
+        };
+        if !self.inbox_prefix.split('.').all(valid_token) {
+            return bad(format!(
+                "nats.inbox_prefix {:?} is not a subject prefix: use dot-separated tokens without spaces or wildcards, like _INBOX.agent-dev-1",
+                self.inbox_prefix
+            ));
+        }
         for (key, path) in [
             ("nats.creds_file", &self.creds_file),
             ("nats.tls_ca_file", &self.tls_ca_file),
@@ -176,7 +206,9 @@ impl NatsConfig {
         if let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) {
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
-        Ok(options.require_tls(self.require_tls))
+        Ok(options
+            .require_tls(self.require_tls)
+            .custom_inbox_prefix(self.inbox_prefix.clone()))
     }
 }
 

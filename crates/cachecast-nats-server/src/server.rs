@@ -42,6 +42,7 @@ pub struct NatsServerOptions {
     store_dir: Option<PathBuf>,
     log_file: Option<PathBuf>,
     extra_args: Vec<String>,
+    envs: Vec<(String, String)>,
     ready_timeout: Duration,
 }
 
@@ -55,6 +56,7 @@ impl NatsServerOptions {
             store_dir: None,
             log_file: None,
             extra_args: Vec::new(),
+            envs: Vec::new(),
             ready_timeout: DEFAULT_READY_TIMEOUT,
         }
     }
@@ -99,6 +101,13 @@ impl NatsServerOptions {
         S: Into<String>,
     {
         self.extra_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// An environment variable for the server process (a configuration file's `$NAME`
+    /// resolves from the environment when the file does not define it).
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.envs.push((name.into(), value.into()));
         self
     }
 
@@ -325,6 +334,7 @@ impl NatsServer {
             .arg("-l")
             .arg(&self.log_file)
             .args(&self.options.extra_args)
+            .envs(self.options.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(stderr))

@@ -32,6 +32,18 @@ pub enum DecodeError {
     Malformed(#[from] prost::DecodeError),
 }
 
+impl DecodeError {
+    /// A fixed word for metrics and logs: `oversized`, `truncated` (the payload ends inside a
+    /// field) or `malformed`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TooLarge(_) => "oversized",
+            Self::Malformed(err) if err.to_string().contains("buffer underflow") => "truncated",
+            Self::Malformed(_) => "malformed",
+        }
+    }
+}
+
 /// Encoding to and decoding from the protobuf wire format.
 pub trait Wire: Sized {
     /// The message as protobuf bytes.
@@ -100,6 +112,22 @@ mod tests {
             Invalidation::from_bytes(&big),
             Err(DecodeError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn decode_errors_name_their_reason() {
+        let event = Invalidation {
+            event_id: new_event_id(),
+            ack_subject: "cachecast.v1.dev.ack.p.e".into(),
+            ..Default::default()
+        };
+        let bytes = event.to_bytes();
+        let truncated = Invalidation::from_bytes(&bytes[..bytes.len() - 3]);
+        assert_eq!(truncated.map_err(|e| e.reason()), Err("truncated"));
+        let garbage = Invalidation::from_bytes(b"not protobuf at all");
+        assert_eq!(garbage.map_err(|e| e.reason()), Err("malformed"));
+        let big = Invalidation::from_bytes(&vec![0u8; MAX_MESSAGE_BYTES + 1]);
+        assert_eq!(big.map_err(|e| e.reason()), Err("oversized"));
     }
 
     #[test]

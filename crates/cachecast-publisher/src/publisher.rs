@@ -1,12 +1,15 @@
 //! Publishing one invalidation and collecting its acknowledgements.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage;
-use cachecast_bus::{BusConfig, Client, JetStream, REQUEST_ID_HEADER, StreamConfig};
+use cachecast_bus::{
+    BusConfig, Client, JetStream, LogLimiter, REQUEST_ID_HEADER, StreamConfig, WIRE_VERSION,
+    WIRE_VERSION_HEADER,
+};
 use cachecast_proto::{
     Ack, AckStatus, AgentId, EnvId, Invalidation, ResponseSelector, Subjects, Target, Wire,
 };
@@ -19,6 +22,13 @@ use crate::outcome::{AgentOutcome, Outcome};
 
 /// How long [`Publisher::start`] waits for its first full view of live agents.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many finished requests are remembered, so an ack arriving after its request ended
+/// (an agent slower than the deadline) is told apart from an ack for no request at all.
+const FINISHED_REMEMBERED: usize = 4096;
+
+/// At most one warning per kind of refused ack in this interval (the rest are counted).
+const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Why a publisher could not start.
 #[derive(Debug, thiserror::Error)]
@@ -72,9 +82,55 @@ struct Inner {
     /// Bounds a whole publish, retries included: the `503` comes within this.
     request_timeout: Duration,
     membership: Arc<Membership>,
-    /// Requests waiting for acks, by event id.
-    pending: Mutex<HashMap<String, mpsc::UnboundedSender<Received>>>,
+    /// Requests waiting for acks, by event id: their environment and where acks go.
+    pending: Mutex<HashMap<String, (EnvId, mpsc::UnboundedSender<Received>)>>,
+    /// The event ids of the latest finished requests.
+    finished: Mutex<Finished>,
+    /// Keeps a flood of refused acks from flooding the log.
+    log_limit: LogLimiter,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// The last [`FINISHED_REMEMBERED`] finished event ids.
+#[derive(Debug, Default)]
+struct Finished {
+    order: VecDeque<String>,
+    ids: HashSet<String>,
+}
+
+impl Finished {
+    fn insert(&mut self, event_id: String) {
+        if self.order.len() == FINISHED_REMEMBERED
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.ids.remove(&oldest);
+        }
+        self.ids.insert(event_id.clone());
+        self.order.push_back(event_id);
+    }
+
+    fn contains(&self, event_id: &str) -> bool {
+        self.ids.contains(event_id)
+    }
+}
+
+impl Inner {
+    /// Counts an ack this publisher refuses (`reason` is a fixed word; `env` the environment
+    /// its subject names, or `invalid`), and logs it unless too many were logged lately.
+    fn reject(&self, env: &str, reason: &'static str, subject: &str, agent: &str, detail: &str) {
+        metrics::counter!("cachecast_rejected_acks_total", "env" => env.to_owned(), "reason" => reason)
+            .increment(1);
+        if let Some(left_out) = self.log_limit.allow(reason) {
+            tracing::warn!(
+                reason,
+                subject,
+                agent,
+                left_out,
+                error = detail,
+                "ignoring an invalid ack; no request's answer depends on it (who can publish on this subject? check the NATS permissions)"
+            );
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -117,6 +173,8 @@ impl Publisher {
                 request_timeout: bus.nats.request_timeout,
                 membership,
                 pending: Mutex::default(),
+                finished: Mutex::default(),
+                log_limit: LogLimiter::new(REJECT_LOG_INTERVAL),
                 tasks: vec![follower, demux],
             }
         });
@@ -191,13 +249,14 @@ impl Publisher {
         let expected = inner.membership.live_ids(&request.env);
         let event_id = cachecast_proto::new_event_id();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let _registration = Registration::new(inner, &event_id, tx);
+        let _registration = Registration::new(inner, &event_id, &request.env, tx);
+        let ack_subject = Subjects::ack(&request.env, &inner.id, &event_id);
 
         let event = Invalidation {
             event_id: event_id.clone(),
             env: request.env.to_string(),
             request_id: request.request_id.clone(),
-            ack_subject: Subjects::ack(&request.env, &inner.id, &event_id),
+            ack_subject: ack_subject.clone(),
             issued_at_unix_ms: cachecast_proto::now_unix_ms(),
             target: Some(Target::Response(request.selector.clone())),
         };
@@ -227,10 +286,24 @@ impl Publisher {
             };
             let Some((ack, at)) = received else { break };
             let Some(slot) = agents.get_mut(ack.agent_id.as_str()) else {
-                tracing::debug!(agent = %ack.agent_id, %event_id, "ignoring an ack from an agent that was not expected");
+                // An agent that joined after the expected set was fixed, or a forgery.
+                inner.reject(
+                    request.env.as_str(),
+                    "unexpected_agent",
+                    &ack_subject,
+                    &ack.agent_id,
+                    "an ack from an agent that was not live when the event was published",
+                );
                 continue;
             };
             if slot.is_some() {
+                inner.reject(
+                    request.env.as_str(),
+                    "duplicate",
+                    &ack_subject,
+                    &ack.agent_id,
+                    "a second ack from the same agent for the same event",
+                );
                 continue;
             }
             let latency = at.saturating_duration_since(started);
@@ -295,6 +368,7 @@ impl Publisher {
         let mut headers = HeaderMap::new();
         headers.insert(REQUEST_ID_HEADER, request.request_id.as_str());
         cachecast_bus::trace_context::inject_current(&mut headers);
+        headers.insert(WIRE_VERSION_HEADER, WIRE_VERSION);
         let message = PublishMessage::build()
             .payload(event.to_bytes())
             .headers(headers)
@@ -348,12 +422,17 @@ struct Registration<'a> {
 }
 
 impl<'a> Registration<'a> {
-    fn new(inner: &'a Inner, event_id: &str, tx: mpsc::UnboundedSender<Received>) -> Self {
+    fn new(
+        inner: &'a Inner,
+        event_id: &str,
+        env: &EnvId,
+        tx: mpsc::UnboundedSender<Received>,
+    ) -> Self {
         inner
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(event_id.to_owned(), tx);
+            .insert(event_id.to_owned(), (env.clone(), tx));
         Self {
             inner,
             event_id: event_id.to_owned(),
@@ -368,24 +447,39 @@ impl Drop for Registration<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.event_id);
+        self.inner
+            .finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(std::mem::take(&mut self.event_id));
     }
 }
 
-/// Routes each ack to the request waiting for it.
+/// Routes each ack to the request waiting for it. Refuses (counts, logs, ignores) an ack that
+/// does not decode, whose subject and payload disagree, that comes from another environment's
+/// subject than its request's, or that names no request.
 async fn demux_acks(mut acks: async_nats::Subscriber, inner: std::sync::Weak<Inner>) {
     while let Some(message) = acks.next().await {
         let at = Instant::now();
         let Some(inner) = inner.upgrade() else { return };
+        let subject = message.subject.as_str();
+        // cachecast.v1.<env>.ack.<publisherId>.<eventId>: the subscription fixes the rest.
+        let subject_env = subject
+            .split('.')
+            .nth(2)
+            .and_then(|env| EnvId::new(env).ok());
+        let env_label = subject_env.as_ref().map_or("invalid", EnvId::as_str);
         let ack = match Ack::from_bytes(&message.payload) {
             Ok(ack) => ack,
             Err(err) => {
-                tracing::warn!(subject = %message.subject, error = %err, "ignoring an undecodable ack");
+                inner.reject(env_label, err.reason(), subject, "", &err.to_string());
                 continue;
             }
         };
         // The subject names the event; it must agree with the payload.
-        if message.subject.rsplit('.').next() != Some(ack.event_id.as_str()) {
-            tracing::warn!(subject = %message.subject, "ignoring an ack whose subject and event id disagree");
+        if subject.rsplit('.').next() != Some(ack.event_id.as_str()) {
+            let detail = format!("the payload names event {:?}", ack.event_id);
+            inner.reject(env_label, "mismatched_subject", subject, &ack.agent_id, &detail);
             continue;
         }
         let waiting = inner
@@ -395,12 +489,30 @@ async fn demux_acks(mut acks: async_nats::Subscriber, inner: std::sync::Weak<Inn
             .get(&ack.event_id)
             .cloned();
         match waiting {
-            Some(tx) => {
+            Some((env, tx)) if subject_env.as_ref() == Some(&env) => {
                 let _ = tx.send((ack, at));
             }
-            None => {
+            Some((env, _)) => {
+                let detail = format!("the event is for environment {env}");
+                inner.reject(env_label, "wrong_env", subject, &ack.agent_id, &detail);
+            }
+            None if inner
+                .finished
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&ack.event_id) =>
+            {
+                metrics::counter!("cachecast_rejected_acks_total", "env" => env_label.to_owned(), "reason" => "late")
+                    .increment(1);
                 tracing::debug!(event_id = %ack.event_id, agent = %ack.agent_id, "ack after its request finished")
             }
+            None => inner.reject(
+                env_label,
+                "unknown_event",
+                subject,
+                &ack.agent_id,
+                "no request of this publisher published that event",
+            ),
         }
     }
     tracing::error!(

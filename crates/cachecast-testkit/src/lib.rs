@@ -10,8 +10,10 @@
 
 mod child;
 mod cluster;
+pub mod jwt;
 mod proxy;
 mod redis;
+pub mod tls;
 
 use std::{
     net::{Ipv4Addr, TcpListener},

@@ -1,0 +1,398 @@
+//! The committed NATS accounts (deploy/nats/accounts.conf), run by a real nats-server with
+//! the passwords it takes from the environment: the API and agents work end to end with their
+//! users, and every denial the file promises holds. A denial is observed as the server's
+//! `Permissions Violation` error on the offending connection, and nothing is delivered: no
+//! event stored, no ack or event received, no presence written, no consumer created.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull;
+use cachecast_bus::{BusConfig, Secret};
+use cachecast_e2e::Stack;
+use cachecast_testkit::NatsServer;
+use futures::{FutureExt as _, StreamExt as _};
+use tokio::sync::mpsc;
+
+const API_PASSWORD: &str = "api-pw-for-tests";
+const DEV_1_PASSWORD: &str = "dev-1-pw-for-tests";
+const PROD_1_PASSWORD: &str = "prod-1-pw-for-tests";
+
+/// How long a denial may take to be reported.
+const DENIAL: Duration = Duration::from_secs(5);
+
+/// A nats-server with JetStream running deploy/nats/accounts.conf as committed.
+async fn server() -> NatsServer {
+    cachecast_e2e::init_logs();
+    let config = cachecast_testkit::workspace_root().join("deploy/nats/accounts.conf");
+    NatsServer::builder(cachecast_testkit::nats_binary())
+        .arg("-c")
+        .arg(config.to_string_lossy())
+        .env("NATS_SYS_PASSWORD", "sys-pw-for-tests")
+        .env("NATS_CACHECAST_API_PASSWORD", API_PASSWORD)
+        .env("NATS_CACHECAST_AGENT_DEV_1_PASSWORD", DEV_1_PASSWORD)
+        .env("NATS_CACHECAST_AGENT_PROD_1_PASSWORD", PROD_1_PASSWORD)
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("nats-server did not start with deploy/nats/accounts.conf: {e}"))
+}
+
+/// A NATS user of the file and the inbox prefix it must use.
+#[derive(Clone, Copy)]
+struct User {
+    name: &'static str,
+    password: &'static str,
+    inbox: &'static str,
+}
+
+const API: User = User {
+    name: "cachecast-api",
+    password: API_PASSWORD,
+    inbox: "_INBOX.api",
+};
+const DEV_1: User = User {
+    name: "cachecast-agent-dev-1",
+    password: DEV_1_PASSWORD,
+    inbox: "_INBOX.agent.dev.dev-agent-1",
+};
+const PROD_1: User = User {
+    name: "cachecast-agent-prod-1",
+    password: PROD_1_PASSWORD,
+    inbox: "_INBOX.agent.prod.prod-agent-1",
+};
+
+impl User {
+    fn configure(self, bus: &mut BusConfig) {
+        bus.nats.user = Some(self.name.into());
+        bus.nats.password = Some(Secret::new(self.password));
+        bus.nats.inbox_prefix = self.inbox.into();
+    }
+
+    fn bus(self, nats: &NatsServer) -> BusConfig {
+        let mut bus = BusConfig::default();
+        bus.nats.url = nats.url();
+        self.configure(&mut bus);
+        bus
+    }
+}
+
+/// A raw client of one user that records the errors the server sends it.
+struct Probe {
+    client: async_nats::Client,
+    errors: mpsc::UnboundedReceiver<String>,
+}
+
+impl Probe {
+    async fn connect(nats: &NatsServer, user: User) -> Self {
+        let (tx, errors) = mpsc::unbounded_channel();
+        let client = async_nats::ConnectOptions::with_user_and_password(
+            user.name.into(),
+            user.password.into(),
+        )
+        .custom_inbox_prefix(user.inbox)
+        .request_timeout(Some(Duration::from_secs(2)))
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(err) = event {
+                    tx.send(err.to_string()).ok();
+                }
+            }
+        })
+        .connect(nats.url())
+        .await
+        .unwrap_or_else(|e| panic!("{} cannot connect: {e}", user.name));
+        Self { client, errors }
+    }
+
+    /// Waits for the server's permissions violation naming `subject`.
+    async fn violation(&mut self, subject: &str) {
+        let wanted = format!("\"{subject}\"");
+        let found = tokio::time::timeout(DENIAL, async {
+            while let Some(error) = self.errors.recv().await {
+                if error.to_lowercase().contains("permissions violation")
+                    && error.contains(&wanted)
+                {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(
+            matches!(found, Ok(true)),
+            "no permissions violation for {subject} within {DENIAL:?}"
+        );
+    }
+
+    /// Publishes on `subject`, which must be refused.
+    async fn publish_refused(&mut self, subject: &str) {
+        self.client
+            .publish(subject.to_owned(), "forged".into())
+            .await
+            .expect("publish is buffered");
+        self.violation(subject).await;
+    }
+
+    /// Subscribes to `subject`, which must be refused; returns the subscription to show that
+    /// nothing arrives on it.
+    async fn subscribe_refused(&mut self, subject: &str) -> async_nats::Subscriber {
+        let subscriber = self
+            .client
+            .subscribe(subject.to_owned())
+            .await
+            .expect("subscribe is buffered");
+        self.violation(subject).await;
+        subscriber
+    }
+
+    /// A JetStream API request on `subject`, which must be refused: the request fails.
+    async fn api_request_refused(&mut self, subject: &str, body: serde_json::Value) {
+        let answer = self
+            .client
+            .request(subject.to_owned(), body.to_string().into())
+            .await;
+        assert!(answer.is_err(), "{subject} answered: {answer:?}");
+        self.violation(subject).await;
+    }
+
+    /// A round trip to the server: whatever it was going to deliver before has arrived.
+    async fn barrier(&self) {
+        tokio::time::timeout(DENIAL, self.client.flush())
+            .await
+            .expect("flush in time")
+            .expect("flush");
+    }
+}
+
+/// Nothing has arrived on `subscriber` (after a [`Probe::barrier`]).
+fn nothing_on(subscriber: &mut async_nats::Subscriber) {
+    if let Some(Some(message)) = subscriber.next().now_or_never() {
+        panic!("received {message:?} on a refused subscription");
+    }
+}
+
+/// How many messages the stream `name` holds, read by the API user.
+async fn stored(api: &Probe, name: &str) -> u64 {
+    let js = async_nats::jetstream::new(api.client.clone());
+    let mut stream = js.get_stream(name).await.expect("stream info");
+    stream.info().await.expect("stream info").state.messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_and_agents_work_with_their_users() {
+    let nats = server().await;
+    let stack = Stack::configured(nats, |bus| API.configure(bus)).await;
+    let (dev_cache, prod_cache) = (
+        cachecast_agent::MemoryCache::new(),
+        cachecast_agent::MemoryCache::new(),
+    );
+    let dev = stack
+        .agent_with_bus(
+            &DEV_1.bus(&stack.nats),
+            "dev",
+            "dev-agent-1",
+            Default::default(),
+            dev_cache,
+        )
+        .await;
+    let prod = stack
+        .agent_with_bus(
+            &PROD_1.bus(&stack.nats),
+            "prod",
+            "prod-agent-1",
+            Default::default(),
+            prod_cache,
+        )
+        .await;
+    stack.wait_for_agents("dev", 1).await;
+    stack.wait_for_agents("prod", 1).await;
+    for env in ["dev", "prod"] {
+        let answer = stack
+            .invalidate(env, r#"{"scopeClientId": "orders-api"}"#, "")
+            .await;
+        assert_eq!(answer.status, 200, "{env}: {}", answer.body);
+        assert_eq!(answer.body["_nodes"]["successful"], 1, "{}", answer.body);
+    }
+    dev.stop().await;
+    prod.stop().await;
+    stack.wait_for_agents("dev", 0).await;
+    let log = std::fs::read_to_string(stack.nats.log_file()).unwrap_or_default();
+    assert!(
+        !log.to_lowercase().contains("violation"),
+        "the users of deploy/nats/accounts.conf lack a permission cachecast needs:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reads_and_writes_only_its_own_environment() {
+    let nats = server().await;
+    // The API creates the stream and the bucket.
+    let stack = Stack::configured(nats, |bus| API.configure(bus)).await;
+    let nats = &stack.nats;
+    let api = Probe::connect(nats, API).await;
+    let mut agent = Probe::connect(nats, DEV_1).await;
+    let mut prod_acks = api
+        .client
+        .subscribe("cachecast.v1.prod.ack.>")
+        .await
+        .expect("the API may read acks");
+    api.barrier().await;
+    let events_before = stored(&api, "CACHECAST").await;
+    let presence_before = stored(&api, "KV_cachecast-agents").await;
+
+    // It cannot publish invalidations, in its environment or another.
+    agent.publish_refused("cachecast.v1.dev.inval").await;
+    agent.publish_refused("cachecast.v1.prod.inval").await;
+    // It cannot acknowledge another environment's events.
+    agent
+        .publish_refused("cachecast.v1.prod.ack.publisher.event")
+        .await;
+    // It cannot announce another agent, here or elsewhere.
+    agent
+        .publish_refused("$KV.cachecast-agents.dev.dev-agent-2")
+        .await;
+    agent
+        .publish_refused("$KV.cachecast-agents.prod.prod-agent-1")
+        .await;
+
+    // It cannot read events except through a consumer filtered to its environment.
+    let mut direct = agent.subscribe_refused("cachecast.v1.dev.inval").await;
+    let mut everything = agent.subscribe_refused("cachecast.v1.>").await;
+    // Nor the replies meant for other users.
+    let mut others = agent.subscribe_refused("_INBOX.>").await;
+    let mut api_inbox = agent.subscribe_refused("_INBOX.api.>").await;
+    let js = async_nats::jetstream::new(agent.client.clone());
+    let stream = js
+        .get_stream("CACHECAST")
+        .await
+        .expect("an agent may read the stream's info");
+    for config in [
+        // Another environment's events.
+        pull::OrderedConfig {
+            name: Some("sneaky".into()),
+            filter_subject: "cachecast.v1.prod.inval".into(),
+            ..Default::default()
+        },
+        // Every environment's: no name, so no filter in the API subject.
+        pull::OrderedConfig {
+            filter_subject: "cachecast.v1.prod.inval".into(),
+            ..Default::default()
+        },
+    ] {
+        let created = tokio::time::timeout(DENIAL, stream.create_consumer(config)).await;
+        assert!(
+            matches!(created, Ok(Err(_))),
+            "the consumer must not be created"
+        );
+    }
+    agent
+        .violation("$JS.API.CONSUMER.CREATE.CACHECAST.sneaky.cachecast.v1.prod.inval")
+        .await;
+    agent.violation("$JS.API.CONSUMER.CREATE.CACHECAST").await;
+    // The subject names its environment, the body another: the server refuses the mismatch.
+    for config in [
+        serde_json::json!({"name": "sneaky2", "filter_subject": "cachecast.v1.prod.inval"}),
+        serde_json::json!({"name": "sneaky2", "filter_subjects": ["cachecast.v1.prod.inval"]}),
+        serde_json::json!({"name": "sneaky2", "filter_subjects": ["cachecast.v1.dev.inval", "cachecast.v1.prod.inval"]}),
+    ] {
+        let answer = agent
+            .client
+            .request(
+                "$JS.API.CONSUMER.CREATE.CACHECAST.sneaky2.cachecast.v1.dev.inval",
+                serde_json::json!({"stream_name": "CACHECAST", "config": config, "action": ""})
+                    .to_string()
+                    .into(),
+            )
+            .await
+            .expect("the JetStream API answers");
+        let answer: serde_json::Value =
+            serde_json::from_slice(&answer.payload).expect("a JSON answer");
+        assert!(
+            answer.get("error").is_some(),
+            "a consumer of {config} must be refused: {answer}"
+        );
+    }
+    // No durable consumer, no reading stream messages directly.
+    agent
+        .api_request_refused(
+            "$JS.API.CONSUMER.DURABLE.CREATE.CACHECAST.sneaky3",
+            serde_json::json!({"stream_name": "CACHECAST", "config": {"durable_name": "sneaky3"}}),
+        )
+        .await;
+    agent
+        .api_request_refused(
+            "$JS.API.STREAM.MSG.GET.CACHECAST",
+            serde_json::json!({"last_by_subj": "cachecast.v1.prod.inval"}),
+        )
+        .await;
+    agent
+        .api_request_refused(
+            "$JS.API.DIRECT.GET.CACHECAST",
+            serde_json::json!({"last_by_subj": "cachecast.v1.prod.inval"}),
+        )
+        .await;
+    agent
+        .api_request_refused("$JS.API.CONSUMER.LIST.CACHECAST", serde_json::json!({}))
+        .await;
+    agent
+        .api_request_refused("$JS.API.STREAM.PURGE.CACHECAST", serde_json::json!({}))
+        .await;
+
+    // Real events in both environments, then a round trip: nothing reached the refused
+    // subscriptions, the forged ack reached no one, no forged event or presence was stored.
+    let answer = stack.invalidate("dev", "{}", "").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let answer = stack.invalidate("prod", "{}", "").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    agent.barrier().await;
+    api.barrier().await;
+    for subscription in [&mut direct, &mut everything, &mut others, &mut api_inbox] {
+        nothing_on(subscription);
+    }
+    nothing_on(&mut prod_acks);
+    assert_eq!(stored(&api, "CACHECAST").await, events_before + 2);
+    assert_eq!(stored(&api, "KV_cachecast-agents").await, presence_before);
+    let consumers = async_nats::jetstream::new(api.client.clone())
+        .get_stream("CACHECAST")
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("info")
+        .state
+        .consumer_count;
+    assert_eq!(consumers, 0, "no consumer was created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_cannot_act_as_an_agent_or_destroy_the_stream() {
+    let nats = server().await;
+    let stack = Stack::configured(nats, |bus| API.configure(bus)).await;
+    let nats = &stack.nats;
+    let mut api = Probe::connect(nats, API).await;
+    let events_before = stored(&api, "CACHECAST").await;
+    let presence_before = stored(&api, "KV_cachecast-agents").await;
+
+    api.publish_refused("cachecast.v1.dev.ack.publisher.event")
+        .await;
+    api.publish_refused("$KV.cachecast-agents.dev.ghost").await;
+    let mut events = api.subscribe_refused("cachecast.v1.dev.inval").await;
+    let mut agent_inboxes = api.subscribe_refused("_INBOX.agent.>").await;
+    for subject in [
+        "$JS.API.STREAM.DELETE.CACHECAST",
+        "$JS.API.STREAM.PURGE.CACHECAST",
+        "$JS.API.STREAM.UPDATE.CACHECAST",
+        "$JS.API.STREAM.DELETE.KV_cachecast-agents",
+        "$JS.API.STREAM.CREATE.ELSEWHERE",
+    ] {
+        api.api_request_refused(subject, serde_json::json!({})).await;
+    }
+
+    let answer = stack.invalidate("dev", "{}", "").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    api.barrier().await;
+    nothing_on(&mut events);
+    nothing_on(&mut agent_inboxes);
+    assert_eq!(stored(&api, "CACHECAST").await, events_before + 1);
+    assert_eq!(stored(&api, "KV_cachecast-agents").await, presence_before);
+}
