@@ -109,8 +109,7 @@ impl Probe {
         let wanted = format!("\"{subject}\"");
         let found = tokio::time::timeout(DENIAL, async {
             while let Some(error) = self.errors.recv().await {
-                if error.to_lowercase().contains("permissions violation")
-                    && error.contains(&wanted)
+                if error.to_lowercase().contains("permissions violation") && error.contains(&wanted)
                 {
                     return true;
                 }
@@ -181,7 +180,7 @@ async fn stored(api: &Probe, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_and_agents_work_with_their_users() {
     let nats = server().await;
-    let stack = Stack::configured(nats, |bus| API.configure(bus)).await;
+    let mut stack = Stack::configured(nats, |bus| API.configure(bus)).await;
     let (dev_cache, prod_cache) = (
         cachecast_agent::MemoryCache::new(),
         cachecast_agent::MemoryCache::new(),
@@ -212,6 +211,30 @@ async fn publisher_and_agents_work_with_their_users() {
             .await;
         assert_eq!(answer.status, 200, "{env}: {}", answer.body);
         assert_eq!(answer.body["_nodes"]["successful"], 1, "{}", answer.body);
+    }
+    // A server restart: the agents resume their consumers (new names, the same filter) and
+    // the publisher re-reads presence, all within their permissions.
+    stack
+        .nats
+        .start_again()
+        .await
+        .unwrap_or_else(|e| panic!("nats-server did not restart: {e}"));
+    // Clients reconnect on their own and the API answers 503 (at once) until its view of
+    // the agents is current again: retry until the agents confirm.
+    for env in ["dev", "prod"] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let answer = stack
+                .invalidate(env, r#"{"scopeClientId": "billing-api"}"#, "?timeout=10s")
+                .await;
+            if answer.status == 503 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            assert_eq!(answer.status, 200, "{env} after a restart: {}", answer.body);
+            assert_eq!(answer.body["_nodes"]["successful"], 1, "{}", answer.body);
+            break;
+        }
     }
     dev.stop().await;
     prod.stop().await;
@@ -385,7 +408,8 @@ async fn the_publisher_cannot_act_as_an_agent_or_destroy_the_stream() {
         "$JS.API.STREAM.DELETE.KV_cachecast-agents",
         "$JS.API.STREAM.CREATE.ELSEWHERE",
     ] {
-        api.api_request_refused(subject, serde_json::json!({})).await;
+        api.api_request_refused(subject, serde_json::json!({}))
+            .await;
     }
 
     let answer = stack.invalidate("dev", "{}", "").await;

@@ -10,11 +10,10 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use cachecast_agent::{Agent, AgentConfig, BackendError, CacheBackend};
-use cachecast_bus::{WIRE_VERSION_HEADER, WIRE_VERSION};
+use cachecast_bus::{WIRE_VERSION, WIRE_VERSION_HEADER};
 use cachecast_e2e::{JOIN_TIMEOUT, Recorder, Stack, eventually};
 use cachecast_proto::{
-    Ack, AckStatus, AgentId, EnvId, Invalidation, MAX_MESSAGE_BYTES, ResponseSelector, Target,
-    Wire,
+    Ack, AckStatus, AgentId, EnvId, Invalidation, MAX_MESSAGE_BYTES, ResponseSelector, Target, Wire,
 };
 use futures::StreamExt as _;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -77,7 +76,11 @@ async fn agent_with_readyz<B: CacheBackend>(
         .expect("bind admin");
     let readyz = format!("http://{}/readyz", listener.local_addr().expect("addr"));
     let router = cachecast_admin::router(health, metrics.clone());
-    tokio::spawn(cachecast_admin::serve(listener, router, std::future::pending()));
+    tokio::spawn(cachecast_admin::serve(
+        listener,
+        router,
+        std::future::pending(),
+    ));
     let running = tokio::time::timeout(JOIN_TIMEOUT, agent.start())
         .await
         .expect("agent starts in time")
@@ -243,10 +246,7 @@ async fn a_publisher_refuses_forged_acks_and_answers_correctly() {
         .expect("the event within 10 s")
         .expect("a message");
     let real = Invalidation::from_bytes(&message.payload).expect("a real event");
-    let (prefix, _) = real
-        .ack_subject
-        .rsplit_once('.')
-        .expect("an ack subject");
+    let (prefix, _) = real.ack_subject.rsplit_once('.').expect("an ack subject");
     let publisher = prefix.rsplit('.').next().expect("publisher id").to_owned();
     let other_env_subject = format!("cachecast.v1.other.ack.{publisher}.{}", real.event_id);
     let unknown_id = cachecast_proto::new_event_id();
@@ -318,9 +318,11 @@ async fn a_publisher_refuses_forged_acks_and_answers_correctly() {
     )
     .await
     .expect("publish");
-    eventually("the late ack is counted", Duration::from_secs(10), || async {
-        counter(&metrics, name, env, "late") == 1
-    })
+    eventually(
+        "the late ack is counted",
+        Duration::from_secs(10),
+        || async { counter(&metrics, name, env, "late") == 1 },
+    )
     .await;
     for (env, reason) in expected {
         assert_eq!(counter(&metrics, name, env, reason), 1, "{env} {reason}");

@@ -479,7 +479,13 @@ async fn demux_acks(mut acks: async_nats::Subscriber, inner: std::sync::Weak<Inn
         // The subject names the event; it must agree with the payload.
         if subject.rsplit('.').next() != Some(ack.event_id.as_str()) {
             let detail = format!("the payload names event {:?}", ack.event_id);
-            inner.reject(env_label, "mismatched_subject", subject, &ack.agent_id, &detail);
+            inner.reject(
+                env_label,
+                "mismatched_subject",
+                subject,
+                &ack.agent_id,
+                &detail,
+            );
             continue;
         }
         let waiting = inner

@@ -88,11 +88,7 @@ impl Operator {
         let operator_file = dir.join("operator.jwt");
         std::fs::write(&operator_file, &self.jwt)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", operator_file.display()));
-        let mut preload = format!(
-            "  {}: {}\n",
-            self.system.public_key(),
-            self.system.jwt
-        );
+        let mut preload = format!("  {}: {}\n", self.system.public_key(), self.system.jwt);
         for account in &self.accounts {
             preload.push_str(&format!("  {}: {}\n", account.public_key(), account.jwt));
         }
