@@ -296,6 +296,14 @@ pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Client, B
                     async_nats::Event::Draining | async_nats::Event::Closed => {
                         tracing::debug!(client = %name, event = %event, "NATS connection closing")
                     }
+                    async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
+                        tracing::warn!(client = %name, "NATS refused the credentials: check nats.user and nats.password, nats.token, nats.nkey_seed or nats.creds_file")
+                    }
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(error))
+                        if error.to_lowercase().contains("permissions violation") =>
+                    {
+                        tracing::warn!(client = %name, %error, "NATS refused an operation this user is not allowed: check its permissions (deploy/nats/accounts.conf) and nats.inbox_prefix")
+                    }
                     other => tracing::warn!(client = %name, event = %other, "NATS event"),
                 }
             }

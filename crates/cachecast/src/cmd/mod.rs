@@ -45,7 +45,7 @@ pub(crate) async fn publisher_once(bus: &BusConfig) -> anyhow::Result<Publisher>
     let client = connect(bus, "cachecast-cli").await?;
     Publisher::start(client, bus).await.with_context(|| {
         format!(
-            "could not reach the bus at {}",
+            "could not reach the bus at {}: is NATS running there with JetStream, and are the nats.* credentials and TLS settings right?",
             cachecast_bus::redact_url(&bus.nats.url)
         )
     })
