@@ -303,6 +303,24 @@ impl CacheBackend for Recorder {
         self.0.lock().expect("lock").push(what);
         Ok(1)
     }
+
+    /// Records `identity:<template>/<id>`; a flush (neither part) records nothing more than
+    /// the `*` of its response flush.
+    async fn evict_identities(
+        &self,
+        _env: &EnvId,
+        selector: &cachecast_proto::IdentitySelector,
+    ) -> Result<u64, cachecast_agent::BackendError> {
+        if selector.identity_template.is_some() || selector.identity_id.is_some() {
+            let what = format!(
+                "identity:{}/{}",
+                selector.identity_template.as_deref().unwrap_or("*"),
+                selector.identity_id.as_deref().unwrap_or("*")
+            );
+            self.0.lock().expect("lock").push(what);
+        }
+        Ok(0)
+    }
 }
 
 /// A Redis that an agent caches in, as a test sees it.

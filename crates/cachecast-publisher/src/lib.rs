@@ -17,4 +17,4 @@ pub mod validate;
 
 pub use membership::LiveAgent;
 pub use outcome::{AgentOutcome, Outcome};
-pub use publisher::{InvalidationRequest, PublishError, Publisher, PublisherError};
+pub use publisher::{InFlight, InvalidationRequest, PublishError, Publisher, PublisherError};
