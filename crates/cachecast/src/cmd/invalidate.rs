@@ -64,8 +64,8 @@ pub(crate) async fn run(config: Config, args: InvalidateArgs) -> anyhow::Result<
     while let Some((_, outcome)) = in_flight.next_ack().await {
         progress.record(&outcome);
     }
-    progress.done();
     let outcome = in_flight.finish();
+    progress.done(&outcome);
     if args.json {
         let (_, body) = cachecast_publisher::http::outcome_json(&outcome);
         println!("{body}");
@@ -203,11 +203,18 @@ impl Progress {
         let _ = err.flush();
     }
 
-    fn done(&mut self) {
-        if self.enabled {
-            self.draw(true);
-            eprintln!();
+    /// The last line: every agent counted, those that never answered too.
+    fn done(&mut self, outcome: &Outcome) {
+        if !self.enabled {
+            return;
         }
+        self.draw(true);
+        let silent = self.expected - self.confirmed - self.failed;
+        if silent > 0 {
+            eprint!(", {silent} did not answer in time");
+        }
+        eprintln!();
+        debug_assert_eq!(outcome.successful(), self.confirmed);
     }
 }
 
