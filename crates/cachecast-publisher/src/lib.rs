@@ -13,6 +13,7 @@ pub mod http;
 mod membership;
 mod outcome;
 mod publisher;
+pub mod service;
 pub mod validate;
 
 pub use membership::LiveAgent;

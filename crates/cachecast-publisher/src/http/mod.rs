@@ -15,9 +15,9 @@
 
 mod error;
 mod openapi;
-mod request;
+pub(crate) mod request;
 mod requests;
-mod response;
+pub(crate) mod response;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -75,6 +75,9 @@ pub struct ApiConfig {
     pub async_retention: Duration,
     /// The most asynchronous request statuses kept (running ones are never dropped).
     pub async_max_requests: usize,
+    /// Whether `serve` also takes requests as the `cachecast` NATS service (on
+    /// `cachecast.svc.v1.<env>.invalidate`; who may call it is up to NATS permissions).
+    pub nats_service: bool,
 }
 
 impl Default for ApiConfig {
@@ -89,6 +92,7 @@ impl Default for ApiConfig {
             cluster_name: "cachecast".into(),
             async_retention: Duration::from_secs(600),
             async_max_requests: 10_000,
+            nats_service: true,
         }
     }
 }
@@ -526,7 +530,7 @@ fn register_error(err: requests::RegisterError) -> ApiError {
     }
 }
 
-fn publish_error(err: PublishError) -> ApiError {
+pub(crate) fn publish_error(err: PublishError) -> ApiError {
     match err {
         PublishError::Unavailable(reason) => ApiError {
             retry_after: Some(1),

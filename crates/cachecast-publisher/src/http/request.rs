@@ -51,24 +51,7 @@ pub(crate) fn query(query: Option<&str>, config: &ApiConfig) -> Result<Query, Ap
     {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         match name {
-            "timeout" => {
-                let timeout = humantime::parse_duration(value).map_err(|_| {
-                    ApiError::bad_request(
-                        "invalid_timeout",
-                        format!("timeout {value:?} is not a duration: use a number with a unit, like 5s or 500ms"),
-                    )
-                })?;
-                if timeout.is_zero() || timeout > config.max_timeout {
-                    return Err(ApiError::bad_request(
-                        "invalid_timeout",
-                        format!(
-                            "timeout must be above 0 and at most {}",
-                            humantime::format_duration(config.max_timeout)
-                        ),
-                    ));
-                }
-                parsed.timeout = timeout;
-            }
+            "timeout" => parsed.timeout = timeout(value, config)?,
             "wait_for_completion" => {
                 parsed.wait_for_completion = match value {
                     "true" | "" => true,
@@ -92,6 +75,28 @@ pub(crate) fn query(query: Option<&str>, config: &ApiConfig) -> Result<Query, Ap
         }
     }
     Ok(parsed)
+}
+
+/// A timeout like `5s` or `500ms`, above zero and at most `api.max_timeout`.
+pub(crate) fn timeout(value: &str, config: &ApiConfig) -> Result<Duration, ApiError> {
+    let timeout = humantime::parse_duration(value).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_timeout",
+            format!(
+                "timeout {value:?} is not a duration: use a number with a unit, like 5s or 500ms"
+            ),
+        )
+    })?;
+    if timeout.is_zero() || timeout > config.max_timeout {
+        return Err(ApiError::bad_request(
+            "invalid_timeout",
+            format!(
+                "timeout must be above 0 and at most {}",
+                humantime::format_duration(config.max_timeout)
+            ),
+        ));
+    }
+    Ok(timeout)
 }
 
 /// Refuses content types other than JSON (a missing one is taken as JSON).
