@@ -133,6 +133,30 @@ impl Stack {
         .await
     }
 
+    /// A POST to `path` with `body` (JSON) and a token for `env`.
+    pub async fn post_as(&self, env: &str, path: &str, body: &str) -> Answer {
+        let token = self.token(&[env]);
+        self.post(
+            path,
+            body,
+            &[
+                ("Authorization", format!("Bearer {token}")),
+                ("Content-Type", "application/json".into()),
+            ],
+        )
+        .await
+    }
+
+    /// A GET of `path` with a token for `envs`; the answer must be JSON.
+    pub async fn get_as(&self, envs: &[&str], path: &str) -> Answer {
+        let token = self.token(envs);
+        let request = self
+            .http
+            .get(format!("{}{path}", self.base_url))
+            .header("Authorization", format!("Bearer {token}"));
+        answer(request.send().await.expect("the API answers")).await
+    }
+
     /// A POST with the given headers; the answer must be JSON.
     pub async fn post(&self, path: &str, body: &str, headers: &[(&str, String)]) -> Answer {
         let mut request = self
@@ -315,6 +339,24 @@ impl CacheBackend for Recorder {
         self.0.lock().expect("lock").push(what);
         Ok(1)
     }
+
+    /// Records `identity:<template>/<id>`; a flush (neither part) records nothing more than
+    /// the `*` of its response flush.
+    async fn evict_identities(
+        &self,
+        _env: &EnvId,
+        selector: &cachecast_proto::IdentitySelector,
+    ) -> Result<u64, cachecast_agent::BackendError> {
+        if selector.identity_template.is_some() || selector.identity_id.is_some() {
+            let what = format!(
+                "identity:{}/{}",
+                selector.identity_template.as_deref().unwrap_or("*"),
+                selector.identity_id.as_deref().unwrap_or("*")
+            );
+            self.0.lock().expect("lock").push(what);
+        }
+        Ok(0)
+    }
 }
 
 /// A Redis that an agent caches in, as a test sees it.
@@ -346,6 +388,21 @@ impl RedisCache {
             pipe.set(*key, "permit").ignore();
         }
         let () = pipe.query_async(&mut self.0).await.expect("seed Redis");
+    }
+
+    /// Every key but cachecast's own (`cachecast:*`, the agents' stream positions), sorted.
+    pub async fn all_keys(&mut self) -> Vec<String> {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut self.0)
+            .await
+            .expect("list Redis keys");
+        let mut keys: Vec<String> = keys
+            .into_iter()
+            .filter(|k| !k.starts_with("cachecast:"))
+            .collect();
+        keys.sort();
+        keys
     }
 
     /// Every cached `pdp:*` key, sorted.

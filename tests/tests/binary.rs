@@ -163,8 +163,82 @@ async fn the_cli_invalidates_lists_agents_and_reports_failures_by_exit_code() {
     let outcome: serde_json::Value = serde_json::from_str(ok.stdout().trim()).expect("JSON");
     assert_eq!(outcome["_nodes"]["successful"], 2, "{outcome}");
 
+    // The identity cache, with live progress drawn on stderr.
+    let mut identity = cachecast(
+        &url,
+        &[
+            "invalidate",
+            "--env",
+            "dev",
+            "--kind",
+            "identity",
+            "--identity-template",
+            "User",
+            "--progress",
+            "always",
+        ],
+    );
+    assert_eq!(
+        identity.wait_exit(EXIT).await.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        identity.output()
+    );
+    assert!(
+        identity.stderr().contains("2/2 agents confirmed"),
+        "{}",
+        identity.stderr()
+    );
+    assert!(identity.stdout().contains("2 of 2 agents confirmed"));
+
+    // Arguments that do not fit the kind are refused before anything is published.
+    for bad in [
+        &[
+            "invalidate",
+            "--env",
+            "dev",
+            "--kind",
+            "keyed",
+            "--cache",
+            "apikeys",
+        ][..],
+        &["invalidate", "--env", "dev", "--kind", "identity"][..],
+        &["invalidate", "--env", "dev", "--identity-template", "User"][..],
+        &[
+            "invalidate",
+            "--env",
+            "dev",
+            "--kind",
+            "keyed",
+            "--cache",
+            "a.b",
+            "--ids",
+            "*",
+        ][..],
+    ] {
+        let mut refused = cachecast(&url, bad);
+        assert_eq!(
+            refused.wait_exit(EXIT).await.and_then(|s| s.code()),
+            Some(2),
+            "{bad:?}: {}",
+            refused.output()
+        );
+        assert!(refused.stderr().contains("error:"), "{}", refused.stderr());
+    }
+
     agents[1].kill().await;
-    let mut partial = cachecast(&url, &["invalidate", "--env", "dev", "--timeout", "1s"]);
+    let mut partial = cachecast(
+        &url,
+        &[
+            "invalidate",
+            "--env",
+            "dev",
+            "--timeout",
+            "1s",
+            "--progress",
+            "always",
+        ],
+    );
     assert_eq!(
         partial.wait_exit(EXIT).await.and_then(|s| s.code()),
         Some(3),
@@ -177,6 +251,11 @@ async fn the_cli_invalidates_lists_agents_and_reports_failures_by_exit_code() {
         "{table}"
     );
     assert!(table.contains("1 of 2 agents confirmed"), "{table}");
+    let progress = partial.stderr();
+    assert!(
+        progress.contains("1/2 agents confirmed, 1 did not answer in time"),
+        "{progress}"
+    );
 
     let mut unavailable = cachecast(
         "nats://127.0.0.1:1",

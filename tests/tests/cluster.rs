@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use cachecast_agent::{Agent, AgentConfig};
 use cachecast_bus::BusConfig;
 use cachecast_e2e::{Recorder, env_id, eventually};
-use cachecast_proto::{AgentId, ResponseSelector};
+use cachecast_proto::{AgentId, ResponseSelector, Target};
 use cachecast_publisher::{InvalidationRequest, PublishError, Publisher};
 use cachecast_testkit::NatsCluster;
 
@@ -86,10 +86,10 @@ async fn invalidations_survive_losing_one_node_at_a_time() {
         let result = publisher
             .invalidate(InvalidationRequest {
                 env: env.clone(),
-                selector: ResponseSelector {
+                target: Target::Response(ResponseSelector {
                     scope_client_ids: vec![scope.clone()],
                     identity_id: None,
-                },
+                }),
                 request_id: scope.clone(),
                 timeout,
             })

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use cachecast_agent::AgentConfig;
 use cachecast_e2e::{AgentHandle, Recorder, Stack, TcpProxy, env_id, eventually};
-use cachecast_proto::ResponseSelector;
+use cachecast_proto::{ResponseSelector, Target};
 use cachecast_publisher::{AgentOutcome, InvalidationRequest, PublishError};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -153,10 +153,10 @@ async fn a_random_fault_schedule_keeps_every_promise() {
             .publisher
             .invalidate(InvalidationRequest {
                 env: env.clone(),
-                selector: ResponseSelector {
+                target: Target::Response(ResponseSelector {
                     scope_client_ids: vec![scope.clone()],
                     identity_id: None,
-                },
+                }),
                 request_id: scope.clone(),
                 timeout: Duration::from_secs(1),
             })

@@ -188,6 +188,14 @@ impl CacheBackend for Gate {
         }
         Ok(1)
     }
+
+    async fn evict_identities(
+        &self,
+        _env: &EnvId,
+        _selector: &cachecast_proto::IdentitySelector,
+    ) -> Result<u64, BackendError> {
+        Ok(0)
+    }
 }
 
 fn ack(event_id: &str, agent: &str, status: AckStatus) -> Vec<u8> {

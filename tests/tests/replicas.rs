@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use cachecast_e2e::{Stack, env_id};
-use cachecast_proto::ResponseSelector;
+use cachecast_proto::{ResponseSelector, Target};
 use cachecast_publisher::{InvalidationRequest, Publisher};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,7 +72,7 @@ async fn two_publisher_replicas_answer_alternating_requests() {
             let outcome = replica
                 .invalidate(InvalidationRequest {
                     env: env.clone(),
-                    selector: ResponseSelector::default(),
+                    target: Target::Response(ResponseSelector::default()),
                     request_id: format!("round-{round}"),
                     timeout: Duration::from_secs(5),
                 })

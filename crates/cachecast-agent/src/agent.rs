@@ -13,13 +13,13 @@ use cachecast_bus::{
     BusConfig, Client, JetStream, LogLimiter, REQUEST_ID_HEADER, WIRE_VERSION, WIRE_VERSION_HEADER,
 };
 use cachecast_proto::{
-    Ack, AckStatus, AgentId, EnvId, Invalidation, ResponseSelector, Subjects, Target, Wire,
+    Ack, AckStatus, AgentId, CacheName, EnvId, Invalidation, Subjects, Target, Wire,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::backend::CacheBackend;
+use crate::backend::{BackendError, CacheBackend};
 use crate::presence::Heartbeat;
 
 /// The `[agent]` configuration section.
@@ -42,6 +42,9 @@ pub struct AgentConfig {
     pub admin_listen: Option<std::net::SocketAddr>,
     /// What the agent does with its cache on start.
     pub on_start: OnStart,
+    /// The keyed caches of the memory backend (the Redis backend names its own in
+    /// `redis.keyed_caches`).
+    pub keyed_caches: Vec<CacheName>,
 }
 
 /// What an agent does with its cache when it starts.
@@ -78,6 +81,7 @@ impl Default for AgentConfig {
             backend: BackendKind::default(),
             admin_listen: None,
             on_start: OnStart::default(),
+            keyed_caches: Vec::new(),
         }
     }
 }
@@ -315,14 +319,11 @@ impl<B: CacheBackend> Agent<B> {
 
     /// Evicts everything, bounded by `evict_timeout`, and counts it under `reason`.
     async fn flush(&self, reason: &'static str) -> Result<u64, String> {
-        let all = ResponseSelector::default();
-        let evicted = tokio::time::timeout(
-            self.config.evict_timeout,
-            self.backend.evict_responses(&self.env, &all),
-        )
-        .await
-        .map_err(|_| format!("timed out after {:?}", self.config.evict_timeout))?
-        .map_err(|err| err.to_string())?;
+        let evicted =
+            tokio::time::timeout(self.config.evict_timeout, self.backend.flush(&self.env))
+                .await
+                .map_err(|_| format!("timed out after {:?}", self.config.evict_timeout))?
+                .map_err(|err| err.to_string())?;
         metrics::counter!("cachecast_agent_flushes_total", "env" => self.env.to_string(), "reason" => reason)
             .increment(1);
         tracing::info!(evicted, reason, "cache flushed");
@@ -361,12 +362,14 @@ impl<B: CacheBackend> Agent<B> {
             if resume_from.is_none() {
                 retry("flush the cache", || self.flush("start")).await;
             }
+            let keyed_caches = self.backend.keyed_caches();
             let heartbeat = retry("announce presence", || {
                 Heartbeat::announce(
                     store.clone(),
                     &self.env,
                     &self.id,
                     self.backend.kind(),
+                    &keyed_caches,
                     self.config.heartbeat,
                 )
             })
@@ -703,15 +706,40 @@ impl<B: CacheBackend> Agent<B> {
     }
 
     async fn evict(&self, event: &Invalidation) -> Result<u64, String> {
-        let Some(Target::Response(selector)) = &event.target else {
-            return Err("unsupported invalidation kind: upgrade this agent".into());
+        let eviction = async {
+            match &event.target {
+                Some(Target::Response(selector)) => {
+                    self.backend.evict_responses(&self.env, selector).await
+                }
+                Some(Target::Identity(selector)) => {
+                    if selector.identity_template.is_none() && selector.identity_id.is_none() {
+                        return Err(BackendError::Other(
+                            "an identity eviction names neither a template nor an id".into(),
+                        ));
+                    }
+                    self.backend.evict_identities(&self.env, selector).await
+                }
+                Some(Target::Keyed(selector)) => {
+                    let cache = CacheName::new(selector.cache.as_str())
+                        .map_err(|err| BackendError::Other(err.to_string()))?;
+                    let ids = match (selector.all, selector.ids.is_empty()) {
+                        (true, true) => None,
+                        (false, false) => Some(selector.ids.as_slice()),
+                        _ => {
+                            return Err(BackendError::Other(
+                                "a keyed eviction must name either ids or all, not both or neither"
+                                    .into(),
+                            ));
+                        }
+                    };
+                    self.backend.evict_keyed(&self.env, &cache, ids).await
+                }
+                None => Err(BackendError::Other(
+                    "unsupported invalidation kind: upgrade this agent".into(),
+                )),
+            }
         };
-        match tokio::time::timeout(
-            self.config.evict_timeout,
-            self.backend.evict_responses(&self.env, selector),
-        )
-        .await
-        {
+        match tokio::time::timeout(self.config.evict_timeout, eviction).await {
             Ok(Ok(evicted)) => Ok(evicted),
             Ok(Err(err)) => Err(err.to_string()),
             Err(_) => Err(format!(

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
-use cachecast_proto::{AgentId, EnvId, Presence, Subjects, Wire};
+use cachecast_proto::{AgentId, CacheName, EnvId, Presence, Subjects, Wire};
 use tokio::task::JoinHandle;
 
 /// A running heartbeat; [`Heartbeat::leave`] stops it and deletes the key.
@@ -29,6 +29,7 @@ impl Heartbeat {
         env: &EnvId,
         agent: &AgentId,
         backend: &str,
+        keyed_caches: &[CacheName],
         interval: Duration,
     ) -> Result<Self, kv::PutError> {
         let key = Subjects::presence_key(env, agent);
@@ -39,6 +40,7 @@ impl Heartbeat {
             started_at_unix_ms: cachecast_proto::now_unix_ms(),
             backend: backend.to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            keyed_caches: keyed_caches.iter().map(|c| c.to_string()).collect(),
         }
         .to_bytes();
         store.put(&key, value.clone()).await?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use cachecast_agent::{Agent, AgentConfig, MemoryCache};
 use cachecast_bus::{BusConfig, Client, Secret};
-use cachecast_proto::{AgentId, EnvId, ResponseSelector};
+use cachecast_proto::{AgentId, EnvId, ResponseSelector, Target};
 use cachecast_publisher::auth::{AuthConfig, Verifier, issue_hs256};
 use cachecast_publisher::http::ApiConfig;
 use cachecast_publisher::{InvalidationRequest, Publisher};
@@ -68,7 +68,7 @@ impl Agents {
 pub(crate) async fn library_round(publisher: &Publisher, env: &EnvId) {
     let request = InvalidationRequest {
         env: env.clone(),
-        selector: ResponseSelector::default(),
+        target: Target::Response(ResponseSelector::default()),
         request_id: "bench".into(),
         timeout: Duration::from_secs(30),
     };

@@ -87,6 +87,7 @@ pub(crate) async fn fake_presences(
             started_at_unix_ms: cachecast_proto::now_unix_ms(),
             backend: "memory".into(),
             version: env!("CARGO_PKG_VERSION").into(),
+            keyed_caches: Vec::new(),
         };
         store
             .put(Subjects::presence_key(env, &agent), presence.to_bytes())

@@ -107,6 +107,12 @@ token_id!(
     AgentId,
     "agent id"
 );
+token_id!(
+    /// The name of a keyed cache an agent serves (`apikeys`, `sessions`, ...). Not a subject
+    /// token today, but held to the same rule so it is safe in paths, keys and labels.
+    CacheName,
+    "cache name"
+);
 
 /// A new event id: a UUIDv7 in simple form (32 hex digits), so ids sort by creation time and
 /// are always valid subject tokens.

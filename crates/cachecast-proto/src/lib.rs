@@ -8,7 +8,7 @@
 mod ids;
 mod subjects;
 
-pub use ids::{AgentId, EnvId, InvalidId, new_event_id, new_publisher_id};
+pub use ids::{AgentId, CacheName, EnvId, InvalidId, new_event_id, new_publisher_id};
 pub use subjects::{Subjects, parse_presence_key};
 
 /// Generated protobuf types of `cachecast.v1`.
@@ -17,7 +17,11 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/cachecast.v1.rs"));
 }
 
-pub use v1::{Ack, AckStatus, Invalidation, Presence, ResponseSelector, invalidation::Target};
+pub use v1::{
+    Ack, AckStatus, AgentOutcome as AgentOutcomeReply, ErrorReply, IdentitySelector,
+    InvalidateReply, InvalidateRequest, Invalidation, KeyedSelector, Presence, ResponseSelector,
+    invalidate_request::Target as RequestTarget, invalidation::Target,
+};
 
 /// The largest message cachecast accepts on the bus. Larger payloads are refused before
 /// decoding, so a hostile peer cannot make an agent allocate without bound.
@@ -77,6 +81,36 @@ impl ResponseSelector {
     /// True when the selector names neither a scope nor an identity: evict everything.
     pub fn is_all(&self) -> bool {
         self.scope_client_ids.is_empty() && self.identity_id.is_none()
+    }
+}
+
+impl Target {
+    /// A short name of the cache kind, for logs and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Response(_) => "response",
+            Self::Identity(_) => "identity",
+            Self::Keyed(_) => "keyed",
+        }
+    }
+
+    /// True when the target is a whole cache of the environment (a full flush), not a part.
+    pub fn is_full_flush(&self) -> bool {
+        match self {
+            Self::Response(selector) => selector.is_all(),
+            Self::Identity(_) => false,
+            Self::Keyed(selector) => selector.all,
+        }
+    }
+}
+
+impl From<RequestTarget> for Target {
+    fn from(target: RequestTarget) -> Self {
+        match target {
+            RequestTarget::Response(s) => Self::Response(s),
+            RequestTarget::Identity(s) => Self::Identity(s),
+            RequestTarget::Keyed(s) => Self::Keyed(s),
+        }
     }
 }
 

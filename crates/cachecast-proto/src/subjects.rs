@@ -1,6 +1,7 @@
 //! NATS subject names and presence keys.
 //!
 //! Events: `cachecast.v1.<env>.inval`. Acks: `cachecast.v1.<env>.ack.<publisherId>.<eventId>`.
+//! Service requests: `cachecast.svc.v1.<env>.invalidate`.
 //! Presence: key `<env>.<agentId>` in the presence bucket. Every token here is either a
 //! validated id or a server-generated one, so no subject built here contains a wildcard.
 
@@ -34,6 +35,22 @@ impl Subjects {
     /// Every ack addressed to one publisher, in any environment.
     pub fn acks_for_publisher(publisher_id: &str) -> String {
         format!("{PREFIX}.*.ack.{publisher_id}.*")
+    }
+
+    /// Where the `cachecast` NATS service takes invalidation requests, every environment.
+    pub const SERVICE_REQUESTS: &'static str = "cachecast.svc.v1.*.invalidate";
+
+    /// Where the `cachecast` NATS service takes invalidation requests for `env`.
+    pub fn service_request(env: &EnvId) -> String {
+        format!("cachecast.svc.v1.{env}.invalidate")
+    }
+
+    /// The environment of a service request subject, if the subject is one.
+    pub fn service_request_env(subject: &str) -> Option<EnvId> {
+        let env = subject
+            .strip_prefix("cachecast.svc.v1.")?
+            .strip_suffix(".invalidate")?;
+        EnvId::new(env).ok()
     }
 
     /// The presence key of one agent.

@@ -13,8 +13,9 @@ pub mod http;
 mod membership;
 mod outcome;
 mod publisher;
+pub mod service;
 pub mod validate;
 
 pub use membership::LiveAgent;
 pub use outcome::{AgentOutcome, Outcome};
-pub use publisher::{InvalidationRequest, PublishError, Publisher, PublisherError};
+pub use publisher::{InFlight, InvalidationRequest, PublishError, Publisher, PublisherError};

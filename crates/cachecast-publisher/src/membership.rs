@@ -32,6 +32,8 @@ pub struct LiveAgent {
     pub id: AgentId,
     pub backend: String,
     pub version: String,
+    /// The keyed caches it serves.
+    pub keyed_caches: Vec<String>,
     /// Time since its last heartbeat.
     pub last_seen: Duration,
 }
@@ -76,11 +78,18 @@ impl Membership {
 
     /// The ids of the agents live in `env` now.
     pub(crate) fn live_ids(&self, env: &EnvId) -> Vec<AgentId> {
+        self.live_ids_serving(env, None)
+    }
+
+    /// The ids of the agents live in `env` now that serve the keyed cache `cache` (every
+    /// live agent when `None`).
+    pub(crate) fn live_ids_serving(&self, env: &EnvId, cache: Option<&str>) -> Vec<AgentId> {
         let envs = self.lock();
         envs.get(env)
             .into_iter()
             .flatten()
             .filter(|(_, m)| m.is_live())
+            .filter(|(_, m)| cache.is_none_or(|c| m.presence.keyed_caches.iter().any(|k| k == c)))
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -97,6 +106,7 @@ impl Membership {
                 id: id.clone(),
                 backend: m.presence.backend.clone(),
                 version: m.presence.version.clone(),
+                keyed_caches: m.presence.keyed_caches.clone(),
                 last_seen: m.seen_at.elapsed(),
             })
             .collect();

@@ -10,9 +10,7 @@ use cachecast_bus::{
     BusConfig, Client, JetStream, LogLimiter, REQUEST_ID_HEADER, StreamConfig, WIRE_VERSION,
     WIRE_VERSION_HEADER,
 };
-use cachecast_proto::{
-    Ack, AckStatus, AgentId, EnvId, Invalidation, ResponseSelector, Subjects, Target, Wire,
-};
+use cachecast_proto::{Ack, AckStatus, AgentId, EnvId, Invalidation, Subjects, Target, Wire};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -57,7 +55,8 @@ pub enum PublishError {
 #[derive(Debug, Clone)]
 pub struct InvalidationRequest {
     pub env: EnvId,
-    pub selector: ResponseSelector,
+    /// What to evict: responses, identities, or ids of a keyed cache.
+    pub target: Target,
     /// For tracing only; never a de-duplication key.
     pub request_id: String,
     /// How long to wait for acknowledgements, counted from the start of the call.
@@ -231,8 +230,16 @@ impl Publisher {
     /// Publishes one invalidation and waits for every agent live in its environment to
     /// acknowledge it, or for the request's timeout.
     pub async fn invalidate(&self, request: InvalidationRequest) -> Result<Outcome, PublishError> {
+        let mut in_flight = self.begin(request).await?;
+        while in_flight.next_ack().await.is_some() {}
+        Ok(in_flight.finish())
+    }
+
+    /// Publishes one invalidation and returns at once with the acks still to come: for
+    /// callers that show progress ([`InFlight::next_ack`]) or answer before the outcome.
+    pub async fn begin(&self, request: InvalidationRequest) -> Result<InFlight, PublishError> {
         crate::validate::request_id(&request.request_id).map_err(PublishError::Invalid)?;
-        crate::validate::selector(&request.selector).map_err(PublishError::Invalid)?;
+        crate::validate::target(&request.target).map_err(PublishError::Invalid)?;
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + request.timeout);
         let inner = &self.inner;
@@ -245,11 +252,16 @@ impl Publisher {
             ));
         }
         // The expected set is fixed before publishing: an agent announces itself only after
-        // its consumer exists, so every agent in this set will receive the event.
-        let expected = inner.membership.live_ids(&request.env);
+        // its consumer exists, so every agent in this set will receive the event. A keyed
+        // cache is cleared by the agents that serve it.
+        let serving = match &request.target {
+            Target::Keyed(selector) => Some(selector.cache.as_str()),
+            _ => None,
+        };
+        let expected = inner.membership.live_ids_serving(&request.env, serving);
         let event_id = cachecast_proto::new_event_id();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let _registration = Registration::new(inner, &event_id, &request.env, tx);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let registration = Registration::new(inner.clone(), &event_id, &request.env, tx);
         let ack_subject = Subjects::ack(&request.env, &inner.id, &event_id);
 
         let event = Invalidation {
@@ -258,7 +270,7 @@ impl Publisher {
             request_id: request.request_id.clone(),
             ack_subject: ack_subject.clone(),
             issued_at_unix_ms: cachecast_proto::now_unix_ms(),
-            target: Some(Target::Response(request.selector.clone())),
+            target: Some(request.target.clone()),
         };
         let publish = tokio::time::timeout(inner.request_timeout, self.publish(&request, event));
         let sequence = match publish.await {
@@ -272,89 +284,22 @@ impl Publisher {
             metrics::counter!("cachecast_invalidations_total", "env" => request.env.to_string(), "outcome" => "unavailable")
                 .increment(1);
         })?;
-        tracing::debug!(request_id = %request.request_id, %event_id, sequence, expected = expected.len(), "event published");
-
-        let mut agents: BTreeMap<AgentId, Option<AgentOutcome>> =
-            expected.into_iter().map(|id| (id, None)).collect();
-        let mut outstanding = agents.len();
+        tracing::debug!(request_id = %request.request_id, %event_id, sequence, expected = expected.len(), kind = request.target.kind(), "event published");
         let ack_seconds =
             metrics::histogram!("cachecast_agent_ack_seconds", "env" => request.env.to_string());
-        while outstanding > 0 {
-            let received = tokio::select! {
-                received = rx.recv() => received,
-                () = tokio::time::sleep_until(deadline) => None,
-            };
-            let Some((ack, at)) = received else { break };
-            let Some(slot) = agents.get_mut(ack.agent_id.as_str()) else {
-                // An agent that joined after the expected set was fixed, or a forgery.
-                inner.reject(
-                    request.env.as_str(),
-                    "unexpected_agent",
-                    &ack_subject,
-                    &ack.agent_id,
-                    "an ack from an agent that was not live when the event was published",
-                );
-                continue;
-            };
-            if slot.is_some() {
-                inner.reject(
-                    request.env.as_str(),
-                    "duplicate",
-                    &ack_subject,
-                    &ack.agent_id,
-                    "a second ack from the same agent for the same event",
-                );
-                continue;
-            }
-            let latency = at.saturating_duration_since(started);
-            ack_seconds.record(latency.as_secs_f64());
-            *slot = Some(match AckStatus::try_from(ack.status) {
-                Ok(AckStatus::Applied) => AgentOutcome::Applied {
-                    evicted: ack.evicted,
-                    latency,
-                },
-                Ok(AckStatus::Failed) => AgentOutcome::Failed {
-                    reason: ack.error,
-                    latency,
-                },
-                _ => AgentOutcome::Failed {
-                    reason: format!("unknown ack status {}", ack.status),
-                    latency,
-                },
-            });
-            outstanding -= 1;
-        }
-        let took = started.elapsed();
-        let agents: BTreeMap<AgentId, AgentOutcome> = agents
-            .into_iter()
-            .map(|(id, o)| (id, o.unwrap_or(AgentOutcome::TimedOut { after: took })))
-            .collect();
-        let env = request.env.to_string();
-        for outcome in agents.values() {
-            let kind = match outcome {
-                AgentOutcome::Applied { .. } => continue,
-                AgentOutcome::Failed { .. } => "eviction_failed",
-                AgentOutcome::TimedOut { .. } => "timeout",
-            };
-            metrics::counter!("cachecast_agent_failures_total", "env" => env.clone(), "type" => kind)
-                .increment(1);
-        }
-        let result = if agents.values().all(AgentOutcome::is_applied) {
-            "confirmed"
-        } else {
-            "failed_dependency"
-        };
-        metrics::counter!("cachecast_invalidations_total", "env" => env.clone(), "outcome" => result)
-            .increment(1);
-        metrics::histogram!("cachecast_invalidation_seconds", "env" => env, "outcome" => result)
-            .record(took.as_secs_f64());
-        Ok(Outcome {
+        Ok(InFlight {
+            outstanding: expected.len(),
+            agents: expected.into_iter().map(|id| (id, None)).collect(),
             request_id: request.request_id,
-            event_id,
             env: request.env,
+            event_id,
             sequence,
-            agents,
-            took,
+            started,
+            deadline,
+            rx,
+            ack_seconds,
+            ack_subject,
+            registration,
         })
     }
 
@@ -415,15 +360,154 @@ impl Publisher {
     }
 }
 
+/// A published invalidation whose acks are still arriving.
+#[derive(Debug)]
+pub struct InFlight {
+    request_id: String,
+    env: EnvId,
+    event_id: String,
+    sequence: u64,
+    started: Instant,
+    deadline: tokio::time::Instant,
+    /// Every expected agent, with its answer once it came.
+    agents: BTreeMap<AgentId, Option<AgentOutcome>>,
+    outstanding: usize,
+    rx: mpsc::UnboundedReceiver<Received>,
+    ack_seconds: metrics::Histogram,
+    /// Where this event's acks arrive, for logs.
+    ack_subject: String,
+    /// Keeps the request registered for acks until this is dropped.
+    registration: Registration,
+}
+
+impl InFlight {
+    /// The request id the invalidation carries.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The event id (also its `Nats-Msg-Id`).
+    pub fn event_id(&self) -> &str {
+        &self.event_id
+    }
+
+    /// The event's position in the invalidation stream.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// The agents expected to acknowledge, with the answers so far (`None`: still waiting).
+    pub fn agents(&self) -> &BTreeMap<AgentId, Option<AgentOutcome>> {
+        &self.agents
+    }
+
+    /// Waits for the next answer of an expected agent; `None` once every expected agent
+    /// answered or the deadline passed.
+    pub async fn next_ack(&mut self) -> Option<(AgentId, AgentOutcome)> {
+        while self.outstanding > 0 {
+            let received = tokio::select! {
+                received = self.rx.recv() => received,
+                () = tokio::time::sleep_until(self.deadline) => None,
+            };
+            let (ack, at) = received?;
+            let Some(id) = self
+                .agents
+                .get_key_value(ack.agent_id.as_str())
+                .map(|(id, _)| id.clone())
+            else {
+                // An agent that joined after the expected set was fixed, or a forgery.
+                self.registration.inner.reject(
+                    self.env.as_str(),
+                    "unexpected_agent",
+                    &self.ack_subject,
+                    &ack.agent_id,
+                    "an ack from an agent that was not live when the event was published",
+                );
+                continue;
+            };
+            let slot = self.agents.entry(id.clone()).or_default();
+            if slot.is_some() {
+                self.registration.inner.reject(
+                    self.env.as_str(),
+                    "duplicate",
+                    &self.ack_subject,
+                    &ack.agent_id,
+                    "a second ack from the same agent for the same event",
+                );
+                continue;
+            }
+            let latency = at.saturating_duration_since(self.started);
+            self.ack_seconds.record(latency.as_secs_f64());
+            let outcome = match AckStatus::try_from(ack.status) {
+                Ok(AckStatus::Applied) => AgentOutcome::Applied {
+                    evicted: ack.evicted,
+                    latency,
+                },
+                Ok(AckStatus::Failed) => AgentOutcome::Failed {
+                    reason: ack.error,
+                    latency,
+                },
+                _ => AgentOutcome::Failed {
+                    reason: format!("unknown ack status {}", ack.status),
+                    latency,
+                },
+            };
+            *slot = Some(outcome.clone());
+            self.outstanding -= 1;
+            return Some((id, outcome));
+        }
+        None
+    }
+
+    /// The outcome: agents that have not answered yet count as timed out. Call it after
+    /// [`InFlight::next_ack`] returned `None`.
+    pub fn finish(self) -> Outcome {
+        let took = self.started.elapsed();
+        let agents: BTreeMap<AgentId, AgentOutcome> = self
+            .agents
+            .into_iter()
+            .map(|(id, o)| (id, o.unwrap_or(AgentOutcome::TimedOut { after: took })))
+            .collect();
+        let env = self.env.to_string();
+        for outcome in agents.values() {
+            let kind = match outcome {
+                AgentOutcome::Applied { .. } => continue,
+                AgentOutcome::Failed { .. } => "eviction_failed",
+                AgentOutcome::TimedOut { .. } => "timeout",
+            };
+            metrics::counter!("cachecast_agent_failures_total", "env" => env.clone(), "type" => kind)
+                .increment(1);
+        }
+        let result = if agents.values().all(AgentOutcome::is_applied) {
+            "confirmed"
+        } else {
+            "failed_dependency"
+        };
+        metrics::counter!("cachecast_invalidations_total", "env" => env.clone(), "outcome" => result)
+            .increment(1);
+        metrics::histogram!("cachecast_invalidation_seconds", "env" => env, "outcome" => result)
+            .record(took.as_secs_f64());
+        Outcome {
+            request_id: self.request_id,
+            event_id: self.event_id,
+            env: self.env,
+            sequence: self.sequence,
+            agents,
+            took,
+        }
+    }
+}
+
 /// Keeps a request registered for acks while it waits, and unregisters it on every path out.
-struct Registration<'a> {
-    inner: &'a Inner,
+#[derive(Debug)]
+struct Registration {
+    inner: Arc<Inner>,
     event_id: String,
 }
 
-impl<'a> Registration<'a> {
+impl Registration {
     fn new(
-        inner: &'a Inner,
+        inner: Arc<Inner>,
         event_id: &str,
         env: &EnvId,
         tx: mpsc::UnboundedSender<Received>,
@@ -440,7 +524,7 @@ impl<'a> Registration<'a> {
     }
 }
 
-impl Drop for Registration<'_> {
+impl Drop for Registration {
     fn drop(&mut self) {
         self.inner
             .pending

@@ -1,7 +1,7 @@
 //! What makes a request id and a selector value acceptable, for every way in (HTTP, CLI,
 //! library): checked before anything is published.
 
-use cachecast_proto::ResponseSelector;
+use cachecast_proto::{CacheName, ResponseSelector, Target};
 
 /// The longest request id accepted.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
@@ -40,6 +40,47 @@ pub fn selector(selector: &ResponseSelector) -> Result<(), String> {
     }
     if let Some(identity) = &selector.identity_id {
         selector_value("identityId", identity)?;
+    }
+    Ok(())
+}
+
+/// Every value of a target of any kind, and that it is well formed.
+pub fn target(target: &Target) -> Result<(), String> {
+    match target {
+        Target::Response(response) => selector(response),
+        Target::Identity(identity) => {
+            if identity.identity_template.is_none() && identity.identity_id.is_none() {
+                return Err("name identityTemplate, identityId or both".into());
+            }
+            if let Some(template) = &identity.identity_template {
+                selector_value("identityTemplate", template)?;
+            }
+            if let Some(id) = &identity.identity_id {
+                selector_value("identityId", id)?;
+            }
+            Ok(())
+        }
+        Target::Keyed(keyed) => {
+            CacheName::new(keyed.cache.as_str()).map_err(|err| err.to_string())?;
+            if keyed.all != keyed.ids.is_empty() {
+                return Err("name either ids or all (`*`), not both or neither".into());
+            }
+            for id in &keyed.ids {
+                keyed_id(id)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// An id of a keyed cache: a selector value that is not a wildcard and holds no comma (the
+/// path separates ids with commas).
+pub fn keyed_id(id: &str) -> Result<(), String> {
+    selector_value("id", id)?;
+    if id.contains(['*', ',']) {
+        return Err(format!(
+            "id {id:?} contains '*' or ','; wildcards other than `*` alone (every entry) are not supported"
+        ));
     }
     Ok(())
 }

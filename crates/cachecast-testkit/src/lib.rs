@@ -48,6 +48,23 @@ pub fn nats_binary() -> PathBuf {
     })
 }
 
+/// The Python interpreter of the pinned test clients (`tests/python/requirements.txt`):
+/// `CACHECAST_PYTHON` if set, else `.tools/python/bin/python`.
+///
+/// Panics, saying how to get it, if it is not there. Never installs anything.
+pub fn python() -> PathBuf {
+    let path = match std::env::var_os("CACHECAST_PYTHON") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => tools_dir().join("python/bin/python"),
+    };
+    assert!(
+        path.exists(),
+        "no Python with the test clients at {}: run scripts/install-python-tools (scripts/test does), or set CACHECAST_PYTHON",
+        path.display()
+    );
+    path
+}
+
 /// Starts a nats-server with JetStream on 127.0.0.1, a free port and a temporary store.
 ///
 /// Panics if there is no usable binary (see [`nats_binary`]) or it does not start.

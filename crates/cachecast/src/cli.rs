@@ -64,8 +64,13 @@ pub(crate) enum Command {
     Agent(AgentArgs),
     /// Invalidate over NATS and print each agent's outcome.
     ///
+    /// Examples: `--env dev` (every response entry), `--env dev --scope s1 --identity alice`,
+    /// `--env dev --kind identity --identity-template User`, `--env dev --kind keyed --cache
+    /// apikeys --ids k1,k2` (or `--ids '*'`).
+    ///
     /// Exit codes: 0 every live agent confirmed; 3 some agent failed or did not answer in
-    /// time; 4 the bus was unavailable (nothing published, safe to retry); 1 any other error.
+    /// time; 4 the bus was unavailable (nothing published, safe to retry); 2 bad arguments;
+    /// 1 any other error.
     Invalidate(InvalidateArgs),
     /// List the live agents of an environment.
     Agents(AgentsArgs),
@@ -126,12 +131,25 @@ pub(crate) struct InvalidateArgs {
     /// Environment to invalidate.
     #[arg(long)]
     pub(crate) env: EnvId,
-    /// Only this Scope Client ID's entries (repeat for several).
+    /// Which cache: the PDP response cache, the identity cache, or a keyed cache (--cache).
+    #[arg(long, value_enum, default_value = "response")]
+    pub(crate) kind: CacheKind,
+    /// Response cache: only this Scope Client ID's entries (repeat for several).
     #[arg(long = "scope", value_name = "SCOPE_CLIENT_ID")]
     pub(crate) scopes: Vec<String>,
-    /// Only this identity's entries (within the scopes, if any).
+    /// Response cache: only this identity's entries (within the scopes, if any). Identity
+    /// cache: this identity (within --identity-template, if given).
     #[arg(long, value_name = "IDENTITY_ID")]
     pub(crate) identity: Option<String>,
+    /// Identity cache: every identity of this template.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub(crate) identity_template: Option<String>,
+    /// Keyed cache: its name, as the agents serve it.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) cache: Option<String>,
+    /// Keyed cache: comma-separated ids to evict, or `*` for every entry.
+    #[arg(long, value_name = "IDS")]
+    pub(crate) ids: Option<String>,
     /// How long to wait for acknowledgements.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub(crate) timeout: Duration,
@@ -141,6 +159,26 @@ pub(crate) struct InvalidateArgs {
     /// Print the outcome as JSON (the HTTP API's body) instead of a table.
     #[arg(long)]
     pub(crate) json: bool,
+    /// The live progress line on stderr (`412/1000 agents confirmed`): auto shows it when
+    /// stderr is a terminal and --json is not given.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(crate) progress: ProgressMode,
+}
+
+/// The caches `cachecast invalidate` can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum CacheKind {
+    Response,
+    Identity,
+    Keyed,
+}
+
+/// When to draw the progress line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ProgressMode {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Debug, Args)]

@@ -1,17 +1,18 @@
-//! An in-process PDP response cache with secondary indexes by scope and by identity.
+//! In-process caches: the PDP response cache (with secondary indexes by scope and by
+//! identity), the identity cache, and any number of named keyed caches.
 //!
 //! This is what a Rust service embeds: it caches through [`MemoryCache`] and hands a clone to
 //! its agent. The indexes make an eviction cost what it removes, not the size of the cache.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use cachecast_proto::{EnvId, ResponseSelector};
+use cachecast_proto::{CacheName, EnvId, IdentitySelector, ResponseSelector};
 
 use super::{BackendError, CacheBackend};
 
-/// A shared, indexed, in-process response cache. Clones share the same entries.
+/// Shared, indexed, in-process caches. Clones share the same entries.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryCache {
     inner: Arc<Mutex<Index>>,
@@ -37,12 +38,24 @@ struct Index {
     entries: HashMap<Arc<str>, Entry>,
     by_scope: HashMap<Arc<str>, HashSet<Arc<str>>>,
     by_identity: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    /// The identity cache: identity template, then identity id.
+    identities: HashMap<String, HashMap<String, Bytes>>,
+    /// The keyed caches served, by name; entries by id.
+    keyed: BTreeMap<CacheName, HashMap<String, Bytes>>,
 }
 
 impl MemoryCache {
     /// An empty cache.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A cache that also serves the keyed caches `names` (announced in the agent's presence,
+    /// so publishers expect this agent when one of them is cleared).
+    pub fn with_keyed_caches(names: impl IntoIterator<Item = CacheName>) -> Self {
+        let cache = Self::new();
+        cache.lock().keyed = names.into_iter().map(|n| (n, HashMap::new())).collect();
+        cache
     }
 
     /// Caches `value` under `key` as the decision for `identity` within `scope`, replacing
@@ -99,17 +112,140 @@ impl MemoryCache {
         self.lock().entries.keys().map(|k| k.to_string()).collect()
     }
 
-    /// Removes every entry `selector` matches; returns how many were removed.
+    /// Caches identity attributes `value` for `identity_id` of `template`.
+    pub fn insert_identity(&self, template: &str, identity_id: &str, value: Bytes) {
+        self.lock().store_identity(template, identity_id, value);
+    }
+
+    /// Like [`MemoryCache::insert_identity`], unless an eviction ran since `ticket` was taken;
+    /// returns whether it was cached.
+    pub fn insert_identity_if_current(
+        &self,
+        ticket: FillTicket,
+        template: &str,
+        identity_id: &str,
+        value: Bytes,
+    ) -> bool {
+        let mut index = self.lock();
+        if index.evictions != ticket.0 {
+            return false;
+        }
+        index.store_identity(template, identity_id, value);
+        true
+    }
+
+    /// The cached attributes of `identity_id` of `template`, if any.
+    pub fn get_identity(&self, template: &str, identity_id: &str) -> Option<Bytes> {
+        let index = self.lock();
+        index.identities.get(template)?.get(identity_id).cloned()
+    }
+
+    /// How many identities are cached, over all templates.
+    pub fn identity_len(&self) -> usize {
+        self.lock().identities.values().map(HashMap::len).sum()
+    }
+
+    /// Caches `value` under `id` in the keyed cache `cache`; returns false (caching nothing)
+    /// when this cache does not serve a keyed cache of that name.
+    pub fn insert_keyed(&self, cache: &str, id: &str, value: Bytes) -> bool {
+        match self.lock().keyed.get_mut(cache) {
+            Some(entries) => {
+                entries.insert(id.to_owned(), value);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Like [`MemoryCache::insert_keyed`], unless an eviction ran since `ticket` was taken.
+    pub fn insert_keyed_if_current(
+        &self,
+        ticket: FillTicket,
+        cache: &str,
+        id: &str,
+        value: Bytes,
+    ) -> bool {
+        let mut index = self.lock();
+        if index.evictions != ticket.0 {
+            return false;
+        }
+        match index.keyed.get_mut(cache) {
+            Some(entries) => {
+                entries.insert(id.to_owned(), value);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The value cached under `id` in the keyed cache `cache`, if any.
+    pub fn get_keyed(&self, cache: &str, id: &str) -> Option<Bytes> {
+        self.lock().keyed.get(cache)?.get(id).cloned()
+    }
+
+    /// How many entries the keyed cache `cache` holds (0 if it is not served).
+    pub fn keyed_len(&self, cache: &str) -> usize {
+        self.lock().keyed.get(cache).map_or(0, HashMap::len)
+    }
+
+    /// Removes every identity cache entry `selector` matches (neither part set: all of
+    /// them); returns how many were removed.
+    pub fn evict_identities(&self, selector: &IdentitySelector) -> u64 {
+        let mut index = self.lock();
+        index.evictions += 1;
+        let template = selector.identity_template.as_deref();
+        let id = selector.identity_id.as_deref();
+        let mut removed = 0;
+        index.identities.retain(|name, ids| {
+            if template.is_some_and(|t| t != name) {
+                return true;
+            }
+            match id {
+                None => removed += ids.len(),
+                Some(id) => removed += usize::from(ids.remove(id).is_some()),
+            }
+            id.is_some() && !ids.is_empty()
+        });
+        removed as u64
+    }
+
+    /// Removes `ids` (every entry when `None`) from the keyed cache `cache`; returns how many
+    /// were removed, or `None` when this cache serves no keyed cache of that name.
+    pub fn evict_keyed(&self, cache: &str, ids: Option<&[String]>) -> Option<u64> {
+        let mut index = self.lock();
+        index.evictions += 1;
+        let entries = index.keyed.get_mut(cache)?;
+        let removed = match ids {
+            None => std::mem::take(entries).len(),
+            Some(ids) => ids
+                .iter()
+                .filter(|id| entries.remove(*id).is_some())
+                .count(),
+        };
+        Some(removed as u64)
+    }
+
+    /// Empties every cache: responses, identities and each keyed cache.
+    pub fn clear(&self) -> u64 {
+        let mut index = self.lock();
+        index.evictions += 1;
+        let mut removed =
+            index.entries.len() + index.identities.values().map(HashMap::len).sum::<usize>();
+        index.clear_responses();
+        index.identities.clear();
+        for entries in index.keyed.values_mut() {
+            removed += std::mem::take(entries).len();
+        }
+        removed as u64
+    }
+
+    /// Removes every response entry `selector` matches; returns how many were removed.
     pub fn evict(&self, selector: &ResponseSelector) -> u64 {
         let mut index = self.lock();
         index.evictions += 1;
         if selector.is_all() {
             let removed = index.entries.len() as u64;
-            let evictions = index.evictions;
-            *index = Index {
-                evictions,
-                ..Index::default()
-            };
+            index.clear_responses();
             return removed;
         }
         let victims = index.matching(selector);
@@ -130,6 +266,19 @@ impl MemoryCache {
 }
 
 impl Index {
+    fn clear_responses(&mut self) {
+        self.entries.clear();
+        self.by_scope.clear();
+        self.by_identity.clear();
+    }
+
+    fn store_identity(&mut self, template: &str, identity_id: &str, value: Bytes) {
+        self.identities
+            .entry(template.to_owned())
+            .or_default()
+            .insert(identity_id.to_owned(), value);
+    }
+
     fn store(&mut self, key: &str, scope: &str, identity: &str, value: Bytes) {
         self.remove(key);
         let key: Arc<str> = Arc::from(key);
@@ -238,6 +387,32 @@ impl CacheBackend for MemoryCache {
         // An embedded cache belongs to one environment: its agent's.
         Ok(self.evict(selector))
     }
+
+    async fn evict_identities(
+        &self,
+        _env: &EnvId,
+        selector: &IdentitySelector,
+    ) -> Result<u64, BackendError> {
+        Ok(MemoryCache::evict_identities(self, selector))
+    }
+
+    fn keyed_caches(&self) -> Vec<CacheName> {
+        self.lock().keyed.keys().cloned().collect()
+    }
+
+    async fn evict_keyed(
+        &self,
+        _env: &EnvId,
+        cache: &CacheName,
+        ids: Option<&[String]>,
+    ) -> Result<u64, BackendError> {
+        MemoryCache::evict_keyed(self, cache.as_str(), ids)
+            .ok_or_else(|| BackendError::no_keyed_cache(cache))
+    }
+
+    async fn flush(&self, _env: &EnvId) -> Result<u64, BackendError> {
+        Ok(self.clear())
+    }
 }
 
 #[cfg(test)]
@@ -331,6 +506,96 @@ mod tests {
             "carol",
             Bytes::from_static(b"3")
         ));
+    }
+
+    #[test]
+    fn identity_evictions_match_template_id_or_both() {
+        let seeded = || {
+            let cache = MemoryCache::new();
+            for template in ["User", "Device"] {
+                for id in ["alice", "bob"] {
+                    cache.insert_identity(template, id, Bytes::from_static(b"attrs"));
+                }
+            }
+            cache
+        };
+        let selector = |template: Option<&str>, id: Option<&str>| IdentitySelector {
+            identity_template: template.map(str::to_owned),
+            identity_id: id.map(str::to_owned),
+        };
+        let cases = [
+            (
+                selector(Some("User"), None),
+                2,
+                vec![("Device", "alice"), ("Device", "bob")],
+            ),
+            (
+                selector(None, Some("alice")),
+                2,
+                vec![("User", "bob"), ("Device", "bob")],
+            ),
+            (
+                selector(Some("User"), Some("alice")),
+                1,
+                vec![("User", "bob"), ("Device", "alice"), ("Device", "bob")],
+            ),
+            (
+                selector(Some("Nope"), None),
+                0,
+                vec![
+                    ("User", "alice"),
+                    ("User", "bob"),
+                    ("Device", "alice"),
+                    ("Device", "bob"),
+                ],
+            ),
+            (selector(None, None), 4, vec![]),
+        ];
+        for (sel, removed, left) in cases {
+            let cache = seeded();
+            assert_eq!(cache.evict_identities(&sel), removed, "{sel:?}");
+            assert_eq!(cache.identity_len(), left.len(), "{sel:?}");
+            for (template, id) in left {
+                assert!(
+                    cache.get_identity(template, id).is_some(),
+                    "{template}/{id} after {sel:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn keyed_caches_evict_ids_or_everything_and_only_serve_declared_names() {
+        let name = |n: &str| CacheName::new(n).expect("valid");
+        let cache = MemoryCache::with_keyed_caches([name("apikeys"), name("sessions")]);
+        for id in ["k1", "k2", "k3"] {
+            assert!(cache.insert_keyed("apikeys", id, Bytes::from_static(b"v")));
+            assert!(cache.insert_keyed("sessions", id, Bytes::from_static(b"v")));
+        }
+        assert!(!cache.insert_keyed("other", "k1", Bytes::from_static(b"v")));
+        let ids = ["k1".to_owned(), "k9".to_owned()];
+        assert_eq!(cache.evict_keyed("apikeys", Some(&ids)), Some(1));
+        assert!(cache.get_keyed("apikeys", "k1").is_none());
+        assert!(cache.get_keyed("apikeys", "k2").is_some());
+        assert_eq!(cache.evict_keyed("sessions", None), Some(3));
+        assert_eq!(cache.keyed_len("sessions"), 0);
+        assert_eq!(cache.keyed_len("apikeys"), 2);
+        assert_eq!(cache.evict_keyed("other", None), None);
+        let stale = cache.ticket();
+        cache.evict_keyed("sessions", None);
+        assert!(!cache.insert_keyed_if_current(stale, "sessions", "k1", Bytes::from_static(b"v")));
+    }
+
+    #[test]
+    fn clear_empties_every_cache() {
+        let cache = MemoryCache::with_keyed_caches([CacheName::new("apikeys").expect("valid")]);
+        cache.insert("r", "s1", "alice", Bytes::from_static(b"permit"));
+        cache.insert_identity("User", "alice", Bytes::from_static(b"attrs"));
+        cache.insert_keyed("apikeys", "k", Bytes::from_static(b"v"));
+        assert_eq!(cache.clear(), 3);
+        assert!(cache.is_empty());
+        assert_eq!(cache.identity_len(), 0);
+        assert_eq!(cache.keyed_len("apikeys"), 0);
     }
 
     #[test]

@@ -1,14 +1,15 @@
 //! Cache backends: what an agent evicts from.
 //!
-//! A backend evicts the entries a [`ResponseSelector`] matches and says how many it removed.
-//! Evicting more than asked is allowed (it only costs a cache miss); evicting less never is.
+//! A backend evicts the entries a selector matches (PDP responses, identities, or ids of a named
+//! keyed cache) and says how many it removed. Evicting more than asked is allowed (it only costs
+//! a cache miss); evicting less never is.
 
 mod memory;
 mod redis;
 
 use std::future::Future;
 
-use cachecast_proto::{AgentId, EnvId, ResponseSelector};
+use cachecast_proto::{AgentId, CacheName, EnvId, IdentitySelector, ResponseSelector};
 
 pub use self::memory::{FillTicket, MemoryCache};
 pub use self::redis::{RedisBackend, RedisConfig};
@@ -45,6 +46,15 @@ pub enum BackendError {
     Other(String),
 }
 
+impl BackendError {
+    /// The error of an eviction from a keyed cache this agent does not serve.
+    pub fn no_keyed_cache(cache: &CacheName) -> Self {
+        Self::Other(format!(
+            "this agent serves no keyed cache named {cache:?}; configure it on the agent (redis.keyed_caches or agent.keyed_caches)"
+        ))
+    }
+}
+
 /// A cache an agent can evict from.
 pub trait CacheBackend: Send + Sync + 'static {
     /// A short name for logs and presence (`memory`, `redis`, ...).
@@ -57,6 +67,49 @@ pub trait CacheBackend: Send + Sync + 'static {
         env: &EnvId,
         selector: &ResponseSelector,
     ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// Evicts every identity cache entry of `env` that `selector` matches (neither part set:
+    /// every entry); returns how many entries were removed.
+    fn evict_identities(
+        &self,
+        env: &EnvId,
+        selector: &IdentitySelector,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// The keyed caches this backend serves. The agent announces them in its presence, so a
+    /// publisher expects this agent (and only agents like it) when one of them is cleared.
+    fn keyed_caches(&self) -> Vec<CacheName> {
+        Vec::new()
+    }
+
+    /// Evicts `ids` (every entry when `None`) from the keyed cache `cache` of `env`; returns
+    /// how many entries were removed. A cache it does not serve is an error.
+    fn evict_keyed(
+        &self,
+        _env: &EnvId,
+        cache: &CacheName,
+        _ids: Option<&[String]>,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send {
+        let err = BackendError::no_keyed_cache(cache);
+        async move { Err(err) }
+    }
+
+    /// Empties every cache of `env` this backend holds: responses, identities and each keyed
+    /// cache. What an agent does on start, after a gap, and after a failed eviction.
+    fn flush(&self, env: &EnvId) -> impl Future<Output = Result<u64, BackendError>> + Send {
+        async move {
+            let mut removed = self
+                .evict_responses(env, &ResponseSelector::default())
+                .await?;
+            removed += self
+                .evict_identities(env, &IdentitySelector::default())
+                .await?;
+            for cache in self.keyed_caches() {
+                removed += self.evict_keyed(env, &cache, None).await?;
+            }
+            Ok(removed)
+        }
+    }
 
     /// The stream position stored next to the cache by [`CacheBackend::store_position`], so
     /// an agent with `on_start = "resume"` can carry on after a restart. A cache that does

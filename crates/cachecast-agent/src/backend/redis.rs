@@ -1,13 +1,16 @@
-//! The PDP response cache in Redis.
+//! The PDP response cache, the identity cache and keyed caches in Redis.
 //!
-//! Keys follow a configurable template over `{env}`, `{scopeClientId}` and `{identityId}`
-//! (default `pdp:{env}:{scopeClientId}:{identityId}:*`). An eviction turns the selector into
-//! one `SCAN MATCH` pattern per scope (a part the selector leaves open becomes `*`) and removes
-//! what it finds with batched `UNLINK`: never `KEYS`, so Redis keeps serving meanwhile.
+//! Keys follow configurable templates: responses over `{env}`, `{scopeClientId}` and
+//! `{identityId}` (default `pdp:{env}:{scopeClientId}:{identityId}:*`), identities over
+//! `{env}`, `{identityTemplate}` and `{identityId}`, each keyed cache over `{env}` and `{id}`.
+//! An eviction turns the selector into keys: a template whose every part is known names one
+//! key, removed with `UNLINK` at once; otherwise the open parts become `*` and a `SCAN MATCH`
+//! finds the keys, removed with batched `UNLINK`: never `KEYS`, so Redis keeps serving.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cachecast_proto::{AgentId, EnvId, ResponseSelector};
+use cachecast_proto::{AgentId, CacheName, EnvId, IdentitySelector, ResponseSelector};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +25,10 @@ pub struct RedisConfig {
     pub url: String,
     /// Key layout of cached PDP responses.
     pub key_template: String,
+    /// Key layout of the identity cache.
+    pub identity_key_template: String,
+    /// The keyed caches this agent serves: name to key layout over `{env}` and `{id}`.
+    pub keyed_caches: BTreeMap<CacheName, String>,
     /// `COUNT` hint of each `SCAN`.
     pub scan_count: usize,
     /// The most keys one `UNLINK` removes.
@@ -36,6 +43,8 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             key_template: "pdp:{env}:{scopeClientId}:{identityId}:*".into(),
+            identity_key_template: "pdp-identity:{env}:{identityTemplate}:{identityId}".into(),
+            keyed_caches: BTreeMap::new(),
             scan_count: 1000,
             unlink_batch: 500,
             command_timeout: Duration::from_secs(2),
@@ -47,7 +56,7 @@ impl Default for RedisConfig {
 #[derive(Clone)]
 pub struct RedisBackend {
     conn: ConnectionManager,
-    template: KeyTemplate,
+    templates: Templates,
     scan_count: usize,
     unlink_batch: usize,
 }
@@ -55,7 +64,7 @@ pub struct RedisBackend {
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBackend")
-            .field("template", &self.template)
+            .field("templates", &self.templates)
             .finish_non_exhaustive()
     }
 }
@@ -66,23 +75,49 @@ impl RedisConfig {
         self.parse().map(|_| ())
     }
 
-    fn parse(&self) -> Result<(redis::Client, KeyTemplate), BackendError> {
-        let template = KeyTemplate::parse(&self.key_template)?;
+    fn parse(&self) -> Result<(redis::Client, Templates), BackendError> {
+        let templates = Templates {
+            response: KeyTemplate::parse("redis.key_template", &self.key_template, RESPONSE_VARS)?,
+            identity: KeyTemplate::parse(
+                "redis.identity_key_template",
+                &self.identity_key_template,
+                IDENTITY_VARS,
+            )?,
+            keyed: self
+                .keyed_caches
+                .iter()
+                .map(|(name, template)| {
+                    let setting = format!("redis.keyed_caches.{name}");
+                    Ok((
+                        name.clone(),
+                        KeyTemplate::parse(&setting, template, KEYED_VARS)?,
+                    ))
+                })
+                .collect::<Result<_, BackendError>>()?,
+        };
         let client = redis::Client::open(self.url.as_str()).map_err(|err| {
             BackendError::Other(format!(
                 "invalid Redis URL {}: {err}; use redis://host:port",
                 cachecast_bus::redact_url(&self.url)
             ))
         })?;
-        Ok((client, template))
+        Ok((client, templates))
     }
+}
+
+/// The parsed key templates of every cache the backend serves.
+#[derive(Debug, Clone)]
+struct Templates {
+    response: KeyTemplate,
+    identity: KeyTemplate,
+    keyed: BTreeMap<CacheName, KeyTemplate>,
 }
 
 impl RedisBackend {
     /// Validates the settings. Connects lazily: the first eviction (the start-up flush)
     /// reaches Redis, and a Redis that is down is retried then. Needs a Tokio runtime.
     pub fn new(config: &RedisConfig) -> Result<Self, BackendError> {
-        let (client, template) = config.parse()?;
+        let (client, templates) = config.parse()?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.command_timeout))
             .set_response_timeout(Some(config.command_timeout))
@@ -91,10 +126,31 @@ impl RedisBackend {
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
         Ok(Self {
             conn,
-            template,
+            templates,
             scan_count: config.scan_count.max(1),
             unlink_batch: config.unlink_batch.max(1),
         })
+    }
+
+    /// Removes every key in `keys`: exact keys in batched `UNLINK`s, patterns by `SCAN`.
+    async fn evict_keys(&self, keys: Vec<Keys>) -> Result<u64, BackendError> {
+        let mut removed = 0;
+        let mut exact = Vec::new();
+        for keys in keys {
+            match keys {
+                Keys::Exact(key) => exact.push(key),
+                Keys::Pattern(pattern) => removed += self.evict_pattern(&pattern).await?,
+            }
+        }
+        let mut conn = self.conn.clone();
+        for batch in exact.chunks(self.unlink_batch) {
+            let n: u64 = redis::cmd("UNLINK")
+                .arg(batch)
+                .query_async(&mut conn)
+                .await?;
+            removed += n;
+        }
+        Ok(removed)
     }
 
     async fn evict_pattern(&self, pattern: &str) -> Result<u64, BackendError> {
@@ -135,11 +191,46 @@ impl CacheBackend for RedisBackend {
         env: &EnvId,
         selector: &ResponseSelector,
     ) -> Result<u64, BackendError> {
-        let mut removed = 0;
-        for pattern in self.template.patterns(env, selector) {
-            removed += self.evict_pattern(&pattern).await?;
-        }
-        Ok(removed)
+        self.evict_keys(self.templates.response.response_keys(env, selector))
+            .await
+    }
+
+    async fn evict_identities(
+        &self,
+        env: &EnvId,
+        selector: &IdentitySelector,
+    ) -> Result<u64, BackendError> {
+        let keys = self.templates.identity.render(&[
+            Some(env.as_str()),
+            selector.identity_template.as_deref(),
+            selector.identity_id.as_deref(),
+        ]);
+        self.evict_keys(vec![keys]).await
+    }
+
+    fn keyed_caches(&self) -> Vec<CacheName> {
+        self.templates.keyed.keys().cloned().collect()
+    }
+
+    async fn evict_keyed(
+        &self,
+        env: &EnvId,
+        cache: &CacheName,
+        ids: Option<&[String]>,
+    ) -> Result<u64, BackendError> {
+        let template = self
+            .templates
+            .keyed
+            .get(cache)
+            .ok_or_else(|| BackendError::no_keyed_cache(cache))?;
+        let keys = match ids {
+            None => vec![template.render(&[Some(env.as_str()), None])],
+            Some(ids) => ids
+                .iter()
+                .map(|id| template.render(&[Some(env.as_str()), Some(id)]))
+                .collect(),
+        };
+        self.evict_keys(keys).await
     }
 
     async fn load_position(
@@ -182,7 +273,7 @@ fn position_key(env: &EnvId, agent: &AgentId) -> String {
     format!("cachecast:position:{env}:{agent}")
 }
 
-/// A parsed key template.
+/// A parsed key template over a fixed set of placeholders.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct KeyTemplate {
     parts: Vec<Part>,
@@ -191,16 +282,30 @@ struct KeyTemplate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
     Literal(String),
-    Env,
-    Scope,
-    Identity,
+    /// The placeholder at this index of the template's placeholder list.
+    Var(usize),
+}
+
+/// The placeholders of each kind of template, in the order their values are passed.
+const RESPONSE_VARS: &[&str] = &["env", "scopeClientId", "identityId"];
+const IDENTITY_VARS: &[&str] = &["env", "identityTemplate", "identityId"];
+const KEYED_VARS: &[&str] = &["env", "id"];
+
+/// What one rendered template addresses: one key, or every key a `SCAN MATCH` pattern finds.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Keys {
+    Exact(String),
+    Pattern(String),
 }
 
 impl KeyTemplate {
-    fn parse(template: &str) -> Result<Self, BackendError> {
+    /// Parses `template` (the setting `setting`) over the placeholders `vars`.
+    fn parse(setting: &str, template: &str, vars: &[&str]) -> Result<Self, BackendError> {
         let bad = |why: &str| {
+            let names: Vec<String> = vars.iter().map(|v| format!("{{{v}}}")).collect();
             BackendError::Other(format!(
-                "redis.key_template {template:?} {why}; placeholders are {{env}}, {{scopeClientId}} and {{identityId}}"
+                "{setting} {template:?} {why}; placeholders are {}",
+                names.join(", ")
             ))
         };
         let mut parts = Vec::new();
@@ -212,12 +317,12 @@ impl KeyTemplate {
             let close = rest[open..]
                 .find('}')
                 .ok_or_else(|| bad("has an unclosed '{'"))?;
-            parts.push(match &rest[open + 1..open + close] {
-                "env" => Part::Env,
-                "scopeClientId" => Part::Scope,
-                "identityId" => Part::Identity,
-                other => return Err(bad(&format!("has an unknown placeholder {{{other}}}"))),
-            });
+            let name = &rest[open + 1..open + close];
+            let index = vars
+                .iter()
+                .position(|v| *v == name)
+                .ok_or_else(|| bad(&format!("has an unknown placeholder {{{name}}}")))?;
+            parts.push(Part::Var(index));
             rest = &rest[open + close + 1..];
         }
         if !rest.is_empty() {
@@ -229,40 +334,53 @@ impl KeyTemplate {
         Ok(Self { parts })
     }
 
-    /// The `SCAN MATCH` patterns that together cover everything `selector` matches.
-    fn patterns(&self, env: &EnvId, selector: &ResponseSelector) -> Vec<String> {
+    /// The keys the template addresses with `values` (by placeholder index; `None` is open
+    /// and matches anything). Values are glob-escaped, so an id matches only itself.
+    fn render(&self, values: &[Option<&str>]) -> Keys {
+        let mut pattern = String::new();
+        let mut literal = String::new();
+        let mut exact = true;
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => {
+                    exact &= !text.contains(['*', '?', '[']);
+                    pattern.push_str(text);
+                    literal.push_str(text);
+                }
+                Part::Var(index) => match values.get(*index).copied().flatten() {
+                    Some(value) => {
+                        escape_glob(value, &mut pattern);
+                        literal.push_str(value);
+                    }
+                    None => {
+                        exact = false;
+                        pattern.push('*');
+                    }
+                },
+            }
+        }
+        if exact {
+            Keys::Exact(literal)
+        } else {
+            Keys::Pattern(pattern)
+        }
+    }
+
+    /// What covers everything `selector` matches in the response cache of `env`.
+    fn response_keys(&self, env: &EnvId, selector: &ResponseSelector) -> Vec<Keys> {
         let identity = selector.identity_id.as_deref();
-        let mut patterns: Vec<String> = if selector.scope_client_ids.is_empty() {
-            vec![self.pattern(env, None, identity)]
+        let mut keys: Vec<Keys> = if selector.scope_client_ids.is_empty() {
+            vec![self.render(&[Some(env.as_str()), None, identity])]
         } else {
             selector
                 .scope_client_ids
                 .iter()
-                .map(|scope| self.pattern(env, Some(scope), identity))
+                .map(|scope| self.render(&[Some(env.as_str()), Some(scope), identity]))
                 .collect()
         };
-        patterns.sort();
-        patterns.dedup();
-        patterns
-    }
-
-    fn pattern(&self, env: &EnvId, scope: Option<&str>, identity: Option<&str>) -> String {
-        let mut out = String::new();
-        for part in &self.parts {
-            match part {
-                Part::Literal(text) => out.push_str(text),
-                Part::Env => escape_glob(env.as_str(), &mut out),
-                Part::Scope => match scope {
-                    Some(scope) => escape_glob(scope, &mut out),
-                    None => out.push('*'),
-                },
-                Part::Identity => match identity {
-                    Some(identity) => escape_glob(identity, &mut out),
-                    None => out.push('*'),
-                },
-            }
-        }
-        out
+        keys.sort();
+        keys.dedup();
+        keys
     }
 }
 
@@ -284,33 +402,65 @@ mod tests {
         EnvId::new("dev").expect("valid")
     }
 
-    fn template() -> KeyTemplate {
-        KeyTemplate::parse(&RedisConfig::default().key_template).expect("default parses")
+    fn response_template() -> KeyTemplate {
+        KeyTemplate::parse(
+            "redis.key_template",
+            &RedisConfig::default().key_template,
+            RESPONSE_VARS,
+        )
+        .expect("default parses")
+    }
+
+    fn patterns(keys: &[&str]) -> Vec<Keys> {
+        keys.iter()
+            .map(|k| Keys::Pattern((*k).to_owned()))
+            .collect()
     }
 
     #[test]
     fn open_parts_become_wildcards() {
-        let t = template();
+        let t = response_template();
         let all = ResponseSelector::default();
-        assert_eq!(t.patterns(&env(), &all), ["pdp:dev:*:*:*"]);
+        assert_eq!(t.response_keys(&env(), &all), patterns(&["pdp:dev:*:*:*"]));
         let scoped = ResponseSelector {
             scope_client_ids: vec!["s2".into(), "s1".into(), "s1".into()],
             identity_id: Some("alice".into()),
         };
         assert_eq!(
-            t.patterns(&env(), &scoped),
-            ["pdp:dev:s1:alice:*", "pdp:dev:s2:alice:*"]
+            t.response_keys(&env(), &scoped),
+            patterns(&["pdp:dev:s1:alice:*", "pdp:dev:s2:alice:*"])
+        );
+    }
+
+    #[test]
+    fn a_fully_known_key_is_exact_and_not_escaped() {
+        let t = KeyTemplate::parse(
+            "t",
+            "id:{env}:{identityTemplate}:{identityId}",
+            IDENTITY_VARS,
+        )
+        .expect("parses");
+        assert_eq!(
+            t.render(&[Some("dev"), Some("User"), Some("a*b")]),
+            Keys::Exact("id:dev:User:a*b".into())
+        );
+        assert_eq!(
+            t.render(&[Some("dev"), None, Some("a*b")]),
+            Keys::Pattern(r"id:dev:*:a\*b".into())
         );
     }
 
     #[test]
     fn ids_cannot_smuggle_glob_patterns() {
-        let t = template();
+        let t = response_template();
         let sel = ResponseSelector {
             scope_client_ids: vec![],
             identity_id: Some("a*[b]?\\".into()),
         };
-        assert_eq!(t.patterns(&env(), &sel), [r"pdp:dev:*:a\*\[b\]\?\\:*"]);
+        assert_eq!(
+            t.response_keys(&env(), &sel),
+            patterns(&[r"pdp:dev:*:a\*\[b\]\?\\:*"])
+        );
     }
 
     #[test]
@@ -320,11 +470,22 @@ mod tests {
             ("pdp:{env", "unclosed"),
             ("", "empty"),
         ] {
-            let err = KeyTemplate::parse(template)
+            let err = KeyTemplate::parse("redis.key_template", template, RESPONSE_VARS)
                 .expect_err(template)
                 .to_string();
             assert!(err.contains(why), "{err}");
             assert!(err.contains("redis.key_template"), "{err}");
         }
+        let err = KeyTemplate::parse(
+            "redis.keyed_caches.apikeys",
+            "k:{scopeClientId}",
+            KEYED_VARS,
+        )
+        .expect_err("keyed templates have no scope")
+        .to_string();
+        assert!(
+            err.contains("redis.keyed_caches.apikeys") && err.contains("{id}"),
+            "{err}"
+        );
     }
 }

@@ -19,13 +19,17 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
 }
 
-#[derive(Serialize)]
+/// The body of every error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Body<'a> {
-    status: u16,
-    code: &'a str,
-    message: &'a str,
-    request_id: &'a str,
+pub struct ErrorBody {
+    /// The HTTP status.
+    pub status: u16,
+    /// Stable and machine-readable, like `invalid_env_id` or `bus_unavailable`.
+    pub code: String,
+    /// For people: what went wrong and what to do.
+    pub message: String,
+    pub request_id: String,
 }
 
 impl ApiError {
@@ -51,11 +55,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body {
+        let body = ErrorBody {
             status: self.status.as_u16(),
-            code: self.code,
-            message: &self.message,
-            request_id: &self.request_id,
+            code: self.code.to_owned(),
+            message: self.message,
+            request_id: self.request_id.clone(),
         };
         let mut response = (self.status, axum::Json(body)).into_response();
         let headers = response.headers_mut();

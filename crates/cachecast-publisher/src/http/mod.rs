@@ -1,13 +1,23 @@
-//! The HTTP API, compatible with PlainID's "invalidate PDP response cache" call.
+//! The HTTP API.
 //!
-//! `POST /api/1.0/runtime/caches/response/{envId}/invalidate` with a JSON body (`{}` for
-//! everything, or `scopeClientId` / `scopeClientIds` and/or `identityId`). `200` only when every
-//! agent live in the environment confirmed; `424` naming each one that did not; `503` when the
-//! bus could not take the event. Every answer carries the request id.
+//! - `POST /api/1.0/runtime/caches/response/{envId}/invalidate`, compatible with PlainID's
+//!   "invalidate PDP response cache" call: a JSON body (`{}` for everything, or
+//!   `scopeClientId` / `scopeClientIds` and/or `identityId`).
+//! - `POST /api/1.0/runtime/caches/identity/{envId}/invalidate`: `identityTemplate` and/or
+//!   `identityId`.
+//! - `POST /api/1.0/runtime/caches/keyed/{envId}/{cache}/{ids}/_clear_cache`: Elasticsearch's
+//!   clear-cache semantics (comma-separated ids, `*` for all).
+//! - `GET /api/1.0/requests/{requestId}`: the status of a `?wait_for_completion=false` request.
+//! - `GET /openapi.json`: the OpenAPI 3.1 document of all of the above.
+//!
+//! `200` only when every agent expected confirmed; `424` naming each one that did not; `503`
+//! when the bus could not take the event. Every answer carries the request id.
 
 mod error;
-mod request;
-mod response;
+mod openapi;
+pub(crate) mod request;
+mod requests;
+pub(crate) mod response;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,17 +28,21 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use cachecast_proto::EnvId;
+use axum::routing::{get, post};
+use cachecast_proto::{EnvId, Target};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-pub use self::error::ApiError;
-pub use self::response::outcome_json;
+pub use self::error::{ApiError, ErrorBody};
+pub use self::openapi::openapi_json;
+pub use self::response::{
+    AcceptedBody, AgentResult, NodeFailure, NodeInfo, NodesSummary, OutcomeBody, Progress,
+    RequestStatusBody, outcome_body, outcome_json,
+};
 
-use crate::auth::Verifier;
+use crate::auth::{Grant, Verifier};
 use crate::publisher::{InvalidationRequest, PublishError, Publisher};
 
 /// The response header that echoes the request id.
@@ -54,6 +68,16 @@ pub struct ApiConfig {
     /// balancers stop sending requests first (a few seconds on Kubernetes).
     #[serde(with = "humantime_serde")]
     pub shutdown_delay: Duration,
+    /// The fleet's name in keyed-cache answers (Elasticsearch's `cluster_name`).
+    pub cluster_name: String,
+    /// How long the status of a finished `?wait_for_completion=false` request is kept.
+    #[serde(with = "humantime_serde")]
+    pub async_retention: Duration,
+    /// The most asynchronous request statuses kept (running ones are never dropped).
+    pub async_max_requests: usize,
+    /// Whether `serve` also takes requests as the `cachecast` NATS service (on
+    /// `cachecast.svc.v1.<env>.invalidate`; who may call it is up to NATS permissions).
+    pub nats_service: bool,
 }
 
 impl Default for ApiConfig {
@@ -65,6 +89,10 @@ impl Default for ApiConfig {
             max_body_bytes: 64 * 1024,
             max_scopes: 1000,
             shutdown_delay: Duration::ZERO,
+            cluster_name: "cachecast".into(),
+            async_retention: Duration::from_secs(600),
+            async_max_requests: 10_000,
+            nats_service: true,
         }
     }
 }
@@ -75,6 +103,7 @@ struct Api {
     publisher: Publisher,
     verifier: Verifier,
     config: ApiConfig,
+    requests: requests::Requests,
 }
 
 /// The API's routes.
@@ -82,6 +111,7 @@ pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Ro
     let api = Arc::new(Api {
         publisher,
         verifier,
+        requests: requests::Requests::new(config.async_retention, config.async_max_requests),
         config,
     });
     Router::new()
@@ -89,10 +119,24 @@ pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Ro
             "/api/1.0/runtime/caches/response/{env_id}/invalidate",
             post(invalidate_response),
         )
+        .route(
+            "/api/1.0/runtime/caches/identity/{env_id}/invalidate",
+            post(invalidate_identity),
+        )
+        .route(
+            "/api/1.0/runtime/caches/keyed/{env_id}/{cache}/{ids}/_clear_cache",
+            post(clear_keyed),
+        )
+        .route("/api/1.0/requests/{request_id}", get(request_status))
+        .route("/openapi.json", get(openapi::serve))
         .fallback(|headers: HeaderMap| async move {
             refuse(
                 &headers,
-                ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no such endpoint; see /openapi.json",
+                ),
             )
         })
         .method_not_allowed_fallback(|headers: HeaderMap| async move {
@@ -101,7 +145,7 @@ pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Ro
                 ApiError::new(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "method_not_allowed",
-                    "use POST for invalidations",
+                    "use POST for invalidations and GET for request status; see /openapi.json",
                 ),
             )
         })
@@ -133,6 +177,72 @@ fn refuse(headers: &HeaderMap, err: ApiError) -> Response {
     }
 }
 
+/// Which cache an invalidation is for, with what its path named.
+#[derive(Debug)]
+enum Kind {
+    Response,
+    Identity,
+    Keyed { cache: String, ids: String },
+}
+
+impl Kind {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Response => "response",
+            Self::Identity => "identity",
+            Self::Keyed { .. } => "keyed",
+        }
+    }
+}
+
+/// The parts every invalidation handler receives.
+struct Call {
+    request_id: String,
+    env: String,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+}
+
+/// Reads the request id (refusing a bad one) and the path's environment.
+fn call(
+    env: String,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Call, Response> {
+    let request_id = request::request_id(&headers).map_err(IntoResponse::into_response)?;
+    Ok(Call {
+        request_id,
+        env,
+        query,
+        headers,
+        body,
+    })
+}
+
+/// Invalidates PDP response cache entries of an environment (PlainID-compatible).
+#[utoipa::path(
+    post,
+    path = "/api/1.0/runtime/caches/response/{envId}/invalidate",
+    tag = "invalidation",
+    params(openapi::EnvPath, openapi::InvalidateQuery),
+    request_body(content = openapi::ResponseInvalidation, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Every agent live in the environment applied the eviction", body = OutcomeBody),
+        (status = 202, description = "Published (`wait_for_completion=false`); follow `Location`", body = AcceptedBody),
+        (status = 400, description = "Bad request: the `code` names the mistake", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token does not grant this environment or right", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 409, description = "The request id is in use by an asynchronous request", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 415, description = "The body is not JSON", body = ErrorBody),
+        (status = 424, description = "Published, but not every expected agent confirmed: each is named", body = OutcomeBody),
+        (status = 429, description = "Too many requests for this token: retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = "Nothing published (the bus is unavailable): safe to retry after `Retry-After`", body = ErrorBody),
+    )
+)]
 async fn invalidate_response(
     State(api): State<Arc<Api>>,
     env: Result<Path<String>, PathRejection>,
@@ -140,54 +250,169 @@ async fn invalidate_response(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // A path that does not even decode (bad percent-encoding) is an invalid environment id.
+    let env = env.map(|Path(env)| env).unwrap_or_default();
+    match call(env, query, headers, body) {
+        Ok(call) => api.handle(Kind::Response, call).await,
+        Err(response) => response,
+    }
+}
+
+/// Invalidates identity cache entries of an environment: those of a template, of an
+/// identity id, or both.
+#[utoipa::path(
+    post,
+    path = "/api/1.0/runtime/caches/identity/{envId}/invalidate",
+    tag = "invalidation",
+    params(openapi::EnvPath, openapi::InvalidateQuery),
+    request_body(content = openapi::IdentityInvalidation, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Every agent live in the environment applied the eviction", body = OutcomeBody),
+        (status = 202, description = "Published (`wait_for_completion=false`); follow `Location`", body = AcceptedBody),
+        (status = 400, description = "Bad request: the `code` names the mistake", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token does not grant this environment or right", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 409, description = "The request id is in use by an asynchronous request", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 415, description = "The body is not JSON", body = ErrorBody),
+        (status = 424, description = "Published, but not every expected agent confirmed: each is named", body = OutcomeBody),
+        (status = 429, description = "Too many requests for this token: retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = "Nothing published (the bus is unavailable): safe to retry after `Retry-After`", body = ErrorBody),
+    )
+)]
+async fn invalidate_identity(
+    State(api): State<Arc<Api>>,
+    env: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let env = env.map(|Path(env)| env).unwrap_or_default();
+    match call(env, query, headers, body) {
+        Ok(call) => api.handle(Kind::Identity, call).await,
+        Err(response) => response,
+    }
+}
+
+/// Clears ids of a keyed cache (Elasticsearch clear-cache semantics): a comma-separated id
+/// list, or `*` for every entry. Only agents serving the cache are expected.
+#[utoipa::path(
+    post,
+    path = "/api/1.0/runtime/caches/keyed/{envId}/{cache}/{ids}/_clear_cache",
+    tag = "invalidation",
+    params(openapi::KeyedPath, openapi::InvalidateQuery),
+    responses(
+        (status = 200, description = "Every agent serving the cache applied the eviction", body = OutcomeBody),
+        (status = 202, description = "Published (`wait_for_completion=false`); follow `Location`", body = AcceptedBody),
+        (status = 400, description = "Bad request: the `code` names the mistake", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token does not grant this environment or right", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 409, description = "The request id is in use by an asynchronous request", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 415, description = "The body is not JSON", body = ErrorBody),
+        (status = 424, description = "Published, but not every expected agent confirmed: each is named", body = OutcomeBody),
+        (status = 429, description = "Too many requests for this token: retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = "Nothing published (the bus is unavailable): safe to retry after `Retry-After`", body = ErrorBody),
+    )
+)]
+async fn clear_keyed(
+    State(api): State<Arc<Api>>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let (env, cache, ids) = path.map(|Path(p)| p).unwrap_or_default();
+    match call(env, query, headers, body) {
+        Ok(call) => api.handle(Kind::Keyed { cache, ids }, call).await,
+        Err(response) => response,
+    }
+}
+
+/// The status of an asynchronous request: each expected agent's state, then the outcome.
+#[utoipa::path(
+    get,
+    path = "/api/1.0/requests/{requestId}",
+    tag = "invalidation",
+    params(openapi::RequestPath),
+    responses(
+        (status = 200, description = "The request's state", body = RequestStatusBody),
+        (status = 400, description = "Bad request id header", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 404, description = "No such request here (expired, another replica, or not granted)", body = ErrorBody),
+        (status = 429, description = "Too many requests for this token", body = ErrorBody),
+    )
+)]
+async fn request_status(
+    State(api): State<Arc<Api>>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
     let request_id = match request::request_id(&headers) {
         Ok(id) => id,
         Err(err) => return err.into_response(),
     };
-    // A path that does not even decode (bad percent-encoding) is an invalid environment id.
-    let env = env.map(|Path(env)| env).unwrap_or_default();
-    let span = tracing::info_span!("request", request_id = %request_id, env = %env);
-    match api
-        .invalidate_response(&request_id, &env, query.as_deref(), &headers, body)
-        .instrument(span.clone())
-        .await
-    {
-        Ok(response) => response,
-        Err(err) => {
-            span.in_scope(|| {
-                if err.status.is_server_error() {
-                    tracing::warn!(status = err.status.as_u16(), code = err.code, message = %err.message, "request not served");
-                } else {
-                    tracing::info!(status = err.status.as_u16(), code = err.code, "request refused");
-                }
-            });
-            metrics::counter!("cachecast_http_refused_total", "code" => err.code).increment(1);
-            err.with_request_id(&request_id).into_response()
-        }
+    let wanted = id.map(|Path(id)| id).unwrap_or_default();
+    let answer = api.authenticate(&headers).and_then(|grant| {
+        api.requests
+            .status(&wanted, |env| grant.allows(env.as_str()))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_request",
+                    format!(
+                        "no asynchronous request {wanted:?} here: it finished more than {} ago, was never made with wait_for_completion=false, was made through another replica, or is in an environment the token does not grant",
+                        humantime::format_duration(api.config.async_retention)
+                    ),
+                )
+            })
+    });
+    match answer {
+        Ok(status) => response::with_request_id(axum::Json(status).into_response(), &request_id),
+        Err(err) => err.with_request_id(&request_id).into_response(),
     }
 }
 
 impl Api {
-    async fn invalidate_response(
-        &self,
-        request_id: &str,
-        env: &str,
-        query: Option<&str>,
-        headers: &HeaderMap,
-        body: Body,
-    ) -> Result<Response, ApiError> {
+    /// Verifies the bearer token.
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Grant, ApiError> {
         let authorization = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let grant = self.verifier.verify(authorization).map_err(|err| {
+        self.verifier.verify(authorization).map_err(|err| {
             let code = match err {
                 crate::auth::AuthError::MissingToken => "missing_token",
                 crate::auth::AuthError::Expired => "token_expired",
                 _ => "invalid_token",
             };
             ApiError::new(StatusCode::UNAUTHORIZED, code, err.to_string())
-        })?;
-        let env = EnvId::new(env)
+        })
+    }
+
+    async fn handle(self: &Arc<Self>, kind: Kind, call: Call) -> Response {
+        let span = tracing::info_span!("request", request_id = %call.request_id, env = %call.env, kind = kind.name());
+        let request_id = call.request_id.clone();
+        match self.invalidate(kind, call).instrument(span.clone()).await {
+            Ok(response) => response,
+            Err(err) => {
+                span.in_scope(|| {
+                    if err.status.is_server_error() {
+                        tracing::warn!(status = err.status.as_u16(), code = err.code, message = %err.message, "request not served");
+                    } else {
+                        tracing::info!(status = err.status.as_u16(), code = err.code, "request refused");
+                    }
+                });
+                metrics::counter!("cachecast_http_refused_total", "code" => err.code).increment(1);
+                err.with_request_id(&request_id).into_response()
+            }
+        }
+    }
+
+    async fn invalidate(self: &Arc<Self>, kind: Kind, call: Call) -> Result<Response, ApiError> {
+        let grant = self.authenticate(&call.headers)?;
+        let env = EnvId::new(call.env.as_str())
             .map_err(|err| ApiError::bad_request("invalid_env_id", err.to_string()))?;
         if !grant.allows(env.as_str()) {
             return Err(ApiError::new(
@@ -198,33 +423,41 @@ impl Api {
                 ),
             ));
         }
-        let timeout = request::timeout(query, &self.config)?;
-        request::check_content_type(headers)?;
-        let body = read_body(body, self.config.max_body_bytes).await?;
-        let selector = request::response_selector(&body, &self.config)?;
-
-        let outcome = self
-            .publisher
-            .invalidate(InvalidationRequest {
-                env,
-                selector,
-                request_id: request_id.to_owned(),
-                timeout,
-            })
-            .await
-            .map_err(|err| match err {
-                PublishError::Unavailable(reason) => ApiError {
-                    retry_after: Some(1),
-                    ..ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "bus_unavailable",
-                        format!(
-                            "the invalidation was not published ({reason}); it is safe to retry"
-                        ),
-                    )
-                },
-                PublishError::Invalid(message) => ApiError::bad_request("invalid_value", message),
-            })?;
+        let query = request::query(call.query.as_deref(), &self.config)?;
+        let keyed = matches!(kind, Kind::Keyed { .. });
+        if !keyed {
+            request::check_content_type(&call.headers)?;
+        }
+        let body = read_body(call.body, self.config.max_body_bytes).await?;
+        let target = match &kind {
+            Kind::Response => Target::Response(request::response_selector(&body, &self.config)?),
+            Kind::Identity => Target::Identity(request::identity_selector(&body)?),
+            Kind::Keyed { cache, ids } => {
+                request::empty_body(&body)?;
+                Target::Keyed(request::keyed_selector(cache, ids, &self.config)?)
+            }
+        };
+        let cluster_name = keyed.then(|| self.config.cluster_name.clone());
+        if !query.wait_for_completion {
+            self.requests
+                .check(&call.request_id)
+                .map_err(register_error)?;
+        }
+        let request = InvalidationRequest {
+            env: env.clone(),
+            target,
+            request_id: call.request_id,
+            timeout: query.timeout,
+        };
+        let in_flight = self.publisher.begin(request).await.map_err(publish_error)?;
+        if !query.wait_for_completion {
+            return self.accept(in_flight, &env, kind.name(), cluster_name);
+        }
+        let outcome = {
+            let mut in_flight = in_flight;
+            while in_flight.next_ack().await.is_some() {}
+            in_flight.finish()
+        };
         tracing::info!(
             sequence = outcome.sequence,
             total = outcome.agents.len(),
@@ -232,7 +465,82 @@ impl Api {
             took_ms = outcome.took.as_millis() as u64,
             "invalidation answered"
         );
-        Ok(response::outcome(&outcome))
+        Ok(response::outcome(&outcome, cluster_name.as_deref()))
+    }
+
+    /// Answers `202` for a published request and follows its acks in the background.
+    fn accept(
+        self: &Arc<Self>,
+        in_flight: crate::InFlight,
+        env: &EnvId,
+        kind: &'static str,
+        cluster_name: Option<String>,
+    ) -> Result<Response, ApiError> {
+        let request_id = in_flight.request_id().to_owned();
+        // The check before publishing makes a refusal here rare (two requests racing with one
+        // id); the event is published either way, and invalidating twice is harmless.
+        self.requests
+            .register(&in_flight, env, kind, cluster_name)
+            .map_err(register_error)?;
+        let location = format!("/api/1.0/requests/{request_id}");
+        let body = AcceptedBody {
+            status: 202,
+            request_id: request_id.clone(),
+            env_id: env.to_string(),
+            event_id: in_flight.event_id().to_owned(),
+            sequence: in_flight.sequence(),
+            expected: in_flight.agents().len(),
+            location: location.clone(),
+        };
+        let api = Arc::clone(self);
+        let span = tracing::Span::current();
+        tokio::spawn(
+            async move {
+                let outcome = api.requests.follow(in_flight).await;
+                tracing::info!(
+                    total = outcome.agents.len(),
+                    successful = outcome.successful(),
+                    took_ms = outcome.took.as_millis() as u64,
+                    "asynchronous invalidation finished"
+                );
+            }
+            .instrument(span),
+        );
+        let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
+        if let Ok(value) = HeaderValue::from_str(&location) {
+            response.headers_mut().insert(header::LOCATION, value);
+        }
+        Ok(response::with_request_id(response, &request_id))
+    }
+}
+
+fn register_error(err: requests::RegisterError) -> ApiError {
+    match err {
+        requests::RegisterError::Duplicate(_) => {
+            ApiError::new(StatusCode::CONFLICT, "request_id_in_use", err.to_string())
+        }
+        requests::RegisterError::Full(_) => ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_async_requests",
+                err.to_string(),
+            )
+        },
+    }
+}
+
+pub(crate) fn publish_error(err: PublishError) -> ApiError {
+    match err {
+        PublishError::Unavailable(reason) => ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bus_unavailable",
+                format!("the invalidation was not published ({reason}); it is safe to retry"),
+            )
+        },
+        PublishError::Invalid(message) => ApiError::bad_request("invalid_value", message),
     }
 }
 

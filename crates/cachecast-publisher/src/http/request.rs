@@ -1,4 +1,4 @@
-//! Reading an invalidation request: request id, timeout, content type and body.
+//! Reading an invalidation request: request id, query, content type, body and path ids.
 //!
 //! The body is validated by hand rather than by serde derive, so every mistake gets its own
 //! stable error code and a message that names the field.
@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use axum::http::{HeaderMap, header};
-use cachecast_proto::ResponseSelector;
+use cachecast_proto::{CacheName, IdentitySelector, KeyedSelector, ResponseSelector};
 use serde_json::{Map, Value};
 
 use super::ApiConfig;
@@ -29,9 +29,21 @@ pub(crate) fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
     }
 }
 
-/// The `?timeout=` of a request, within the configured cap.
-pub(crate) fn timeout(query: Option<&str>, config: &ApiConfig) -> Result<Duration, ApiError> {
-    let mut timeout = config.default_timeout;
+/// The query parameters of an invalidation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Query {
+    /// How long to wait for acks.
+    pub(crate) timeout: Duration,
+    /// `false`: answer `202` once published and report progress at a status resource.
+    pub(crate) wait_for_completion: bool,
+}
+
+/// The `?timeout=` (within the configured cap) and `?wait_for_completion=` of a request.
+pub(crate) fn query(query: Option<&str>, config: &ApiConfig) -> Result<Query, ApiError> {
+    let mut parsed = Query {
+        timeout: config.default_timeout,
+        wait_for_completion: true,
+    };
     for pair in query
         .unwrap_or_default()
         .split('&')
@@ -39,31 +51,50 @@ pub(crate) fn timeout(query: Option<&str>, config: &ApiConfig) -> Result<Duratio
     {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         match name {
-            "timeout" => {
-                let parsed = humantime::parse_duration(value).map_err(|_| {
-                    ApiError::bad_request(
-                        "invalid_timeout",
-                        format!("timeout {value:?} is not a duration: use a number with a unit, like 5s or 500ms"),
-                    )
-                })?;
-                if parsed.is_zero() || parsed > config.max_timeout {
-                    return Err(ApiError::bad_request(
-                        "invalid_timeout",
-                        format!(
-                            "timeout must be above 0 and at most {}",
-                            humantime::format_duration(config.max_timeout)
-                        ),
-                    ));
+            "timeout" => parsed.timeout = timeout(value, config)?,
+            "wait_for_completion" => {
+                parsed.wait_for_completion = match value {
+                    "true" | "" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            "invalid_parameter",
+                            format!("wait_for_completion must be true or false, not {value:?}"),
+                        ));
+                    }
                 }
-                timeout = parsed;
             }
             other => {
                 return Err(ApiError::bad_request(
                     "unknown_parameter",
-                    format!("unknown query parameter {other:?}; the only one is timeout"),
+                    format!(
+                        "unknown query parameter {other:?}; the parameters are timeout and wait_for_completion"
+                    ),
                 ));
             }
         }
+    }
+    Ok(parsed)
+}
+
+/// A timeout like `5s` or `500ms`, above zero and at most `api.max_timeout`.
+pub(crate) fn timeout(value: &str, config: &ApiConfig) -> Result<Duration, ApiError> {
+    let timeout = humantime::parse_duration(value).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_timeout",
+            format!(
+                "timeout {value:?} is not a duration: use a number with a unit, like 5s or 500ms"
+            ),
+        )
+    })?;
+    if timeout.is_zero() || timeout > config.max_timeout {
+        return Err(ApiError::bad_request(
+            "invalid_timeout",
+            format!(
+                "timeout must be above 0 and at most {}",
+                humantime::format_duration(config.max_timeout)
+            ),
+        ));
     }
     Ok(timeout)
 }
@@ -92,15 +123,16 @@ pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Parses the body of a response-cache invalidation.
-pub(crate) fn response_selector(
+/// The body as a JSON object whose fields are all in `allowed` (`example` shows a valid one).
+fn object_body(
     body: &[u8],
-    config: &ApiConfig,
-) -> Result<ResponseSelector, ApiError> {
+    allowed: &[&str],
+    example: &str,
+) -> Result<Map<String, Value>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request(
             "missing_body",
-            "the request body is required: send {} to invalidate every entry of the environment",
+            format!("the request body is required, like {example}"),
         ));
     }
     let value: Value = serde_json::from_slice(body).map_err(|err| {
@@ -109,22 +141,31 @@ pub(crate) fn response_selector(
     let Value::Object(fields) = value else {
         return Err(ApiError::bad_request(
             "body_not_object",
-            "the body must be a JSON object, like {} or {\"scopeClientId\": \"...\"}",
+            format!("the body must be a JSON object, like {example}"),
         ));
     };
-    for name in fields.keys() {
-        if !matches!(
-            name.as_str(),
-            "scopeClientId" | "scopeClientIds" | "identityId"
-        ) {
-            return Err(ApiError::bad_request(
-                "unknown_field",
-                format!(
-                    "unknown field {name:?}; the fields are scopeClientId, scopeClientIds and identityId"
-                ),
-            ));
-        }
+    if let Some(name) = fields.keys().find(|name| !allowed.contains(&name.as_str())) {
+        return Err(ApiError::bad_request(
+            "unknown_field",
+            format!(
+                "unknown field {name:?}; the fields are {}",
+                allowed.join(", ")
+            ),
+        ));
     }
+    Ok(fields)
+}
+
+/// Parses the body of a response-cache invalidation.
+pub(crate) fn response_selector(
+    body: &[u8],
+    config: &ApiConfig,
+) -> Result<ResponseSelector, ApiError> {
+    let fields = object_body(
+        body,
+        &["scopeClientId", "scopeClientIds", "identityId"],
+        "{} (every entry of the environment) or {\"scopeClientId\": \"...\"}",
+    )?;
     let mut scopes = Vec::new();
     if let Some(value) = present(&fields, "scopeClientId") {
         scopes.push(string_value("scopeClientId", value)?);
@@ -158,6 +199,84 @@ pub(crate) fn response_selector(
         scope_client_ids: scopes,
         identity_id,
     })
+}
+
+/// Parses the body of an identity-cache invalidation: `identityTemplate` and/or `identityId`.
+pub(crate) fn identity_selector(body: &[u8]) -> Result<IdentitySelector, ApiError> {
+    let fields = object_body(
+        body,
+        &["identityTemplate", "identityId"],
+        "{\"identityTemplate\": \"User\", \"identityId\": \"...\"}",
+    )?;
+    let field = |name: &str| {
+        present(&fields, name)
+            .map(|v| string_value(name, v))
+            .transpose()
+    };
+    let selector = IdentitySelector {
+        identity_template: field("identityTemplate")?,
+        identity_id: field("identityId")?,
+    };
+    if selector.identity_template.is_none() && selector.identity_id.is_none() {
+        return Err(ApiError::bad_request(
+            "missing_field",
+            "name identityTemplate, identityId or both",
+        ));
+    }
+    Ok(selector)
+}
+
+/// Parses the path of a keyed-cache clear: the cache name and a comma-separated id list,
+/// where `*` alone means every entry and no other wildcard is accepted.
+pub(crate) fn keyed_selector(
+    cache: &str,
+    ids: &str,
+    config: &ApiConfig,
+) -> Result<KeyedSelector, ApiError> {
+    let cache = CacheName::new(cache)
+        .map_err(|err| ApiError::bad_request("invalid_cache_name", err.to_string()))?;
+    if ids == "*" {
+        return Ok(KeyedSelector {
+            cache: cache.to_string(),
+            ids: Vec::new(),
+            all: true,
+        });
+    }
+    let mut list = Vec::new();
+    for id in ids.split(',') {
+        if id.contains('*') {
+            return Err(ApiError::bad_request(
+                "unsupported_wildcard",
+                format!(
+                    "id {id:?} is a pattern: only `*` alone (every entry) is supported; list the ids instead"
+                ),
+            ));
+        }
+        validate::keyed_id(id)
+            .map_err(|message| ApiError::bad_request("invalid_value", message))?;
+        list.push(id.to_owned());
+    }
+    list.sort();
+    list.dedup();
+    if list.len() > config.max_scopes {
+        return Err(ApiError::bad_request(
+            "too_many_values",
+            format!("at most {} ids per request", config.max_scopes),
+        ));
+    }
+    Ok(KeyedSelector {
+        cache: cache.to_string(),
+        ids: list,
+        all: false,
+    })
+}
+
+/// A keyed-cache clear takes no body; an empty one or `{}` is accepted.
+pub(crate) fn empty_body(body: &[u8]) -> Result<(), ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    object_body(body, &[], "{} or no body").map(|_| ())
 }
 
 /// A field's value; `null` counts as absent.

@@ -1,71 +1,175 @@
-//! The JSON answer to a published invalidation (`200` or `424`).
+//! The JSON answers of the API: an invalidation's outcome (`200` or `424`), the `202` of an
+//! asynchronous request and its status resource.
 //!
 //! The `_nodes` summary follows Elasticsearch's shape (`total`, `successful`, `failed`,
-//! `failures` with `node_id`, `type`, `reason`); the rest follows PlainID's camelCase.
+//! `failures` with `node_id`, `type`, `reason`); a keyed-cache answer adds Elasticsearch's
+//! `cluster_name` and `nodes` (the agents that answered). The rest follows PlainID's camelCase.
+//! These types are also the OpenAPI schemas, so the document cannot drift from the answers.
 
 use std::collections::BTreeMap;
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use cachecast_proto::AgentId;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::REQUEST_ID_RESPONSE_HEADER;
 use crate::outcome::{AgentOutcome, Outcome};
 
-#[derive(Serialize)]
+/// The outcome of an invalidation: every agent expected, what each answered.
+#[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Body<'a> {
-    status: u16,
+pub struct OutcomeBody {
+    /// The HTTP status of the answer: 200 (every expected agent confirmed) or 424.
+    pub status: u16,
+    /// `failed_dependency` on a 424.
     #[serde(skip_serializing_if = "Option::is_none")]
-    code: Option<&'static str>,
+    pub code: Option<String>,
+    /// On a 424: which agents did not confirm and what that means.
     #[serde(skip_serializing_if = "Option::is_none")]
-    message: Option<String>,
-    request_id: &'a str,
-    env_id: &'a str,
-    event_id: &'a str,
-    sequence: u64,
-    took_ms: u64,
+    pub message: Option<String>,
+    pub request_id: String,
+    pub env_id: String,
+    /// The event's id (also its JetStream `Nats-Msg-Id`).
+    pub event_id: String,
+    /// The event's position in the invalidation stream.
+    pub sequence: u64,
+    pub took_ms: u64,
     #[serde(rename = "_nodes")]
-    nodes: Nodes<'a>,
-    agents: BTreeMap<&'a str, Agent<'a>>,
+    pub nodes: NodesSummary,
+    /// Every expected agent, by id.
+    pub agents: BTreeMap<String, AgentResult>,
+    /// Keyed caches only: the name of the fleet (Elasticsearch's `cluster_name`).
+    #[serde(rename = "cluster_name", skip_serializing_if = "Option::is_none")]
+    pub cluster_name: Option<String>,
+    /// Keyed caches only: the agents that answered, by id (Elasticsearch's `nodes`).
+    #[serde(rename = "nodes", skip_serializing_if = "Option::is_none")]
+    pub answered: Option<BTreeMap<String, NodeInfo>>,
 }
 
-#[derive(Serialize)]
-struct Nodes<'a> {
-    total: usize,
-    successful: usize,
-    failed: usize,
-    failures: Vec<Failure<'a>>,
+/// Elasticsearch's `_nodes` header.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct NodesSummary {
+    pub total: usize,
+    pub successful: usize,
+    pub failed: usize,
+    pub failures: Vec<NodeFailure>,
 }
 
-#[derive(Serialize)]
-struct Failure<'a> {
-    node_id: &'a str,
+/// One agent that did not confirm.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct NodeFailure {
+    pub node_id: String,
+    /// `eviction_failed` or `timeout`.
     #[serde(rename = "type")]
-    kind: &'static str,
-    reason: String,
+    pub kind: String,
+    pub reason: String,
 }
 
-#[derive(Serialize)]
+/// One agent of a keyed-cache answer's `nodes` map.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct NodeInfo {
+    pub name: String,
+}
+
+/// What one expected agent answered, or that it has not yet.
+#[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Agent<'a> {
-    status: &'static str,
+pub struct AgentResult {
+    /// `applied`, `failed`, `timeout`, or (while a request runs) `pending`.
+    pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    evicted: Option<u64>,
+    pub evicted: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
-    latency_ms: f64,
+    pub error: Option<String>,
+    /// Since the request started; absent while pending.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+}
+
+/// The `202` answer of `?wait_for_completion=false`: published, acks on their way.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AcceptedBody {
+    /// Always 202.
+    pub status: u16,
+    pub request_id: String,
+    pub env_id: String,
+    pub event_id: String,
+    pub sequence: u64,
+    /// How many agents are expected to acknowledge.
+    pub expected: usize,
+    /// The status resource (also the `Location` header).
+    pub location: String,
+}
+
+/// The status resource of an asynchronous request.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestStatusBody {
+    pub request_id: String,
+    pub env_id: String,
+    /// `response`, `identity` or `keyed`.
+    pub kind: String,
+    /// `running` while acks may still arrive, then `done`.
+    pub state: String,
+    pub event_id: String,
+    pub sequence: u64,
+    pub progress: Progress,
+    /// Every expected agent and its state so far.
+    pub agents: BTreeMap<String, AgentResult>,
+    /// Once `done`: the answer a waiting request would have got (200 or 424 in its `status`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<OutcomeBody>,
+}
+
+/// Counts of an asynchronous request's agents.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Progress {
+    pub expected: usize,
+    pub confirmed: usize,
+    pub failed: usize,
+    pub pending: usize,
 }
 
 fn millis(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
-/// The HTTP answer to `outcome`: `200` when every expected agent confirmed, else `424`.
-pub(super) fn outcome(outcome: &Outcome) -> Response {
-    let (status, body) = outcome_body(outcome);
-    let mut response = (status, axum::Json(body)).into_response();
-    if let Ok(id) = HeaderValue::from_str(&outcome.request_id) {
+/// How one agent's answer (or its absence) reads in an answer.
+pub(crate) fn agent_result(outcome: Option<&AgentOutcome>) -> AgentResult {
+    match outcome {
+        Some(AgentOutcome::Applied { evicted, latency }) => AgentResult {
+            status: "applied".into(),
+            evicted: Some(*evicted),
+            error: None,
+            latency_ms: Some(millis(*latency)),
+        },
+        Some(AgentOutcome::Failed { reason, latency }) => AgentResult {
+            status: "failed".into(),
+            evicted: None,
+            error: Some(reason.clone()),
+            latency_ms: Some(millis(*latency)),
+        },
+        Some(AgentOutcome::TimedOut { after }) => AgentResult {
+            status: "timeout".into(),
+            evicted: None,
+            error: None,
+            latency_ms: Some(millis(*after)),
+        },
+        None => AgentResult {
+            status: "pending".into(),
+            evicted: None,
+            error: None,
+            latency_ms: None,
+        },
+    }
+}
+
+/// Adds the request id header to an answer.
+pub(crate) fn with_request_id(mut response: Response, request_id: &str) -> Response {
+    if let Ok(id) = HeaderValue::from_str(request_id) {
         response
             .headers_mut()
             .insert(REQUEST_ID_RESPONSE_HEADER, id);
@@ -73,59 +177,49 @@ pub(super) fn outcome(outcome: &Outcome) -> Response {
     response
 }
 
+/// The HTTP answer to `outcome`: `200` when every expected agent confirmed, else `424`.
+/// `cluster_name` is set for keyed caches, which answer Elasticsearch's way.
+pub(crate) fn outcome(outcome: &Outcome, cluster_name: Option<&str>) -> Response {
+    let body = outcome_body(outcome, cluster_name);
+    let status = StatusCode::from_u16(body.status).unwrap_or(StatusCode::FAILED_DEPENDENCY);
+    with_request_id(
+        (status, axum::Json(body)).into_response(),
+        &outcome.request_id,
+    )
+}
+
 /// The status and JSON body that report `outcome`, as the HTTP API answers it.
 pub fn outcome_json(outcome: &Outcome) -> (StatusCode, serde_json::Value) {
-    let (status, body) = outcome_body(outcome);
+    let body = outcome_body(outcome, None);
+    let status = StatusCode::from_u16(body.status).unwrap_or(StatusCode::FAILED_DEPENDENCY);
     (status, serde_json::to_value(body).unwrap_or_default())
 }
 
-/// The status and body that report `outcome`.
-fn outcome_body(outcome: &Outcome) -> (StatusCode, Body<'_>) {
-    let failures: Vec<Failure<'_>> = outcome
+/// The body that reports `outcome`.
+pub fn outcome_body(outcome: &Outcome, cluster_name: Option<&str>) -> OutcomeBody {
+    let failures: Vec<NodeFailure> = outcome
         .failures()
-        .map(|(id, o)| match o {
-            AgentOutcome::Failed { reason, .. } => Failure {
-                node_id: id.as_str(),
-                kind: "eviction_failed",
+        .filter_map(|(id, o)| match o {
+            AgentOutcome::Failed { reason, .. } => Some(NodeFailure {
+                node_id: id.to_string(),
+                kind: "eviction_failed".into(),
                 reason: reason.clone(),
-            },
-            AgentOutcome::TimedOut { after } => Failure {
-                node_id: id.as_str(),
-                kind: "timeout",
+            }),
+            AgentOutcome::TimedOut { after } => Some(NodeFailure {
+                node_id: id.to_string(),
+                kind: "timeout".into(),
                 reason: format!("no acknowledgement within {} ms", after.as_millis()),
-            },
-            AgentOutcome::Applied { .. } => unreachable!("failures() excludes applied agents"),
+            }),
+            AgentOutcome::Applied { .. } => None,
         })
         .collect();
     let agents = outcome
         .agents
         .iter()
-        .map(|(id, o)| {
-            let agent = match o {
-                AgentOutcome::Applied { evicted, latency } => Agent {
-                    status: "applied",
-                    evicted: Some(*evicted),
-                    error: None,
-                    latency_ms: millis(*latency),
-                },
-                AgentOutcome::Failed { reason, latency } => Agent {
-                    status: "failed",
-                    evicted: None,
-                    error: Some(reason),
-                    latency_ms: millis(*latency),
-                },
-                AgentOutcome::TimedOut { after } => Agent {
-                    status: "timeout",
-                    evicted: None,
-                    error: None,
-                    latency_ms: millis(*after),
-                },
-            };
-            (id.as_str(), agent)
-        })
+        .map(|(id, o)| (id.to_string(), agent_result(Some(o))))
         .collect();
-    let confirmed = failures.is_empty();
-    let (status, code, message) = if confirmed {
+    let answered = cluster_name.map(|_| answered_nodes(&outcome.agents));
+    let (status, code, message) = if failures.is_empty() {
         (StatusCode::OK, None, None)
     } else {
         let names: Vec<String> = failures
@@ -134,7 +228,7 @@ fn outcome_body(outcome: &Outcome) -> (StatusCode, Body<'_>) {
             .collect();
         (
             StatusCode::FAILED_DEPENDENCY,
-            Some("failed_dependency"),
+            Some("failed_dependency".to_owned()),
             Some(format!(
                 "{} of {} agents did not confirm: {}; an agent that missed the event applies it when it is back, and one whose eviction failed flushes its whole cache before it confirms anything else",
                 failures.len(),
@@ -143,22 +237,39 @@ fn outcome_body(outcome: &Outcome) -> (StatusCode, Body<'_>) {
             )),
         )
     };
-    let body = Body {
+    OutcomeBody {
         status: status.as_u16(),
         code,
         message,
-        request_id: &outcome.request_id,
-        env_id: outcome.env.as_str(),
-        event_id: &outcome.event_id,
+        request_id: outcome.request_id.clone(),
+        env_id: outcome.env.to_string(),
+        event_id: outcome.event_id.clone(),
         sequence: outcome.sequence,
         took_ms: outcome.took.as_millis() as u64,
-        nodes: Nodes {
+        nodes: NodesSummary {
             total: outcome.agents.len(),
             successful: outcome.successful(),
             failed: failures.len(),
             failures,
         },
         agents,
-    };
-    (status, body)
+        cluster_name: cluster_name.map(str::to_owned),
+        answered,
+    }
+}
+
+/// The agents that answered (applied or failed), as Elasticsearch's `nodes` map.
+fn answered_nodes(agents: &BTreeMap<AgentId, AgentOutcome>) -> BTreeMap<String, NodeInfo> {
+    agents
+        .iter()
+        .filter(|(_, o)| !matches!(o, AgentOutcome::TimedOut { .. }))
+        .map(|(id, _)| {
+            (
+                id.to_string(),
+                NodeInfo {
+                    name: id.to_string(),
+                },
+            )
+        })
+        .collect()
 }

@@ -11,7 +11,10 @@ use crate::shutdown::Shutdown;
 
 pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     match config.agent.backend {
-        BackendKind::Memory => run_with(config, MemoryCache::new()).await,
+        BackendKind::Memory => {
+            let cache = MemoryCache::with_keyed_caches(config.agent.keyed_caches.clone());
+            run_with(config, cache).await
+        }
         BackendKind::Redis => {
             let backend = RedisBackend::new(&config.redis)?;
             run_with(config, backend).await

@@ -44,6 +44,14 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         let publisher = publisher.clone();
         move || std::future::ready(publisher.readiness())
     });
+    let service = config.api.nats_service.then(|| {
+        tokio::spawn(cachecast_publisher::service::run(
+            client.clone(),
+            publisher.clone(),
+            config.api.clone(),
+            shutdown.clone().wait(),
+        ))
+    });
     let router = cachecast_publisher::http::router(publisher, verifier, config.api.clone())
         .merge(cachecast_admin::router(health.clone(), metrics));
     let delay = config.api.shutdown_delay;
@@ -67,6 +75,13 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
             stopping.await.ok();
             tokio::time::sleep(grace).await;
         } => tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway"),
+    }
+    if let Some(service) = service {
+        match service.await {
+            Ok(Err(err)) => tracing::warn!(error = %err, "the NATS service did not run"),
+            Err(err) => tracing::warn!(error = %err, "the NATS service task failed"),
+            Ok(Ok(())) => {}
+        }
     }
     cachecast_bus::flush(&client, config.nats.request_timeout).await;
     tracing::info!("stopped");

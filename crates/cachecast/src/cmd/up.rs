@@ -12,6 +12,7 @@ use cachecast_agent::{Agent, AgentConfig, MemoryCache};
 use cachecast_bus::Secret;
 use cachecast_nats_server::NatsServer;
 use cachecast_proto::AgentId;
+use cachecast_proto::CacheName;
 use cachecast_publisher::Publisher;
 use cachecast_publisher::auth::{AuthConfig, DEV_SECRET, Verifier, issue_hs256};
 
@@ -56,7 +57,8 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
             &bus,
             (args.env.clone(), id),
             AgentConfig::default(),
-            MemoryCache::new(),
+            // A keyed cache to try `_clear_cache` on.
+            MemoryCache::with_keyed_caches([CacheName::new("apikeys")?]),
         );
         let running = agent.start().await?;
         let stop = shutdown.clone().wait();

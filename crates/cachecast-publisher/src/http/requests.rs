@@ -1,0 +1,200 @@
+//! Asynchronous requests (`?wait_for_completion=false`): the table of their status resources.
+//!
+//! A request answered `202` keeps running in a task that records each ack here as it
+//! arrives; `GET /api/1.0/requests/{requestId}` reads the record. Records are kept for a
+//! bounded time after they finish and the table holds a bounded number: the oldest finished
+//! record goes first, and when every slot holds a running request a new one is refused.
+//! The table lives in the publisher replica that accepted the request.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cachecast_proto::{AgentId, EnvId};
+
+use super::response::{self, Progress, RequestStatusBody};
+use crate::outcome::{AgentOutcome, Outcome};
+use crate::publisher::InFlight;
+
+/// Why an asynchronous request could not be registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RegisterError {
+    #[error("request id {0:?} is already in use by an asynchronous request; send a new RequestID")]
+    Duplicate(String),
+    #[error(
+        "{0} asynchronous requests are running; wait for some to finish or raise api.async_max_requests"
+    )]
+    Full(usize),
+}
+
+#[derive(Debug)]
+struct Record {
+    env: EnvId,
+    kind: &'static str,
+    event_id: String,
+    sequence: u64,
+    agents: BTreeMap<AgentId, Option<AgentOutcome>>,
+    /// Set once finished: the final answer, and when.
+    done: Option<(Outcome, Instant)>,
+    cluster_name: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    records: HashMap<String, Record>,
+    /// Request ids in the order they were registered.
+    order: VecDeque<String>,
+}
+
+/// The status records of asynchronous requests.
+#[derive(Debug)]
+pub(crate) struct Requests {
+    table: Mutex<Table>,
+    retention: Duration,
+    max: usize,
+}
+
+impl Requests {
+    pub(crate) fn new(retention: Duration, max: usize) -> Self {
+        Self {
+            table: Mutex::default(),
+            retention,
+            max: max.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks that `request_id` can be registered, before anything is published.
+    pub(crate) fn check(&self, request_id: &str) -> Result<(), RegisterError> {
+        let mut table = self.lock();
+        self.expire(&mut table);
+        if table.records.contains_key(request_id) {
+            return Err(RegisterError::Duplicate(request_id.to_owned()));
+        }
+        if table.records.len() >= self.max && !make_room(&mut table) {
+            return Err(RegisterError::Full(self.max));
+        }
+        Ok(())
+    }
+
+    /// Records a published request; its acks are recorded by [`Requests::follow`].
+    pub(crate) fn register(
+        &self,
+        in_flight: &InFlight,
+        env: &EnvId,
+        kind: &'static str,
+        cluster_name: Option<String>,
+    ) -> Result<(), RegisterError> {
+        let request_id = in_flight.request_id().to_owned();
+        self.check(&request_id)?;
+        let mut table = self.lock();
+        table.order.push_back(request_id.clone());
+        table.records.insert(
+            request_id,
+            Record {
+                env: env.clone(),
+                kind,
+                event_id: in_flight.event_id().to_owned(),
+                sequence: in_flight.sequence(),
+                agents: in_flight.agents().clone(),
+                done: None,
+                cluster_name,
+            },
+        );
+        Ok(())
+    }
+
+    /// Records each ack of `in_flight` as it arrives, then its outcome.
+    pub(crate) async fn follow(&self, mut in_flight: InFlight) -> Outcome {
+        let request_id = in_flight.request_id().to_owned();
+        while let Some((agent, outcome)) = in_flight.next_ack().await {
+            if let Some(record) = self.lock().records.get_mut(&request_id) {
+                record.agents.insert(agent, Some(outcome));
+            }
+        }
+        let outcome = in_flight.finish();
+        if let Some(record) = self.lock().records.get_mut(&request_id) {
+            record.done = Some((outcome.clone(), Instant::now()));
+        }
+        outcome
+    }
+
+    /// The status of `request_id`, if it is known and its environment is one `visible` allows.
+    pub(crate) fn status(
+        &self,
+        request_id: &str,
+        visible: impl Fn(&EnvId) -> bool,
+    ) -> Option<RequestStatusBody> {
+        let mut table = self.lock();
+        self.expire(&mut table);
+        let record = table.records.get(request_id).filter(|r| visible(&r.env))?;
+        let (agents, outcome) = match &record.done {
+            Some((outcome, _)) => (
+                outcome
+                    .agents
+                    .iter()
+                    .map(|(id, o)| (id.clone(), Some(o.clone())))
+                    .collect(),
+                Some(response::outcome_body(
+                    outcome,
+                    record.cluster_name.as_deref(),
+                )),
+            ),
+            None => (record.agents.clone(), None),
+        };
+        let confirmed = agents
+            .values()
+            .filter(|o| o.as_ref().is_some_and(AgentOutcome::is_applied))
+            .count();
+        let pending = agents.values().filter(|o| o.is_none()).count();
+        Some(RequestStatusBody {
+            request_id: request_id.to_owned(),
+            env_id: record.env.to_string(),
+            kind: record.kind.to_owned(),
+            state: if outcome.is_some() { "done" } else { "running" }.to_owned(),
+            event_id: record.event_id.clone(),
+            sequence: record.sequence,
+            progress: Progress {
+                expected: agents.len(),
+                confirmed,
+                failed: agents.len() - confirmed - pending,
+                pending,
+            },
+            agents: agents
+                .iter()
+                .map(|(id, o)| (id.to_string(), response::agent_result(o.as_ref())))
+                .collect(),
+            outcome,
+        })
+    }
+
+    /// Drops finished records older than the retention.
+    fn expire(&self, table: &mut Table) {
+        let retention = self.retention;
+        table.records.retain(|_, r| {
+            r.done
+                .as_ref()
+                .is_none_or(|(_, at)| at.elapsed() < retention)
+        });
+        let Table { records, order } = table;
+        order.retain(|id| records.contains_key(id));
+    }
+}
+
+/// Drops the oldest finished record; false when every record is still running.
+fn make_room(table: &mut Table) -> bool {
+    let Some(position) = table
+        .order
+        .iter()
+        .position(|id| table.records.get(id).is_some_and(|r| r.done.is_some()))
+    else {
+        return false;
+    };
+    if let Some(id) = table.order.remove(position) {
+        table.records.remove(&id);
+    }
+    true
+}

@@ -1,0 +1,458 @@
+//! The `cachecast` NATS service: the HTTP API's invalidation, over NATS request-reply.
+//!
+//! Event-driven pipelines in any language invalidate and get the confirmation without HTTP:
+//! they send a request to `cachecast.svc.v1.<env>.invalidate` and get the same outcome the API
+//! answers. The service follows the NATS services API, so `$SRV.PING`, `$SRV.INFO` and
+//! `$SRV.STATS` discover and measure it, and replicas share requests through a queue group.
+//!
+//! A request is protobuf (`cachecast.v1.InvalidateRequest`, answered with an
+//! `InvalidateReply`) or JSON (first byte `{`, or `Content-Type: application/json`), answered
+//! with the HTTP API's JSON body:
+//!
+//! ```json
+//! {"response": {"scopeClientId": "s1"}, "requestId": "r-1", "timeout": "5s"}
+//! {"identity": {"identityTemplate": "User"}}
+//! {"keyed": {"cache": "apikeys", "ids": "k1,k2"}}     (ids: a list, a comma list, or "*")
+//! ```
+//!
+//! Who may invalidate which environment is decided by NATS permissions on the subject.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::service::ServiceExt;
+use async_nats::{HeaderMap, HeaderValue};
+use bytes::Bytes;
+use cachecast_bus::Client;
+use cachecast_proto::{
+    AgentOutcomeReply, EnvId, ErrorReply, InvalidateReply, InvalidateRequest, Subjects, Target,
+    Wire,
+};
+use futures::StreamExt;
+use serde_json::{Map, Value};
+
+use crate::http::request;
+use crate::http::{ApiConfig, ApiError, ErrorBody, outcome_body, publish_error};
+use crate::outcome::{AgentOutcome, Outcome};
+use crate::publisher::{InvalidationRequest, Publisher};
+
+/// The service's name in `$SRV` discovery.
+pub const SERVICE_NAME: &str = "cachecast";
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "could not start the cachecast NATS service: {0}; check the NATS connection and permissions on $SRV.> and cachecast.svc.v1.*.invalidate"
+)]
+pub struct ServiceError(String);
+
+/// Serves invalidation requests over NATS until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    publisher: Publisher,
+    config: ApiConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServiceError> {
+    let service = client
+        .service_builder()
+        .description(
+            "Invalidates caches across a fleet and answers once every live agent confirmed",
+        )
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| ServiceError(e.to_string()))?;
+    let mut endpoint = service
+        .endpoint_builder()
+        .name("invalidate")
+        .add(Subjects::SERVICE_REQUESTS)
+        .await
+        .map_err(|e| ServiceError(e.to_string()))?;
+    tracing::info!(subject = Subjects::SERVICE_REQUESTS, "NATS service ready");
+    let config = std::sync::Arc::new(config);
+    tokio::pin!(shutdown);
+    loop {
+        let request = tokio::select! {
+            request = endpoint.next() => request,
+            () = &mut shutdown => break,
+        };
+        let Some(request) = request else { break };
+        let (publisher, config) = (publisher.clone(), config.clone());
+        tokio::spawn(async move {
+            let (reply, headers) = handle(&publisher, &config, &request.message).await;
+            if let Err(err) = request.respond_with_headers(Ok(reply), headers).await {
+                tracing::warn!(error = %err, "could not reply to a service request");
+            }
+        });
+    }
+    if let Err(err) = service.stop().await {
+        tracing::debug!(error = %err, "stopping the NATS service");
+    }
+    Ok(())
+}
+
+/// The encoding a request came in, and its reply goes out in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Json,
+    Protobuf,
+}
+
+/// A request as read, before it is published.
+struct Parsed {
+    request_id: Option<String>,
+    timeout: Duration,
+    target: Target,
+}
+
+/// Answers one request: the reply payload and its headers.
+async fn handle(
+    publisher: &Publisher,
+    config: &ApiConfig,
+    message: &async_nats::Message,
+) -> (Bytes, HeaderMap) {
+    let is_json = message.payload.first() == Some(&b'{')
+        || message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Content-Type"))
+            .is_some_and(|v| v.as_str().starts_with("application/json"));
+    let encoding = if is_json {
+        Encoding::Json
+    } else {
+        Encoding::Protobuf
+    };
+    let header_request_id = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(cachecast_bus::REQUEST_ID_HEADER))
+        .map(|v| v.as_str().to_owned());
+    let result = invalidate(
+        publisher,
+        config,
+        message,
+        encoding,
+        header_request_id.clone(),
+    )
+    .await;
+    let fallback_id = || {
+        header_request_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+    };
+    let (status, payload, request_id) = match result {
+        Ok((outcome, cluster_name)) => {
+            let body = outcome_body(&outcome, cluster_name.as_deref());
+            let payload = match encoding {
+                Encoding::Json => serde_json::to_vec(&body).unwrap_or_default().into(),
+                Encoding::Protobuf => outcome_reply(&outcome, body.status).to_bytes(),
+            };
+            (body.status, payload, outcome.request_id)
+        }
+        Err(err) => {
+            let request_id = if err.request_id.is_empty() {
+                fallback_id()
+            } else {
+                err.request_id.clone()
+            };
+            let status = err.status.as_u16();
+            tracing::info!(status, code = err.code, request_id = %request_id, "service request refused");
+            let payload = match encoding {
+                Encoding::Json => serde_json::to_vec(&ErrorBody {
+                    status,
+                    code: err.code.to_owned(),
+                    message: err.message,
+                    request_id: request_id.clone(),
+                })
+                .unwrap_or_default()
+                .into(),
+                Encoding::Protobuf => InvalidateReply {
+                    status: u32::from(status),
+                    request_id: request_id.clone(),
+                    error: Some(ErrorReply {
+                        code: err.code.to_owned(),
+                        message: err.message,
+                    }),
+                    ..InvalidateReply::default()
+                }
+                .to_bytes(),
+            };
+            (status, payload, request_id)
+        }
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(cachecast_bus::REQUEST_ID_HEADER, request_id.as_str());
+    headers.insert(
+        "Content-Type",
+        match encoding {
+            Encoding::Json => "application/json",
+            Encoding::Protobuf => "application/protobuf",
+        },
+    );
+    if status != 200 {
+        // The NATS services convention for a request that did not succeed.
+        headers.insert(
+            "Nats-Service-Error",
+            HeaderValue::from(status.to_string().as_str()),
+        );
+        headers.insert(
+            "Nats-Service-Error-Code",
+            HeaderValue::from(status.to_string().as_str()),
+        );
+    }
+    (payload, headers)
+}
+
+/// Reads, publishes and waits for one request.
+async fn invalidate(
+    publisher: &Publisher,
+    config: &ApiConfig,
+    message: &async_nats::Message,
+    encoding: Encoding,
+    header_request_id: Option<String>,
+) -> Result<(Outcome, Option<String>), ApiError> {
+    let env = Subjects::service_request_env(&message.subject).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_env_id",
+            format!(
+                "subject {} does not name a valid environment: use cachecast.svc.v1.<env>.invalidate",
+                message.subject
+            ),
+        )
+    })?;
+    let parsed = match encoding {
+        Encoding::Json => parse_json(&message.payload, config)?,
+        Encoding::Protobuf => parse_protobuf(&message.payload, config)?,
+    };
+    let request_id = match parsed.request_id.or(header_request_id) {
+        Some(id) => {
+            crate::validate::request_id(&id)
+                .map_err(|m| ApiError::bad_request("invalid_request_id", m))?;
+            id
+        }
+        None => uuid::Uuid::now_v7().to_string(),
+    };
+    let cluster_name =
+        matches!(parsed.target, Target::Keyed(_)).then(|| config.cluster_name.clone());
+    let outcome = publisher
+        .invalidate(InvalidationRequest {
+            env: env.clone(),
+            target: parsed.target,
+            request_id: request_id.clone(),
+            timeout: parsed.timeout,
+        })
+        .await
+        .map_err(|err| publish_error(err).with_request_id(&request_id))?;
+    log_outcome(&env, &outcome);
+    Ok((outcome, cluster_name))
+}
+
+fn log_outcome(env: &EnvId, outcome: &Outcome) {
+    tracing::info!(
+        %env,
+        request_id = %outcome.request_id,
+        total = outcome.agents.len(),
+        successful = outcome.successful(),
+        took_ms = outcome.took.as_millis() as u64,
+        "service invalidation answered"
+    );
+}
+
+fn parse_protobuf(payload: &[u8], config: &ApiConfig) -> Result<Parsed, ApiError> {
+    let request = InvalidateRequest::from_bytes(payload).map_err(|err| {
+        ApiError::bad_request(
+            "invalid_protobuf",
+            format!("{err}; send a cachecast.v1.InvalidateRequest, or JSON"),
+        )
+    })?;
+    let target: Target = request
+        .target
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "missing_target",
+                "the request names no cache: set response, identity or keyed",
+            )
+        })?
+        .into();
+    crate::validate::target(&target).map_err(|m| ApiError::bad_request("invalid_value", m))?;
+    if let Target::Response(selector) = &target
+        && selector.scope_client_ids.len() > config.max_scopes
+    {
+        return Err(ApiError::bad_request(
+            "too_many_values",
+            format!("at most {} scopes per request", config.max_scopes),
+        ));
+    }
+    if let Target::Keyed(selector) = &target
+        && selector.ids.len() > config.max_scopes
+    {
+        return Err(ApiError::bad_request(
+            "too_many_values",
+            format!("at most {} ids per request", config.max_scopes),
+        ));
+    }
+    let timeout = match request.timeout_ms {
+        0 => config.default_timeout,
+        ms => {
+            let timeout = Duration::from_millis(u64::from(ms));
+            if timeout > config.max_timeout {
+                return Err(ApiError::bad_request(
+                    "invalid_timeout",
+                    format!(
+                        "timeout_ms must be at most {}",
+                        config.max_timeout.as_millis()
+                    ),
+                ));
+            }
+            timeout
+        }
+    };
+    Ok(Parsed {
+        request_id: Some(request.request_id).filter(|id| !id.is_empty()),
+        timeout,
+        target,
+    })
+}
+
+fn parse_json(payload: &[u8], config: &ApiConfig) -> Result<Parsed, ApiError> {
+    let value: Value = serde_json::from_slice(payload).map_err(|err| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("the request is not valid JSON: {err}"),
+        )
+    })?;
+    let Value::Object(fields) = value else {
+        return Err(ApiError::bad_request(
+            "body_not_object",
+            "the request must be a JSON object, like {\"response\": {}}",
+        ));
+    };
+    const FIELDS: &[&str] = &["response", "identity", "keyed", "requestId", "timeout"];
+    if let Some(name) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(
+            "unknown_field",
+            format!(
+                "unknown field {name:?}; the fields are {}",
+                FIELDS.join(", ")
+            ),
+        ));
+    }
+    let string = |name: &str| -> Result<Option<String>, ApiError> {
+        match fields.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(ApiError::bad_request(
+                "invalid_field_type",
+                format!("{name} must be a string"),
+            )),
+        }
+    };
+    let timeout = match string("timeout")? {
+        Some(value) => request::timeout(&value, config)?,
+        None => config.default_timeout,
+    };
+    let request_id = string("requestId")?;
+    let kinds: Vec<&str> = ["response", "identity", "keyed"]
+        .into_iter()
+        .filter(|k| fields.get(*k).is_some_and(|v| !v.is_null()))
+        .collect();
+    let [kind] = kinds.as_slice() else {
+        return Err(ApiError::bad_request(
+            "missing_target",
+            "name exactly one cache: response, identity or keyed",
+        ));
+    };
+    let inner = &fields[*kind];
+    let target = match *kind {
+        "response" => Target::Response(request::response_selector(&reencode(inner), config)?),
+        "identity" => Target::Identity(request::identity_selector(&reencode(inner))?),
+        _ => Target::Keyed(keyed_json(inner, config)?),
+    };
+    Ok(Parsed {
+        request_id,
+        timeout,
+        target,
+    })
+}
+
+/// A nested request object as the bytes the HTTP parsers read, so both ways in validate alike.
+fn reencode(value: &Value) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// `{"cache": "apikeys", "ids": "k1,k2" | ["k1", "k2"] | "*"}`.
+fn keyed_json(
+    value: &Value,
+    config: &ApiConfig,
+) -> Result<cachecast_proto::KeyedSelector, ApiError> {
+    let shape = || {
+        ApiError::bad_request(
+            "invalid_field_type",
+            "keyed must be {\"cache\": \"<name>\", \"ids\": \"id1,id2\" or [\"id1\", \"id2\"] or \"*\"}",
+        )
+    };
+    let Value::Object(fields) = value else {
+        return Err(shape());
+    };
+    let fields: &Map<String, Value> = fields;
+    if fields.keys().any(|k| k != "cache" && k != "ids") {
+        return Err(shape());
+    }
+    let Some(Value::String(cache)) = fields.get("cache") else {
+        return Err(shape());
+    };
+    let ids = match fields.get("ids") {
+        Some(Value::String(ids)) => ids.clone(),
+        Some(Value::Array(items)) if !items.is_empty() => {
+            let mut ids = Vec::with_capacity(items.len());
+            for item in items {
+                let Value::String(id) = item else {
+                    return Err(shape());
+                };
+                if id.contains(',') {
+                    return Err(ApiError::bad_request(
+                        "invalid_value",
+                        format!("id {id:?} contains ','"),
+                    ));
+                }
+                ids.push(id.as_str());
+            }
+            ids.join(",")
+        }
+        _ => return Err(shape()),
+    };
+    request::keyed_selector(cache, &ids, config)
+}
+
+/// The protobuf reply reporting `outcome`.
+fn outcome_reply(outcome: &Outcome, status: u16) -> InvalidateReply {
+    InvalidateReply {
+        status: u32::from(status),
+        request_id: outcome.request_id.clone(),
+        error: None,
+        total: outcome.agents.len() as u32,
+        successful: outcome.successful() as u32,
+        failed: (outcome.agents.len() - outcome.successful()) as u32,
+        agents: outcome
+            .agents
+            .iter()
+            .map(|(id, o)| {
+                let (status, evicted, error, latency) = match o {
+                    AgentOutcome::Applied { evicted, latency } => {
+                        ("applied", *evicted, String::new(), *latency)
+                    }
+                    AgentOutcome::Failed { reason, latency } => {
+                        ("failed", 0, reason.clone(), *latency)
+                    }
+                    AgentOutcome::TimedOut { after } => ("timeout", 0, String::new(), *after),
+                };
+                AgentOutcomeReply {
+                    agent_id: id.to_string(),
+                    status: status.into(),
+                    evicted,
+                    error,
+                    latency_ms: latency.as_millis() as u64,
+                }
+            })
+            .collect(),
+    }
+}
