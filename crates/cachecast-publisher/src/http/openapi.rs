@@ -84,6 +84,7 @@ pub(super) struct KeyedPath {
     #[param(pattern = "^[A-Za-z0-9_-]{1,128}$")]
     cache: String,
     /// Comma-separated ids to evict, or `*` alone for every entry. No other wildcard.
+    #[param(pattern = r"^(\*|[^*,\x00-\x1f]+(,[^*,\x00-\x1f]+)*)$")]
     ids: String,
 }
 
@@ -94,6 +95,7 @@ pub(super) struct KeyedPath {
 pub(super) struct InvalidateQuery {
     /// How long to wait for acknowledgements, like `5s` or `500ms` (default and cap are
     /// configured: `api.default_timeout`, `api.max_timeout`).
+    #[param(pattern = "^[1-9][0-9]{0,4}(ms|s)$")]
     timeout: Option<String>,
     /// `false`: answer `202` once published, with a `Location` to follow the acks.
     wait_for_completion: Option<bool>,
