@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 const API_PASSWORD: &str = "api-pw-for-tests";
 const DEV_1_PASSWORD: &str = "dev-1-pw-for-tests";
 const PROD_1_PASSWORD: &str = "prod-1-pw-for-tests";
+const CALLER_DEV_PASSWORD: &str = "caller-dev-pw-for-tests";
 
 /// How long a denial may take to be reported.
 const DENIAL: Duration = Duration::from_secs(5);
@@ -31,6 +32,7 @@ async fn server() -> NatsServer {
         .env("NATS_CACHECAST_API_PASSWORD", API_PASSWORD)
         .env("NATS_CACHECAST_AGENT_DEV_1_PASSWORD", DEV_1_PASSWORD)
         .env("NATS_CACHECAST_AGENT_PROD_1_PASSWORD", PROD_1_PASSWORD)
+        .env("NATS_CACHECAST_CALLER_DEV_PASSWORD", CALLER_DEV_PASSWORD)
         .start()
         .await
         .unwrap_or_else(|e| panic!("nats-server did not start with deploy/nats/accounts.conf: {e}"))
@@ -58,6 +60,11 @@ const PROD_1: User = User {
     name: "cachecast-agent-prod-1",
     password: PROD_1_PASSWORD,
     inbox: "_INBOX.agent.prod.prod-agent-1",
+};
+const CALLER_DEV: User = User {
+    name: "cachecast-caller-dev",
+    password: CALLER_DEV_PASSWORD,
+    inbox: "_INBOX.caller.dev",
 };
 
 impl User {
@@ -205,6 +212,59 @@ async fn publisher_and_agents_work_with_their_users() {
         .await;
     stack.wait_for_agents("dev", 1).await;
     stack.wait_for_agents("prod", 1).await;
+    // The NATS service, served with the API's user, called by a caller of `dev`.
+    let service_client = cachecast_bus::connect(&stack.bus.nats, "e2e-service")
+        .await
+        .expect("NATS client");
+    let (stop_service, service_stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(cachecast_publisher::service::run(
+        service_client,
+        stack.publisher.clone(),
+        cachecast_publisher::http::ApiConfig::default(),
+        async {
+            service_stopped.await.ok();
+        },
+    ));
+    let mut caller = Probe::connect(&stack.nats, CALLER_DEV).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while caller
+        .client
+        .request("$SRV.PING.cachecast", "".into())
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the service did not answer $SRV.PING within 10 s"
+        );
+    }
+    let reply = caller
+        .client
+        .request(
+            "cachecast.svc.v1.dev.invalidate",
+            r#"{"response":{"scopeClientIds":["orders-api"]}}"#.into(),
+        )
+        .await
+        .expect("the service replies");
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).expect("JSON");
+    assert_eq!(reply["status"], 200, "{reply}");
+    assert_eq!(
+        reply["agents"]["dev-agent-1"]["status"], "applied",
+        "{reply}"
+    );
+    // The caller of `dev` cannot invalidate `prod`, nor publish events.
+    caller
+        .api_request_refused(
+            "cachecast.svc.v1.prod.invalidate",
+            serde_json::json!({"response": {}}),
+        )
+        .await;
+    caller.publish_refused("cachecast.v1.dev.inval").await;
+    stop_service.send(()).ok();
+    service
+        .await
+        .expect("the service task")
+        .expect("the service ran");
     for env in ["dev", "prod"] {
         let answer = stack
             .invalidate(env, r#"{"scopeClientId": "orders-api"}"#, "")
@@ -239,10 +299,21 @@ async fn publisher_and_agents_work_with_their_users() {
     dev.stop().await;
     prod.stop().await;
     stack.wait_for_agents("dev", 0).await;
+    // The only violations are the caller's, on purpose.
     let log = std::fs::read_to_string(stack.nats.log_file()).unwrap_or_default();
+    let unexpected: Vec<&str> = log
+        .lines()
+        .filter(|line| line.to_lowercase().contains("violation"))
+        .filter(|line| !line.contains("user:cachecast-caller-dev"))
+        .collect();
     assert!(
-        !log.to_lowercase().contains("violation"),
-        "the users of deploy/nats/accounts.conf lack a permission cachecast needs:\n{log}"
+        unexpected.is_empty(),
+        "the users of deploy/nats/accounts.conf lack a permission cachecast needs:\n{}",
+        unexpected.join("\n")
+    );
+    assert!(
+        log.contains("user:cachecast-caller-dev"),
+        "the server logs violations with the user's name (or this check proves nothing)"
     );
 }
 
