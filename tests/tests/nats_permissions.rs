@@ -238,6 +238,21 @@ async fn publisher_and_agents_work_with_their_users() {
             "the service did not answer $SRV.PING within 10 s"
         );
     }
+    // A caller cannot make the service reply onto the stream's API or an events subject:
+    // the request is refused (not applied, not answered), then a real one goes through.
+    let api = Probe::connect(&stack.nats, API).await;
+    let events_before = stored(&api, "CACHECAST").await;
+    for reflected in ["$JS.API.STREAM.DELETE.CACHECAST", "cachecast.v1.prod.inval"] {
+        caller
+            .client
+            .publish_with_reply(
+                "cachecast.svc.v1.dev.invalidate",
+                reflected,
+                r#"{"response":{}}"#.into(),
+            )
+            .await
+            .expect("publish");
+    }
     let reply = caller
         .client
         .request(

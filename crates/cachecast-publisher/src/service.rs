@@ -69,6 +69,7 @@ pub async fn run(
         .map_err(|e| ServiceError(e.to_string()))?;
     tracing::info!(subject = Subjects::SERVICE_REQUESTS, "NATS service ready");
     let config = std::sync::Arc::new(config);
+    let log_limit = cachecast_bus::LogLimiter::new(Duration::from_secs(10));
     tokio::pin!(shutdown);
     loop {
         let request = tokio::select! {
@@ -76,6 +77,21 @@ pub async fn run(
             () = &mut shutdown => break,
         };
         let Some(request) = request else { break };
+        if let Some(reply) = request.message.reply.as_ref()
+            && !is_caller_reply_subject(reply.as_str())
+        {
+            metrics::counter!("cachecast_service_refused_total", "reason" => "reply_subject")
+                .increment(1);
+            if let Some(left_out) = log_limit.allow("reply_subject") {
+                tracing::warn!(
+                    reply = reply.as_str(),
+                    subject = request.message.subject.as_str(),
+                    left_out,
+                    "refusing a service request whose reply subject is cachecast's or the server's: not applied, not answered"
+                );
+            }
+            continue;
+        }
         let (publisher, config) = (publisher.clone(), config.clone());
         tokio::spawn(async move {
             let (reply, headers) = handle(&publisher, &config, &request.message).await;
@@ -88,6 +104,35 @@ pub async fn run(
         tracing::debug!(error = %err, "stopping the NATS service");
     }
     Ok(())
+}
+
+/// Whether a reply may go to `subject`: never to cachecast's own subjects or the server's
+/// (`$JS.API`, `$KV`, `$SRV`, `$SYS`...). The service publishes its reply with this process's
+/// NATS permissions, which include publishing events and JetStream API requests, so a caller
+/// choosing such a reply subject could otherwise make it publish a (garbage) event or an API
+/// request (deleting the stream, say) on the caller's behalf.
+fn is_caller_reply_subject(subject: &str) -> bool {
+    !subject.starts_with('$') && !subject.starts_with("cachecast.")
+}
+
+#[cfg(test)]
+mod reply_subject_tests {
+    use super::is_caller_reply_subject;
+
+    #[test]
+    fn replies_go_only_to_callers_inboxes() {
+        assert!(is_caller_reply_subject("_INBOX.caller.dev.abc.1"));
+        assert!(is_caller_reply_subject("_INBOX.x"));
+        for reflected in [
+            "$JS.API.STREAM.DELETE.CACHECAST",
+            "$KV.cachecast-agents.dev.ghost",
+            "$SRV.PING",
+            "cachecast.v1.prod.inval",
+            "cachecast.v1.dev.ack.p.e",
+        ] {
+            assert!(!is_caller_reply_subject(reflected), "{reflected}");
+        }
+    }
 }
 
 /// The encoding a request came in, and its reply goes out in.
