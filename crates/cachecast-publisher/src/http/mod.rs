@@ -210,8 +210,8 @@ fn call(
     query: Option<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Call, Response> {
-    let request_id = request::request_id(&headers).map_err(IntoResponse::into_response)?;
+) -> Result<Call, ApiError> {
+    let request_id = request::request_id(&headers)?;
     Ok(Call {
         request_id,
         env,
@@ -254,7 +254,7 @@ async fn invalidate_response(
     let env = env.map(|Path(env)| env).unwrap_or_default();
     match call(env, query, headers, body) {
         Ok(call) => api.handle(Kind::Response, call).await,
-        Err(response) => response,
+        Err(invalid_request_id) => invalid_request_id.into_response(),
     }
 }
 
@@ -291,7 +291,7 @@ async fn invalidate_identity(
     let env = env.map(|Path(env)| env).unwrap_or_default();
     match call(env, query, headers, body) {
         Ok(call) => api.handle(Kind::Identity, call).await,
-        Err(response) => response,
+        Err(invalid_request_id) => invalid_request_id.into_response(),
     }
 }
 
@@ -327,7 +327,7 @@ async fn clear_keyed(
     let (env, cache, ids) = path.map(|Path(p)| p).unwrap_or_default();
     match call(env, query, headers, body) {
         Ok(call) => api.handle(Kind::Keyed { cache, ids }, call).await,
-        Err(response) => response,
+        Err(invalid_request_id) => invalid_request_id.into_response(),
     }
 }
 
