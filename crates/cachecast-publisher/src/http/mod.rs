@@ -204,21 +204,28 @@ struct Call {
     body: Body,
 }
 
-/// Reads the request id (refusing a bad one) and the path's environment.
-fn call(
+/// Runs an invalidation of `kind` once the request id is read (a bad one is refused at once).
+async fn enter(
+    api: &Arc<Api>,
+    kind: Kind,
     env: String,
     query: Option<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Call, Response> {
-    let request_id = request::request_id(&headers).map_err(IntoResponse::into_response)?;
-    Ok(Call {
-        request_id,
-        env,
-        query,
-        headers,
-        body,
-    })
+) -> Response {
+    match request::request_id(&headers) {
+        Ok(request_id) => {
+            let call = Call {
+                request_id,
+                env,
+                query,
+                headers,
+                body,
+            };
+            api.handle(kind, call).await
+        }
+        Err(invalid_request_id) => invalid_request_id.into_response(),
+    }
 }
 
 /// Invalidates PDP response cache entries of an environment (PlainID-compatible).
@@ -228,20 +235,7 @@ fn call(
     tag = "invalidation",
     params(openapi::EnvPath, openapi::InvalidateQuery),
     request_body(content = openapi::ResponseInvalidation, content_type = "application/json"),
-    responses(
-        (status = 200, description = "Every agent live in the environment applied the eviction", body = OutcomeBody),
-        (status = 202, description = "Published (`wait_for_completion=false`); follow `Location`", body = AcceptedBody),
-        (status = 400, description = "Bad request: the `code` names the mistake", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The token does not grant this environment or right", body = ErrorBody),
-        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
-        (status = 409, description = "The request id is in use by an asynchronous request", body = ErrorBody),
-        (status = 413, description = "The body is too large", body = ErrorBody),
-        (status = 415, description = "The body is not JSON", body = ErrorBody),
-        (status = 424, description = "Published, but not every expected agent confirmed: each is named", body = OutcomeBody),
-        (status = 429, description = "Too many requests for this token: retry after `Retry-After`", body = ErrorBody),
-        (status = 503, description = "Nothing published (the bus is unavailable): safe to retry after `Retry-After`", body = ErrorBody),
-    )
+    responses(openapi::InvalidationAnswers)
 )]
 async fn invalidate_response(
     State(api): State<Arc<Api>>,
@@ -252,10 +246,7 @@ async fn invalidate_response(
 ) -> Response {
     // A path that does not even decode (bad percent-encoding) is an invalid environment id.
     let env = env.map(|Path(env)| env).unwrap_or_default();
-    match call(env, query, headers, body) {
-        Ok(call) => api.handle(Kind::Response, call).await,
-        Err(response) => response,
-    }
+    enter(&api, Kind::Response, env, query, headers, body).await
 }
 
 /// Invalidates identity cache entries of an environment: those of a template, of an
@@ -266,20 +257,7 @@ async fn invalidate_response(
     tag = "invalidation",
     params(openapi::EnvPath, openapi::InvalidateQuery),
     request_body(content = openapi::IdentityInvalidation, content_type = "application/json"),
-    responses(
-        (status = 200, description = "Every agent live in the environment applied the eviction", body = OutcomeBody),
-        (status = 202, description = "Published (`wait_for_completion=false`); follow `Location`", body = AcceptedBody),
-        (status = 400, description = "Bad request: the `code` names the mistake", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The token does not grant this environment or right", body = ErrorBody),
-        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
-        (status = 409, description = "The request id is in use by an asynchronous request", body = ErrorBody),
-        (status = 413, description = "The body is too large", body = ErrorBody),
-        (status = 415, description = "The body is not JSON", body = ErrorBody),
-        (status = 424, description = "Published, but not every expected agent confirmed: each is named", body = OutcomeBody),
-        (status = 429, description = "Too many requests for this token: retry after `Retry-After`", body = ErrorBody),
-        (status = 503, description = "Nothing published (the bus is unavailable): safe to retry after `Retry-After`", body = ErrorBody),
-    )
+    responses(openapi::InvalidationAnswers)
 )]
 async fn invalidate_identity(
     State(api): State<Arc<Api>>,
@@ -289,10 +267,7 @@ async fn invalidate_identity(
     body: Body,
 ) -> Response {
     let env = env.map(|Path(env)| env).unwrap_or_default();
-    match call(env, query, headers, body) {
-        Ok(call) => api.handle(Kind::Identity, call).await,
-        Err(response) => response,
-    }
+    enter(&api, Kind::Identity, env, query, headers, body).await
 }
 
 /// Clears ids of a keyed cache (Elasticsearch clear-cache semantics): a comma-separated id
@@ -302,20 +277,7 @@ async fn invalidate_identity(
     path = "/api/1.0/runtime/caches/keyed/{envId}/{cache}/{ids}/_clear_cache",
     tag = "invalidation",
     params(openapi::KeyedPath, openapi::InvalidateQuery),
-    responses(
-        (status = 200, description = "Every agent serving the cache applied the eviction", body = OutcomeBody),
-        (status = 202, description = "Published (`wait_for_completion=false`); follow `Location`", body = AcceptedBody),
-        (status = 400, description = "Bad request: the `code` names the mistake", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The token does not grant this environment or right", body = ErrorBody),
-        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
-        (status = 409, description = "The request id is in use by an asynchronous request", body = ErrorBody),
-        (status = 413, description = "The body is too large", body = ErrorBody),
-        (status = 415, description = "The body is not JSON", body = ErrorBody),
-        (status = 424, description = "Published, but not every expected agent confirmed: each is named", body = OutcomeBody),
-        (status = 429, description = "Too many requests for this token: retry after `Retry-After`", body = ErrorBody),
-        (status = 503, description = "Nothing published (the bus is unavailable): safe to retry after `Retry-After`", body = ErrorBody),
-    )
+    responses(openapi::InvalidationAnswers)
 )]
 async fn clear_keyed(
     State(api): State<Arc<Api>>,
@@ -325,10 +287,7 @@ async fn clear_keyed(
     body: Body,
 ) -> Response {
     let (env, cache, ids) = path.map(|Path(p)| p).unwrap_or_default();
-    match call(env, query, headers, body) {
-        Ok(call) => api.handle(Kind::Keyed { cache, ids }, call).await,
-        Err(response) => response,
-    }
+    enter(&api, Kind::Keyed { cache, ids }, env, query, headers, body).await
 }
 
 /// The status of an asynchronous request: each expected agent's state, then the outcome.

@@ -8,7 +8,7 @@ use axum::Json;
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
 
 use super::error::ErrorBody;
 use super::response::{
@@ -108,6 +108,49 @@ pub(super) struct InvalidateQuery {
 pub(super) struct RequestPath {
     /// The request id of a `?wait_for_completion=false` request.
     requestId: String,
+}
+
+/// What an invalidation can answer, whichever cache it is for.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub(super) enum InvalidationAnswers {
+    /// Every agent expected (live in the environment; for a keyed cache, serving it) applied
+    /// the eviction.
+    #[response(status = 200)]
+    Confirmed(OutcomeBody),
+    /// Published (`wait_for_completion=false`); follow `Location`.
+    #[response(status = 202)]
+    Accepted(AcceptedBody),
+    /// Bad request: the `code` names the mistake.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No valid bearer token.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The token does not grant this environment or right.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// The body did not arrive in time.
+    #[response(status = 408)]
+    BodyTimeout(ErrorBody),
+    /// The request id is in use by an asynchronous request.
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// The body is too large.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// The body is not JSON.
+    #[response(status = 415)]
+    NotJson(ErrorBody),
+    /// Published, but not every expected agent confirmed: each is named.
+    #[response(status = 424)]
+    FailedDependency(OutcomeBody),
+    /// Too many requests for this token: retry after `Retry-After`.
+    #[response(status = 429)]
+    TooMany(ErrorBody),
+    /// Nothing published (the bus is unavailable): safe to retry after `Retry-After`.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
 }
 
 #[derive(OpenApi)]

@@ -198,3 +198,68 @@ fn make_room(table: &mut Table) -> bool {
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> EnvId {
+        EnvId::new("dev").expect("valid")
+    }
+
+    /// Puts a record straight into the table: running, or finished `finished_ago`.
+    fn put(requests: &Requests, id: &str, finished_ago: Option<Duration>) {
+        let done = finished_ago.map(|ago| {
+            let outcome = Outcome {
+                request_id: id.to_owned(),
+                event_id: "e".into(),
+                env: env(),
+                sequence: 1,
+                agents: BTreeMap::new(),
+                took: Duration::ZERO,
+            };
+            (outcome, Instant::now() - ago)
+        });
+        let mut table = requests.lock();
+        table.order.push_back(id.to_owned());
+        table.records.insert(
+            id.to_owned(),
+            Record {
+                env: env(),
+                kind: "response",
+                event_id: "e".into(),
+                sequence: 1,
+                agents: BTreeMap::new(),
+                done,
+                cluster_name: None,
+            },
+        );
+    }
+
+    #[test]
+    fn the_oldest_finished_record_makes_room_and_running_ones_never_do() {
+        let requests = Requests::new(Duration::from_secs(600), 2);
+        put(&requests, "running", None);
+        put(&requests, "finished", Some(Duration::ZERO));
+        assert_eq!(requests.check("new"), Ok(()));
+        assert!(requests.status("finished", |_| true).is_none());
+        assert!(requests.status("running", |_| true).is_some());
+        put(&requests, "running-2", None);
+        assert_eq!(requests.check("new"), Err(RegisterError::Full(2)));
+        assert_eq!(
+            requests.check("running"),
+            Err(RegisterError::Duplicate("running".into()))
+        );
+    }
+
+    #[test]
+    fn finished_records_expire_after_the_retention() {
+        let requests = Requests::new(Duration::from_secs(60), 10);
+        put(&requests, "old", Some(Duration::from_secs(61)));
+        put(&requests, "recent", Some(Duration::from_secs(1)));
+        assert!(requests.status("old", |_| true).is_none());
+        let recent = requests.status("recent", |_| true).expect("kept");
+        assert_eq!(recent.state, "done");
+        assert!(requests.status("recent", |e| e.as_str() != "dev").is_none());
+    }
+}
