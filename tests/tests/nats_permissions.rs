@@ -267,6 +267,13 @@ async fn publisher_and_agents_work_with_their_users() {
         reply["agents"]["dev-agent-1"]["status"], "applied",
         "{reply}"
     );
+    // Refused in the order received, before the real one: no event of theirs, now or later
+    // (the server log is checked for the API user's violations at the end).
+    assert_eq!(
+        stored(&api, "CACHECAST").await,
+        events_before + 1,
+        "only the real request published an event, and the stream is still there"
+    );
     // The caller of `dev` cannot invalidate `prod`, nor publish events.
     caller
         .api_request_refused(
