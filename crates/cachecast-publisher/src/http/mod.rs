@@ -5,7 +5,10 @@
 //! agent live in the environment confirmed; `424` naming each one that did not; `503` when the
 //! bus could not take the event. Every answer carries the request id.
 
+mod authz;
 mod error;
+mod limits;
+pub mod rate_limit;
 mod request;
 mod response;
 
@@ -18,17 +21,18 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use cachecast_proto::EnvId;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
+pub use self::authz::authorize;
 pub use self::error::ApiError;
 pub use self::response::outcome_json;
 
-use crate::auth::Verifier;
+use crate::auth::{Reach, Verifier};
 use crate::publisher::{InvalidationRequest, PublishError, Publisher};
 
 /// The response header that echoes the request id.
@@ -50,6 +54,10 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// The most scopes one request may name.
     pub max_scopes: usize,
+    /// Requests per second one bearer token may send on average (`0`: no limit).
+    pub rate_limit_per_second: f64,
+    /// Requests one bearer token may send at once before the rate applies.
+    pub rate_limit_burst: u32,
     /// On shutdown, how long `/readyz` answers `503` before the listener closes, so load
     /// balancers stop sending requests first (a few seconds on Kubernetes).
     #[serde(with = "humantime_serde")]
@@ -64,6 +72,8 @@ impl Default for ApiConfig {
             max_timeout: Duration::from_secs(60),
             max_body_bytes: 64 * 1024,
             max_scopes: 1000,
+            rate_limit_per_second: 10.0,
+            rate_limit_burst: 50,
             shutdown_delay: Duration::ZERO,
         }
     }
@@ -74,6 +84,7 @@ impl Default for ApiConfig {
 struct Api {
     publisher: Publisher,
     verifier: Verifier,
+    limiter: rate_limit::RateLimiter,
     config: ApiConfig,
 }
 
@@ -82,6 +93,10 @@ pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Ro
     let api = Arc::new(Api {
         publisher,
         verifier,
+        limiter: rate_limit::RateLimiter::new(
+            config.rate_limit_per_second,
+            config.rate_limit_burst,
+        ),
         config,
     });
     Router::new()
@@ -176,32 +191,16 @@ impl Api {
         headers: &HeaderMap,
         body: Body,
     ) -> Result<Response, ApiError> {
-        let authorization = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let grant = self.verifier.verify(authorization).map_err(|err| {
-            let code = match err {
-                crate::auth::AuthError::MissingToken => "missing_token",
-                crate::auth::AuthError::Expired => "token_expired",
-                _ => "invalid_token",
-            };
-            ApiError::new(StatusCode::UNAUTHORIZED, code, err.to_string())
-        })?;
+        let grant = authz::authenticate(&self.verifier, &self.limiter, headers).await?;
         let env = EnvId::new(env)
             .map_err(|err| ApiError::bad_request("invalid_env_id", err.to_string()))?;
-        if !grant.allows(env.as_str()) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden_environment",
-                format!(
-                    "the token does not grant environment {env}; ask for a token that lists it"
-                ),
-            ));
-        }
+        authz::environment(&grant, env.as_str())?;
         let timeout = request::timeout(query, &self.config)?;
         request::check_content_type(headers)?;
+        limits::check_content_encoding(headers)?;
         let body = read_body(body, self.config.max_body_bytes).await?;
         let selector = request::response_selector(&body, &self.config)?;
+        authz::authorize(&grant, env.as_str(), Reach::of_response(&selector))?;
 
         let outcome = self
             .publisher
@@ -235,6 +234,29 @@ impl Api {
         Ok(response::outcome(&outcome))
     }
 }
+
+/// Parses the body of a response-cache invalidation as the API does (for fuzzing and property
+/// tests): a selector, or the error the API would answer, whose `code` is one of
+/// [`BODY_ERROR_CODES`]. Never panics.
+pub fn parse_response_body(
+    body: &[u8],
+    config: &ApiConfig,
+) -> Result<cachecast_proto::ResponseSelector, ApiError> {
+    request::response_selector(body, config)
+}
+
+/// Every `code` [`parse_response_body`] can answer.
+pub const BODY_ERROR_CODES: &[&str] = &[
+    "missing_body",
+    "invalid_encoding",
+    "invalid_json",
+    "body_not_object",
+    "duplicate_field",
+    "unknown_field",
+    "invalid_field_type",
+    "invalid_value",
+    "too_many_values",
+];
 
 /// How long a client may take to send its body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
