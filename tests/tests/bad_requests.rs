@@ -8,9 +8,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use cachecast_e2e::{Stack, TEST_SECRET, token_with_rights};
 use cachecast_publisher::auth::Right;
 use cachecast_publisher::http::ApiConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PATH: &str = "/api/1.0/runtime/caches/response/dev/invalidate";
 
@@ -162,7 +162,7 @@ fn table(good: &str) -> Vec<Bad> {
         post("duplicate key", r#"{"identityId": "a", "identityId": "b"}"#, 400, "duplicate_field"),
         post("duplicate key hiding a null", r#"{"scopeClientId": "s1", "scopeClientId": null}"#, 400, "duplicate_field"),
         post("too many scopes", &format!(r#"{{"scopeClientIds": [{}]}}"#, (0..11).map(|n| format!(r#""s{n}""#)).collect::<Vec<_>>().join(",")), 400, "too_many_values"),
-        post("too many scopes, all the same", &format!(r#"{{"scopeClientIds": [{}]}}"#, vec![r#""s""#; 11].join(",")), 400, "too_many_values"),
+        post("too many scopes, all the same", &format!(r#"{{"scopeClientIds": [{}]}}"#, [r#""s""#; 11].join(",")), 400, "too_many_values"),
         post("trailing garbage", "{} {}", 400, "invalid_json"),
         post("trailing comma", r#"{"scopeClientId": "s1",}"#, 400, "invalid_json"),
         post("comments", r#"{/* all */}"#, 400, "invalid_json"),
@@ -253,15 +253,54 @@ async fn every_bad_request_gets_its_status_and_code() {
     // `code: None`: refused by the HTTP parser (not a valid request target) before cachecast
     // sees it, with an empty 400.
     for (what, target, status) in [
-        ("dot-dot env", "/api/1.0/runtime/caches/response/../invalidate".to_owned(), 400),
-        ("dot env", "/api/1.0/runtime/caches/response/./invalidate".to_owned(), 400),
-        ("encoded dot-dot env", "/api/1.0/runtime/caches/response/%2E%2E/invalidate".to_owned(), 400),
-        ("raw wildcard env", "/api/1.0/runtime/caches/response/>/invalidate".to_owned(), 400),
-        ("raw star env", "/api/1.0/runtime/caches/response/*/invalidate".to_owned(), 400),
-        ("dot-dot out of the route", "/api/1.0/runtime/caches/response/dev/../../identity/dev/invalidate".to_owned(), 404),
-        ("NUL-encoded env", "/api/1.0/runtime/caches/response/%00/invalidate".to_owned(), 400),
-        ("backslash env", "/api/1.0/runtime/caches/response/dev%5C..%5Cqa/invalidate".to_owned(), 400),
-        ("a 60 KiB env", format!("/api/1.0/runtime/caches/response/{}/invalidate", "e".repeat(60_000)), 400),
+        (
+            "dot-dot env",
+            "/api/1.0/runtime/caches/response/../invalidate".to_owned(),
+            400,
+        ),
+        (
+            "dot env",
+            "/api/1.0/runtime/caches/response/./invalidate".to_owned(),
+            400,
+        ),
+        (
+            "encoded dot-dot env",
+            "/api/1.0/runtime/caches/response/%2E%2E/invalidate".to_owned(),
+            400,
+        ),
+        (
+            "raw wildcard env",
+            "/api/1.0/runtime/caches/response/>/invalidate".to_owned(),
+            400,
+        ),
+        (
+            "raw star env",
+            "/api/1.0/runtime/caches/response/*/invalidate".to_owned(),
+            400,
+        ),
+        (
+            "dot-dot out of the route",
+            "/api/1.0/runtime/caches/response/dev/../../identity/dev/invalidate".to_owned(),
+            404,
+        ),
+        (
+            "NUL-encoded env",
+            "/api/1.0/runtime/caches/response/%00/invalidate".to_owned(),
+            400,
+        ),
+        (
+            "backslash env",
+            "/api/1.0/runtime/caches/response/dev%5C..%5Cqa/invalidate".to_owned(),
+            400,
+        ),
+        (
+            "a 60 KiB env",
+            format!(
+                "/api/1.0/runtime/caches/response/{}/invalidate",
+                "e".repeat(60_000)
+            ),
+            400,
+        ),
     ] {
         let (got, body) = raw_post(&addr, &target, &good).await;
         assert_eq!(got, status, "{what}: {body}");
@@ -269,13 +308,26 @@ async fn every_bad_request_gets_its_status_and_code() {
             assert!(body.is_null(), "{what}: {body}");
             continue;
         }
-        let code = if status == 400 { "invalid_env_id" } else { "not_found" };
+        let code = if status == 400 {
+            "invalid_env_id"
+        } else {
+            "not_found"
+        };
         assert_eq!(body["code"], code, "{what}: {body}");
         let message = body["message"].as_str().unwrap_or_default();
-        assert!(message.len() < 600, "{what}: the message does not echo a huge id ({} bytes)", message.len());
+        assert!(
+            message.len() < 600,
+            "{what}: the message does not echo a huge id ({} bytes)",
+            message.len()
+        );
     }
     // HEAD has no body to read a code from: the status alone.
-    let head = stack.http.head(format!("{}{PATH}", stack.base_url)).send().await.expect("answers");
+    let head = stack
+        .http
+        .head(format!("{}{PATH}", stack.base_url))
+        .send()
+        .await
+        .expect("answers");
     assert_eq!(head.status().as_u16(), 405);
 
     // The server is healthy after all of them, and nothing was published meanwhile.
@@ -288,8 +340,14 @@ async fn every_bad_request_gets_its_status_and_code() {
     // Odd but valid: look-alike letters, emoji, a charset parameter, `identity` encoding.
     let odd: [(&str, Option<(&str, &str)>); 3] = [
         (r#"{"identityId": "аlice"}"#, None),
-        (r#"{"scopeClientId": "orders-🛒"}"#, Some(("Content-Encoding", "identity"))),
-        (r#"{"scopeClientIds": ["s1", "s1"]}"#, Some(("Content-Type", "application/json; charset=UTF-8"))),
+        (
+            r#"{"scopeClientId": "orders-🛒"}"#,
+            Some(("Content-Encoding", "identity")),
+        ),
+        (
+            r#"{"scopeClientIds": ["s1", "s1"]}"#,
+            Some(("Content-Type", "application/json; charset=UTF-8")),
+        ),
     ];
     for (n, (body, header)) in odd.into_iter().enumerate() {
         let mut all = vec![("Authorization", format!("Bearer {good}"))];
@@ -346,10 +404,13 @@ async fn raw_post(addr: &str, target: &str, token: &str) -> (u16, serde_json::Va
     );
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut response = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut response))
-        .await
-        .expect("answer within 10 s")
-        .expect("read");
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut response),
+    )
+    .await
+    .expect("answer within 10 s")
+    .expect("read");
     let text = String::from_utf8_lossy(&response);
     let status = text
         .split_whitespace()
@@ -360,7 +421,8 @@ async fn raw_post(addr: &str, target: &str, token: &str) -> (u16, serde_json::Va
     if body.is_empty() {
         return (status, serde_json::Value::Null);
     }
-    let body = serde_json::from_str(body).unwrap_or_else(|err| panic!("{target}: body not JSON ({err}): {text}"));
+    let body = serde_json::from_str(body)
+        .unwrap_or_else(|err| panic!("{target}: body not JSON ({err}): {text}"));
     (status, body)
 }
 
@@ -389,7 +451,11 @@ async fn each_token_is_rate_limited_with_retry_after() {
     };
     for n in 0..3 {
         let response = send(first.clone()).await;
-        assert_eq!(response.status().as_u16(), 200, "request {n} is within the burst");
+        assert_eq!(
+            response.status().as_u16(),
+            200,
+            "request {n} is within the burst"
+        );
     }
     let limited = send(first.clone()).await;
     assert_eq!(limited.status().as_u16(), 429);
@@ -402,7 +468,12 @@ async fn each_token_is_rate_limited_with_retry_after() {
     assert!((1..=2).contains(&retry_after), "{retry_after}");
     let body = cachecast_e2e::answer(limited).await.body;
     assert_eq!(body["code"], "rate_limited", "{body}");
-    assert!(body["message"].as_str().is_some_and(|m| m.contains("rate_limit_per_second")), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("rate_limit_per_second")),
+        "{body}"
+    );
     // Another token has its own budget; a bad token is refused for what it is, not limited.
     assert_eq!(send(second).await.status().as_u16(), 200);
     assert_eq!(send("garbage".into()).await.status().as_u16(), 401);

@@ -76,25 +76,29 @@ async fn no_secret_appears_in_logs_config_metrics_or_answers() {
     let forged = token("not-the-secret", &["dev"]);
     let mut seen = Vec::new();
     // Once the agent is live, a flush is confirmed by it.
-    eventually("the agent is live and confirms", Duration::from_secs(30), || {
-        let request = http
-            .post(&url)
-            .bearer_auth(&good)
-            .body("{}")
-            .send();
-        async move {
-            match request.await {
-                Ok(response) => response
-                    .text()
-                    .await
-                    .is_ok_and(|body| body.contains("\"successful\":1")),
-                Err(_) => false,
+    eventually(
+        "the agent is live and confirms",
+        Duration::from_secs(30),
+        || {
+            let request = http.post(&url).bearer_auth(&good).body("{}").send();
+            async move {
+                match request.await {
+                    Ok(response) => response
+                        .text()
+                        .await
+                        .is_ok_and(|body| body.contains("\"successful\":1")),
+                    Err(_) => false,
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     for (authorization, body, status) in [
-        (format!("Bearer {good}"), r#"{"scopeClientId": "orders"}"#, 200),
+        (
+            format!("Bearer {good}"),
+            r#"{"scopeClientId": "orders"}"#,
+            200,
+        ),
         (format!("Bearer {BAD_TOKEN}"), "{}", 401),
         (format!("Bearer {forged}"), "{}", 401),
         (format!("Basic {BAD_TOKEN}"), "{}", 401),
@@ -112,7 +116,10 @@ async fn no_secret_appears_in_logs_config_metrics_or_answers() {
         assert_eq!(response.status().as_u16(), status, "{body}");
         seen.push(response.text().await.expect("body"));
     }
-    for metrics in [format!("{api}/metrics"), format!("http://{admin_listen}/metrics")] {
+    for metrics in [
+        format!("{api}/metrics"),
+        format!("http://{admin_listen}/metrics"),
+    ] {
         let response = http.get(&metrics).send().await.expect("metrics answer");
         assert_eq!(response.status().as_u16(), 200, "{metrics}");
         let text = response.text().await.expect("body");

@@ -19,16 +19,24 @@ fn selector() -> impl Strategy<Value = ResponseSelector> {
 }
 
 fn invalidation() -> impl Strategy<Value = Invalidation> {
-    (".{0,32}", ".{0,16}", ".{0,32}", ".{0,40}", any::<i64>(), prop::option::of(selector())).prop_map(
-        |(event_id, env, request_id, ack_subject, issued_at_unix_ms, selector)| Invalidation {
-            event_id,
-            env,
-            request_id,
-            ack_subject,
-            issued_at_unix_ms,
-            target: selector.map(Target::Response),
-        },
+    (
+        ".{0,32}",
+        ".{0,16}",
+        ".{0,32}",
+        ".{0,40}",
+        any::<i64>(),
+        prop::option::of(selector()),
     )
+        .prop_map(
+            |(event_id, env, request_id, ack_subject, issued_at_unix_ms, selector)| Invalidation {
+                event_id,
+                env,
+                request_id,
+                ack_subject,
+                issued_at_unix_ms,
+                target: selector.map(Target::Response),
+            },
+        )
 }
 
 proptest! {

@@ -67,7 +67,10 @@ mod tests {
         assert!(selector_value("identityId", &"x".repeat(513)).is_err());
         assert!(selector_value("identityId", "adm\u{202E}nimda").is_err());
         assert!(selector_value("identityId", "al\u{200B}ice").is_err());
-        assert!(selector_value("identityId", "аlice").is_ok(), "a Cyrillic a is a value");
+        assert!(
+            selector_value("identityId", "аlice").is_ok(),
+            "a Cyrillic a is a value"
+        );
         assert!(request_id("r-1").is_ok());
         assert!(request_id("has space").is_err());
         assert!(request_id("").is_err());

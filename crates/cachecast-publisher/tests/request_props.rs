@@ -13,9 +13,15 @@ fn config() -> ApiConfig {
     }
 }
 
-fn check_error(result: &Result<cachecast_proto::ResponseSelector, cachecast_publisher::http::ApiError>) {
+fn check_error(
+    result: &Result<cachecast_proto::ResponseSelector, cachecast_publisher::http::ApiError>,
+) {
     if let Err(err) = result {
-        assert!(BODY_ERROR_CODES.contains(&err.code), "undocumented code {}", err.code);
+        assert!(
+            BODY_ERROR_CODES.contains(&err.code),
+            "undocumented code {}",
+            err.code
+        );
         assert_eq!(err.status.as_u16(), 400, "{}", err.code);
         assert!(!err.message.is_empty());
     }
@@ -33,7 +39,15 @@ fn any_json() -> impl Strategy<Value = Value> {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
             prop::collection::vec(
-                (prop_oneof![Just("scopeClientId".to_owned()), Just("scopeClientIds".to_owned()), Just("identityId".to_owned()), ".{0,8}"], inner),
+                (
+                    prop_oneof![
+                        Just("scopeClientId".to_owned()),
+                        Just("scopeClientIds".to_owned()),
+                        Just("identityId".to_owned()),
+                        ".{0,8}"
+                    ],
+                    inner
+                ),
                 0..4
             )
             .prop_map(|fields| Value::Object(fields.into_iter().collect())),

@@ -133,7 +133,11 @@ impl Jwks {
     }
 
     /// The matching key, whether the cache is fresh, and when it was fetched.
-    fn lookup(&self, kid: Option<&str>, alg: Algorithm) -> (Option<DecodingKey>, bool, Option<Instant>) {
+    fn lookup(
+        &self,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> (Option<DecodingKey>, bool, Option<Instant>) {
         let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
         let mut candidates = cache
             .keys

@@ -238,7 +238,9 @@ impl Verifier {
             .ok_or(AuthError::NotBearer)?;
         let jwt_header = jsonwebtoken::decode_header(token).map_err(|err| {
             // An unknown `alg` (`none` included) does not even parse as a header.
-            AuthError::Invalid(format!("unreadable header ({err}); the accepted algorithms are RS256 and ES256"))
+            AuthError::Invalid(format!(
+                "unreadable header ({err}); the accepted algorithms are RS256 and ES256"
+            ))
         })?;
         let alg = jwt_header.alg;
         let key: DecodingKey = if alg == Algorithm::HS256 {

@@ -131,8 +131,8 @@ impl Grant {
                 .and_then(|s| s.as_str())
                 .map(str::to_owned),
             envs: string_list(claims.get(&config.envs_claim)),
-            scoped: rights.iter().any(|r| *r == config.scoped_right),
-            flush: rights.iter().any(|r| *r == config.flush_right),
+            scoped: rights.contains(&config.scoped_right),
+            flush: rights.contains(&config.flush_right),
             names: Names {
                 envs_claim: config.envs_claim.clone(),
                 rights_claim: config.rights_claim.clone(),

@@ -90,7 +90,12 @@ async fn hs256_tokens_grant_their_environments_and_rights() {
         grant.authorize("prod", Reach::Scoped),
         Err(Forbidden::Environment { .. })
     ));
-    let all = issue_hs256(&secret, &config, &TokenSpec::full("t", &["*".into()], Duration::from_secs(60))).expect("signs");
+    let all = issue_hs256(
+        &secret,
+        &config,
+        &TokenSpec::full("t", &["*".into()], Duration::from_secs(60)),
+    )
+    .expect("signs");
     let grant = verifier.verify(Some(&bearer(&all))).await.expect("valid");
     assert_eq!(grant.authorize("prod", Reach::Flush), Ok(()));
 }
@@ -106,7 +111,8 @@ async fn claim_and_right_names_are_configurable() {
     };
     let verifier = Verifier::new(&config).expect("configured");
     // The OAuth style: one space-separated string.
-    let claims = json!({"exp": now() + 60, "cachecast/envs": ["dev"], "scope": "openid cache:flush"});
+    let claims =
+        json!({"exp": now() + 60, "cachecast/envs": ["dev"], "scope": "openid cache:flush"});
     let token = jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,
@@ -115,11 +121,21 @@ async fn claim_and_right_names_are_configurable() {
     .expect("sign");
     let grant = verifier.verify(Some(&bearer(&token))).await.expect("valid");
     assert_eq!(grant.authorize("dev", Reach::Flush), Ok(()));
-    let err = grant.authorize("dev", Reach::Scoped).expect_err("no scoped right");
+    let err = grant
+        .authorize("dev", Reach::Scoped)
+        .expect_err("no scoped right");
     assert!(err.to_string().contains("cache:invalidate"), "{err}");
     // Issued tokens use the configured names too.
-    let issued = issue_hs256(&Secret::new("s3cret"), &config, &spec(&["dev"], &[Right::Scoped])).expect("signs");
-    let grant = verifier.verify(Some(&bearer(&issued))).await.expect("valid");
+    let issued = issue_hs256(
+        &Secret::new("s3cret"),
+        &config,
+        &spec(&["dev"], &[Right::Scoped]),
+    )
+    .expect("signs");
+    let grant = verifier
+        .verify(Some(&bearer(&issued)))
+        .await
+        .expect("valid");
     assert_eq!(grant.authorize("dev", Reach::Scoped), Ok(()));
 }
 
@@ -129,15 +145,28 @@ fn hs256_is_refused_unless_allowed_and_something_must_verify() {
         hs256_secret: Some(Secret::new("s")),
         ..AuthConfig::default()
     };
-    assert_eq!(Verifier::new(&not_allowed).err(), Some(AuthError::Hs256NotAllowed));
-    assert_eq!(Verifier::new(&AuthConfig::default()).err(), Some(AuthError::NoKeys));
+    assert_eq!(
+        Verifier::new(&not_allowed).err(),
+        Some(AuthError::Hs256NotAllowed)
+    );
+    assert_eq!(
+        Verifier::new(&AuthConfig::default()).err(),
+        Some(AuthError::NoKeys)
+    );
     let allowed_without_secret = AuthConfig {
         allow_hs256: true,
         ..AuthConfig::default()
     };
-    assert_eq!(Verifier::new(&allowed_without_secret).err(), Some(AuthError::NoSecret));
+    assert_eq!(
+        Verifier::new(&allowed_without_secret).err(),
+        Some(AuthError::NoSecret)
+    );
     // The messages say what to set.
-    assert!(AuthError::Hs256NotAllowed.to_string().contains("allow_hs256"));
+    assert!(
+        AuthError::Hs256NotAllowed
+            .to_string()
+            .contains("allow_hs256")
+    );
     assert!(AuthError::NoKeys.to_string().contains("jwks_url"));
 }
 
@@ -145,13 +174,30 @@ fn hs256_is_refused_unless_allowed_and_something_must_verify() {
 async fn bad_tokens_are_refused_with_the_reason() {
     let verifier = Verifier::new(&hs_config("s3cret")).expect("configured");
     assert_eq!(verifier.verify(None).await, Err(AuthError::MissingToken));
-    assert_eq!(verifier.verify(Some("Basic abc")).await, Err(AuthError::NotBearer));
-    assert!(matches!(verifier.verify(Some("Bearer not.a.jwt")).await, Err(AuthError::Invalid(_))));
-    let other = issue_hs256(&Secret::new("other"), &hs_config("other"), &spec(&["dev"], &[])).expect("signs");
-    assert!(matches!(verifier.verify(Some(&bearer(&other))).await, Err(AuthError::Invalid(_))));
+    assert_eq!(
+        verifier.verify(Some("Basic abc")).await,
+        Err(AuthError::NotBearer)
+    );
+    assert!(matches!(
+        verifier.verify(Some("Bearer not.a.jwt")).await,
+        Err(AuthError::Invalid(_))
+    ));
+    let other = issue_hs256(
+        &Secret::new("other"),
+        &hs_config("other"),
+        &spec(&["dev"], &[]),
+    )
+    .expect("signs");
+    assert!(matches!(
+        verifier.verify(Some(&bearer(&other))).await,
+        Err(AuthError::Invalid(_))
+    ));
     // alg none, unsigned.
     let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ0IiwiZXhwIjo0MTAyNDQ0ODAwLCJlbnZzIjpbImRldiJdfQ.";
-    assert!(matches!(verifier.verify(Some(&bearer(none))).await, Err(AuthError::Invalid(_))));
+    assert!(matches!(
+        verifier.verify(Some(&bearer(none))).await,
+        Err(AuthError::Invalid(_))
+    ));
     // HS512 is not accepted even with the right secret.
     let hs512 = jsonwebtoken::encode(
         &Header::new(Algorithm::HS512),
@@ -159,7 +205,10 @@ async fn bad_tokens_are_refused_with_the_reason() {
         &EncodingKey::from_secret(b"s3cret"),
     )
     .expect("sign");
-    assert!(matches!(verifier.verify(Some(&bearer(&hs512))).await, Err(AuthError::Invalid(_))));
+    assert!(matches!(
+        verifier.verify(Some(&bearer(&hs512))).await,
+        Err(AuthError::Invalid(_))
+    ));
 }
 
 #[tokio::test]
@@ -185,7 +234,10 @@ async fn pem_keys_verify_rs256_and_es256_and_refuse_algorithm_confusion() {
         )
         .expect("sign");
         assert!(
-            matches!(verifier.verify(Some(&bearer(&forged))).await, Err(AuthError::Invalid(_))),
+            matches!(
+                verifier.verify(Some(&bearer(&forged))).await,
+                Err(AuthError::Invalid(_))
+            ),
             "{:?}: HS256 signed with the public key must be refused",
             key.alg
         );
@@ -196,11 +248,20 @@ async fn pem_keys_verify_rs256_and_es256_and_refuse_algorithm_confusion() {
             ..config.clone()
         };
         let verifier = Verifier::new(&both).expect("configured");
-        assert!(matches!(verifier.verify(Some(&bearer(&forged))).await, Err(AuthError::Invalid(_))));
-        // A token signed by another key of the same kind.
-        let other = if key.alg == Algorithm::RS256 { TestKey::rsa("x") } else { TestKey::ec("x") };
         assert!(matches!(
-            verifier.verify(Some(&bearer(&sign(&other, None, &good_claims())))).await,
+            verifier.verify(Some(&bearer(&forged))).await,
+            Err(AuthError::Invalid(_))
+        ));
+        // A token signed by another key of the same kind.
+        let other = if key.alg == Algorithm::RS256 {
+            TestKey::rsa("x")
+        } else {
+            TestKey::ec("x")
+        };
+        assert!(matches!(
+            verifier
+                .verify(Some(&bearer(&sign(&other, None, &good_claims()))))
+                .await,
             Err(AuthError::Invalid(_))
         ));
     }
@@ -240,9 +301,24 @@ async fn issuer_audience_expiry_and_not_before_are_checked_with_leeway() {
     };
     assert!(verifier.verify(Some(&with(json!({})))).await.is_ok());
     // Expired 2 s ago: within the 5 s leeway. 60 s ago: not.
-    assert!(verifier.verify(Some(&with(json!({"exp": now() - 2})))).await.is_ok());
-    assert_eq!(verifier.verify(Some(&with(json!({"exp": now() - 60})))).await, Err(AuthError::Expired));
-    assert!(verifier.verify(Some(&with(json!({"nbf": now() + 2})))).await.is_ok());
+    assert!(
+        verifier
+            .verify(Some(&with(json!({"exp": now() - 2}))))
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        verifier
+            .verify(Some(&with(json!({"exp": now() - 60}))))
+            .await,
+        Err(AuthError::Expired)
+    );
+    assert!(
+        verifier
+            .verify(Some(&with(json!({"nbf": now() + 2}))))
+            .await
+            .is_ok()
+    );
     for (patch, why) in [
         (json!({"nbf": now() + 60}), "nbf"),
         (json!({"iss": "https://evil.example"}), "issuer"),
@@ -252,7 +328,9 @@ async fn issuer_audience_expiry_and_not_before_are_checked_with_leeway() {
         (json!({"exp": null}), "exp"),
     ] {
         match verifier.verify(Some(&with(patch.clone()))).await {
-            Err(AuthError::Invalid(message)) => assert!(message.contains(why), "{patch}: {message}"),
+            Err(AuthError::Invalid(message)) => {
+                assert!(message.contains(why), "{patch}: {message}")
+            }
             other => panic!("{patch}: {other:?}"),
         }
     }
@@ -282,12 +360,22 @@ impl JwksServer {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}/.well-known/jwks.json", listener.local_addr().expect("addr"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!(
+            "http://{}/.well-known/jwks.json",
+            listener.local_addr().expect("addr")
+        );
         let task = tokio::spawn(async move {
             axum::serve(listener, router).await.expect("serves");
         });
-        Self { url, document, fetches, task }
+        Self {
+            url,
+            document,
+            fetches,
+            task,
+        }
     }
 
     fn set(&self, document: serde_json::Value) {
@@ -322,27 +410,42 @@ async fn jwks_keys_are_fetched_once_and_rotation_is_picked_up() {
     let verifier = Verifier::new(&jwks_config(&server.url, Duration::ZERO)).expect("configured");
     assert_eq!(server.fetches(), 0, "building the verifier fetches nothing");
     for _ in 0..5 {
-        verifier.verify(Some(&bearer(&sign(&k1, Some("k1"), &good_claims())))).await.expect("k1 valid");
+        verifier
+            .verify(Some(&bearer(&sign(&k1, Some("k1"), &good_claims()))))
+            .await
+            .expect("k1 valid");
     }
     assert_eq!(server.fetches(), 1, "known keys are served from the cache");
 
     // The provider rotates: k2 appears, k1 goes.
     server.set(TestKey::jwks(&[&k2]));
-    verifier.verify(Some(&bearer(&sign(&k2, Some("k2"), &good_claims())))).await.expect("k2 valid after rotation");
+    verifier
+        .verify(Some(&bearer(&sign(&k2, Some("k2"), &good_claims()))))
+        .await
+        .expect("k2 valid after rotation");
     assert_eq!(server.fetches(), 2);
     assert!(
-        verifier.verify(Some(&bearer(&sign(&k1, Some("k1"), &good_claims())))).await.is_err(),
+        verifier
+            .verify(Some(&bearer(&sign(&k1, Some("k1"), &good_claims()))))
+            .await
+            .is_err(),
         "a key dropped from the JWKS is no longer accepted"
     );
     // An RS256 token (k1's signature) naming the EC key's kid: the algorithm comes from the key.
-    assert!(verifier.verify(Some(&bearer(&sign(&k1, Some("k2"), &good_claims())))).await.is_err());
+    assert!(
+        verifier
+            .verify(Some(&bearer(&sign(&k1, Some("k2"), &good_claims()))))
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
 async fn a_flood_of_unknown_kids_costs_one_fetch() {
     let k1 = TestKey::ec("k1");
     let server = JwksServer::start(TestKey::jwks(&[&k1])).await;
-    let verifier = Verifier::new(&jwks_config(&server.url, Duration::from_secs(3600))).expect("configured");
+    let verifier =
+        Verifier::new(&jwks_config(&server.url, Duration::from_secs(3600))).expect("configured");
     let good = bearer(&sign(&k1, Some("k1"), &good_claims()));
     verifier.verify(Some(&good)).await.expect("valid");
     assert_eq!(server.fetches(), 1);
@@ -351,12 +454,21 @@ async fn a_flood_of_unknown_kids_costs_one_fetch() {
     for n in 0..200 {
         let verifier = verifier.clone();
         let token = bearer(&sign(&k1, Some(&format!("made-up-{n}")), &good_claims()));
-        tasks.push(tokio::spawn(async move { verifier.verify(Some(&token)).await }));
+        tasks.push(tokio::spawn(
+            async move { verifier.verify(Some(&token)).await },
+        ));
     }
     for task in tasks {
-        assert!(matches!(task.await.expect("task"), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            task.await.expect("task"),
+            Err(AuthError::Invalid(_))
+        ));
     }
-    assert!(server.fetches() <= 2, "{} fetches for 200 unknown kids", server.fetches());
+    assert!(
+        server.fetches() <= 2,
+        "{} fetches for 200 unknown kids",
+        server.fetches()
+    );
     // Known keys still work meanwhile.
     verifier.verify(Some(&good)).await.expect("still valid");
 }
@@ -372,7 +484,10 @@ async fn an_unreachable_jwks_is_a_temporary_failure_and_held_keys_stay_valid() {
     .expect("configured");
     let key = TestKey::ec("k1");
     let token = bearer(&sign(&key, Some("k1"), &good_claims()));
-    assert!(matches!(verifier.verify(Some(&token)).await, Err(AuthError::KeysUnavailable(_))));
+    assert!(matches!(
+        verifier.verify(Some(&token)).await,
+        Err(AuthError::KeysUnavailable(_))
+    ));
 
     // Held keys outlive a provider outage (and a stale cache).
     let server = JwksServer::start(TestKey::jwks(&[&key])).await;
@@ -383,7 +498,10 @@ async fn an_unreachable_jwks_is_a_temporary_failure_and_held_keys_stay_valid() {
     let verifier = Verifier::new(&config).expect("configured");
     verifier.verify(Some(&token)).await.expect("valid");
     server.set(json!({"not": "a jwks"}));
-    verifier.verify(Some(&token)).await.expect("still valid with the held key");
+    verifier
+        .verify(Some(&token))
+        .await
+        .expect("still valid with the held key");
     assert!(server.fetches() >= 2, "the stale cache was refreshed");
 }
 
@@ -396,7 +514,18 @@ async fn symmetric_and_foreign_keys_in_a_jwks_are_ignored() {
     let verifier = Verifier::new(&jwks_config(&server.url, Duration::ZERO)).expect("configured");
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some("oct".into());
-    let forged = jsonwebtoken::encode(&header, &good_claims(), &EncodingKey::from_secret(b"secret")).expect("sign");
-    assert!(matches!(verifier.verify(Some(&bearer(&forged))).await, Err(AuthError::Invalid(_))));
-    verifier.verify(Some(&bearer(&sign(&ec, Some("ec"), &good_claims())))).await.expect("the EC key works");
+    let forged = jsonwebtoken::encode(
+        &header,
+        &good_claims(),
+        &EncodingKey::from_secret(b"secret"),
+    )
+    .expect("sign");
+    assert!(matches!(
+        verifier.verify(Some(&bearer(&forged))).await,
+        Err(AuthError::Invalid(_))
+    ));
+    verifier
+        .verify(Some(&bearer(&sign(&ec, Some("ec"), &good_claims()))))
+        .await
+        .expect("the EC key works");
 }

@@ -19,10 +19,7 @@ pub(crate) async fn authenticate(
     let authorization = headers
         .get(header::AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or("\u{0}not visible ASCII"));
-    let grant = verifier
-        .verify(authorization)
-        .await
-        .map_err(auth_error)?;
+    let grant = verifier.verify(authorization).await.map_err(auth_error)?;
     if let Err(wait) = limiter.check(authorization.unwrap_or_default()) {
         let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
         return Err(ApiError {
@@ -45,9 +42,7 @@ pub(crate) fn environment(grant: &Grant, env: &str) -> Result<(), ApiError> {
         return Ok(());
     }
     // Any reach: the environment is checked first.
-    grant
-        .authorize(env, Reach::Scoped)
-        .map_err(forbidden)
+    grant.authorize(env, Reach::Scoped).map_err(forbidden)
 }
 
 /// The rights check: `403` naming the missing right, or the environment.

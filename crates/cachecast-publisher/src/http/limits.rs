@@ -41,7 +41,10 @@ pub(crate) fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
             "the request body is required: send {} to invalidate every entry of the environment",
         ));
     }
-    if body.starts_with(&[0xef, 0xbb, 0xbf]) || body.starts_with(&[0xfe, 0xff]) || body.starts_with(&[0xff, 0xfe]) {
+    if body.starts_with(&[0xef, 0xbb, 0xbf])
+        || body.starts_with(&[0xfe, 0xff])
+        || body.starts_with(&[0xff, 0xfe])
+    {
         return Err(invalid_encoding("it starts with a byte order mark"));
     }
     if body.contains(&0) {
@@ -78,11 +81,18 @@ fn invalid_encoding(why: &str) -> ApiError {
 }
 
 /// At most `max` values in `field`, or `400 too_many_values` naming the configuration key.
-pub(crate) fn check_count(field: &str, count: usize, max: usize, key: &str) -> Result<(), ApiError> {
+pub(crate) fn check_count(
+    field: &str,
+    count: usize,
+    max: usize,
+    key: &str,
+) -> Result<(), ApiError> {
     if count > max {
         return Err(ApiError::bad_request(
             "too_many_values",
-            format!("{field} holds {count} values; at most {max} per request ({key}): split the request"),
+            format!(
+                "{field} holds {count} values; at most {max} per request ({key}): split the request"
+            ),
         ));
     }
     Ok(())

@@ -33,7 +33,11 @@ impl RateLimiter {
     /// `per_second` requests on average (0: no limit), up to `burst` at once.
     pub fn new(per_second: f64, burst: u32) -> Self {
         Self {
-            per_second: if per_second.is_finite() { per_second.max(0.0) } else { 0.0 },
+            per_second: if per_second.is_finite() {
+                per_second.max(0.0)
+            } else {
+                0.0
+            },
             burst: f64::from(burst.max(1)),
             hasher: RandomState::new(),
             buckets: Mutex::new(HashMap::new()),
@@ -65,7 +69,9 @@ impl RateLimiter {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / self.per_second))
+            Err(Duration::from_secs_f64(
+                (1.0 - bucket.tokens) / self.per_second,
+            ))
         }
     }
 
@@ -100,7 +106,10 @@ mod tests {
             assert_eq!(limiter.check_at("a", t0), Ok(()));
         }
         let wait = limiter.check_at("a", t0).expect_err("burst spent");
-        assert!(wait > Duration::from_millis(400) && wait <= Duration::from_millis(500), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(400) && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
         // Another token is not affected.
         assert_eq!(limiter.check_at("b", t0), Ok(()));
         // Half a second later one more request is allowed, and only one.
@@ -128,6 +137,10 @@ mod tests {
             limiter.check_at(&token, t0).ok();
             limiter.check_at(&token, t0).ok();
         }
-        assert!(limiter.tracked() <= MAX_TRACKED_TOKENS, "{}", limiter.tracked());
+        assert!(
+            limiter.tracked() <= MAX_TRACKED_TOKENS,
+            "{}",
+            limiter.tracked()
+        );
     }
 }

@@ -122,7 +122,12 @@ pub(crate) fn response_selector(
         let Value::Array(items) = value else {
             return Err(wrong_type("scopeClientIds", "an array of strings"));
         };
-        limits::check_count("scopeClientIds", items.len(), config.max_scopes, "api.max_scopes")?;
+        limits::check_count(
+            "scopeClientIds",
+            items.len(),
+            config.max_scopes,
+            "api.max_scopes",
+        )?;
         if items.is_empty() {
             return Err(ApiError::bad_request(
                 "invalid_value",
@@ -135,7 +140,12 @@ pub(crate) fn response_selector(
     }
     scopes.sort();
     scopes.dedup();
-    limits::check_count("the scopes", scopes.len(), config.max_scopes, "api.max_scopes")?;
+    limits::check_count(
+        "the scopes",
+        scopes.len(),
+        config.max_scopes,
+        "api.max_scopes",
+    )?;
     let identity_id = present(&fields, "identityId")
         .map(|v| string_value("identityId", v))
         .transpose()?;

@@ -13,7 +13,10 @@ pub(crate) fn run(config: &Config, args: &TokenArgs) -> anyhow::Result<ExitCode>
     let signer = match &args.private_key {
         Some(path) => {
             let pem = std::fs::read(path).with_context(|| {
-                format!("could not read --private-key {}: pass a readable PEM file", path.display())
+                format!(
+                    "could not read --private-key {}: pass a readable PEM file",
+                    path.display()
+                )
             })?;
             Signer::from_pem(&pem, args.kid.as_deref())?
         }
