@@ -10,6 +10,7 @@
 
 mod child;
 mod cluster;
+pub mod keys;
 mod proxy;
 mod redis;
 
