@@ -368,7 +368,8 @@ def cachecast_invocations():
 def check_example_config(binary):
     """deploy/cachecast.example.toml is valid and names every key cachecast has."""
     example = DEPLOY / "cachecast.example.toml"
-    needs = {"CACHECAST_AUTH__HS256_SECRET": SECRET_PLACEHOLDER, "CACHECAST_AGENT__ENV": "dev"}
+    needs = {"CACHECAST_AUTH__HS256_SECRET": SECRET_PLACEHOLDER, "CACHECAST_AUTH__ALLOW_HS256": "true",
+             "CACHECAST_AGENT__ENV": "dev"}
     for command in ("serve", "agent"):
         result = run_cachecast(binary, [command, "--config", str(example)], needs)
         check(f"{example} passes `cachecast {command} --check-config`",

@@ -9,7 +9,7 @@ use cachecast_agent::{Agent, AgentConfig, CacheBackend, MemoryCache};
 use cachecast_bus::{BusConfig, Secret};
 use cachecast_proto::{AgentId, EnvId};
 use cachecast_publisher::Publisher;
-use cachecast_publisher::auth::{AuthConfig, Verifier, issue_hs256};
+use cachecast_publisher::auth::{AuthConfig, Right, TokenSpec, Verifier, issue_hs256};
 use cachecast_publisher::http::ApiConfig;
 pub use cachecast_testkit::{ChildProcess, NatsServer, RedisServer, Signal, TcpProxy};
 use tokio::sync::oneshot;
@@ -69,6 +69,15 @@ impl Stack {
 
     /// Like [`Stack::on`], with bus settings (credentials, say) adjusted by `configure`.
     pub async fn configured(nats: NatsServer, configure: impl FnOnce(&mut BusConfig)) -> Self {
+        Self::with_api(nats, configure, test_api_config()).await
+    }
+
+    /// Like [`Stack::configured`], with API settings of its own (limits, say).
+    pub async fn with_api(
+        nats: NatsServer,
+        configure: impl FnOnce(&mut BusConfig),
+        api_config: ApiConfig,
+    ) -> Self {
         let mut bus = BusConfig::default();
         bus.nats.url = nats.url();
         configure(&mut bus);
@@ -78,14 +87,7 @@ impl Stack {
         let publisher = Publisher::start(client, &bus)
             .await
             .expect("publisher starts");
-        let auth = AuthConfig {
-            hs256_secret: Some(Secret::new(TEST_SECRET)),
-            ..AuthConfig::default()
-        };
-        let api_config = ApiConfig {
-            max_body_bytes: 4096,
-            ..ApiConfig::default()
-        };
+        let auth = AuthConfig::hs256_for_development(TEST_SECRET);
         let router = cachecast_publisher::http::router(
             publisher.clone(),
             Verifier::new(&auth).expect("verifier"),
@@ -257,6 +259,16 @@ impl Stack {
         if let Some(api) = self.api.take() {
             api.await.ok();
         }
+    }
+}
+
+/// The API settings of a test stack: a 4 KiB body limit, no rate limit (tests send many
+/// requests with one token; `bad_requests.rs` tests the limit on a stack of its own).
+pub fn test_api_config() -> ApiConfig {
+    ApiConfig {
+        max_body_bytes: 4096,
+        rate_limit_per_second: 0.0,
+        ..ApiConfig::default()
     }
 }
 
@@ -439,17 +451,20 @@ pub fn env_id(env: &str) -> EnvId {
     EnvId::new(env).expect("valid environment id")
 }
 
-/// A token for `envs` signed with `secret`, valid for an hour.
+/// A token for `envs` with both rights, signed with `secret`, valid for an hour.
 pub fn token(secret: &str, envs: &[&str]) -> String {
-    let envs: Vec<String> = envs.iter().map(|e| e.to_string()).collect();
-    issue_hs256(
-        &Secret::new(secret),
-        "envs",
-        &envs,
-        "e2e",
-        Duration::from_secs(3600),
-    )
-    .expect("token")
+    token_with_rights(secret, envs, &[Right::Scoped, Right::Flush])
+}
+
+/// A token for `envs` holding only `rights`, signed with `secret`, valid for an hour.
+pub fn token_with_rights(secret: &str, envs: &[&str], rights: &[Right]) -> String {
+    let spec = TokenSpec {
+        subject: "e2e".into(),
+        envs: envs.iter().map(|e| e.to_string()).collect(),
+        rights: rights.to_vec(),
+        ttl: Duration::from_secs(3600),
+    };
+    issue_hs256(&Secret::new(secret), &AuthConfig::default(), &spec).expect("token")
 }
 
 /// The address a process logged right after `marker`, e.g. "API listening on http://".
@@ -463,10 +478,13 @@ pub fn logged_addr(process: &ChildProcess, marker: &str) -> String {
         .to_owned()
 }
 
-/// Starts `cachecast serve` on a free port, signing with [`TEST_SECRET`] unless `env` sets
-/// another secret; returns the process and the API's base URL.
+/// Starts `cachecast serve` on a free port, with HS256 allowed and signing with
+/// [`TEST_SECRET`] unless `env` sets another secret; returns the process and the API's base URL.
 pub async fn start_serve(nats_url: &str, env: &[(&str, &str)]) -> (ChildProcess, String) {
-    let mut all = vec![("CACHECAST_AUTH__HS256_SECRET", TEST_SECRET)];
+    let mut all = vec![
+        ("CACHECAST_AUTH__HS256_SECRET", TEST_SECRET),
+        ("CACHECAST_AUTH__ALLOW_HS256", "true"),
+    ];
     all.extend_from_slice(env);
     let serve = cachecast_with_env(nats_url, &["serve", "--listen", "127.0.0.1:0"], &all);
     serve

@@ -350,6 +350,23 @@ async fn configuration_is_layered_redacted_and_checked() {
         no_secret.stderr()
     );
 
+    // HS256 is for development: serve refuses it unless explicitly allowed.
+    let mut hs256_only = cachecast_with_env(
+        "nats://127.0.0.1:4999",
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[("CACHECAST_AUTH__HS256_SECRET", "dev-only-secret")],
+    );
+    assert_eq!(
+        hs256_only.wait_exit(EXIT).await.and_then(|s| s.code()),
+        Some(1)
+    );
+    assert!(
+        hs256_only.stderr().contains("auth.allow_hs256"),
+        "{}",
+        hs256_only.stderr()
+    );
+    assert!(!hs256_only.output().contains("dev-only-secret"));
+
     let mut no_env = cachecast("nats://127.0.0.1:4999", &["agent"]);
     assert_eq!(no_env.wait_exit(EXIT).await.and_then(|s| s.code()), Some(1));
     assert!(no_env.stderr().contains("agent.env"), "{}", no_env.stderr());

@@ -6,7 +6,7 @@ use std::time::Duration;
 use cachecast_agent::{Agent, AgentConfig, MemoryCache};
 use cachecast_bus::{BusConfig, Client, Secret};
 use cachecast_proto::{AgentId, EnvId, ResponseSelector, Target};
-use cachecast_publisher::auth::{AuthConfig, Verifier, issue_hs256};
+use cachecast_publisher::auth::{AuthConfig, TokenSpec, Verifier, issue_hs256};
 use cachecast_publisher::http::ApiConfig;
 use cachecast_publisher::{InvalidationRequest, Publisher};
 use tokio::sync::oneshot;
@@ -106,21 +106,17 @@ impl Http {
     /// The cachecast API for `env`.
     pub(crate) async fn start(publisher: Publisher, env: &EnvId) -> anyhow::Result<Self> {
         let secret = Secret::new("bench-secret");
-        let auth = AuthConfig {
-            hs256_secret: Some(secret.clone()),
-            ..AuthConfig::default()
+        let auth = AuthConfig::hs256_for_development(secret.expose());
+        // The benchmark measures throughput: no per-token rate limit.
+        let api = ApiConfig {
+            rate_limit_per_second: 0.0,
+            ..ApiConfig::default()
         };
-        let router = cachecast_publisher::http::router(
-            publisher,
-            Verifier::new(&auth)?,
-            ApiConfig::default(),
-        );
+        let router = cachecast_publisher::http::router(publisher, Verifier::new(&auth)?, api);
         let token = issue_hs256(
             &secret,
-            "envs",
-            &[env.to_string()],
-            "bench",
-            Duration::from_secs(3600),
+            &auth,
+            &TokenSpec::full("bench", &[env.to_string()], Duration::from_secs(3600)),
         )?;
         let path = format!("/api/1.0/runtime/caches/response/{env}/invalidate?timeout=30s");
         Self::serve(router, &path, &token).await

@@ -31,8 +31,8 @@ use cachecast_proto::{
 use futures::StreamExt;
 use serde_json::{Map, Value};
 
-use crate::http::request;
 use crate::http::{ApiConfig, ApiError, ErrorBody, outcome_body, publish_error};
+use crate::http::{limits, request};
 use crate::outcome::{AgentOutcome, Outcome};
 use crate::publisher::{InvalidationRequest, Publisher};
 
@@ -319,22 +319,12 @@ fn parse_protobuf(payload: &[u8], config: &ApiConfig) -> Result<Parsed, ApiError
         })?
         .into();
     crate::validate::target(&target).map_err(|m| ApiError::bad_request("invalid_value", m))?;
-    if let Target::Response(selector) = &target
-        && selector.scope_client_ids.len() > config.max_scopes
-    {
-        return Err(ApiError::bad_request(
-            "too_many_values",
-            format!("at most {} scopes per request", config.max_scopes),
-        ));
-    }
-    if let Target::Keyed(selector) = &target
-        && selector.ids.len() > config.max_scopes
-    {
-        return Err(ApiError::bad_request(
-            "too_many_values",
-            format!("at most {} ids per request", config.max_scopes),
-        ));
-    }
+    let count = match &target {
+        Target::Response(selector) => selector.scope_client_ids.len(),
+        Target::Keyed(selector) => selector.ids.len(),
+        Target::Identity(_) => 0,
+    };
+    limits::check_count("the request", count, config.max_scopes, "api.max_scopes")?;
     let timeout = match request.timeout_ms {
         0 => config.default_timeout,
         ms => {

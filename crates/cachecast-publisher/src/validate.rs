@@ -22,11 +22,22 @@ pub fn request_id(value: &str) -> Result<(), String> {
     }
 }
 
-/// A scope client id or identity id: 1 to 512 bytes without control characters.
+/// Invisible characters that make a value look like another one in logs and answers: bidi
+/// controls (the "Trojan Source" ones), zero-width characters and the byte order mark.
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// A scope client id or identity id: 1 to 512 bytes without control characters, bidi
+/// controls or zero-width characters. Other Unicode (look-alike letters included) is a value
+/// like any other.
 pub fn selector_value(name: &str, value: &str) -> Result<(), String> {
-    if value.is_empty() || value.len() > MAX_VALUE_LEN || value.chars().any(char::is_control) {
+    if value.is_empty()
+        || value.len() > MAX_VALUE_LEN
+        || value.chars().any(|c| c.is_control() || is_invisible(c))
+    {
         Err(format!(
-            "{name} must be 1 to {MAX_VALUE_LEN} bytes without control characters"
+            "{name} must be 1 to {MAX_VALUE_LEN} bytes without control, bidi or zero-width characters"
         ))
     } else {
         Ok(())
@@ -95,6 +106,12 @@ mod tests {
         assert!(selector_value("identityId", "").is_err());
         assert!(selector_value("identityId", "a\nb").is_err());
         assert!(selector_value("identityId", &"x".repeat(513)).is_err());
+        assert!(selector_value("identityId", "adm\u{202E}nimda").is_err());
+        assert!(selector_value("identityId", "al\u{200B}ice").is_err());
+        assert!(
+            selector_value("identityId", "аlice").is_ok(),
+            "a Cyrillic a is a value"
+        );
         assert!(request_id("r-1").is_ok());
         assert!(request_id("has space").is_err());
         assert!(request_id("").is_err());

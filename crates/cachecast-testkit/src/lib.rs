@@ -11,6 +11,7 @@
 mod child;
 mod cluster;
 pub mod jwt;
+pub mod keys;
 mod proxy;
 mod redis;
 pub mod tls;

@@ -58,7 +58,7 @@ pub(crate) enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Run the HTTP API (needs auth.hs256_secret).
+    /// Run the HTTP API (needs auth.jwks_url or auth.public_key_file; HS256 only with auth.allow_hs256).
     Serve(ServeArgs),
     /// Run one agent next to a cache: apply its environment's invalidations, acknowledge them.
     Agent(AgentArgs),
@@ -74,7 +74,7 @@ pub(crate) enum Command {
     Invalidate(InvalidateArgs),
     /// List the live agents of an environment.
     Agents(AgentsArgs),
-    /// Print a signed JWT for the API (HS256 with auth.hs256_secret, or the dev secret of `up`).
+    /// Print a signed JWT for the API (HS256 with auth.hs256_secret or the dev secret of `up`; RS256/ES256 with --private-key).
     Token(TokenArgs),
     /// Run a local stack: nats-server with JetStream, the API and three in-memory agents.
     ///
@@ -202,6 +202,26 @@ pub(crate) struct TokenArgs {
     /// The token's subject (sub claim).
     #[arg(long, default_value = "cachecast-cli")]
     pub(crate) subject: String,
+    /// A right the token holds (repeat for both): `scoped` (invalidate scopes and
+    /// identities; auth.scoped_right, purge_select) or `flush` (a whole environment;
+    /// auth.flush_right, purge_all). Default: both.
+    #[arg(long = "right", value_enum)]
+    pub(crate) rights: Vec<RightArg>,
+    /// Sign RS256 / ES256 with this PEM private key instead of HS256 with auth.hs256_secret.
+    #[arg(long, value_name = "PEM")]
+    pub(crate) private_key: Option<std::path::PathBuf>,
+    /// The kid header of a token signed with --private-key (its key's id in the JWKS).
+    #[arg(long, requires = "private_key")]
+    pub(crate) kid: Option<String>,
+}
+
+/// A right `cachecast token` can grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum RightArg {
+    /// Invalidate scopes and identities.
+    Scoped,
+    /// Flush a whole environment.
+    Flush,
 }
 
 #[derive(Debug, Args)]

@@ -13,8 +13,11 @@
 //! `200` only when every agent expected confirmed; `424` naming each one that did not; `503`
 //! when the bus could not take the event. Every answer carries the request id.
 
+mod authz;
 mod error;
+pub(crate) mod limits;
 mod openapi;
+pub mod rate_limit;
 pub(crate) mod request;
 mod requests;
 pub(crate) mod response;
@@ -35,6 +38,7 @@ use cachecast_proto::{EnvId, Target};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
+pub use self::authz::authorize;
 pub use self::error::{ApiError, ErrorBody};
 pub use self::openapi::openapi_json;
 pub use self::response::{
@@ -42,7 +46,7 @@ pub use self::response::{
     RequestStatusBody, outcome_body, outcome_json,
 };
 
-use crate::auth::{Grant, Verifier};
+use crate::auth::{Reach, Verifier};
 use crate::publisher::{InvalidationRequest, PublishError, Publisher};
 
 /// The response header that echoes the request id.
@@ -64,6 +68,10 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// The most scopes one request may name.
     pub max_scopes: usize,
+    /// Requests per second one bearer token may send on average (`0`: no limit).
+    pub rate_limit_per_second: f64,
+    /// Requests one bearer token may send at once before the rate applies.
+    pub rate_limit_burst: u32,
     /// On shutdown, how long `/readyz` answers `503` before the listener closes, so load
     /// balancers stop sending requests first (a few seconds on Kubernetes).
     #[serde(with = "humantime_serde")]
@@ -88,6 +96,8 @@ impl Default for ApiConfig {
             max_timeout: Duration::from_secs(60),
             max_body_bytes: 64 * 1024,
             max_scopes: 1000,
+            rate_limit_per_second: 10.0,
+            rate_limit_burst: 50,
             shutdown_delay: Duration::ZERO,
             cluster_name: "cachecast".into(),
             async_retention: Duration::from_secs(600),
@@ -102,6 +112,7 @@ impl Default for ApiConfig {
 struct Api {
     publisher: Publisher,
     verifier: Verifier,
+    limiter: rate_limit::RateLimiter,
     config: ApiConfig,
     requests: requests::Requests,
 }
@@ -112,6 +123,10 @@ pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Ro
         publisher,
         verifier,
         requests: requests::Requests::new(config.async_retention, config.async_max_requests),
+        limiter: rate_limit::RateLimiter::new(
+            config.rate_limit_per_second,
+            config.rate_limit_burst,
+        ),
         config,
     });
     Router::new()
@@ -314,7 +329,8 @@ async fn request_status(
         Err(err) => return err.into_response(),
     };
     let wanted = id.map(|Path(id)| id).unwrap_or_default();
-    let answer = api.authenticate(&headers).and_then(|grant| {
+    let grant = authz::authenticate(&api.verifier, &api.limiter, &headers).await;
+    let answer = grant.and_then(|grant| {
         api.requests
             .status(&wanted, |env| grant.allows(env.as_str()))
             .ok_or_else(|| {
@@ -335,21 +351,6 @@ async fn request_status(
 }
 
 impl Api {
-    /// Verifies the bearer token.
-    fn authenticate(&self, headers: &HeaderMap) -> Result<Grant, ApiError> {
-        let authorization = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        self.verifier.verify(authorization).map_err(|err| {
-            let code = match err {
-                crate::auth::AuthError::MissingToken => "missing_token",
-                crate::auth::AuthError::Expired => "token_expired",
-                _ => "invalid_token",
-            };
-            ApiError::new(StatusCode::UNAUTHORIZED, code, err.to_string())
-        })
-    }
-
     async fn handle(self: &Arc<Self>, kind: Kind, call: Call) -> Response {
         let span = tracing::info_span!("request", request_id = %call.request_id, env = %call.env, kind = kind.name());
         let request_id = call.request_id.clone();
@@ -370,23 +371,16 @@ impl Api {
     }
 
     async fn invalidate(self: &Arc<Self>, kind: Kind, call: Call) -> Result<Response, ApiError> {
-        let grant = self.authenticate(&call.headers)?;
+        let grant = authz::authenticate(&self.verifier, &self.limiter, &call.headers).await?;
         let env = EnvId::new(call.env.as_str())
             .map_err(|err| ApiError::bad_request("invalid_env_id", err.to_string()))?;
-        if !grant.allows(env.as_str()) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden_environment",
-                format!(
-                    "the token does not grant environment {env}; ask for a token that lists it"
-                ),
-            ));
-        }
+        authz::environment(&grant, env.as_str())?;
         let query = request::query(call.query.as_deref(), &self.config)?;
         let keyed = matches!(kind, Kind::Keyed { .. });
         if !keyed {
             request::check_content_type(&call.headers)?;
         }
+        limits::check_content_encoding(&call.headers)?;
         let body = read_body(call.body, self.config.max_body_bytes).await?;
         let target = match &kind {
             Kind::Response => Target::Response(request::response_selector(&body, &self.config)?),
@@ -396,6 +390,12 @@ impl Api {
                 Target::Keyed(request::keyed_selector(cache, ids, &self.config)?)
             }
         };
+        let reach = if target.is_full_flush() {
+            Reach::Flush
+        } else {
+            Reach::Scoped
+        };
+        authz::authorize(&grant, env.as_str(), reach)?;
         let cluster_name = keyed.then(|| self.config.cluster_name.clone());
         if !query.wait_for_completion {
             self.requests
@@ -502,6 +502,29 @@ pub(crate) fn publish_error(err: PublishError) -> ApiError {
         PublishError::Invalid(message) => ApiError::bad_request("invalid_value", message),
     }
 }
+
+/// Parses the body of a response-cache invalidation as the API does (for fuzzing and property
+/// tests): a selector, or the error the API would answer, whose `code` is one of
+/// [`BODY_ERROR_CODES`]. Never panics.
+pub fn parse_response_body(
+    body: &[u8],
+    config: &ApiConfig,
+) -> Result<cachecast_proto::ResponseSelector, ApiError> {
+    request::response_selector(body, config)
+}
+
+/// Every `code` [`parse_response_body`] can answer.
+pub const BODY_ERROR_CODES: &[&str] = &[
+    "missing_body",
+    "invalid_encoding",
+    "invalid_json",
+    "body_not_object",
+    "duplicate_field",
+    "unknown_field",
+    "invalid_field_type",
+    "invalid_value",
+    "too_many_values",
+];
 
 /// How long a client may take to send its body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);

@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use super::ApiConfig;
 use super::error::ApiError;
+use super::limits;
 use crate::validate;
 
 /// The caller's request id (`RequestID` or `X-Request-ID`), or a new UUIDv7.
@@ -104,21 +105,23 @@ pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(());
     };
-    let essence = value
-        .to_str()
-        .unwrap_or_default()
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    if essence == "application/json" {
+    let value = value.to_str().unwrap_or_default().to_ascii_lowercase();
+    let mut parts = value.split(';');
+    let essence = parts.next().unwrap_or_default().trim();
+    // JSON is UTF-8 (RFC 8259); a charset parameter may only say so.
+    let utf8 = parts.all(|p| match p.split_once('=') {
+        Some((name, charset)) if name.trim() == "charset" => {
+            matches!(charset.trim().trim_matches('"'), "utf-8" | "utf8")
+        }
+        _ => true,
+    });
+    if essence == "application/json" && utf8 {
         Ok(())
     } else {
         Err(ApiError::new(
             axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
-            "send the body as Content-Type: application/json",
+            "send the body as Content-Type: application/json (UTF-8)",
         ))
     }
 }
@@ -135,15 +138,7 @@ fn object_body(
             format!("the request body is required, like {example}"),
         ));
     }
-    let value: Value = serde_json::from_slice(body).map_err(|err| {
-        ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {err}"))
-    })?;
-    let Value::Object(fields) = value else {
-        return Err(ApiError::bad_request(
-            "body_not_object",
-            format!("the body must be a JSON object, like {example}"),
-        ));
-    };
+    let fields = limits::json_object(body)?;
     if let Some(name) = fields.keys().find(|name| !allowed.contains(&name.as_str())) {
         return Err(ApiError::bad_request(
             "unknown_field",
@@ -174,6 +169,12 @@ pub(crate) fn response_selector(
         let Value::Array(items) = value else {
             return Err(wrong_type("scopeClientIds", "an array of strings"));
         };
+        limits::check_count(
+            "scopeClientIds",
+            items.len(),
+            config.max_scopes,
+            "api.max_scopes",
+        )?;
         if items.is_empty() {
             return Err(ApiError::bad_request(
                 "invalid_value",
@@ -186,12 +187,12 @@ pub(crate) fn response_selector(
     }
     scopes.sort();
     scopes.dedup();
-    if scopes.len() > config.max_scopes {
-        return Err(ApiError::bad_request(
-            "too_many_values",
-            format!("at most {} scopes per request", config.max_scopes),
-        ));
-    }
+    limits::check_count(
+        "the scopes",
+        scopes.len(),
+        config.max_scopes,
+        "api.max_scopes",
+    )?;
     let identity_id = present(&fields, "identityId")
         .map(|v| string_value("identityId", v))
         .transpose()?;
@@ -242,6 +243,12 @@ pub(crate) fn keyed_selector(
             all: true,
         });
     }
+    limits::check_count(
+        "the ids",
+        ids.split(',').count(),
+        config.max_scopes,
+        "api.max_scopes",
+    )?;
     let mut list = Vec::new();
     for id in ids.split(',') {
         if id.contains('*') {
@@ -258,12 +265,6 @@ pub(crate) fn keyed_selector(
     }
     list.sort();
     list.dedup();
-    if list.len() > config.max_scopes {
-        return Err(ApiError::bad_request(
-            "too_many_values",
-            format!("at most {} ids per request", config.max_scopes),
-        ));
-    }
     Ok(KeyedSelector {
         cache: cache.to_string(),
         ids: list,

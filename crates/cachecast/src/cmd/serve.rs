@@ -13,6 +13,16 @@ use crate::shutdown::Shutdown;
 
 pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let verifier = Verifier::new(&config.auth)?;
+    if config.auth.allow_hs256 {
+        tracing::warn!(
+            "auth.allow_hs256 is on: HS256 tokens with a shared secret are accepted; use a JWKS or a public key in production"
+        );
+    }
+    // Fetch the provider's keys now, so the first request does not wait (a failure is
+    // retried on the first request that needs them).
+    if let Err(err) = verifier.prefetch().await {
+        tracing::warn!(error = %err, "could not fetch the JWKS yet");
+    }
     let metrics = cachecast_admin::install_metrics();
     let bus = config.bus();
     let shutdown = Shutdown::on_signals();

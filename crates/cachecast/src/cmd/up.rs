@@ -14,7 +14,7 @@ use cachecast_nats_server::NatsServer;
 use cachecast_proto::AgentId;
 use cachecast_proto::CacheName;
 use cachecast_publisher::Publisher;
-use cachecast_publisher::auth::{AuthConfig, DEV_SECRET, Verifier, issue_hs256};
+use cachecast_publisher::auth::{AuthConfig, DEV_SECRET, TokenSpec, Verifier, issue_hs256};
 
 use crate::cli::UpArgs;
 use crate::config::Config;
@@ -73,8 +73,12 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
         anyhow::bail!("the agents did not become live within 10s");
     }
 
+    // A local stack: HS256 with the dev secret, explicitly allowed.
     let auth = AuthConfig {
         hs256_secret: Some(Secret::new(DEV_SECRET)),
+        allow_hs256: true,
+        jwks_url: None,
+        public_key_file: None,
         ..config.auth.clone()
     };
     let verifier = Verifier::new(&auth)?;
@@ -89,10 +93,12 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
     let addr = listener.local_addr()?;
     let token = issue_hs256(
         &auth.hs256_secret.clone().unwrap_or_default(),
-        &auth.envs_claim,
-        &[args.env.to_string()],
-        "cachecast-up",
-        Duration::from_secs(24 * 3600),
+        &auth,
+        &TokenSpec::full(
+            "cachecast-up",
+            &[args.env.to_string()],
+            Duration::from_secs(24 * 3600),
+        ),
     )?;
     let router = cachecast_publisher::http::router(publisher, verifier, config.api.clone());
     let api = tokio::spawn(cachecast_publisher::http::serve(
