@@ -385,8 +385,10 @@ def check_example_config(binary):
     effective = {f"{section}.{key}" for section, keys in tomllib.loads(printed.stdout).items() for key in keys}
     documented, section = set(), None
     for line in example.read_text(encoding="utf-8").splitlines():
-        if m := re.match(r"\s*\[([a-z_]+)\]", line):
+        if m := re.match(r"\s*\[([a-z_]+(?:\.[a-z_]+)*)\]", line):
             section = m.group(1)
+            if "." in section:  # a sub-table ([redis.keyed_caches]) is a key of its parent
+                documented.add(section)
         elif m := re.match(r"\s*#?\s*([a-z0-9_]+)\s*=", line):
             documented.add(f"{section}.{m.group(1)}")
     if len(effective) < 10:
