@@ -26,7 +26,10 @@ impl LogLimiter {
     /// `Some(left_out)` when a warning of `kind` may be logged now, with how many of that kind
     /// were left out since the last one logged; `None` when this one must only be counted.
     pub fn allow(&self, kind: &'static str) -> Option<u64> {
-        let now = Instant::now();
+        self.allow_at(kind, Instant::now())
+    }
+
+    fn allow_at(&self, kind: &'static str, now: Instant) -> Option<u64> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match state.get_mut(kind) {
             Some((last, left_out)) if now.duration_since(*last) < self.interval => {
@@ -52,13 +55,19 @@ mod tests {
 
     #[test]
     fn logs_the_first_then_counts_until_the_interval_passes() {
-        let limiter = LogLimiter::new(Duration::from_millis(50));
-        assert_eq!(limiter.allow("malformed"), Some(0));
-        assert_eq!(limiter.allow("malformed"), None);
-        assert_eq!(limiter.allow("malformed"), None);
-        assert_eq!(limiter.allow("oversized"), Some(0), "kinds are independent");
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(limiter.allow("malformed"), Some(2));
-        assert_eq!(limiter.allow("malformed"), None);
+        let limiter = LogLimiter::new(Duration::from_secs(10));
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        assert_eq!(limiter.allow_at("malformed", at(0)), Some(0));
+        assert_eq!(limiter.allow_at("malformed", at(1)), None);
+        assert_eq!(limiter.allow_at("malformed", at(9)), None);
+        assert_eq!(
+            limiter.allow_at("oversized", at(9)),
+            Some(0),
+            "kinds are independent"
+        );
+        assert_eq!(limiter.allow_at("malformed", at(10)), Some(2));
+        assert_eq!(limiter.allow_at("malformed", at(11)), None);
+        assert_eq!(limiter.allow_at("malformed", at(20)), Some(1));
     }
 }
