@@ -537,7 +537,7 @@ impl<B: CacheBackend> RunningAgent<B> {
 impl<B: CacheBackend> Agent<B> {
     /// Counts an event this agent refuses (`reason` is a fixed word), and logs it unless
     /// too many were logged lately. Called once per stream sequence: a redelivered event is
-    /// skipped before it gets here.
+    /// skipped before it gets here. `sequence` is 0 for a message without JetStream metadata.
     fn reject(&self, reason: &'static str, sequence: u64, subject: &str, detail: &str) {
         metrics::counter!("cachecast_agent_rejected_events_total", "env" => self.env.to_string(), "reason" => reason)
             .increment(1);
