@@ -317,6 +317,7 @@ async fn clear_keyed(
         (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such request here (expired, another replica, or not granted)", body = ErrorBody),
         (status = 429, description = "Too many requests for this token", body = ErrorBody),
+        (status = 503, description = "The token's keys could not be fetched (JWKS): retry after `Retry-After`", body = ErrorBody),
     )
 )]
 async fn request_status(
