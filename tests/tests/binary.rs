@@ -321,56 +321,51 @@ async fn configuration_is_layered_redacted_and_checked() {
         );
     }
 
-    let mut invalid = cachecast_with_env(
-        "nats://127.0.0.1:4999",
-        &["agent", "--print-config"],
-        &[("CACHECAST_API__MAX_TIMEOUT", "forever")],
-    );
-    assert_eq!(
-        invalid.wait_exit(EXIT).await.and_then(|s| s.code()),
-        Some(1)
-    );
-    assert!(
-        invalid.stderr().contains("max_timeout"),
-        "{}",
-        invalid.stderr()
-    );
+    refused_naming(
+        cachecast_with_env(
+            "nats://127.0.0.1:4999",
+            &["agent", "--print-config"],
+            &[("CACHECAST_API__MAX_TIMEOUT", "forever")],
+        ),
+        "max_timeout",
+    )
+    .await;
 
-    let mut no_secret = cachecast(
-        "nats://127.0.0.1:4999",
-        &["serve", "--listen", "127.0.0.1:0"],
-    );
-    assert_eq!(
-        no_secret.wait_exit(EXIT).await.and_then(|s| s.code()),
-        Some(1)
-    );
-    assert!(
-        no_secret.stderr().contains("auth.hs256_secret"),
-        "{}",
-        no_secret.stderr()
-    );
+    refused_naming(
+        cachecast(
+            "nats://127.0.0.1:4999",
+            &["serve", "--listen", "127.0.0.1:0"],
+        ),
+        "auth.hs256_secret",
+    )
+    .await;
 
     // HS256 is for development: serve refuses it unless explicitly allowed.
-    let mut hs256_only = cachecast_with_env(
-        "nats://127.0.0.1:4999",
-        &["serve", "--listen", "127.0.0.1:0"],
-        &[("CACHECAST_AUTH__HS256_SECRET", "dev-only-secret")],
-    );
-    assert_eq!(
-        hs256_only.wait_exit(EXIT).await.and_then(|s| s.code()),
-        Some(1)
-    );
-    assert!(
-        hs256_only.stderr().contains("auth.allow_hs256"),
-        "{}",
-        hs256_only.stderr()
-    );
+    let hs256_only = refused_naming(
+        cachecast_with_env(
+            "nats://127.0.0.1:4999",
+            &["serve", "--listen", "127.0.0.1:0"],
+            &[("CACHECAST_AUTH__HS256_SECRET", "dev-only-secret")],
+        ),
+        "auth.allow_hs256",
+    )
+    .await;
     assert!(!hs256_only.output().contains("dev-only-secret"));
 
-    let mut no_env = cachecast("nats://127.0.0.1:4999", &["agent"]);
-    assert_eq!(no_env.wait_exit(EXIT).await.and_then(|s| s.code()), Some(1));
-    assert!(no_env.stderr().contains("agent.env"), "{}", no_env.stderr());
+    refused_naming(cachecast("nats://127.0.0.1:4999", &["agent"]), "agent.env").await;
     std::fs::remove_dir_all(dir).ok();
+}
+
+/// Waits for `child` to exit with 1 and asserts its stderr names `needle` (the setting to fix).
+async fn refused_naming(mut child: ChildProcess, needle: &str) -> ChildProcess {
+    assert_eq!(
+        child.wait_exit(EXIT).await.and_then(|s| s.code()),
+        Some(1),
+        "{}",
+        child.output()
+    );
+    assert!(child.stderr().contains(needle), "{}", child.stderr());
+    child
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
