@@ -69,6 +69,8 @@ pub enum BackendKind {
     Memory,
     /// The PDP response cache in Redis (see the `[redis]` section).
     Redis,
+    /// A cache the agent cannot reach, evicted by calling its owner (see the `[http]` section).
+    Http,
 }
 
 impl Default for AgentConfig {

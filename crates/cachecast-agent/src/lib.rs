@@ -17,5 +17,6 @@ mod presence;
 
 pub use agent::{Agent, AgentConfig, AgentError, AgentProbe, BackendKind, OnStart, RunningAgent};
 pub use backend::{
-    BackendError, CacheBackend, FillTicket, MemoryCache, Position, RedisBackend, RedisConfig,
+    BackendError, CacheBackend, FillTicket, HttpBackend, HttpConfig, MemoryCache, Position,
+    RedisBackend, RedisConfig,
 };

@@ -108,6 +108,10 @@ pub(crate) struct AgentArgs {
     /// Redis key template over {env}, {scopeClientId}, {identityId} (redis.key_template).
     #[arg(long, value_name = "TEMPLATE")]
     pub(crate) key_template: Option<String>,
+    /// The cache owner's eviction endpoint for the http backend, a URL template over {env}
+    /// and {kind} (http.url).
+    #[arg(long, value_name = "URL")]
+    pub(crate) callback_url: Option<String>,
     /// Presence heartbeat interval, e.g. 2s (agent.heartbeat).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) heartbeat: Option<Duration>,
@@ -124,6 +128,7 @@ pub(crate) struct AgentArgs {
 pub(crate) enum Backend {
     Memory,
     Redis,
+    Http,
 }
 
 #[derive(Debug, Args)]
@@ -272,10 +277,12 @@ impl Cli {
                     a.backend.map(|b| match b {
                         Backend::Memory => "memory",
                         Backend::Redis => "redis",
+                        Backend::Http => "http",
                     }),
                 );
                 o.set("redis.url", a.redis_url.clone());
                 o.set("redis.key_template", a.key_template.clone());
+                o.set("http.url", a.callback_url.clone());
                 o.set("agent.admin_listen", a.admin_listen.clone());
                 o.set("agent.on_start", a.on_start.clone());
                 o.set(

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use cachecast_agent::{AgentConfig, RedisConfig};
+use cachecast_agent::{AgentConfig, HttpConfig, RedisConfig};
 use cachecast_bus::{BusConfig, NatsConfig, PresenceConfig, StreamConfig};
 use cachecast_publisher::auth::AuthConfig;
 use cachecast_publisher::http::ApiConfig;
@@ -25,6 +25,7 @@ pub(crate) struct Config {
     pub(crate) auth: AuthConfig,
     pub(crate) agent: AgentConfig,
     pub(crate) redis: RedisConfig,
+    pub(crate) http: HttpConfig,
 }
 
 impl Config {

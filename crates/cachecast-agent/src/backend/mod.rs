@@ -4,6 +4,7 @@
 //! keyed cache) and says how many it removed. Evicting more than asked is allowed (it only costs
 //! a cache miss); evicting less never is.
 
+mod http;
 mod memory;
 mod redis;
 
@@ -11,6 +12,7 @@ use std::future::Future;
 
 use cachecast_proto::{AgentId, CacheName, EnvId, IdentitySelector, ResponseSelector};
 
+pub use self::http::{HttpBackend, HttpConfig};
 pub use self::memory::{FillTicket, MemoryCache};
 pub use self::redis::{RedisBackend, RedisConfig};
 

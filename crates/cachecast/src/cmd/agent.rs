@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use cachecast_admin::Health;
-use cachecast_agent::{Agent, AgentProbe, BackendKind, CacheBackend, MemoryCache, RedisBackend};
+use cachecast_agent::{
+    Agent, AgentProbe, BackendKind, CacheBackend, HttpBackend, MemoryCache, RedisBackend,
+};
 
 use crate::config::Config;
 use crate::shutdown::Shutdown;
@@ -17,6 +19,10 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         }
         BackendKind::Redis => {
             let backend = RedisBackend::new(&config.redis)?;
+            run_with(config, backend).await
+        }
+        BackendKind::Http => {
+            let backend = HttpBackend::new(&config.http)?;
             run_with(config, backend).await
         }
     }

@@ -26,8 +26,10 @@ pub(crate) fn check_config(command: &Command, config: &Config) -> anyhow::Result
         }
         Command::Agent(_) => {
             config.agent.env()?;
-            if config.agent.backend == BackendKind::Redis {
-                config.redis.check()?;
+            match config.agent.backend {
+                BackendKind::Redis => config.redis.check()?,
+                BackendKind::Http => drop(cachecast_agent::HttpBackend::new(&config.http)?),
+                BackendKind::Memory => {}
             }
         }
         Command::Invalidate(_) | Command::Agents(_) | Command::Token(_) | Command::Up(_) => {}
