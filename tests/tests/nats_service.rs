@@ -39,6 +39,8 @@ async fn start_service(stack: &Stack) -> oneshot::Sender<()> {
             tokio::time::Instant::now() < deadline,
             "the service did not answer $SRV.PING"
         );
+        // "No responders" comes back at once: poll gently until it subscribed.
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use cachecast_agent::{Agent, AgentConfig, MemoryCache};
 use cachecast_bus::{BusConfig, Client, Secret};
-use cachecast_proto::{AgentId, EnvId, ResponseSelector, Target};
+use cachecast_proto::{
+    AgentId, EnvId, InvalidateReply, InvalidateRequest, RequestTarget, ResponseSelector, Subjects,
+    Target, Wire,
+};
 use cachecast_publisher::auth::{AuthConfig, TokenSpec, Verifier, issue_hs256};
 use cachecast_publisher::http::ApiConfig;
 use cachecast_publisher::{InvalidationRequest, Publisher};
@@ -163,6 +166,76 @@ impl Http {
                 response.bytes().await.ok();
             }
             Ok(response) => eprintln!("warning: HTTP {}", response.status()),
+            Err(err) => eprintln!("warning: {err}"),
+        }
+    }
+}
+
+/// The `cachecast` NATS service, and a client sending it protobuf requests. Clones share both.
+#[derive(Debug, Clone)]
+pub(crate) struct Service {
+    client: Client,
+    subject: std::sync::Arc<str>,
+    request: bytes::Bytes,
+    _server: std::sync::Arc<Server>,
+}
+
+impl Service {
+    /// The service for `env`, on its own connection; ready once it answers `$SRV.PING`.
+    pub(crate) async fn start(
+        publisher: Publisher,
+        bus: &BusConfig,
+        env: &EnvId,
+    ) -> anyhow::Result<Self> {
+        let server_client = cachecast_bus::connect(&bus.nats, "bench-service").await?;
+        let server = tokio::spawn(async move {
+            let api = ApiConfig::default();
+            let run = cachecast_publisher::service::run(
+                server_client,
+                publisher,
+                api,
+                std::future::pending(),
+            );
+            if let Err(err) = run.await {
+                eprintln!("warning: {err}");
+            }
+        });
+        let client = cachecast_bus::connect(&bus.nats, "bench-service-caller").await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while client
+            .request("$SRV.PING.cachecast", bytes::Bytes::new())
+            .await
+            .is_err()
+        {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the NATS service did not answer $SRV.PING"
+            );
+            // "No responders" comes back at once: poll gently until it subscribed.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let request = InvalidateRequest {
+            request_id: "bench".into(),
+            timeout_ms: 30_000,
+            target: Some(RequestTarget::Response(ResponseSelector::default())),
+        };
+        Ok(Self {
+            client,
+            subject: Subjects::service_request(env).into(),
+            request: request.to_bytes(),
+            _server: std::sync::Arc::new(Server(server)),
+        })
+    }
+
+    pub(crate) async fn round(&self) {
+        let reply = self
+            .client
+            .request(self.subject.to_string(), self.request.clone())
+            .await;
+        match reply.map(|m| InvalidateReply::from_bytes(&m.payload)) {
+            Ok(Ok(reply)) if reply.status == 200 => {}
+            Ok(Ok(reply)) => eprintln!("warning: service status {}", reply.status),
+            Ok(Err(err)) => eprintln!("warning: {err}"),
             Err(err) => eprintln!("warning: {err}"),
         }
     }

@@ -175,6 +175,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             async move { http.round().await }
         })
         .await;
+
+        let service = fleet::Service::start(publisher.clone(), &bus, &env).await?;
+        measure(
+            &mut report,
+            "cachecast NATS service",
+            n,
+            &settings,
+            move || {
+                let service = service.clone();
+                async move { service.round().await }
+            },
+        )
+        .await;
         agents.stop().await;
         drop(fleet);
     }
