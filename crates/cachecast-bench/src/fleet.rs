@@ -228,9 +228,13 @@ impl Service {
     }
 
     pub(crate) async fn round(&self) {
+        // Wait as long as the library and HTTP rounds may (the client's default is 10 s).
+        let request = async_nats::Request::new()
+            .payload(self.request.clone())
+            .timeout(Some(Duration::from_secs(35)));
         let reply = self
             .client
-            .request(self.subject.to_string(), self.request.clone())
+            .send_request(self.subject.to_string(), request)
             .await;
         match reply.map(|m| InvalidateReply::from_bytes(&m.payload)) {
             Ok(Ok(reply)) if reply.status == 200 => {}
