@@ -81,30 +81,8 @@ impl Stack {
         let mut bus = BusConfig::default();
         bus.nats.url = nats.url();
         configure(&mut bus);
-        let client = cachecast_bus::connect(&bus.nats, "e2e-publisher")
-            .await
-            .expect("NATS client");
-        let publisher = Publisher::start(client, &bus)
-            .await
-            .expect("publisher starts");
-        let auth = AuthConfig::hs256_for_development(TEST_SECRET);
-        let router = cachecast_publisher::http::router(
-            publisher.clone(),
-            Verifier::new(&auth).expect("verifier"),
-            api_config,
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the API");
-        let base_url = format!("http://{}", listener.local_addr().expect("address"));
-        let (stop_api, stopped) = oneshot::channel::<()>();
-        let api = tokio::spawn(async move {
-            cachecast_publisher::http::serve(listener, router, async {
-                stopped.await.ok();
-            })
-            .await
-            .expect("API serves");
-        });
+        let (publisher, base_url, stop_api, api) =
+            serve_api(&bus, api_config, "e2e-publisher").await;
         Self {
             nats,
             bus,
@@ -114,6 +92,14 @@ impl Stack {
             stop_api: Some(stop_api),
             api: Some(api),
         }
+    }
+
+    /// Another publisher replica with its own API on the same NATS, as a second pod behind a
+    /// load balancer; its base URL. It stops when the returned handle is dropped.
+    pub async fn another_replica(&self) -> (String, Replica) {
+        let (_, base_url, stop, task) =
+            serve_api(&self.bus, test_api_config(), "e2e-replica").await;
+        (base_url, Replica { _stop: stop, task })
     }
 
     /// A token for `envs`, valid for an hour.
@@ -269,6 +255,53 @@ pub fn test_api_config() -> ApiConfig {
         max_body_bytes: 4096,
         rate_limit_per_second: 0.0,
         ..ApiConfig::default()
+    }
+}
+
+/// A publisher and its API serving on 127.0.0.1; returns the publisher, the base URL, the
+/// stop switch and the server task.
+async fn serve_api(
+    bus: &BusConfig,
+    api_config: ApiConfig,
+    name: &str,
+) -> (Publisher, String, oneshot::Sender<()>, JoinHandle<()>) {
+    let client = cachecast_bus::connect(&bus.nats, name)
+        .await
+        .expect("NATS client");
+    let publisher = Publisher::start(client, bus)
+        .await
+        .expect("publisher starts");
+    let auth = AuthConfig::hs256_for_development(TEST_SECRET);
+    let router = cachecast_publisher::http::router(
+        publisher.clone(),
+        Verifier::new(&auth).expect("verifier"),
+        api_config,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the API");
+    let base_url = format!("http://{}", listener.local_addr().expect("address"));
+    let (stop_api, stopped) = oneshot::channel::<()>();
+    let api = tokio::spawn(async move {
+        cachecast_publisher::http::serve(listener, router, async {
+            stopped.await.ok();
+        })
+        .await
+        .expect("API serves");
+    });
+    (publisher, base_url, stop_api, api)
+}
+
+/// A second API replica (see [`Stack::another_replica`]).
+#[derive(Debug)]
+pub struct Replica {
+    _stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

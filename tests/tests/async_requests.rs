@@ -132,6 +132,60 @@ async fn the_status_resource_follows_each_agent_then_shows_the_outcome() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_replica_answers_for_the_status_of_a_request_another_replica_took() {
+    let stack = Stack::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    let _slow = stack
+        .agent("dev", "slow", Gated { gate: gate.clone() })
+        .await;
+    stack.wait_for_agents("dev", 1).await;
+    let (other, _replica) = stack.another_replica().await;
+    let accepted = stack
+        .invalidate("dev", SCOPED, "?wait_for_completion=false&timeout=30s")
+        .await;
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let location = accepted.body["location"]
+        .as_str()
+        .expect("location")
+        .to_owned();
+    let token = stack.token(&["dev"]);
+    let via_other = |token: String| {
+        let url = format!("{other}{location}");
+        let http = stack.http.clone();
+        async move {
+            cachecast_e2e::answer(
+                http.get(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .expect("the other replica answers"),
+            )
+            .await
+        }
+    };
+    let running = via_other(token.clone()).await;
+    assert_eq!(running.status, 200, "{}", running.body);
+    assert_eq!(running.body["state"], "running");
+    assert_eq!(running.body["agents"]["slow"]["status"], "pending");
+    // The environment is checked by the replica that was asked.
+    let other_env = via_other(stack.token(&["qa"])).await;
+    assert_eq!(other_env.status, 404, "{}", other_env.body);
+
+    gate.add_permits(1);
+    eventually(
+        "the other replica sees it done",
+        Duration::from_secs(10),
+        || {
+            let ask = via_other(token.clone());
+            async move { ask.await.body["state"] == "done" }
+        },
+    )
+    .await;
+    let done = via_other(token).await.body;
+    assert_eq!(done["outcome"]["status"], 200, "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_asynchronous_request_that_times_out_ends_as_a_424() {
     let stack = Stack::start().await;
     let gate = Arc::new(Semaphore::new(0));

@@ -37,6 +37,10 @@ impl Subjects {
         format!("{PREFIX}.*.ack.{publisher_id}.*")
     }
 
+    /// Where API replicas ask each other for the status of an asynchronous request (the
+    /// request id is the payload; only the replica that holds it answers).
+    pub const REQUEST_STATUS: &'static str = "cachecast.api.v1.status";
+
     /// Where the `cachecast` NATS service takes invalidation requests, every environment.
     pub const SERVICE_REQUESTS: &'static str = "cachecast.svc.v1.*.invalidate";
 

@@ -184,6 +184,11 @@ impl Publisher {
         Ok(Self { inner })
     }
 
+    /// The NATS client this publisher uses.
+    pub(crate) fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
     /// This publisher's id (the token acks are addressed to).
     pub fn id(&self) -> &str {
         &self.inner.id

@@ -111,7 +111,7 @@ pub async fn run(
 /// NATS permissions, which include publishing events and JetStream API requests, so a caller
 /// choosing such a reply subject could otherwise make it publish a (garbage) event or an API
 /// request (deleting the stream, say) on the caller's behalf.
-fn is_caller_reply_subject(subject: &str) -> bool {
+pub(crate) fn is_caller_reply_subject(subject: &str) -> bool {
     !subject.starts_with('$') && !subject.starts_with("cachecast.")
 }
 

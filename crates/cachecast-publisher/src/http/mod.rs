@@ -114,7 +114,7 @@ struct Api {
     verifier: Verifier,
     limiter: rate_limit::RateLimiter,
     config: ApiConfig,
-    requests: requests::Requests,
+    requests: Arc<requests::Requests>,
 }
 
 /// The API's routes.
@@ -122,13 +122,20 @@ pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Ro
     let api = Arc::new(Api {
         publisher,
         verifier,
-        requests: requests::Requests::new(config.async_retention, config.async_max_requests),
+        requests: Arc::new(requests::Requests::new(
+            config.async_retention,
+            config.async_max_requests,
+        )),
         limiter: rate_limit::RateLimiter::new(
             config.rate_limit_per_second,
             config.rate_limit_burst,
         ),
         config,
     });
+    tokio::spawn(requests::answer_peers(
+        api.publisher.client().clone(),
+        Arc::downgrade(&api.requests),
+    ));
     Router::new()
         .route(
             "/api/1.0/runtime/caches/response/{env_id}/invalidate",
@@ -330,21 +337,29 @@ async fn request_status(
         Err(err) => return err.into_response(),
     };
     let wanted = id.map(|Path(id)| id).unwrap_or_default();
-    let grant = authz::authenticate(&api.verifier, &api.limiter, &headers).await;
-    let answer = grant.and_then(|grant| {
-        api.requests
-            .status(&wanted, |env| grant.allows(env.as_str()))
-            .ok_or_else(|| {
+    let answer = match authz::authenticate(&api.verifier, &api.limiter, &headers).await {
+        Ok(grant) => {
+            let visible = |env: &str| grant.allows(env);
+            let local = api.requests.status(&wanted, |env| visible(env.as_str()));
+            let status = match local {
+                Some(status) => Some(status),
+                None => requests::ask_peers(api.publisher.client(), &wanted)
+                    .await
+                    .filter(|status| visible(&status.env_id)),
+            };
+            status.ok_or_else(|| {
                 ApiError::new(
                     StatusCode::NOT_FOUND,
                     "unknown_request",
                     format!(
-                        "no asynchronous request {wanted:?} here: it finished more than {} ago, was never made with wait_for_completion=false, was made through another replica, or is in an environment the token does not grant",
+                        "no asynchronous request {wanted:?}: it finished more than {} ago, was never made with wait_for_completion=false, its replica stopped, or it is in an environment the token does not grant",
                         humantime::format_duration(api.config.async_retention)
                     ),
                 )
             })
-    });
+        }
+        Err(err) => Err(err),
+    };
     match answer {
         Ok(status) => response::with_request_id(axum::Json(status).into_response(), &request_id),
         Err(err) => err.with_request_id(&request_id).into_response(),

@@ -4,13 +4,17 @@
 //! arrives; `GET /api/1.0/requests/{requestId}` reads the record. Records are kept for a
 //! bounded time after they finish and the table holds a bounded number: the oldest finished
 //! record goes first, and when every slot holds a running request a new one is refused.
-//! The table lives in the publisher replica that accepted the request.
+//! The table lives in the publisher replica that accepted the request; a `GET` that reaches
+//! another replica asks the others over NATS ([`answer_peers`], [`ask_peers`]), and the one
+//! that holds the request answers.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use cachecast_proto::{AgentId, EnvId};
+use cachecast_bus::Client;
+use cachecast_proto::{AgentId, EnvId, Subjects};
+use futures::StreamExt;
 
 use super::response::{self, Progress, RequestStatusBody};
 use crate::outcome::{AgentOutcome, Outcome};
@@ -182,6 +186,56 @@ impl Requests {
         let Table { records, order } = table;
         order.retain(|id| records.contains_key(id));
     }
+}
+
+/// How long a replica waits for the replica holding a request to answer.
+const PEER_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Answers other replicas asking for the status of a request this one holds; the others stay
+/// silent, so the asker takes the one answer there is. Ends when `requests` is dropped.
+pub(crate) async fn answer_peers(client: Client, requests: Weak<Requests>) {
+    let mut questions = match client.subscribe(Subjects::REQUEST_STATUS).await {
+        Ok(questions) => questions,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot answer other replicas about asynchronous requests; a status GET through them will be a 404");
+            return;
+        }
+    };
+    while let Some(question) = questions.next().await {
+        let Some(requests) = requests.upgrade() else {
+            return;
+        };
+        let Some(reply) = question.reply else {
+            continue;
+        };
+        if !crate::service::is_caller_reply_subject(reply.as_str()) {
+            continue;
+        }
+        let Ok(id) = std::str::from_utf8(&question.payload) else {
+            continue;
+        };
+        // The asking replica checks the caller's token against the environment.
+        let Some(status) = requests.status(id, |_| true) else {
+            continue;
+        };
+        if let Ok(body) = serde_json::to_vec(&status)
+            && let Err(err) = client.publish(reply, body.into()).await
+        {
+            tracing::debug!(error = %err, "could not answer a replica about a request");
+        }
+    }
+}
+
+/// Asks the other replicas for the status of request `id`; `None` when none holds it.
+pub(crate) async fn ask_peers(client: &Client, id: &str) -> Option<RequestStatusBody> {
+    let question = async_nats::Request::new()
+        .payload(id.to_owned().into())
+        .timeout(Some(PEER_TIMEOUT));
+    let answer = client
+        .send_request(Subjects::REQUEST_STATUS, question)
+        .await
+        .ok()?;
+    serde_json::from_slice(&answer.payload).ok()
 }
 
 /// Drops the oldest finished record; false when every record is still running.

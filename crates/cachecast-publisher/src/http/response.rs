@@ -11,14 +11,14 @@ use std::collections::BTreeMap;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cachecast_proto::AgentId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::REQUEST_ID_RESPONSE_HEADER;
 use crate::outcome::{AgentOutcome, Outcome};
 
 /// The outcome of an invalidation: every agent expected, what each answered.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutcomeBody {
     /// The HTTP status of the answer: 200 (every expected agent confirmed) or 424.
@@ -49,7 +49,7 @@ pub struct OutcomeBody {
 }
 
 /// Elasticsearch's `_nodes` header.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct NodesSummary {
     pub total: usize,
     pub successful: usize,
@@ -58,7 +58,7 @@ pub struct NodesSummary {
 }
 
 /// One agent that did not confirm.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct NodeFailure {
     pub node_id: String,
     /// `eviction_failed` or `timeout`.
@@ -68,13 +68,13 @@ pub struct NodeFailure {
 }
 
 /// One agent of a keyed-cache answer's `nodes` map.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct NodeInfo {
     pub name: String,
 }
 
 /// What one expected agent answered, or that it has not yet.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentResult {
     /// `applied`, `failed`, `timeout`, or (while a request runs) `pending`.
@@ -89,7 +89,7 @@ pub struct AgentResult {
 }
 
 /// The `202` answer of `?wait_for_completion=false`: published, acks on their way.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AcceptedBody {
     /// Always 202.
@@ -105,7 +105,7 @@ pub struct AcceptedBody {
 }
 
 /// The status resource of an asynchronous request.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestStatusBody {
     pub request_id: String,
@@ -125,7 +125,7 @@ pub struct RequestStatusBody {
 }
 
 /// Counts of an asynchronous request's agents.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Progress {
     pub expected: usize,
     pub confirmed: usize,
