@@ -191,6 +191,32 @@ async fn the_cli_invalidates_lists_agents_and_reports_failures_by_exit_code() {
     );
     assert!(identity.stdout().contains("2 of 2 agents confirmed"));
 
+    // A keyed cache no agent serves: nothing is expected; the JSON answers Elasticsearch's way.
+    let mut keyed = cachecast(
+        &url,
+        &[
+            "invalidate",
+            "--env",
+            "dev",
+            "--kind",
+            "keyed",
+            "--cache",
+            "apikeys",
+            "--ids",
+            "*",
+            "--json",
+        ],
+    );
+    assert_eq!(
+        keyed.wait_exit(EXIT).await.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        keyed.output()
+    );
+    let keyed: serde_json::Value = serde_json::from_str(keyed.stdout().trim()).expect("JSON");
+    assert_eq!(keyed["cluster_name"], "cachecast", "{keyed}");
+    assert_eq!(keyed["_nodes"]["total"], 0, "{keyed}");
+
     // Arguments that do not fit the kind are refused before anything is published.
     for bad in [
         &[

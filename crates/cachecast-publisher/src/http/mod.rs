@@ -43,7 +43,7 @@ pub use self::error::{ApiError, ErrorBody};
 pub use self::openapi::openapi_json;
 pub use self::response::{
     AcceptedBody, AgentResult, NodeFailure, NodeInfo, NodesSummary, OutcomeBody, Progress,
-    RequestStatusBody, outcome_body, outcome_json,
+    RequestStatusBody, outcome_body,
 };
 
 use crate::auth::{Reach, Verifier};

@@ -188,13 +188,6 @@ pub(crate) fn outcome(outcome: &Outcome, cluster_name: Option<&str>) -> Response
     )
 }
 
-/// The status and JSON body that report `outcome`, as the HTTP API answers it.
-pub fn outcome_json(outcome: &Outcome) -> (StatusCode, serde_json::Value) {
-    let body = outcome_body(outcome, None);
-    let status = StatusCode::from_u16(body.status).unwrap_or(StatusCode::FAILED_DEPENDENCY);
-    (status, serde_json::to_value(body).unwrap_or_default())
-}
-
 /// The body that reports `outcome`.
 pub fn outcome_body(outcome: &Outcome, cluster_name: Option<&str>) -> OutcomeBody {
     let failures: Vec<NodeFailure> = outcome

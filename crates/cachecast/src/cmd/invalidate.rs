@@ -67,8 +67,11 @@ pub(crate) async fn run(config: Config, args: InvalidateArgs) -> anyhow::Result<
     let outcome = in_flight.finish();
     progress.done(&outcome);
     if args.json {
-        let (_, body) = cachecast_publisher::http::outcome_json(&outcome);
-        println!("{body}");
+        // A keyed cache answers Elasticsearch's way, as the API does.
+        let cluster_name =
+            (args.kind == CacheKind::Keyed).then_some(config.api.cluster_name.as_str());
+        let body = cachecast_publisher::http::outcome_body(&outcome, cluster_name);
+        println!("{}", serde_json::to_string(&body)?);
     } else {
         print_table(&outcome);
     }
