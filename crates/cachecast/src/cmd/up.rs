@@ -100,6 +100,14 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
             Duration::from_secs(24 * 3600),
         ),
     )?;
+    let service = config.api.nats_service.then(|| {
+        tokio::spawn(cachecast_publisher::service::run(
+            client.clone(),
+            publisher.clone(),
+            config.api.clone(),
+            shutdown.clone().wait(),
+        ))
+    });
     let router = cachecast_publisher::http::router(publisher, verifier, config.api.clone());
     let api = tokio::spawn(cachecast_publisher::http::serve(
         listener,
@@ -121,6 +129,17 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
         "  curl -sS -X POST {base} -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{}}'"
     );
     println!();
+    println!("Clear keys of the keyed cache `apikeys` the agents serve (or `*` for all of it):");
+    println!(
+        "  curl -sS -X POST http://{addr}/api/1.0/runtime/caches/keyed/{}/apikeys/k1,k2/_clear_cache -H 'Authorization: Bearer {token}'",
+        args.env
+    );
+    println!();
+    println!(
+        "The API's OpenAPI document: http://{addr}/openapi.json; over NATS: cachecast.svc.v1.{}.invalidate",
+        args.env
+    );
+    println!();
     println!("Press Ctrl-C to stop.");
 
     shutdown.wait().await;
@@ -128,6 +147,11 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
         agent.await.ok();
     }
     api.await??;
+    if let Some(service) = service
+        && let Err(err) = service.await?
+    {
+        tracing::warn!(error = %err, "the NATS service did not run");
+    }
     cachecast_bus::flush(&client, config.nats.request_timeout).await;
     Ok(ExitCode::SUCCESS)
 }
