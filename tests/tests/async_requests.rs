@@ -214,6 +214,31 @@ async fn an_asynchronous_request_that_times_out_ends_as_a_424() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_with_path_characters_has_a_location_that_works() {
+    let stack = Stack::start().await;
+    let token = stack.token(&["dev"]);
+    let accepted = stack
+        .post(
+            "/api/1.0/runtime/caches/response/dev/invalidate?wait_for_completion=false",
+            "{}",
+            &[
+                ("Authorization", format!("Bearer {token}")),
+                ("RequestID", "deploy/42?x#y%".into()),
+            ],
+        )
+        .await;
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let location = accepted.body["location"]
+        .as_str()
+        .expect("location")
+        .to_owned();
+    assert_eq!(location, "/api/1.0/requests/deploy%2F42%3Fx%23y%25");
+    let status = stack.get_as(&["dev"], &location).await;
+    assert_eq!(status.status, 200, "{}", status.body);
+    assert_eq!(status.body["requestId"], "deploy/42?x#y%");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_completion_takes_only_true_or_false() {
     let stack = Stack::start().await;
     let answer = stack

@@ -191,7 +191,7 @@ async fn keyed_caches_answer_like_elasticsearch_and_expect_only_agents_serving_t
     let _a = stack.agent("dev", "serves-a", serving_a.clone()).await;
     let _b = stack.agent("dev", "serves-b", serving_b.clone()).await;
     // An agent without that cache is live in the environment but not expected.
-    let (_plain, _c) = stack.memory_agent("dev", "plain").await;
+    let (plain, _c) = stack.memory_agent("dev", "plain").await;
     stack.wait_for_agents("dev", 3).await;
     for cache in [&serving_a, &serving_b] {
         for id in ["k1", "k2", "k3"] {
@@ -199,10 +199,16 @@ async fn keyed_caches_answer_like_elasticsearch_and_expect_only_agents_serving_t
         }
     }
 
+    plain.insert("decision", "s1", "alice", Bytes::from_static(b"permit"));
     let answer = stack
         .post_as("dev", &keyed_path("dev", "apikeys", "k1,k2"), "")
         .await;
     assert_confirmed(&answer, "k1,k2", 2, 2);
+    // The agent without that cache received the event too, and left its caches alone.
+    assert!(
+        plain.contains("decision"),
+        "a keyed clear flushed an agent that does not serve it"
+    );
     assert_eq!(answer.body["cluster_name"], "cachecast", "{}", answer.body);
     let nodes: BTreeSet<&str> = answer.body["nodes"]
         .as_object()

@@ -166,12 +166,12 @@ async fn each_eviction_is_posted_to_the_owner_and_acknowledged_as_it_answers() {
     assert_eq!(next(&mut calls).await.path, "dev/response");
 
     *answer.lock().expect("lock") = (StatusCode::OK, json!({}));
-    let answer = stack
+    let confirmed = stack
         .invalidate("dev", r#"{"scopeClientId":"s1"}"#, "")
         .await;
-    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(confirmed.status, 200, "{}", confirmed.body);
     // An owner that does not count evicted an unknown number: reported as 0.
-    assert_eq!(answer.body["agents"]["owner-agent"]["evicted"], 0);
+    assert_eq!(confirmed.body["agents"]["owner-agent"]["evicted"], 0);
     // The repair flush (by the agent's own retry or before this event) comes first.
     let mut before = Vec::new();
     loop {
@@ -186,4 +186,15 @@ async fn each_eviction_is_posted_to_the_owner_and_acknowledged_as_it_answers() {
         Some("dev/flush"),
         "{before:?}"
     );
+
+    // A redirect is not a confirmation (it would be followed to a login page, say).
+    *answer.lock().expect("lock") = (StatusCode::FOUND, json!({"evicted": 7}));
+    let redirected = stack
+        .invalidate("dev", r#"{"scopeClientId":"s1"}"#, "")
+        .await;
+    assert_eq!(redirected.status, 424, "{}", redirected.body);
+    let reason = redirected.body["_nodes"]["failures"][0]["reason"]
+        .as_str()
+        .expect("a reason");
+    assert!(reason.contains("302"), "{reason}");
 }

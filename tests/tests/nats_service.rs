@@ -126,6 +126,15 @@ async fn the_service_answers_keyed_clears_and_refuses_bad_requests_with_codes() 
         (br#"{"response":{},"timeout":"1h"}"#, "invalid_timeout"),
         (br#"{"response":{},"extra":1}"#, "unknown_field"),
         (br#"{"response":"#, "invalid_json"),
+        // Which of two equal keys counts is a guess: refused, as the HTTP API does.
+        (
+            br#"{"response":{"scopeClientId":"s1","scopeClientId":null}}"#,
+            "duplicate_field",
+        ),
+        (
+            br#"{"response":{},"response":{"scopeClientId":"s1"}}"#,
+            "duplicate_field",
+        ),
     ] {
         let reply = json(ask("cachecast.svc.v1.dev.invalidate", payload.to_vec()).await);
         assert_eq!(reply["status"], 400, "{reply}");

@@ -611,6 +611,19 @@ impl<B: CacheBackend> Agent<B> {
         let Some(event) = self.admit(&message, sequence) else {
             return;
         };
+        // Every agent of the environment receives a keyed cache's events, but publishers expect
+        // only the agents that announced that cache: the others have nothing to evict and
+        // nobody waits for their ack (a failure here would only flush a cache for nothing).
+        if let Some(Target::Keyed(selector)) = &event.target
+            && !self
+                .backend
+                .keyed_caches()
+                .iter()
+                .any(|c| c.as_str() == selector.cache)
+        {
+            tracing::debug!(sequence, cache = %selector.cache, "not serving this keyed cache: nothing to evict");
+            return;
+        }
         let request_id = message
             .headers
             .as_ref()

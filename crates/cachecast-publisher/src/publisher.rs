@@ -246,7 +246,16 @@ impl Publisher {
         crate::validate::request_id(&request.request_id).map_err(PublishError::Invalid)?;
         crate::validate::target(&request.target).map_err(PublishError::Invalid)?;
         let started = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started + request.timeout);
+        let deadline = started
+            .checked_add(request.timeout)
+            .filter(|_| !request.timeout.is_zero())
+            .map(tokio::time::Instant::from_std)
+            .ok_or_else(|| {
+                PublishError::Invalid(format!(
+                    "the timeout {:?} must be above zero and a representable duration",
+                    request.timeout
+                ))
+            })?;
         let inner = &self.inner;
         if inner.client.connection_state() != async_nats::connection::State::Connected {
             return Err(PublishError::Unavailable("not connected to NATS".into()));
@@ -410,11 +419,17 @@ impl InFlight {
     /// answered or the deadline passed.
     pub async fn next_ack(&mut self) -> Option<(AgentId, AgentOutcome)> {
         while self.outstanding > 0 {
+            // An ack already received wins over the deadline firing at the same time; one that
+            // arrived after the deadline does not count.
             let received = tokio::select! {
+                biased;
                 received = self.rx.recv() => received,
                 () = tokio::time::sleep_until(self.deadline) => None,
             };
             let (ack, at) = received?;
+            if tokio::time::Instant::from_std(at) > self.deadline {
+                return None;
+            }
             let Some(id) = self
                 .agents
                 .get_key_value(ack.agent_id.as_str())

@@ -29,6 +29,9 @@ use cachecast_proto::{
     Wire,
 };
 use futures::StreamExt;
+use std::collections::HashMap;
+
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::http::{ApiConfig, ApiError, ErrorBody, outcome_body, publish_error};
@@ -38,6 +41,9 @@ use crate::publisher::{InvalidationRequest, Publisher};
 
 /// The service's name in `$SRV` discovery.
 pub const SERVICE_NAME: &str = "cachecast";
+
+/// The most requests the service works on at once; more are answered `503 too_many_requests`.
+const MAX_IN_FLIGHT: usize = 1024;
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +76,7 @@ pub async fn run(
     tracing::info!(subject = Subjects::SERVICE_REQUESTS, "NATS service ready");
     let config = std::sync::Arc::new(config);
     let log_limit = cachecast_bus::LogLimiter::new(Duration::from_secs(10));
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     tokio::pin!(shutdown);
     loop {
         let request = tokio::select! {
@@ -93,9 +100,14 @@ pub async fn run(
             continue;
         }
         let (publisher, config) = (publisher.clone(), config.clone());
+        // Each request holds a slot until it is answered: a flood is refused, not queued.
+        let slot = in_flight.clone().try_acquire_owned().ok();
         tokio::spawn(async move {
-            let (reply, headers) = handle(&publisher, &config, &request.message).await;
-            if let Err(err) = request.respond_with_headers(Ok(reply), headers).await {
+            let (reply, headers) = handle(&publisher, &config, &request.message, slot).await;
+            // A request without a reply subject is applied and not answered.
+            if request.message.reply.is_some()
+                && let Err(err) = request.respond_with_headers(Ok(reply), headers).await
+            {
                 tracing::warn!(error = %err, "could not reply to a service request");
             }
         });
@@ -154,6 +166,7 @@ async fn handle(
     publisher: &Publisher,
     config: &ApiConfig,
     message: &async_nats::Message,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> (Bytes, HeaderMap) {
     let is_json = message.payload.first() == Some(&b'{')
         || message
@@ -171,14 +184,26 @@ async fn handle(
         .as_ref()
         .and_then(|h| h.get(cachecast_bus::REQUEST_ID_HEADER))
         .map(|v| v.as_str().to_owned());
-    let result = invalidate(
-        publisher,
-        config,
-        message,
-        encoding,
-        header_request_id.clone(),
-    )
-    .await;
+    let result = match slot {
+        Some(_slot) => {
+            invalidate(
+                publisher,
+                config,
+                message,
+                encoding,
+                header_request_id.clone(),
+            )
+            .await
+        }
+        None => Err(ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_requests",
+                format!("the service is working on {MAX_IN_FLIGHT} requests; retry shortly"),
+            )
+        }),
+    };
     let fallback_id = || {
         header_request_id
             .clone()
@@ -349,18 +374,12 @@ fn parse_protobuf(payload: &[u8], config: &ApiConfig) -> Result<Parsed, ApiError
 }
 
 fn parse_json(payload: &[u8], config: &ApiConfig) -> Result<Parsed, ApiError> {
-    let value: Value = serde_json::from_slice(payload).map_err(|err| {
-        ApiError::bad_request(
-            "invalid_json",
-            format!("the request is not valid JSON: {err}"),
-        )
-    })?;
-    let Value::Object(fields) = value else {
-        return Err(ApiError::bad_request(
-            "body_not_object",
-            "the request must be a JSON object, like {\"response\": {}}",
-        ));
-    };
+    // As the HTTP API reads a body: encoding, duplicate keys, an object.
+    let fields = limits::json_object(payload)?;
+    // The nested objects as they were sent, so the HTTP parsers see (and refuse) exactly what
+    // came, duplicate keys included.
+    let raw: HashMap<String, Box<RawValue>> = serde_json::from_slice(payload)
+        .map_err(|err| ApiError::bad_request("invalid_json", err.to_string()))?;
     const FIELDS: &[&str] = &["response", "identity", "keyed", "requestId", "timeout"];
     if let Some(name) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(ApiError::bad_request(
@@ -397,21 +416,20 @@ fn parse_json(payload: &[u8], config: &ApiConfig) -> Result<Parsed, ApiError> {
         ));
     };
     let inner = &fields[*kind];
+    let inner_raw = raw.get(*kind).map_or(&b""[..], |v| v.get().as_bytes());
     let target = match *kind {
-        "response" => Target::Response(request::response_selector(&reencode(inner), config)?),
-        "identity" => Target::Identity(request::identity_selector(&reencode(inner))?),
-        _ => Target::Keyed(keyed_json(inner, config)?),
+        "response" => Target::Response(request::response_selector(inner_raw, config)?),
+        "identity" => Target::Identity(request::identity_selector(inner_raw)?),
+        _ => {
+            limits::json_object(inner_raw)?;
+            Target::Keyed(keyed_json(inner, config)?)
+        }
     };
     Ok(Parsed {
         request_id,
         timeout,
         target,
     })
-}
-
-/// A nested request object as the bytes the HTTP parsers read, so both ways in validate alike.
-fn reencode(value: &Value) -> Vec<u8> {
-    serde_json::to_vec(value).unwrap_or_default()
 }
 
 /// `{"cache": "apikeys", "ids": "k1,k2" | ["k1", "k2"] | "*"}`.

@@ -100,6 +100,9 @@ impl HttpBackend {
         }
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
+            // A redirect (to a login page, say) is not the owner confirming an eviction, and
+            // must not carry the configured headers elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .default_headers(headers)
             .build()
             .map_err(|err| BackendError::Other(format!("HTTP client: {err}")))?;
@@ -114,6 +117,8 @@ impl HttpBackend {
         body["env"] = json!(env.as_str());
         body["kind"] = json!(kind);
         let url = render(&self.config.url, env.as_str(), kind);
+        // Errors travel to API callers in failed acks: never with a password of the URL.
+        let shown = cachecast_bus::redact_url(&url);
         let response = self
             .client
             .post(&url)
@@ -121,14 +126,17 @@ impl HttpBackend {
             .send()
             .await
             .map_err(|err| {
-                BackendError::Other(format!("the cache owner at {url} did not answer: {err}"))
+                BackendError::Other(format!(
+                    "the cache owner at {shown} did not answer: {}",
+                    err.without_url()
+                ))
             })?;
         let status = response.status();
-        let text = response.text().await.unwrap_or_default();
+        let text = read_capped(response).await;
         if !status.is_success() {
             let quoted: String = text.chars().take(QUOTED_BODY).collect();
             return Err(BackendError::Other(format!(
-                "the cache owner at {url} answered {status}: {quoted}"
+                "the cache owner at {shown} answered {status}: {quoted}"
             )));
         }
         // Counting is optional: an owner that answers without a count evicted an unknown number.
@@ -137,6 +145,22 @@ impl HttpBackend {
             .and_then(|v| v.get("evicted").and_then(Value::as_u64))
             .unwrap_or(0))
     }
+}
+
+/// The most of an owner's answer read: enough for a count or an error to quote.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// The answer's body as text, reading at most [`MAX_ANSWER_BYTES`].
+async fn read_capped(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = MAX_ANSWER_BYTES - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= MAX_ANSWER_BYTES {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// `template` with its placeholders filled (both are subject-token safe: no escaping needed).

@@ -158,7 +158,8 @@ impl RedisBackend {
         let mut cursor: u64 = 0;
         let mut removed = 0u64;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            // Keys as bytes: a key that is not UTF-8 is still a key to remove.
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
                 .arg(pattern)

@@ -457,7 +457,7 @@ impl Api {
         self.requests
             .register(&in_flight, env, kind, cluster_name)
             .map_err(register_error)?;
-        let location = format!("/api/1.0/requests/{request_id}");
+        let location = format!("/api/1.0/requests/{}", path_segment(&request_id));
         let body = AcceptedBody {
             status: 202,
             request_id: request_id.clone(),
@@ -487,6 +487,19 @@ impl Api {
         }
         Ok(response::with_request_id(response, &request_id))
     }
+}
+
+/// `value` percent-encoded as one path segment (a request id may hold `/`, `?`, `#`, `%`...).
+fn path_segment(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 fn register_error(err: requests::RegisterError) -> ApiError {

@@ -93,8 +93,16 @@ impl Requests {
         cluster_name: Option<String>,
     ) -> Result<(), RegisterError> {
         let request_id = in_flight.request_id().to_owned();
-        self.check(&request_id)?;
+        // Checked again under the same lock as the insert: two requests racing with one id
+        // must not share a record.
         let mut table = self.lock();
+        self.expire(&mut table);
+        if table.records.contains_key(&request_id) {
+            return Err(RegisterError::Duplicate(request_id));
+        }
+        if table.records.len() >= self.max && !make_room(&mut table) {
+            return Err(RegisterError::Full(self.max));
+        }
         table.order.push_back(request_id.clone());
         table.records.insert(
             request_id,
