@@ -127,13 +127,7 @@ async fn the_cli_invalidates_lists_agents_and_reports_failures_by_exit_code() {
     }
     stack.wait_for_agents("dev", 2).await;
 
-    let mut list = cachecast(&url, &["agents", "--env", "dev", "--json"]);
-    assert_eq!(
-        list.wait_exit(EXIT).await.and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        list.output()
-    );
+    let list = exits(cachecast(&url, &["agents", "--env", "dev", "--json"]), 0).await;
     let listed: serde_json::Value = serde_json::from_str(list.stdout().trim()).expect("JSON");
     let ids: Vec<&str> = listed["agents"]
         .as_array()
@@ -153,37 +147,29 @@ async fn the_cli_invalidates_lists_agents_and_reports_failures_by_exit_code() {
         "u1",
         "--json",
     ];
-    let mut ok = cachecast(&url, &args);
-    assert_eq!(
-        ok.wait_exit(EXIT).await.and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        ok.output()
-    );
+    let ok = exits(cachecast(&url, &args), 0).await;
     let outcome: serde_json::Value = serde_json::from_str(ok.stdout().trim()).expect("JSON");
     assert_eq!(outcome["_nodes"]["successful"], 2, "{outcome}");
 
     // The identity cache, with live progress drawn on stderr.
-    let mut identity = cachecast(
-        &url,
-        &[
-            "invalidate",
-            "--env",
-            "dev",
-            "--kind",
-            "identity",
-            "--identity-template",
-            "User",
-            "--progress",
-            "always",
-        ],
-    );
-    assert_eq!(
-        identity.wait_exit(EXIT).await.and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        identity.output()
-    );
+    let identity = exits(
+        cachecast(
+            &url,
+            &[
+                "invalidate",
+                "--env",
+                "dev",
+                "--kind",
+                "identity",
+                "--identity-template",
+                "User",
+                "--progress",
+                "always",
+            ],
+        ),
+        0,
+    )
+    .await;
     assert!(
         identity.stderr().contains("2/2 agents confirmed"),
         "{}",
@@ -192,27 +178,25 @@ async fn the_cli_invalidates_lists_agents_and_reports_failures_by_exit_code() {
     assert!(identity.stdout().contains("2 of 2 agents confirmed"));
 
     // A keyed cache no agent serves: nothing is expected; the JSON answers Elasticsearch's way.
-    let mut keyed = cachecast(
-        &url,
-        &[
-            "invalidate",
-            "--env",
-            "dev",
-            "--kind",
-            "keyed",
-            "--cache",
-            "apikeys",
-            "--ids",
-            "*",
-            "--json",
-        ],
-    );
-    assert_eq!(
-        keyed.wait_exit(EXIT).await.and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        keyed.output()
-    );
+    let keyed = exits(
+        cachecast(
+            &url,
+            &[
+                "invalidate",
+                "--env",
+                "dev",
+                "--kind",
+                "keyed",
+                "--cache",
+                "apikeys",
+                "--ids",
+                "*",
+                "--json",
+            ],
+        ),
+        0,
+    )
+    .await;
     let keyed: serde_json::Value = serde_json::from_str(keyed.stdout().trim()).expect("JSON");
     assert_eq!(keyed["cluster_name"], "cachecast", "{keyed}");
     assert_eq!(keyed["_nodes"]["total"], 0, "{keyed}");
@@ -242,35 +226,31 @@ async fn the_cli_invalidates_lists_agents_and_reports_failures_by_exit_code() {
             "*",
         ][..],
     ] {
-        let mut refused = cachecast(&url, bad);
-        assert_eq!(
-            refused.wait_exit(EXIT).await.and_then(|s| s.code()),
-            Some(2),
+        let refused = exits(cachecast(&url, bad), 2).await;
+        assert!(
+            refused.stderr().contains("error:"),
             "{bad:?}: {}",
-            refused.output()
+            refused.stderr()
         );
-        assert!(refused.stderr().contains("error:"), "{}", refused.stderr());
     }
 
     agents[1].kill().await;
-    let mut partial = cachecast(
-        &url,
-        &[
-            "invalidate",
-            "--env",
-            "dev",
-            "--timeout",
-            "1s",
-            "--progress",
-            "always",
-        ],
-    );
-    assert_eq!(
-        partial.wait_exit(EXIT).await.and_then(|s| s.code()),
-        Some(3),
-        "{}",
-        partial.output()
-    );
+    let partial = exits(
+        cachecast(
+            &url,
+            &[
+                "invalidate",
+                "--env",
+                "dev",
+                "--timeout",
+                "1s",
+                "--progress",
+                "always",
+            ],
+        ),
+        3,
+    )
+    .await;
     let table = partial.stdout();
     assert!(
         table.contains("cli-b") && table.contains("timeout"),
@@ -283,16 +263,14 @@ async fn the_cli_invalidates_lists_agents_and_reports_failures_by_exit_code() {
         "{progress}"
     );
 
-    let mut unavailable = cachecast(
-        "nats://127.0.0.1:1",
-        &["invalidate", "--env", "dev", "--timeout", "1s"],
-    );
-    assert_eq!(
-        unavailable.wait_exit(EXIT).await.and_then(|s| s.code()),
-        Some(4),
-        "{}",
-        unavailable.output()
-    );
+    exits(
+        cachecast(
+            "nats://127.0.0.1:1",
+            &["invalidate", "--env", "dev", "--timeout", "1s"],
+        ),
+        4,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,28 +283,26 @@ async fn configuration_is_layered_redacted_and_checked() {
     )
     .expect("write config");
     let file = file.to_string_lossy().into_owned();
-    let mut print = cachecast_with_env(
-        "nats://127.0.0.1:4999",
-        &[
-            "agent",
-            "--config",
-            &file,
-            "--env",
-            "from-flag",
-            "--print-config",
-        ],
-        &[
-            ("CACHECAST_AUTH__HS256_SECRET", "env-secret"),
-            ("CACHECAST_AGENT__HEARTBEAT", "4s"),
-            ("CACHECAST_NATS__TOKEN", "nats-token-value"),
-        ],
-    );
-    assert_eq!(
-        print.wait_exit(EXIT).await.and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        print.output()
-    );
+    let print = exits(
+        cachecast_with_env(
+            "nats://127.0.0.1:4999",
+            &[
+                "agent",
+                "--config",
+                &file,
+                "--env",
+                "from-flag",
+                "--print-config",
+            ],
+            &[
+                ("CACHECAST_AUTH__HS256_SECRET", "env-secret"),
+                ("CACHECAST_AGENT__HEARTBEAT", "4s"),
+                ("CACHECAST_NATS__TOKEN", "nats-token-value"),
+            ],
+        ),
+        0,
+    )
+    .await;
     let printed = print.stdout();
     assert!(
         printed.contains("env = \"from-flag\""),
@@ -382,14 +358,20 @@ async fn configuration_is_layered_redacted_and_checked() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-/// Waits for `child` to exit with 1 and asserts its stderr names `needle` (the setting to fix).
-async fn refused_naming(mut child: ChildProcess, needle: &str) -> ChildProcess {
+/// Waits for `child` to exit, asserting its exit code.
+async fn exits(mut child: ChildProcess, code: i32) -> ChildProcess {
     assert_eq!(
         child.wait_exit(EXIT).await.and_then(|s| s.code()),
-        Some(1),
+        Some(code),
         "{}",
         child.output()
     );
+    child
+}
+
+/// Waits for `child` to exit with 1 and asserts its stderr names `needle` (the setting to fix).
+async fn refused_naming(child: ChildProcess, needle: &str) -> ChildProcess {
+    let child = exits(child, 1).await;
     assert!(child.stderr().contains(needle), "{}", child.stderr());
     child
 }
@@ -398,21 +380,19 @@ async fn refused_naming(mut child: ChildProcess, needle: &str) -> ChildProcess {
 async fn the_example_configuration_is_valid_and_complete() {
     let example = cachecast_testkit::workspace_root().join("deploy/cachecast.example.toml");
     let example = example.to_string_lossy().into_owned();
-    let mut with_file = cachecast(
-        "nats://127.0.0.1:4222",
-        &["agent", "--config", &example, "--print-config"],
-    );
-    assert_eq!(
-        with_file.wait_exit(EXIT).await.and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        with_file.output()
-    );
-    let mut defaults = cachecast("nats://127.0.0.1:4222", &["agent", "--print-config"]);
-    assert_eq!(
-        defaults.wait_exit(EXIT).await.and_then(|s| s.code()),
-        Some(0)
-    );
+    let with_file = exits(
+        cachecast(
+            "nats://127.0.0.1:4222",
+            &["agent", "--config", &example, "--print-config"],
+        ),
+        0,
+    )
+    .await;
+    let defaults = exits(
+        cachecast("nats://127.0.0.1:4222", &["agent", "--print-config"]),
+        0,
+    )
+    .await;
     // The example documents the defaults: loading it changes nothing.
     assert_eq!(with_file.stdout(), defaults.stdout());
     // And it names every key there is.

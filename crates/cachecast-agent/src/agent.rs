@@ -159,6 +159,9 @@ pub struct Agent<B> {
     metrics: EventMetrics,
     /// Keeps a flood of refused events from flooding the log.
     log_limit: LogLimiter,
+    /// The keyed caches the backend serves, read once: announced in presence, and the keyed
+    /// events this agent applies.
+    keyed_caches: Vec<CacheName>,
 }
 
 /// Per-event metric handles, registered once (no allocation per event).
@@ -248,9 +251,10 @@ impl<B: CacheBackend> Agent<B> {
             id,
             config,
             bus: bus.clone(),
-            backend: Arc::new(backend),
             live: Arc::default(),
             dirty: AtomicBool::new(false),
+            keyed_caches: backend.keyed_caches(),
+            backend: Arc::new(backend),
         }
     }
 
@@ -364,14 +368,13 @@ impl<B: CacheBackend> Agent<B> {
             if resume_from.is_none() {
                 retry("flush the cache", || self.flush("start")).await;
             }
-            let keyed_caches = self.backend.keyed_caches();
             let heartbeat = retry("announce presence", || {
                 Heartbeat::announce(
                     store.clone(),
                     &self.env,
                     &self.id,
                     self.backend.kind(),
-                    &keyed_caches,
+                    &self.keyed_caches,
                     self.config.heartbeat,
                 )
             })
@@ -616,8 +619,7 @@ impl<B: CacheBackend> Agent<B> {
         // nobody waits for their ack (a failure here would only flush a cache for nothing).
         if let Some(Target::Keyed(selector)) = &event.target
             && !self
-                .backend
-                .keyed_caches()
+                .keyed_caches
                 .iter()
                 .any(|c| c.as_str() == selector.cache)
         {

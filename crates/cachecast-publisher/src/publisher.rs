@@ -592,17 +592,22 @@ async fn demux_acks(mut acks: async_nats::Subscriber, inner: std::sync::Weak<Inn
             );
             continue;
         }
-        let waiting = inner
+        // Decided under the lock, so the common case clones only the sender.
+        let waiting = match inner
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&ack.event_id)
-            .cloned();
+        {
+            Some((env, tx)) if subject_env.as_ref() == Some(env) => Some(Ok(tx.clone())),
+            Some((env, _)) => Some(Err(env.to_string())),
+            None => None,
+        };
         match waiting {
-            Some((env, tx)) if subject_env.as_ref() == Some(&env) => {
+            Some(Ok(tx)) => {
                 let _ = tx.send((ack, at));
             }
-            Some((env, _)) => {
+            Some(Err(env)) => {
                 let detail = format!("the event is for environment {env}");
                 inner.reject(env_label, "wrong_env", subject, &ack.agent_id, &detail);
             }

@@ -148,13 +148,7 @@ impl MemoryCache {
     /// Caches `value` under `id` in the keyed cache `cache`; returns false (caching nothing)
     /// when this cache does not serve a keyed cache of that name.
     pub fn insert_keyed(&self, cache: &str, id: &str, value: Bytes) -> bool {
-        match self.lock().keyed.get_mut(cache) {
-            Some(entries) => {
-                entries.insert(id.to_owned(), value);
-                true
-            }
-            None => false,
-        }
+        self.lock().store_keyed(cache, id, value)
     }
 
     /// Like [`MemoryCache::insert_keyed`], unless an eviction ran since `ticket` was taken.
@@ -166,16 +160,7 @@ impl MemoryCache {
         value: Bytes,
     ) -> bool {
         let mut index = self.lock();
-        if index.evictions != ticket.0 {
-            return false;
-        }
-        match index.keyed.get_mut(cache) {
-            Some(entries) => {
-                entries.insert(id.to_owned(), value);
-                true
-            }
-            None => false,
-        }
+        index.evictions == ticket.0 && index.store_keyed(cache, id, value)
     }
 
     /// The value cached under `id` in the keyed cache `cache`, if any.
@@ -270,6 +255,17 @@ impl Index {
         self.entries.clear();
         self.by_scope.clear();
         self.by_identity.clear();
+    }
+
+    /// Caches `value` under `id` in the keyed cache `cache`; false if it is not served.
+    fn store_keyed(&mut self, cache: &str, id: &str, value: Bytes) -> bool {
+        match self.keyed.get_mut(cache) {
+            Some(entries) => {
+                entries.insert(id.to_owned(), value);
+                true
+            }
+            None => false,
+        }
     }
 
     fn store_identity(&mut self, template: &str, identity_id: &str, value: Bytes) {

@@ -73,12 +73,16 @@ impl Requests {
 
     /// Checks that `request_id` can be registered, before anything is published.
     pub(crate) fn check(&self, request_id: &str) -> Result<(), RegisterError> {
-        let mut table = self.lock();
-        self.expire(&mut table);
+        self.admit(&mut self.lock(), request_id)
+    }
+
+    /// Whether `request_id` fits in `table` now (making room if it can).
+    fn admit(&self, table: &mut Table, request_id: &str) -> Result<(), RegisterError> {
+        self.expire(table);
         if table.records.contains_key(request_id) {
             return Err(RegisterError::Duplicate(request_id.to_owned()));
         }
-        if table.records.len() >= self.max && !make_room(&mut table) {
+        if table.records.len() >= self.max && !make_room(table) {
             return Err(RegisterError::Full(self.max));
         }
         Ok(())
@@ -96,13 +100,7 @@ impl Requests {
         // Checked again under the same lock as the insert: two requests racing with one id
         // must not share a record.
         let mut table = self.lock();
-        self.expire(&mut table);
-        if table.records.contains_key(&request_id) {
-            return Err(RegisterError::Duplicate(request_id));
-        }
-        if table.records.len() >= self.max && !make_room(&mut table) {
-            return Err(RegisterError::Full(self.max));
-        }
+        self.admit(&mut table, &request_id)?;
         table.order.push_back(request_id.clone());
         table.records.insert(
             request_id,
