@@ -275,7 +275,7 @@ async fn serve_api(
     let router = cachecast_publisher::http::router(
         publisher.clone(),
         Verifier::new(&auth).expect("verifier"),
-        api_config,
+        api_config.clone(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -283,7 +283,7 @@ async fn serve_api(
     let base_url = format!("http://{}", listener.local_addr().expect("address"));
     let (stop_api, stopped) = oneshot::channel::<()>();
     let api = tokio::spawn(async move {
-        cachecast_publisher::http::serve(listener, router, async {
+        cachecast_publisher::http::serve(listener, router, &api_config, async {
             stopped.await.ok();
         })
         .await

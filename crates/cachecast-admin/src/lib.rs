@@ -6,12 +6,18 @@
 //!   sending work before the process stops taking it.
 //! - `/metrics`: Prometheus text of everything recorded through the `metrics` facade. Libraries
 //!   record with `metrics::counter!` and friends and never know who exports.
+//!
+//! [`server::serve`] is how every cachecast HTTP listener (the API and the admin routes) serves
+//! connections: with a header read timeout and a cap on connections.
+
+pub mod server;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::http::{StatusCode, header};
@@ -23,6 +29,12 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+
+/// How often recorded histogram samples are folded into their summaries. Until then each
+/// sample is kept in memory, so without this a process nobody scrapes grows with every event.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+pub use server::ConnectionLimits;
 
 /// A readiness check: `Ok` when ready, else why not.
 pub type Check =
@@ -70,7 +82,8 @@ impl Health {
     }
 }
 
-/// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle),
+/// and a thread that runs its upkeep every few seconds whether or not anyone scrapes.
 pub fn install_metrics() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -78,7 +91,7 @@ pub fn install_metrics() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .expect("the bucket list is not empty");
-            match builder.install_recorder() {
+            let handle = match builder.install_recorder() {
                 Ok(handle) => handle,
                 Err(err) => {
                     // Another recorder is installed (an embedding application's): keep ours
@@ -86,9 +99,27 @@ pub fn install_metrics() -> PrometheusHandle {
                     tracing::warn!(error = %err, "a metrics recorder is already installed; /metrics shows only its own view");
                     PrometheusBuilder::new().build_recorder().handle()
                 }
-            }
+            };
+            spawn_upkeep(handle.clone());
+            handle
         })
         .clone()
+}
+
+/// A plain thread, not a task: the recorder is installed before any runtime exists, and the
+/// upkeep must run in every process whatever runtime it has.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::warn!(error = %err, "could not start the metrics upkeep thread; histograms grow until /metrics is scraped");
+    }
 }
 
 /// The admin routes.
@@ -132,13 +163,12 @@ async fn readyz(health: &Health) -> Response {
     }
 }
 
-/// Serves the admin routes alone on `listener` until `shutdown` resolves.
+/// Serves the admin routes alone on `listener`, within the default [`ConnectionLimits`], until
+/// `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    server::serve(listener, router, ConnectionLimits::default(), shutdown).await
 }

@@ -138,9 +138,14 @@ impl Http {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let server = tokio::spawn(async move {
-            cachecast_publisher::http::serve(listener, router, std::future::pending())
-                .await
-                .ok();
+            cachecast_publisher::http::serve(
+                listener,
+                router,
+                &ApiConfig::default(),
+                std::future::pending(),
+            )
+            .await
+            .ok();
         });
         Ok(Self {
             client: reqwest::Client::builder()

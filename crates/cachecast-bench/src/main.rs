@@ -11,6 +11,7 @@ mod memory;
 mod redis_eviction;
 mod report;
 mod stats;
+mod steady_memory;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,6 +26,8 @@ use crate::report::{LatencyRow, Report};
 
 /// Benchmark cachecast against the NATS floors.
 #[derive(Debug, Parser)]
+// `scripts/bench` passes `--write docs/BENCHMARKS.md`; a later `--write ""` replaces it.
+#[command(args_override_self = true)]
 struct Cli {
     /// Fleet sizes to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000")]
@@ -35,12 +38,19 @@ struct Cli {
     /// Shorter runs, for a smoke test of the benchmark itself.
     #[arg(long)]
     quick: bool,
-    /// Write the results into this Markdown file (between its bench markers).
+    /// Write the results into this Markdown file (between its bench markers); "" writes nothing.
     #[arg(long)]
     write: Option<PathBuf>,
     /// Which parts to run.
-    #[arg(long, value_delimiter = ',', default_value = "latency,memory,redis")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "latency,memory,redis,steady-memory"
+    )]
     parts: Vec<Part>,
+    /// Confirmed invalidations the steady-memory part sends without scraping `/metrics`.
+    #[arg(long, default_value_t = 500_000)]
+    steady_requests: u64,
     #[command(subcommand)]
     role: Option<Role>,
 }
@@ -50,6 +60,7 @@ enum Part {
     Latency,
     Memory,
     Redis,
+    SteadyMemory,
 }
 
 /// Roles the benchmark runs itself in, as child processes whose memory it measures.
@@ -267,6 +278,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
 
+    if cli.parts.contains(&Part::SteadyMemory) {
+        let requests = if cli.quick {
+            cli.steady_requests.min(20_000)
+        } else {
+            cli.steady_requests
+        };
+        eprintln!("steady memory: {requests} invalidations, nobody scraping");
+        let cachecast = std::env::current_exe()?.with_file_name("cachecast");
+        let run = steady_memory::measure(
+            &cachecast,
+            &nats.url(),
+            5,
+            requests / 10,
+            requests,
+            cli.concurrency,
+        )
+        .await?;
+        report.steady_memory(run);
+    }
+
     if cli.parts.contains(&Part::Redis) {
         eprintln!("redis");
         let redis = cachecast_testkit::redis().await;
@@ -277,7 +308,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let text = report.render();
     println!("{text}");
-    if let Some(path) = cli.write {
+    if let Some(path) = cli.write.filter(|p| !p.as_os_str().is_empty()) {
         report::write_into(&path, &text)
             .with_context(|| format!("could not write {}", path.display()))?;
         eprintln!("written into {}", path.display());

@@ -27,6 +27,7 @@ pub(crate) struct Report {
     latency: Vec<LatencyRow>,
     memory: Vec<(String, u64, Option<u64>)>,
     redis: Option<(Duration, Duration)>,
+    steady: Option<crate::steady_memory::SteadyMemory>,
 }
 
 impl Report {
@@ -51,6 +52,7 @@ impl Report {
             latency: Vec::new(),
             memory: Vec::new(),
             redis: None,
+            steady: None,
         }
     }
 
@@ -72,6 +74,18 @@ impl Report {
 
     pub(crate) fn redis(&mut self, ours: Duration, floor: Duration) {
         self.redis = Some((ours, floor));
+    }
+
+    pub(crate) fn steady_memory(&mut self, run: crate::steady_memory::SteadyMemory) {
+        for g in &run.growth {
+            eprintln!(
+                "  {}: {:.1} -> {:.1} MiB",
+                g.process,
+                mib(g.before),
+                mib(g.after)
+            );
+        }
+        self.steady = Some(run);
     }
 
     /// Markdown: the header, then one table per measure.
@@ -121,6 +135,33 @@ impl Report {
                 "| {what} | {:.1} | {per} |",
                 *rss as f64 / (1024.0 * 1024.0)
             );
+        }
+        if let Some(run) = &self.steady {
+            let _ = writeln!(
+                out,
+                "\nSteady memory: {} confirmed invalidations through the HTTP API ({:.0}/s, {} memory agents, concurrency {}), after a warm-up of a tenth as many, with nobody scraping `/metrics`. RSS of the real processes before and after.\n",
+                run.requests,
+                run.requests as f64 / run.elapsed.as_secs_f64(),
+                run.agents,
+                self.concurrency
+            );
+            let _ = writeln!(
+                out,
+                "| process | before (MiB) | after (MiB) | growth (MiB) | bytes per request |"
+            );
+            let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+            for g in &run.growth {
+                let grown = g.after as f64 - g.before as f64;
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.1} | {:.1} | {:+.1} | {:.1} |",
+                    g.process,
+                    mib(g.before),
+                    mib(g.after),
+                    grown / (1024.0 * 1024.0),
+                    grown / run.requests as f64
+                );
+            }
         }
         if let Some((ours, floor)) = self.redis {
             let _ = writeln!(
@@ -192,4 +233,8 @@ pub(crate) fn write_into(path: &Path, text: &str) -> anyhow::Result<()> {
     let updated = format!("{}{START}\n{text}\n{}", &doc[..start], &doc[end..]);
     std::fs::write(path, updated)?;
     Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }

@@ -86,6 +86,23 @@ pub struct ApiConfig {
     /// Whether `serve` also takes requests as the `cachecast` NATS service (on
     /// `cachecast.svc.v1.<env>.invalidate`; who may call it is up to NATS permissions).
     pub nats_service: bool,
+    /// How long a connection may take to send a request's headers, from when it opens or its
+    /// previous answer was sent; an idle keep-alive connection is closed after as long.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// The most connections held at once; more are closed as soon as they are accepted. Keep it
+    /// below the process's open-files limit (`ulimit -n`).
+    pub max_connections: usize,
+}
+
+impl ApiConfig {
+    /// The listener's limits on connections.
+    pub fn connection_limits(&self) -> cachecast_admin::ConnectionLimits {
+        cachecast_admin::ConnectionLimits {
+            header_read_timeout: self.header_read_timeout,
+            max_connections: self.max_connections,
+        }
+    }
 }
 
 impl Default for ApiConfig {
@@ -103,6 +120,8 @@ impl Default for ApiConfig {
             async_retention: Duration::from_secs(600),
             async_max_requests: 10_000,
             nats_service: true,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
         }
     }
 }
@@ -174,21 +193,15 @@ pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Ro
         .with_state(api)
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then lets in-flight requests finish.
+/// Serves `router` on `listener` within the API's connection limits until `shutdown` resolves,
+/// then lets in-flight requests finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    config: &ApiConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Answers are small and latency is the point: no Nagle delay.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %err, "could not set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    cachecast_admin::server::serve(listener, router, config.connection_limits(), shutdown).await
 }
 
 /// An error answer carrying the caller's request id (or a new one).

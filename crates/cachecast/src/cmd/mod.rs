@@ -23,6 +23,7 @@ pub(crate) fn check_config(command: &Command, config: &Config) -> anyhow::Result
     match command {
         Command::Serve(_) => {
             Verifier::new(&config.auth)?;
+            check_api(&config.api)?;
         }
         Command::Agent(_) => {
             config.agent.env()?;
@@ -33,6 +34,21 @@ pub(crate) fn check_config(command: &Command, config: &Config) -> anyhow::Result
             }
         }
         Command::Invalidate(_) | Command::Agents(_) | Command::Token(_) | Command::Up(_) => {}
+    }
+    Ok(())
+}
+
+/// The API settings no value of their type rules out but that cannot work.
+pub(crate) fn check_api(api: &cachecast_publisher::http::ApiConfig) -> anyhow::Result<()> {
+    if api.max_connections == 0 {
+        anyhow::bail!(
+            "api.max_connections is 0, so no client could connect: set it to at least 1 (the default is 10000)"
+        );
+    }
+    if api.header_read_timeout.is_zero() {
+        anyhow::bail!(
+            "api.header_read_timeout is 0, so every connection would be closed at once: set it to a few seconds (the default is 10s)"
+        );
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ use crate::shutdown::Shutdown;
 
 pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let verifier = Verifier::new(&config.auth)?;
+    super::check_api(&config.api)?;
     if config.auth.allow_hs256 {
         tracing::warn!(
             "auth.allow_hs256 is on: HS256 tokens with a shared secret are accepted; use a JWKS or a public key in production"
@@ -73,7 +74,7 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     };
     // In-flight requests end by their own deadline; don't wait past the longest one.
     let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
-    let server = cachecast_publisher::http::serve(listener, router, async move {
+    let server = cachecast_publisher::http::serve(listener, router, &config.api, async move {
         stop_accepting.await;
         stopping_tx.send(()).ok();
     });

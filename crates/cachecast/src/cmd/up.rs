@@ -109,11 +109,10 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
         ))
     });
     let router = cachecast_publisher::http::router(publisher, verifier, config.api.clone());
-    let api = tokio::spawn(cachecast_publisher::http::serve(
-        listener,
-        router,
-        shutdown.clone().wait(),
-    ));
+    let api = tokio::spawn({
+        let (api_config, stop) = (config.api.clone(), shutdown.clone());
+        async move { cachecast_publisher::http::serve(listener, router, &api_config, stop.wait()).await }
+    });
 
     let base = format!(
         "http://{addr}/api/1.0/runtime/caches/response/{}/invalidate",
