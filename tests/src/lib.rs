@@ -450,6 +450,14 @@ impl RedisCache {
         keys
     }
 
+    /// Writes a snapshot (`SAVE`) that a restarted Redis loads.
+    pub async fn save(&mut self) {
+        let () = redis::cmd("SAVE")
+            .query_async(&mut self.0)
+            .await
+            .expect("SAVE");
+    }
+
     /// Every cached `pdp:*` key, sorted.
     pub async fn keys(&mut self) -> Vec<String> {
         let mut keys: Vec<String> = redis::cmd("KEYS")

@@ -210,6 +210,7 @@ fn ack(event_id: &str, agent: &str, status: AckStatus) -> Vec<u8> {
             String::new()
         },
         stream_sequence: 1,
+        cache_id: String::new(),
     }
     .to_bytes()
     .to_vec()

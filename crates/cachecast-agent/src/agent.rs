@@ -1,164 +1,52 @@
-//! The agent: start-up (consumer, flush, presence), the event loop, and acknowledgements.
+//! The agent: start-up (consumer, flush or catch-up, registration, presence), the event loop,
+//! and acknowledgements.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use std::time::Instant;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::{self, stream};
-use cachecast_bus::{
-    BusConfig, Client, JetStream, LogLimiter, REQUEST_ID_HEADER, WIRE_VERSION, WIRE_VERSION_HEADER,
-};
+use cachecast_bus::{BusConfig, Client, JetStream, LogLimiter, REQUEST_ID_HEADER};
 use cachecast_proto::{
-    Ack, AckStatus, AgentId, CacheName, EnvId, Invalidation, Subjects, Target, Wire,
+    Ack, AckStatus, AgentId, CacheId, CacheName, EnvId, Invalidation, Subjects, Target, Wire,
 };
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
+use crate::admission::REJECT_LOG_INTERVAL;
 use crate::backend::{BackendError, CacheBackend};
-use crate::presence::Heartbeat;
-
-/// The `[agent]` configuration section.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AgentConfig {
-    /// The environment whose events this agent applies. Required.
-    pub env: Option<EnvId>,
-    /// Unique within the environment. Default: the host name and a random suffix.
-    pub id: Option<AgentId>,
-    /// How often presence is refreshed; publishers drop an agent after three missed beats.
-    #[serde(with = "humantime_serde")]
-    pub heartbeat: Duration,
-    /// The longest one eviction may take before it is reported as failed.
-    #[serde(with = "humantime_serde")]
-    pub evict_timeout: Duration,
-    /// Which cache the agent evicts from.
-    pub backend: BackendKind,
-    /// Where `cachecast agent` serves /healthz, /readyz and /metrics (off when unset).
-    pub admin_listen: Option<std::net::SocketAddr>,
-    /// What the agent does with its cache on start.
-    pub on_start: OnStart,
-    /// The keyed caches of the memory backend (the Redis backend names its own in
-    /// `redis.keyed_caches`).
-    pub keyed_caches: Vec<CacheName>,
-}
-
-/// What an agent does with its cache when it starts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnStart {
-    /// Flush everything: nothing cached before the start survives.
-    #[default]
-    Flush,
-    /// Carry on from the position stored next to the cache (a Redis that outlives the agent;
-    /// needs a stable `agent.id`): apply every event missed since, in order. Falls back to a
-    /// flush when there is no position, or the stream no longer holds every event since it.
-    Resume,
-}
-
-/// The cache backends an agent process can run with.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    /// An in-process cache (for agents embedded in a Rust service, and for trying things out).
-    #[default]
-    Memory,
-    /// The PDP response cache in Redis (see the `[redis]` section).
-    Redis,
-    /// A cache the agent cannot reach, evicted by calling its owner (see the `[http]` section).
-    Http,
-}
-
-impl Default for AgentConfig {
-    fn default() -> Self {
-        Self {
-            env: None,
-            id: None,
-            heartbeat: Duration::from_secs(2),
-            evict_timeout: Duration::from_secs(10),
-            backend: BackendKind::default(),
-            admin_listen: None,
-            on_start: OnStart::default(),
-            keyed_caches: Vec::new(),
-        }
-    }
-}
-
-impl AgentConfig {
-    /// The environment, or an error saying how to set it.
-    pub fn env(&self) -> Result<EnvId, AgentError> {
-        self.env.clone().ok_or(AgentError::MissingEnv)
-    }
-
-    /// The configured agent id, or a new default one.
-    pub fn id_or_default(&self) -> AgentId {
-        self.id.clone().unwrap_or_else(default_agent_id)
-    }
-}
-
-/// The default agent id: the host name made subject-safe, plus a random suffix so two agents
-/// on one host (or a restarted pod) never share an id.
-fn default_agent_id() -> AgentId {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_default();
-    let mut base: String = host
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(100)
-        .collect();
-    if base.is_empty() {
-        base.push_str("agent");
-    }
-    let suffix = &cachecast_proto::new_event_id()[24..];
-    AgentId::new(format!("{base}-{suffix}")).unwrap_or_else(|_| {
-        AgentId::new(format!("agent-{suffix}")).expect("hex suffix is a valid id")
-    })
-}
-
-/// Why an agent could not start or keep running.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error(
-        "agent.env is not set: pass --env, set CACHECAST_AGENT__ENV, or set env in the [agent] section"
-    )]
-    MissingEnv,
-    #[error(transparent)]
-    Bus(#[from] cachecast_bus::BusError),
-}
+use crate::config::{AgentConfig, AgentError, OnStart};
+use crate::consumer::{Consumer, StreamState, consume, missed_events};
+use crate::presence::{Announcement, Heartbeat};
 
 /// An agent, configured but not started.
 #[derive(Debug)]
 pub struct Agent<B> {
     client: Client,
     js: JetStream,
-    env: EnvId,
+    pub(crate) env: EnvId,
     id: AgentId,
     config: AgentConfig,
-    bus: BusConfig,
+    pub(crate) bus: BusConfig,
     backend: Arc<B>,
+    /// The persistent cache this agent attends; `None` when its cache ends with the process.
+    cache: Option<CacheId>,
+    /// Random per process: tells two processes claiming one agent id apart in presence.
+    instance: String,
     /// True from the moment presence is announced until shutdown begins.
     live: Arc<AtomicBool>,
-    /// Set when an eviction failed: the cache may hold entries it should not, so it is
-    /// flushed before anything else is acknowledged as applied.
-    dirty: AtomicBool,
+    /// Why the cache may hold entries it should not (an eviction failed, the cache
+    /// restarted): it is flushed before anything else is acknowledged as applied.
+    dirty: Mutex<Option<&'static str>>,
     /// What every ack subject of this environment starts with.
-    ack_prefix: String,
+    pub(crate) ack_prefix: String,
     metrics: EventMetrics,
     /// Keeps a flood of refused events from flooding the log.
-    log_limit: LogLimiter,
+    pub(crate) log_limit: LogLimiter,
     /// The keyed caches the backend serves, read once: announced in presence, and the keyed
     /// events this agent applies.
     keyed_caches: Vec<CacheName>,
@@ -231,6 +119,14 @@ pub struct RunningAgent<B> {
     heartbeat: Heartbeat,
 }
 
+/// Where a starting agent begins: after a stored position (its cache is up to date to it), or
+/// at the stream's end after a flush.
+#[derive(Debug, Clone, Copy)]
+struct StartPoint {
+    stream: StreamState,
+    resume_after: Option<u64>,
+}
+
 impl<B: CacheBackend> Agent<B> {
     /// An agent for `env` named `id`, evicting from `backend`.
     pub fn new(
@@ -241,7 +137,13 @@ impl<B: CacheBackend> Agent<B> {
         backend: B,
     ) -> Self {
         let js = cachecast_bus::jetstream(client.clone(), &bus.nats);
+        let cache = backend
+            .default_cache_id()
+            .map(|default| config.cache_id.clone().unwrap_or(default));
+        let instance = cachecast_proto::new_event_id();
         Self {
+            cache,
+            instance,
             ack_prefix: Subjects::ack_prefix(&env),
             metrics: EventMetrics::new(&env),
             log_limit: LogLimiter::new(REJECT_LOG_INTERVAL),
@@ -252,7 +154,7 @@ impl<B: CacheBackend> Agent<B> {
             config,
             bus: bus.clone(),
             live: Arc::default(),
-            dirty: AtomicBool::new(false),
+            dirty: Mutex::new(None),
             keyed_caches: backend.keyed_caches(),
             backend: Arc::new(backend),
         }
@@ -260,6 +162,24 @@ impl<B: CacheBackend> Agent<B> {
 
     pub fn id(&self) -> &AgentId {
         &self.id
+    }
+
+    /// The persistent cache this agent attends (`None` for a cache in its own process).
+    pub fn cache_id(&self) -> Option<&CacheId> {
+        self.cache.as_ref()
+    }
+
+    fn dirty(&self) -> Option<&'static str> {
+        *self.dirty.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_dirty(&self, reason: Option<&'static str>) {
+        *self.dirty.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
+    /// Whether this start resumes from a position stored in the cache.
+    fn resumes(&self) -> bool {
+        self.cache.is_some() && self.config.on_start != OnStart::Flush
     }
 
     /// A readiness probe for this agent, usable before and after it starts.
@@ -271,10 +191,12 @@ impl<B: CacheBackend> Agent<B> {
         }
     }
 
-    /// With `on_start = "resume"`, stores how far the cache is up to date. Not while it is
-    /// dirty: a restart must then replay the failed event (or flush), never skip it.
+    /// For a persistent cache, stores in the cache how far it is up to date, so whichever
+    /// agent attends it next carries on from there. Not while it is dirty: the failed event
+    /// must then be replayed (or the cache flushed), never skipped.
     async fn remember_position(&self, sequence: u64, stream_created_ns: i128) {
-        if self.config.on_start != OnStart::Resume || self.dirty.load(Ordering::Relaxed) {
+        let Some(cache) = &self.cache else { return };
+        if self.dirty().is_some() {
             return;
         }
         let position = crate::backend::Position {
@@ -283,44 +205,64 @@ impl<B: CacheBackend> Agent<B> {
         };
         if let Err(err) = self
             .backend
-            .store_position(&self.env, &self.id, position)
+            .store_position(&self.env, cache, position)
             .await
         {
-            tracing::warn!(error = %err, "could not store the stream position; a restart will flush");
+            tracing::warn!(error = %err, "could not store the stream position in the cache; the next start flushes");
         }
     }
 
-    /// With `on_start = "resume"`: the stream sequence to resume after, if the position stored
-    /// next to the cache is usable (same stream, every event since still held).
-    async fn resume_point(&self, info: &stream::Info) -> Option<u64> {
-        if self.config.on_start != OnStart::Resume {
-            return None;
+    /// Where to start: after the position stored in the cache if it is usable (same stream,
+    /// every event since still held, the cache did not restart since), else at the end.
+    async fn start_point(&self, info: &stream::Info) -> Result<StartPoint, String> {
+        let stream = StreamState {
+            first_sequence: info.state.first_sequence,
+            last_sequence: info.state.last_sequence,
+            created_ns: info.created.unix_timestamp_nanos(),
+        };
+        let at_end = Ok(StartPoint {
+            stream,
+            resume_after: None,
+        });
+        let Some(cache) = self.cache.as_ref().filter(|_| self.resumes()) else {
+            return at_end;
+        };
+        if self
+            .backend
+            .restarted(cache)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            tracing::info!(%cache, "the cache restarted (or is new) since an agent last flushed it; flushing");
+            return at_end;
         }
-        let stored = match self.backend.load_position(&self.env, &self.id).await {
+        let stored = match self.backend.load_position(&self.env, cache).await {
             Ok(Some(position)) => position,
             Ok(None) => {
                 tracing::info!("no stored position to resume from; flushing instead");
-                return None;
+                return at_end;
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "could not read the stored position; flushing instead");
-                return None;
-            }
+            Err(err) => return Err(format!("could not read the stored position: {err}")),
         };
-        let same_stream = stored.stream_created_ns == info.created.unix_timestamp_nanos();
-        let all_held = info.state.first_sequence <= stored.sequence + 1
-            && stored.sequence <= info.state.last_sequence;
-        if same_stream && all_held {
-            tracing::info!(after = stored.sequence, "resuming from the stored position");
-            Some(stored.sequence)
-        } else {
+        if missed_events(stored.sequence, stored.stream_created_ns, stream) {
             tracing::warn!(
                 stored = stored.sequence,
-                same_stream,
+                stream_first = stream.first_sequence,
+                stream_last = stream.last_sequence,
                 "the stream no longer holds every event since the stored position; flushing instead"
             );
-            None
+            metrics::counter!("cachecast_agent_gaps_total", "env" => self.env.to_string())
+                .increment(1);
+            return at_end;
         }
+        tracing::info!(
+            after = stored.sequence,
+            "resuming from the position stored in the cache"
+        );
+        Ok(StartPoint {
+            stream,
+            resume_after: Some(stored.sequence),
+        })
     }
 
     /// Evicts everything, bounded by `evict_timeout`, and counts it under `reason`.
@@ -330,68 +272,133 @@ impl<B: CacheBackend> Agent<B> {
                 .await
                 .map_err(|_| format!("timed out after {:?}", self.config.evict_timeout))?
                 .map_err(|err| err.to_string())?;
+        if let Some(cache) = &self.cache
+            && let Err(err) = self.backend.mark_continuous(cache).await
+        {
+            // Harmless: the next check finds no mark and flushes once more.
+            tracing::warn!(error = %err, "could not mark the flushed cache");
+        }
         metrics::counter!("cachecast_agent_flushes_total", "env" => self.env.to_string(), "reason" => reason)
             .increment(1);
         tracing::info!(evicted, reason, "cache flushed");
         Ok(evicted)
     }
 
-    /// Starts the agent in the order its guarantee needs: consumer, then flush, then
-    /// presence. Transient failures (NATS or the backend unreachable, the stream not created
-    /// yet) are logged and retried until they pass; bound the wait from outside if needed.
+    /// Starts the agent in the order its guarantee needs: consumer, then flush (or, for a
+    /// persistent cache with a usable stored position, the events it missed), then
+    /// registration of a persistent cache, then presence. Transient failures (NATS or the
+    /// backend unreachable, the stream not created yet) are logged and retried until they
+    /// pass; bound the wait from outside if needed.
     pub async fn start(self) -> Result<RunningAgent<B>, AgentError> {
         let span = tracing::info_span!("agent", env = %self.env, agent = %self.id);
         async move {
+            if self.config.cache_id.is_some() && self.cache.is_none() {
+                tracing::warn!("agent.cache_id is ignored: this backend's cache ends with the agent");
+            }
             let stream = retry("open the invalidation stream", || {
                 cachecast_bus::open_stream(&self.js, &self.bus.stream)
             })
             .await;
-            let store = retry("open the presence bucket", || {
+            let presence = retry("open the presence bucket", || {
                 cachecast_bus::open_presence_bucket(&self.js, &self.bus.presence)
             })
             .await;
-            let (info, resume_from) = retry("read the invalidation stream", || async {
+            let (point, consumer) = retry("create the event consumer", || async {
                 let mut fresh = stream.clone();
                 let info = fresh.info().await.map_err(|e| e.to_string())?.clone();
-                let resume_from = self.resume_point(&info).await;
-                Ok::<_, String>((info, resume_from))
+                let point = self.start_point(&info).await?;
+                let after = point.resume_after.unwrap_or(point.stream.last_sequence);
+                let consumer = consume(&stream, &self.env, &self.id, after).await?;
+                // The server moves a start it no longer holds to its first event: that is a gap.
+                let point = if consumer.starts_after > after && point.resume_after.is_some() {
+                    tracing::warn!(asked = after, got = consumer.starts_after, "the stream dropped events since the stored position; flushing instead");
+                    StartPoint { resume_after: None, ..point }
+                } else {
+                    point
+                };
+                Ok::<_, String>((point, consumer))
             })
             .await;
-            // Resume right after the stored position, or start right after the stream's
-            // current end (every event published from now on) and flush.
-            let after = resume_from.unwrap_or(info.state.last_sequence);
-            let events = retry("create the event consumer", || {
-                consume(&stream, &self.env, &self.id, after)
-            })
-            .await;
-            let stream_created_ns = info.created.unix_timestamp_nanos();
-            if resume_from.is_none() {
+            let Consumer {
+                mut events,
+                pending,
+                starts_after,
+            } = consumer;
+            let mut last_sequence = point.resume_after.unwrap_or(starts_after);
+            let stream_created_ns = point.stream.created_ns;
+            if point.resume_after.is_none() {
                 retry("flush the cache", || self.flush("start")).await;
             }
+            if let Some(cache) = &self.cache {
+                let store = retry("open the caches bucket", || {
+                    cachecast_bus::open_caches_bucket(&self.js, &self.bus.caches)
+                })
+                .await;
+                retry("register the cache", || {
+                    crate::presence::register(
+                        &store,
+                        &self.env,
+                        cache,
+                        &self.id,
+                        self.backend.kind(),
+                        &self.keyed_caches,
+                    )
+                })
+                .await;
+            }
+            // Catch up before saying it is live: the events published while the cache was
+            // unattended, in order (publishers still waiting for them get their acks).
+            if point.resume_after.is_some() && pending > 0 {
+                tracing::info!(pending, "applying the events published while the cache was unattended");
+                let mut remaining = pending;
+                while remaining > 0 {
+                    match events.next().await {
+                        Some(Ok(message)) => {
+                            let Ok(info) = message.info() else { continue };
+                            let (sequence, left) = (info.stream_sequence, info.pending);
+                            if sequence > last_sequence {
+                                self.handle(message, sequence).await;
+                                last_sequence = sequence;
+                                self.remember_position(sequence, stream_created_ns).await;
+                            }
+                            remaining = left;
+                        }
+                        Some(Err(err)) => tracing::warn!(error = %err, "event consumer error while catching up; it recovers by itself"),
+                        None => return Err(AgentError::ConsumerEnded),
+                    }
+                }
+                tracing::info!(after = last_sequence, "caught up");
+            }
+            let announcement = Announcement {
+                backend: self.backend.kind(),
+                keyed_caches: &self.keyed_caches,
+                cache: self.cache.as_ref(),
+                instance: &self.instance,
+            };
             let heartbeat = retry("announce presence", || {
                 Heartbeat::announce(
-                    store.clone(),
+                    presence.clone(),
                     &self.env,
                     &self.id,
-                    self.backend.kind(),
-                    &self.keyed_caches,
+                    &announcement,
                     self.config.heartbeat,
                 )
             })
             .await;
             self.live.store(true, Ordering::Relaxed);
-            tracing::info!(backend = self.backend.kind(), "agent is live");
+            let cache = self.cache.as_ref().map_or("none", CacheId::as_str);
+            tracing::info!(backend = self.backend.kind(), %cache, "agent is live");
             let running = RunningAgent {
                 agent: self,
                 stream,
                 events,
-                last_sequence: after,
+                last_sequence,
                 stream_created_ns,
                 heartbeat,
             };
             running
                 .agent
-                .remember_position(after, stream_created_ns)
+                .remember_position(last_sequence, stream_created_ns)
                 .await;
             Ok(running)
         }
@@ -422,19 +429,19 @@ impl<B: CacheBackend> RunningAgent<B> {
             let mut connection_check = tokio::time::interval(CONNECTION_CHECK);
             let statistics = self.agent.client.statistics();
             let connects = || statistics.connects.load(std::sync::atomic::Ordering::Relaxed);
-                        let mut resumed_at = connects();
+            let mut resumed_at = connects();
             let mut next_repair = Instant::now();
             let mut next_stale_flush: Option<Instant> = None;
             loop {
                 tokio::select! {
                     biased;
                     () = &mut shutdown => break,
-                                        _ = connection_check.tick() => {
-                                                let since = self.heartbeat.since_last_ok();
+                    _ = connection_check.tick() => {
+                        let since = self.heartbeat.since_last_ok();
                         self.agent.flush_if_stale(since, &mut next_stale_flush).await;
-                        if self.agent.dirty.load(Ordering::Relaxed) && Instant::now() >= next_repair {
+                        if self.agent.dirty().is_some() && Instant::now() >= next_repair {
                             if let Err(err) = self.agent.repair().await {
-                                tracing::warn!(%err, "the cache is still dirty after a failed eviction");
+                                tracing::warn!(%err, "the cache is still dirty");
                             }
                             next_repair = Instant::now() + REPAIR_INTERVAL;
                         }
@@ -461,7 +468,7 @@ impl<B: CacheBackend> RunningAgent<B> {
                                 tracing::debug!(sequence, "skipping an event already handled");
                                 continue;
                             }
-                                                        self.agent.handle(message, sequence).await;
+                            self.agent.handle(message, sequence).await;
                             self.last_sequence = sequence;
                             self.agent.remember_position(sequence, self.stream_created_ns).await;
                         }
@@ -477,7 +484,7 @@ impl<B: CacheBackend> RunningAgent<B> {
             }
             self.agent.live.store(false, Ordering::Relaxed);
             self.heartbeat.leave().await;
-                        cachecast_bus::flush(&self.agent.client, self.agent.bus.nats.request_timeout).await;
+            cachecast_bus::flush(&self.agent.client, self.agent.bus.nats.request_timeout).await;
             tracing::info!("agent stopped");
         }
         .instrument(span)
@@ -491,47 +498,50 @@ impl<B: CacheBackend> RunningAgent<B> {
     /// agent cannot prove it saw them all: it starts at the stream's end and flushes instead.
     /// Returns false if that failed (it is tried again on the next check).
     async fn resume(&mut self) -> bool {
-        let (state, state_created_ns) = match self.stream.info().await {
-            Ok(info) => (info.state.clone(), info.created.unix_timestamp_nanos()),
+        let stream = match self.stream.info().await {
+            Ok(info) => StreamState {
+                first_sequence: info.state.first_sequence,
+                last_sequence: info.state.last_sequence,
+                created_ns: info.created.unix_timestamp_nanos(),
+            },
             Err(err) => {
                 tracing::warn!(error = %err, "could not read the stream to resume; retrying");
                 return false;
             }
         };
-        // Events dropped by retention, or a stream created anew (its sequence went back):
-        // either way the agent cannot prove it saw every event since the last one it handled.
-        let gap = (state.first_sequence > self.last_sequence + 1
-            && state.last_sequence > self.last_sequence)
-            || state.last_sequence < self.last_sequence;
+        let gap = missed_events(self.last_sequence, self.stream_created_ns, stream);
         let after = if gap {
-            state.last_sequence
+            stream.last_sequence
         } else {
             self.last_sequence
         };
-        let events = match consume(&self.stream, &self.agent.env, &self.agent.id, after).await {
-            Ok(events) => events,
+        let consumer = match consume(&self.stream, &self.agent.env, &self.agent.id, after).await {
+            Ok(consumer) => consumer,
             Err(err) => {
                 tracing::warn!(error = %err, "could not resume the event consumer; retrying");
                 return false;
             }
         };
-        self.events = events;
+        // The server moved the start past events it no longer holds: missed too.
+        let gap = gap || consumer.starts_after > after;
+        self.events = consumer.events;
         if gap {
             metrics::counter!("cachecast_agent_gaps_total", "env" => self.agent.env.to_string())
                 .increment(1);
             tracing::warn!(
                 last_handled = self.last_sequence,
-                stream_first = state.first_sequence,
-                stream_last = state.last_sequence,
+                stream_first = stream.first_sequence,
+                stream_last = stream.last_sequence,
                 "events may have been missed while disconnected; flushing the whole cache"
             );
             if let Err(err) = self.agent.flush("gap").await {
                 tracing::error!(error = %err, "flush after a gap failed; retrying");
                 return false;
             }
+            let after = after.max(consumer.starts_after);
             self.last_sequence = after;
-            self.stream_created_ns = state_created_ns;
-            self.agent.remember_position(after, state_created_ns).await;
+            self.stream_created_ns = stream.created_ns;
+            self.agent.remember_position(after, stream.created_ns).await;
         } else {
             tracing::info!(after, "reconnected; event consumer resumed");
         }
@@ -540,76 +550,6 @@ impl<B: CacheBackend> RunningAgent<B> {
 }
 
 impl<B: CacheBackend> Agent<B> {
-    /// Counts an event this agent refuses (`reason` is a fixed word), and logs it unless
-    /// too many were logged lately. Called once per stream sequence: a redelivered event is
-    /// skipped before it gets here. `sequence` is 0 for a message without JetStream metadata.
-    fn reject(&self, reason: &'static str, sequence: u64, subject: &str, detail: &str) {
-        metrics::counter!("cachecast_agent_rejected_events_total", "env" => self.env.to_string(), "reason" => reason)
-            .increment(1);
-        if let Some(left_out) = self.log_limit.allow(reason) {
-            tracing::warn!(
-                reason,
-                sequence,
-                subject,
-                stream = %self.bus.stream.name,
-                left_out,
-                error = detail,
-                "ignoring an invalid event: not applied, not acknowledged (who can publish on this subject? check the NATS permissions)"
-            );
-        }
-    }
-
-    /// The event in `message`, if it is one this agent may apply: a wire version it speaks,
-    /// decodable, addressed to its environment, with a well-formed ack subject.
-    fn admit(&self, message: &jetstream::Message, sequence: u64) -> Option<Invalidation> {
-        let subject = message.subject.as_str();
-        if let Some(version) = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(WIRE_VERSION_HEADER))
-            && version.as_str() != WIRE_VERSION
-        {
-            let detail = format!(
-                "wire version {:?}, this agent speaks {WIRE_VERSION}: upgrade it",
-                version.as_str()
-            );
-            self.reject("unknown_version", sequence, subject, &detail);
-            return None;
-        }
-        let event = match Invalidation::from_bytes(&message.payload) {
-            Ok(event) => event,
-            Err(err) => {
-                self.reject(err.reason(), sequence, subject, &err.to_string());
-                return None;
-            }
-        };
-        if event.env != self.env.as_str() || !event.ack_subject.starts_with(&self.ack_prefix) {
-            let detail = format!(
-                "addressed to environment {:?}, ack subject {:?}",
-                event.env, event.ack_subject
-            );
-            self.reject("wrong_env", sequence, subject, &detail);
-            return None;
-        }
-        // The ack subject ends `<publisherId>.<eventId>`, and names this event.
-        let tail = &event.ack_subject[self.ack_prefix.len()..];
-        let well_formed = match tail.split_once('.') {
-            Some((publisher, event_id)) => {
-                is_plain_token(publisher) && is_plain_token(event_id) && event_id == event.event_id
-            }
-            None => false,
-        };
-        if !well_formed {
-            let detail = format!(
-                "event id {:?}, ack subject {:?}",
-                event.event_id, event.ack_subject
-            );
-            self.reject("invalid", sequence, subject, &detail);
-            return None;
-        }
-        Some(event)
-    }
-
     async fn handle(&self, message: jetstream::Message, sequence: u64) {
         let Some(event) = self.admit(&message, sequence) else {
             return;
@@ -660,6 +600,11 @@ impl<B: CacheBackend> Agent<B> {
                 evicted,
                 error,
                 stream_sequence: sequence,
+                cache_id: self
+                    .cache
+                    .as_ref()
+                    .map(|c| c.to_string())
+                    .unwrap_or_default(),
             };
             let mut headers = HeaderMap::new();
             headers.insert(REQUEST_ID_HEADER, request_id.as_str());
@@ -680,7 +625,14 @@ impl<B: CacheBackend> Agent<B> {
     /// heartbeats and answer without it, but the agent cannot hear their events: so after two
     /// failed heartbeats it flushes the whole cache, and again every heartbeat while the
     /// outage lasts (the service keeps caching meanwhile).
+    ///
+    /// Not for a persistent cache: it stays registered, so publishers keep expecting it (and
+    /// answer `424 unattended`) however long this agent is cut off, and a flush would only
+    /// empty a cache that other agents may be attending.
     async fn flush_if_stale(&self, since_last_heartbeat: Duration, next: &mut Option<Instant>) {
+        if self.cache.is_some() {
+            return;
+        }
         let heartbeat = self.config.heartbeat;
         if since_last_heartbeat < heartbeat * 2 {
             *next = None;
@@ -701,23 +653,37 @@ impl<B: CacheBackend> Agent<B> {
         *next = Some(Instant::now() + heartbeat);
     }
 
-    /// Flushes the whole cache if an earlier eviction failed.
+    /// Flushes the whole cache if it is dirty.
     async fn repair(&self) -> Result<(), String> {
-        if self.dirty.load(Ordering::Relaxed) {
-            self.flush("failed_eviction").await.map_err(|err| {
-                format!("an earlier eviction failed and flushing the cache failed too: {err}")
+        if let Some(reason) = self.dirty() {
+            self.flush(reason).await.map_err(|err| {
+                format!("the cache must be flushed ({reason}) and the flush failed: {err}")
             })?;
-            self.dirty.store(false, Ordering::Relaxed);
+            self.set_dirty(None);
         }
         Ok(())
     }
 
-    /// Applies one event. A failure marks the cache dirty until a flush succeeds.
+    /// Applies one event. A failure marks the cache dirty until a flush succeeds; so does a
+    /// persistent cache that restarted since it was last known to hold nothing stale.
     async fn apply(&self, event: &Invalidation) -> Result<u64, String> {
+        if let Some(cache) = &self.cache {
+            match self.backend.restarted(cache).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::warn!(%cache, "the cache restarted and may hold evicted entries again; flushing it first");
+                    self.set_dirty(Some("cache_restarted"));
+                }
+                Err(err) => {
+                    self.set_dirty(self.dirty().or(Some("failed_eviction")));
+                    return Err(format!("could not check the cache: {err}"));
+                }
+            }
+        }
         self.repair().await?;
         let result = self.evict(event).await;
         if result.is_err() {
-            self.dirty.store(true, Ordering::Relaxed);
+            self.set_dirty(Some("failed_eviction"));
         }
         result
     }
@@ -767,68 +733,11 @@ impl<B: CacheBackend> Agent<B> {
     }
 }
 
-/// The longest pull request of the event consumer. The server sends an idle heartbeat every
-/// half of it and the client recreates a consumer that missed two, so this bounds how long a
-/// consumer lost without a reconnect goes unnoticed (about 10 s; after a reconnect the agent
-/// resumes at once), at the cost of one pull request per agent every 10 s and an idle
-/// heartbeat every 5 s: with a thousand agents, what the server does while nothing happens.
-const PULL_EXPIRES: Duration = Duration::from_secs(10);
-
 /// How often a dirty cache is flushed again while the flush keeps failing.
 const REPAIR_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often the agent checks whether its NATS client reconnected.
 const CONNECTION_CHECK: Duration = Duration::from_millis(250);
-
-/// The name of a new event consumer of `agent`: its id (cut to 48 characters) and 64 random
-/// bits, new for every consumer (the client names its replacements `<name>_<n>`).
-///
-/// A name matters for permissions: with a name and one filter subject, the client creates
-/// the consumer on `$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`, a subject that carries
-/// the environment, so a NATS user can be allowed to read its own environment's events only
-/// (deploy/nats/accounts.conf). The random part makes the name unguessable: the other
-/// consumer subjects (`MSG.NEXT`, `INFO`, `DELETE`) carry only the name, and an agent that
-/// cannot list consumers cannot pull from, or delete, another agent's.
-fn consumer_name(agent: &AgentId) -> String {
-    let id: String = agent.as_str().chars().take(48).collect();
-    let event_id = cachecast_proto::new_event_id();
-    // The last 16 hex digits of a UUIDv7 are random.
-    format!("{id}_{}", &event_id[event_id.len() - 16..])
-}
-
-/// An ordered consumer of one environment's events after stream sequence `after`: every
-/// event in stream order, recreated by the client when it falls behind.
-async fn consume(
-    stream: &stream::Stream,
-    env: &EnvId,
-    agent: &AgentId,
-    after: u64,
-) -> Result<pull::Ordered, String> {
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            name: Some(consumer_name(agent)),
-            filter_subject: Subjects::events(env),
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: after + 1,
-            },
-            max_expires: PULL_EXPIRES,
-            ..Default::default()
-        })
-        .await
-        .map_err(|err| err.to_string())?;
-    consumer.messages().await.map_err(|err| err.to_string())
-}
-
-/// A non-empty subject token without wildcards or whitespace.
-fn is_plain_token(token: &str) -> bool {
-    !token.is_empty()
-        && !token
-            .chars()
-            .any(|c| c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control())
-}
-
-/// At most one warning per kind of refused event in this interval (the rest are counted).
-const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Runs `attempt` until it succeeds, logging each failure, with a capped backoff.
 async fn retry<T, E, F, Fut>(what: &str, mut attempt: F) -> T

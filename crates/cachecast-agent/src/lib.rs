@@ -11,12 +11,16 @@
 //! published while a publisher sees the agent as live reaches it, and nothing cached before
 //! the agent started survives.
 
+mod admission;
 mod agent;
 pub mod backend;
+mod config;
+mod consumer;
 mod presence;
 
-pub use agent::{Agent, AgentConfig, AgentError, AgentProbe, BackendKind, OnStart, RunningAgent};
+pub use agent::{Agent, AgentProbe, RunningAgent};
 pub use backend::{
     BackendError, CacheBackend, FillTicket, HttpBackend, HttpConfig, MemoryCache, Position,
     RedisBackend, RedisConfig,
 };
+pub use config::{AgentConfig, AgentError, BackendKind, OnStart};

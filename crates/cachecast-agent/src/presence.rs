@@ -8,8 +8,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
-use cachecast_proto::{AgentId, CacheName, EnvId, Presence, Subjects, Wire};
+use cachecast_proto::{AgentId, CacheId, CacheName, EnvId, Presence, Subjects, Wire};
 use tokio::task::JoinHandle;
+
+/// What an agent announces about itself besides its id.
+#[derive(Debug, Clone)]
+pub(crate) struct Announcement<'a> {
+    pub(crate) backend: &'a str,
+    pub(crate) keyed_caches: &'a [CacheName],
+    /// The persistent cache it attends, if any.
+    pub(crate) cache: Option<&'a CacheId>,
+    /// Random per process.
+    pub(crate) instance: &'a str,
+}
 
 /// A running heartbeat; [`Heartbeat::leave`] stops it and deletes the key.
 #[derive(Debug)]
@@ -28,8 +39,7 @@ impl Heartbeat {
         store: kv::Store,
         env: &EnvId,
         agent: &AgentId,
-        backend: &str,
-        keyed_caches: &[CacheName],
+        announcement: &Announcement<'_>,
         interval: Duration,
     ) -> Result<Self, kv::PutError> {
         let key = Subjects::presence_key(env, agent);
@@ -38,9 +48,18 @@ impl Heartbeat {
             env: env.to_string(),
             heartbeat_ms: interval.as_millis() as u64,
             started_at_unix_ms: cachecast_proto::now_unix_ms(),
-            backend: backend.to_owned(),
+            backend: announcement.backend.to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            keyed_caches: keyed_caches.iter().map(|c| c.to_string()).collect(),
+            keyed_caches: announcement
+                .keyed_caches
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+            cache_id: announcement
+                .cache
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
+            instance: announcement.instance.to_owned(),
         }
         .to_bytes();
         store.put(&key, value.clone()).await?;
@@ -98,4 +117,32 @@ impl Drop for Heartbeat {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Registers the persistent cache `cache` of `env` in the caches bucket (no TTL), so every
+/// publisher expects it from now on, attended or not.
+pub(crate) async fn register(
+    store: &kv::Store,
+    env: &EnvId,
+    cache: &CacheId,
+    agent: &AgentId,
+    backend: &str,
+    keyed_caches: &[CacheName],
+) -> Result<(), kv::PutError> {
+    let registration = cachecast_proto::CacheRegistration {
+        cache_id: cache.to_string(),
+        env: env.to_string(),
+        backend: backend.to_owned(),
+        registered_at_unix_ms: cachecast_proto::now_unix_ms(),
+        keyed_caches: keyed_caches.iter().map(|c| c.to_string()).collect(),
+        agent_id: agent.to_string(),
+    };
+    store
+        .put(
+            cachecast_proto::cache_key(env, cache),
+            registration.to_bytes(),
+        )
+        .await?;
+    tracing::info!(%cache, "cache registered: publishers expect it until it is forgotten");
+    Ok(())
 }

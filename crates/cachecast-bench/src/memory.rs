@@ -88,6 +88,7 @@ pub(crate) async fn fake_presences(
             backend: "memory".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             keyed_caches: Vec::new(),
+            ..Presence::default()
         };
         store
             .put(Subjects::presence_key(env, &agent), presence.to_bytes())

@@ -49,6 +49,10 @@ pub enum BusError {
         "presence bucket {name:?} is not available: {reason}; is JetStream enabled on the server (`nats-server -js`)?"
     )]
     Presence { name: String, reason: String },
+    #[error(
+        "caches bucket {name:?} is not available: {reason}; is JetStream enabled on the server (`nats-server -js`)?"
+    )]
+    Caches { name: String, reason: String },
     #[error("invalid NATS settings: {0}")]
     Settings(String),
 }
@@ -257,12 +261,31 @@ impl Default for PresenceConfig {
     }
 }
 
+/// The bucket of persistent caches' registrations (no TTL: a registered cache stays expected
+/// until it is forgotten).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CachesConfig {
+    pub bucket: String,
+    pub replicas: usize,
+}
+
+impl Default for CachesConfig {
+    fn default() -> Self {
+        Self {
+            bucket: "cachecast-caches".into(),
+            replicas: 1,
+        }
+    }
+}
+
 /// Everything a publisher or an agent needs to know about the bus.
 #[derive(Debug, Clone, Default)]
 pub struct BusConfig {
     pub nats: NatsConfig,
     pub stream: StreamConfig,
     pub presence: PresenceConfig,
+    pub caches: CachesConfig,
 }
 
 /// Connects to NATS. Returns at once even when no server is up: the client keeps trying in
@@ -391,6 +414,41 @@ pub async fn ensure_presence_bucket(
         name: config.bucket.clone(),
         reason: err.to_string(),
     })
+}
+
+/// Creates the caches bucket, or opens it if it exists.
+pub async fn ensure_caches_bucket(
+    js: &JetStream,
+    config: &CachesConfig,
+) -> Result<kv::Store, BusError> {
+    if let Ok(store) = js.get_key_value(&config.bucket).await {
+        return Ok(store);
+    }
+    js.create_key_value(kv::Config {
+        bucket: config.bucket.clone(),
+        description: "cachecast persistent caches: key <env>.<cacheId>".into(),
+        history: 1,
+        num_replicas: config.replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|err| BusError::Caches {
+        name: config.bucket.clone(),
+        reason: err.to_string(),
+    })
+}
+
+/// Opens the caches bucket, which a publisher must have created.
+pub async fn open_caches_bucket(
+    js: &JetStream,
+    config: &CachesConfig,
+) -> Result<kv::Store, BusError> {
+    js.get_key_value(&config.bucket)
+        .await
+        .map_err(|err| BusError::Caches {
+            name: config.bucket.clone(),
+            reason: format!("{err} (start a current `cachecast serve` once to create it)"),
+        })
 }
 
 /// Opens the presence bucket, which a publisher must have created.

@@ -108,6 +108,12 @@ token_id!(
     "agent id"
 );
 token_id!(
+    /// A persistent cache's id (a Redis, an HTTP owner's cache): unique within its
+    /// environment, shared by every agent that attends that cache, one subject token.
+    CacheId,
+    "cache id"
+);
+token_id!(
     /// The name of a keyed cache an agent serves (`apikeys`, `sessions`, ...). Not a subject
     /// token today, but held to the same rule so it is safe in paths, keys and labels.
     CacheName,

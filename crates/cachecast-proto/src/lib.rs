@@ -8,8 +8,8 @@
 mod ids;
 mod subjects;
 
-pub use ids::{AgentId, CacheName, EnvId, InvalidId, new_event_id, new_publisher_id};
-pub use subjects::{Subjects, parse_presence_key};
+pub use ids::{AgentId, CacheId, CacheName, EnvId, InvalidId, new_event_id, new_publisher_id};
+pub use subjects::{Subjects, cache_key, parse_cache_key, parse_presence_key};
 
 /// Generated protobuf types of `cachecast.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
@@ -18,9 +18,9 @@ pub mod v1 {
 }
 
 pub use v1::{
-    Ack, AckStatus, AgentOutcome as AgentOutcomeReply, ErrorReply, IdentitySelector,
-    InvalidateReply, InvalidateRequest, Invalidation, KeyedSelector, Presence, ResponseSelector,
-    invalidate_request::Target as RequestTarget, invalidation::Target,
+    Ack, AckStatus, AgentOutcome as AgentOutcomeReply, CacheRegistration, ErrorReply,
+    IdentitySelector, InvalidateReply, InvalidateRequest, Invalidation, KeyedSelector, Presence,
+    ResponseSelector, invalidate_request::Target as RequestTarget, invalidation::Target,
 };
 
 /// The largest message cachecast accepts on the bus. Larger payloads are refused before

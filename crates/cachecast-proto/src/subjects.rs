@@ -2,10 +2,11 @@
 //!
 //! Events: `cachecast.v1.<env>.inval`. Acks: `cachecast.v1.<env>.ack.<publisherId>.<eventId>`.
 //! Service requests: `cachecast.svc.v1.<env>.invalidate`.
-//! Presence: key `<env>.<agentId>` in the presence bucket. Every token here is either a
+//! Presence: key `<env>.<agentId>` in the presence bucket. Registration of a persistent cache:
+//! key `<env>.<cacheId>` in the caches bucket. Every token here is either a
 //! validated id or a server-generated one, so no subject built here contains a wildcard.
 
-use crate::{AgentId, EnvId};
+use crate::{AgentId, CacheId, EnvId};
 
 const PREFIX: &str = "cachecast.v1";
 
@@ -61,6 +62,17 @@ impl Subjects {
     pub fn presence_key(env: &EnvId, agent: &AgentId) -> String {
         format!("{env}.{agent}")
     }
+}
+
+/// The key of a persistent cache's registration: `<env>.<cacheId>`.
+pub fn cache_key(env: &EnvId, cache: &CacheId) -> String {
+    format!("{env}.{cache}")
+}
+
+/// Splits a registration key back into its environment and cache id.
+pub fn parse_cache_key(key: &str) -> Option<(EnvId, CacheId)> {
+    let (env, cache) = key.split_once('.')?;
+    Some((EnvId::new(env).ok()?, CacheId::new(cache).ok()?))
 }
 
 /// Splits a presence key back into its environment and agent id.

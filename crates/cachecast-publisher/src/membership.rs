@@ -1,8 +1,12 @@
-//! The publisher's view of live agents, fed by a watch on the presence bucket.
+//! The publisher's view of live agents and registered caches, fed by watches on the presence
+//! bucket and the caches bucket.
 //!
-//! The expected set of a request is the set of agents live in its environment at publish
-//! time. An agent is live while its presence key was refreshed within three of its own
-//! heartbeat intervals; a deleted key (graceful shutdown) removes it at once.
+//! The expected set of a request is every cache that can serve entries of its environment at
+//! publish time: the in-process cache of each live agent without a persistent cache, and each
+//! persistent cache, registered or attended, whether or not a live agent attends it now. An
+//! agent is live while its presence key was refreshed within three of its own heartbeat
+//! intervals; a deleted key (graceful shutdown) removes it at once. A registration stays until
+//! it is forgotten.
 //!
 //! The view is only trusted while it is current: after the publisher's NATS client reconnects
 //! or the watch fails, the view is marked out of date (requests get `503`) until the bucket has
@@ -14,8 +18,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
-use cachecast_bus::{Client, JetStream, PresenceConfig};
-use cachecast_proto::{AgentId, EnvId, Presence, Wire, parse_presence_key};
+use cachecast_bus::{CachesConfig, Client, JetStream, PresenceConfig};
+use cachecast_proto::{
+    AgentId, CacheId, CacheRegistration, EnvId, Presence, Wire, parse_cache_key, parse_presence_key,
+};
 use futures::StreamExt;
 use tokio::sync::watch;
 
@@ -34,8 +40,46 @@ pub struct LiveAgent {
     pub version: String,
     /// The keyed caches it serves.
     pub keyed_caches: Vec<String>,
+    /// The persistent cache it attends, if any.
+    pub cache_id: Option<CacheId>,
     /// Time since its last heartbeat.
     pub last_seen: Duration,
+}
+
+/// A persistent cache as a publisher sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownCache {
+    pub id: CacheId,
+    pub backend: String,
+    pub keyed_caches: Vec<String>,
+    /// The live agents attending it now (empty: unattended).
+    pub attended_by: Vec<AgentId>,
+    /// Since its last agent's last heartbeat, when this publisher saw one.
+    pub unattended_for: Option<Duration>,
+    /// The agent that last registered it.
+    pub registered_by: String,
+    /// When it was last registered, in Unix milliseconds.
+    pub registered_at_unix_ms: i64,
+}
+
+/// One cache a request expects to apply its event: the in-process cache of a live agent, or
+/// a persistent cache (acknowledged by any agent attending it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ExpectedCache {
+    Agent(AgentId),
+    Persistent {
+        id: CacheId,
+        /// Whether a live agent attended it when the event was published.
+        attended: bool,
+        unattended_for: Option<Duration>,
+    },
+}
+
+/// Which bucket a watch follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Feed {
+    Presence,
+    Caches,
 }
 
 #[derive(Debug)]
@@ -52,23 +96,34 @@ impl Member {
 }
 
 type Envs = HashMap<EnvId, HashMap<AgentId, Member>>;
+type Registry = HashMap<EnvId, HashMap<CacheId, CacheRegistration>>;
 
-/// Live agents by environment.
+/// Live agents and registered caches by environment.
 #[derive(Debug)]
 pub(crate) struct Membership {
     envs: Mutex<Envs>,
+    caches: Mutex<Registry>,
     /// Bumped on every change, so waiters need no polling.
     changes: watch::Sender<u64>,
-    /// True while the view is current: after a full replay and until a reconnect or error.
+    /// True while the view is current: after a full replay of both buckets and until a
+    /// reconnect or error.
     synced: watch::Sender<bool>,
+    /// Per feed: replayed and current.
+    feeds_synced: Mutex<(bool, bool)>,
+    /// When the last agent attending each persistent cache left gracefully (its presence key
+    /// deleted), so an unattended cache's answer can say for how long.
+    departed: Mutex<HashMap<(EnvId, CacheId), Instant>>,
 }
 
 impl Membership {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             envs: Mutex::default(),
+            caches: Mutex::default(),
             changes: watch::Sender::new(0),
             synced: watch::Sender::new(false),
+            feeds_synced: Mutex::new((false, false)),
+            departed: Mutex::default(),
         })
     }
 
@@ -76,20 +131,153 @@ impl Membership {
         self.envs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The ids of the agents live in `env` now.
-    pub(crate) fn live_ids(&self, env: &EnvId) -> Vec<AgentId> {
-        self.live_ids_serving(env, None)
+    fn lock_caches(&self) -> MutexGuard<'_, Registry> {
+        self.caches.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The ids of the agents live in `env` now that serve the keyed cache `cache` (every
-    /// live agent when `None`).
-    pub(crate) fn live_ids_serving(&self, env: &EnvId, cache: Option<&str>) -> Vec<AgentId> {
+    /// Since when each persistent cache of `env` whose agents left gracefully has been left.
+    fn departures(&self, env: &EnvId) -> HashMap<CacheId, Duration> {
+        self.departed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|((e, _), _)| e == env)
+            .map(|((_, cache), at)| (cache.clone(), at.elapsed()))
+            .collect()
+    }
+
+    /// Every cache a request for `env` must hear from (only those holding the keyed cache
+    /// `serving` when set), sorted by id.
+    pub(crate) fn expected(&self, env: &EnvId, serving: Option<&str>) -> Vec<ExpectedCache> {
+        let holds = |keyed: &[String]| serving.is_none_or(|c| keyed.iter().any(|k| k == c));
+        let mut agents = Vec::new();
+        // Persistent caches: attended ones from presence, the rest from registrations.
+        let mut persistent: HashMap<CacheId, (bool, Option<Duration>)> = self
+            .departures(env)
+            .into_iter()
+            .map(|(cache, gone)| (cache, (false, Some(gone))))
+            .collect();
+        {
+            let envs = self.lock();
+            for (id, member) in envs.get(env).into_iter().flatten() {
+                let cache = CacheId::new(member.presence.cache_id.as_str()).ok();
+                match cache {
+                    None if member.is_live() && holds(&member.presence.keyed_caches) => {
+                        agents.push(ExpectedCache::Agent(id.clone()));
+                    }
+                    None => {}
+                    Some(cache) => {
+                        let entry = persistent.entry(cache).or_insert((false, None));
+                        if member.is_live() {
+                            if holds(&member.presence.keyed_caches) {
+                                entry.0 = true;
+                            }
+                        } else {
+                            let gone = member.seen_at.elapsed();
+                            entry.1 = Some(entry.1.map_or(gone, |g: Duration| g.min(gone)));
+                        }
+                    }
+                }
+            }
+        }
+        let registry = self.lock_caches();
+        let registered = registry.get(env);
+        persistent.retain(|id, (attended, _)| {
+            *attended
+                || registered.is_some_and(|r| r.get(id).is_some_and(|reg| holds(&reg.keyed_caches)))
+        });
+        for (id, registration) in registered.into_iter().flatten() {
+            if holds(&registration.keyed_caches) {
+                persistent.entry(id.clone()).or_insert((false, None));
+            }
+        }
+        agents.extend(persistent.into_iter().map(|(id, (attended, gone))| {
+            ExpectedCache::Persistent {
+                id,
+                attended,
+                unattended_for: if attended { None } else { gone },
+            }
+        }));
+        agents.sort_by(|a, b| a.node_id().cmp(b.node_id()));
+        agents
+    }
+
+    /// The persistent caches of `env`: registered, or attended by a live agent.
+    pub(crate) fn caches(&self, env: &EnvId) -> Vec<KnownCache> {
+        let mut known: HashMap<CacheId, KnownCache> = self
+            .lock_caches()
+            .get(env)
+            .into_iter()
+            .flatten()
+            .map(|(id, r)| {
+                (
+                    id.clone(),
+                    KnownCache {
+                        id: id.clone(),
+                        backend: r.backend.clone(),
+                        keyed_caches: r.keyed_caches.clone(),
+                        attended_by: Vec::new(),
+                        unattended_for: None,
+                        registered_by: r.agent_id.clone(),
+                        registered_at_unix_ms: r.registered_at_unix_ms,
+                    },
+                )
+            })
+            .collect();
+        for (cache, gone) in self.departures(env) {
+            if let Some(known) = known.get_mut(&cache) {
+                known.unattended_for = Some(gone);
+            }
+        }
+        let envs = self.lock();
+        for (agent, member) in envs.get(env).into_iter().flatten() {
+            let Ok(cache) = CacheId::new(member.presence.cache_id.as_str()) else {
+                continue;
+            };
+            let entry = known.entry(cache.clone()).or_insert_with(|| KnownCache {
+                id: cache,
+                backend: member.presence.backend.clone(),
+                keyed_caches: member.presence.keyed_caches.clone(),
+                attended_by: Vec::new(),
+                unattended_for: None,
+                registered_by: String::new(),
+                registered_at_unix_ms: 0,
+            });
+            if member.is_live() {
+                entry.attended_by.push(agent.clone());
+            } else {
+                let gone = member.seen_at.elapsed();
+                entry.unattended_for = Some(entry.unattended_for.map_or(gone, |g| g.min(gone)));
+            }
+        }
+        drop(envs);
+        let registry = self.lock_caches();
+        let registered = registry.get(env);
+        // A cache known only from an agent gone stale was forgotten (or never registered).
+        let mut caches: Vec<KnownCache> = known
+            .into_values()
+            .filter(|c| {
+                !c.attended_by.is_empty() || registered.is_some_and(|r| r.contains_key(&c.id))
+            })
+            .map(|mut c| {
+                c.attended_by.sort();
+                if !c.attended_by.is_empty() {
+                    c.unattended_for = None;
+                }
+                c
+            })
+            .collect();
+        caches.sort_by(|a, b| a.id.cmp(&b.id));
+        caches
+    }
+
+    /// The ids of the agents live in `env` now.
+    pub(crate) fn live_ids(&self, env: &EnvId) -> Vec<AgentId> {
         let envs = self.lock();
         envs.get(env)
             .into_iter()
             .flatten()
             .filter(|(_, m)| m.is_live())
-            .filter(|(_, m)| cache.is_none_or(|c| m.presence.keyed_caches.iter().any(|k| k == c)))
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -107,6 +295,7 @@ impl Membership {
                 backend: m.presence.backend.clone(),
                 version: m.presence.version.clone(),
                 keyed_caches: m.presence.keyed_caches.clone(),
+                cache_id: CacheId::new(m.presence.cache_id.as_str()).ok(),
                 last_seen: m.seen_at.elapsed(),
             })
             .collect();
@@ -130,9 +319,48 @@ impl Membership {
         let _ = synced.wait_for(|s| *s).await;
     }
 
-    fn set_synced(&self, synced: bool) {
+    fn set_synced(&self, feed: Feed, synced: bool) {
+        let all = {
+            let mut feeds = self.feeds_synced.lock().unwrap_or_else(|p| p.into_inner());
+            match feed {
+                Feed::Presence => feeds.0 = synced,
+                Feed::Caches => feeds.1 = synced,
+            }
+            feeds.0 && feeds.1
+        };
         self.synced
-            .send_if_modified(|s| std::mem::replace(s, synced) != synced);
+            .send_if_modified(|s| std::mem::replace(s, all) != all);
+    }
+
+    /// Applies one change of the caches bucket.
+    fn apply_cache(&self, entry: &kv::Entry) {
+        let Some((env, cache)) = parse_cache_key(&entry.key) else {
+            tracing::warn!(key = %entry.key, "ignoring a cache registration key that is not <env>.<cacheId>");
+            return;
+        };
+        let mut registry = self.lock_caches();
+        match entry.operation {
+            kv::Operation::Put => match CacheRegistration::from_bytes(&entry.value) {
+                Ok(registration) => {
+                    let caches = registry.entry(env.clone()).or_default();
+                    if caches.insert(cache.clone(), registration).is_none() {
+                        tracing::info!(%env, %cache, "cache registered");
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(key = %entry.key, error = %err, "ignoring an undecodable cache registration")
+                }
+            },
+            kv::Operation::Delete | kv::Operation::Purge => {
+                if let Some(caches) = registry.get_mut(&env)
+                    && caches.remove(&cache).is_some()
+                {
+                    tracing::info!(%env, %cache, "cache forgotten");
+                }
+            }
+        }
+        drop(registry);
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// Applies one presence change, written `age` ago.
@@ -158,10 +386,16 @@ impl Membership {
                 let now = Instant::now();
                 // An age beyond what Instant can represent errs toward expecting the agent.
                 let seen_at = now.checked_sub(age).unwrap_or(now);
+                if let Ok(cache) = CacheId::new(presence.cache_id.as_str()) {
+                    self.departed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&(env.clone(), cache));
+                }
                 let members = envs.entry(env.clone()).or_default();
                 let joined = !members.contains_key(&agent);
                 if joined {
-                    tracing::info!(%env, %agent, backend = %presence.backend, "agent joined");
+                    tracing::info!(%env, %agent, backend = %presence.backend, cache = %presence.cache_id, "agent joined");
                 }
                 members.insert(
                     agent,
@@ -177,10 +411,16 @@ impl Membership {
             }
             kv::Operation::Delete | kv::Operation::Purge => {
                 if let Some(members) = envs.get_mut(&env)
-                    && members.remove(&agent).is_some()
+                    && let Some(member) = members.remove(&agent)
                 {
                     tracing::info!(%env, %agent, "agent left");
                     export_gauge(&env, members);
+                    if let Ok(cache) = CacheId::new(member.presence.cache_id.as_str()) {
+                        self.departed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert((env.clone(), cache), Instant::now());
+                    }
                 }
             }
         }
@@ -210,28 +450,41 @@ fn created_ms(entry: &kv::Entry) -> i128 {
     entry.created.unix_timestamp_nanos() / 1_000_000
 }
 
-/// What the follower needs to watch, and to mend, the presence bucket.
+/// What a follower needs to watch, and to mend, its bucket.
 #[derive(Debug)]
 pub(crate) struct Follower {
     pub(crate) client: Client,
     pub(crate) js: JetStream,
     pub(crate) presence: PresenceConfig,
+    pub(crate) caches: CachesConfig,
+    pub(crate) feed: Feed,
     pub(crate) store: kv::Store,
 }
 
-/// Follows the presence bucket forever. After a reconnect or any failure it marks the view
-/// out of date and replays the bucket; if the bucket is gone (a server that lost its store)
-/// it creates it again, so agents' heartbeats land somewhere.
+impl Follower {
+    /// Creates the followed bucket again if it is gone, or opens it.
+    async fn mend(&mut self) {
+        let store = match self.feed {
+            Feed::Presence => cachecast_bus::ensure_presence_bucket(&self.js, &self.presence).await,
+            Feed::Caches => cachecast_bus::ensure_caches_bucket(&self.js, &self.caches).await,
+        };
+        match store {
+            Ok(store) => self.store = store,
+            Err(err) => tracing::warn!(error = %err, "bucket unavailable"),
+        }
+    }
+}
+
+/// Follows a bucket forever. After a reconnect or any failure it marks the view out of date
+/// and replays the bucket; if the bucket is gone (a server that lost its store) it creates it
+/// again, so agents' heartbeats and registrations land somewhere.
 pub(crate) async fn follow(mut follower: Follower, membership: Arc<Membership>) {
     loop {
         let reason = follow_once(&follower, &membership).await;
-        membership.set_synced(false);
-        tracing::warn!(%reason, "presence view out of date; reading the bucket again");
+        membership.set_synced(follower.feed, false);
+        tracing::warn!(%reason, feed = ?follower.feed, "view out of date; reading the bucket again");
         tokio::time::sleep(TICK).await;
-        match cachecast_bus::ensure_presence_bucket(&follower.js, &follower.presence).await {
-            Ok(store) => follower.store = store,
-            Err(err) => tracing::warn!(error = %err, "presence bucket unavailable"),
-        }
+        follower.mend().await;
     }
 }
 
@@ -252,8 +505,9 @@ async fn follow_once(follower: &Follower, membership: &Membership) -> String {
         Ok(watch) => watch,
         Err(err) => return format!("could not watch the presence bucket: {err}"),
     };
+    let feed = follower.feed;
     let mut replayed = stored == 0;
-    membership.set_synced(replayed);
+    membership.set_synced(feed, replayed);
     let mut replay = Vec::new();
     let mut tick = tokio::time::interval(TICK);
     loop {
@@ -272,6 +526,14 @@ async fn follow_once(follower: &Follower, membership: &Membership) -> String {
             Some(Err(err)) => return format!("the presence watch failed: {err}"),
             None => return "the presence watch ended".into(),
         };
+        if feed == Feed::Caches {
+            membership.apply_cache(&entry);
+            if !replayed && entry.delta == 0 {
+                membership.set_synced(feed, true);
+                replayed = true;
+            }
+            continue;
+        }
         if replayed {
             // A live change: it happened just now.
             membership.apply(&entry, Duration::ZERO);
@@ -281,7 +543,7 @@ async fn follow_once(follower: &Follower, membership: &Membership) -> String {
         replay.push(entry);
         if last {
             apply_replay(membership, &mut replay);
-            membership.set_synced(true);
+            membership.set_synced(feed, true);
             replayed = true;
         }
     }
@@ -297,5 +559,15 @@ fn apply_replay(membership: &Membership, replay: &mut Vec<kv::Entry>) {
     for entry in replay.drain(..) {
         let age_ms = (newest - created_ms(&entry)).clamp(0, i128::from(u32::MAX)) as u64;
         membership.apply(&entry, Duration::from_millis(age_ms));
+    }
+}
+
+impl ExpectedCache {
+    /// The id it is reported under: the agent's, or the persistent cache's.
+    pub(crate) fn node_id(&self) -> &str {
+        match self {
+            Self::Agent(id) => id.as_str(),
+            Self::Persistent { id, .. } => id.as_str(),
+        }
     }
 }

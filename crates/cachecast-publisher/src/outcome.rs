@@ -14,11 +14,67 @@ pub enum AgentOutcome {
     Failed { reason: String, latency: Duration },
     /// No answer before the deadline.
     TimedOut { after: Duration },
+    /// A registered persistent cache that no live agent attended, and none came to apply the
+    /// event before the deadline. `unattended_for` is how long it had been unattended when
+    /// the event was published, when this publisher knows.
+    Unattended {
+        unattended_for: Option<Duration>,
+        after: Duration,
+    },
 }
 
 impl AgentOutcome {
     pub fn is_applied(&self) -> bool {
         matches!(self, Self::Applied { .. })
+    }
+
+    /// The word every answer uses for it: `applied`, `failed`, `timeout` or `unattended`.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Self::Applied { .. } => "applied",
+            Self::Failed { .. } => "failed",
+            Self::TimedOut { .. } => "timeout",
+            Self::Unattended { .. } => "unattended",
+        }
+    }
+
+    /// The `_nodes.failures` type of an outcome that is not applied.
+    pub fn failure_type(&self) -> Option<&'static str> {
+        match self {
+            Self::Applied { .. } => None,
+            Self::Failed { .. } => Some("eviction_failed"),
+            Self::TimedOut { .. } => Some("timeout"),
+            Self::Unattended { .. } => Some("unattended"),
+        }
+    }
+
+    /// Why it is not applied, for people; `None` when it is.
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Self::Applied { .. } => None,
+            Self::Failed { reason, .. } => Some(reason.clone()),
+            Self::TimedOut { after } => Some(format!(
+                "no acknowledgement within {} ms",
+                after.as_millis()
+            )),
+            Self::Unattended { unattended_for, .. } => {
+                let since = match unattended_for {
+                    Some(d) => format!("for {} s", d.as_secs()),
+                    None => "since before this publisher started".into(),
+                };
+                Some(format!(
+                    "no agent attends this cache (unattended {since}); the first agent to attend it applies every event it missed before it goes live; if the cache is gone for good, forget it (cachecast caches forget)"
+                ))
+            }
+        }
+    }
+
+    /// Since the request started: when the answer came, or when the request stopped waiting.
+    pub fn latency(&self) -> Duration {
+        match self {
+            Self::Applied { latency, .. } | Self::Failed { latency, .. } => *latency,
+            Self::TimedOut { after } | Self::Unattended { after, .. } => *after,
+        }
     }
 }
 
@@ -30,7 +86,9 @@ pub struct Outcome {
     pub env: EnvId,
     /// The event's position in the invalidation stream.
     pub sequence: u64,
-    /// Every agent that was live in the environment at publish time.
+    /// Every cache expected at publish time, by node id: a live agent's id for the cache in
+    /// its process, a persistent cache's id (`CacheId`, the same rule as an agent id) for a
+    /// cache that outlives its agents.
     pub agents: BTreeMap<AgentId, AgentOutcome>,
     pub took: Duration,
 }

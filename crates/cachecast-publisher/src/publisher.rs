@@ -10,12 +10,14 @@ use cachecast_bus::{
     BusConfig, Client, JetStream, LogLimiter, REQUEST_ID_HEADER, StreamConfig, WIRE_VERSION,
     WIRE_VERSION_HEADER,
 };
-use cachecast_proto::{Ack, AckStatus, AgentId, EnvId, Invalidation, Subjects, Target, Wire};
+use cachecast_proto::{
+    Ack, AckStatus, AgentId, CacheId, EnvId, Invalidation, Subjects, Target, Wire,
+};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::membership::{self, Follower, LiveAgent, Membership};
+use crate::membership::{self, ExpectedCache, Feed, Follower, KnownCache, LiveAgent, Membership};
 use crate::outcome::{AgentOutcome, Outcome};
 
 /// How long [`Publisher::start`] waits for its first full view of live agents.
@@ -87,6 +89,8 @@ struct Inner {
     finished: Mutex<Finished>,
     /// Keeps a flood of refused acks from flooding the log.
     log_limit: LogLimiter,
+    /// The registrations of persistent caches.
+    caches: async_nats::jetstream::kv::Store,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -147,21 +151,30 @@ impl Publisher {
         let js = cachecast_bus::jetstream(client.clone(), &bus.nats);
         cachecast_bus::ensure_stream(&js, &bus.stream).await?;
         let store = cachecast_bus::ensure_presence_bucket(&js, &bus.presence).await?;
+        let caches = cachecast_bus::ensure_caches_bucket(&js, &bus.caches).await?;
         let id = cachecast_proto::new_publisher_id();
         let acks = client
             .subscribe(Subjects::acks_for_publisher(&id))
             .await
             .map_err(|e| PublisherError::Subscribe(e.to_string()))?;
         let membership = Membership::new();
-        let follower = tokio::spawn(membership::follow(
-            Follower {
-                client: client.clone(),
-                js: js.clone(),
-                presence: bus.presence.clone(),
-                store,
-            },
-            membership.clone(),
-        ));
+        let follower = |feed, store| {
+            tokio::spawn(membership::follow(
+                Follower {
+                    client: client.clone(),
+                    js: js.clone(),
+                    presence: bus.presence.clone(),
+                    caches: bus.caches.clone(),
+                    feed,
+                    store,
+                },
+                membership.clone(),
+            ))
+        };
+        let followers = [
+            follower(Feed::Presence, store),
+            follower(Feed::Caches, caches.clone()),
+        ];
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
             let demux = tokio::spawn(demux_acks(acks, weak.clone()));
             Inner {
@@ -174,7 +187,8 @@ impl Publisher {
                 pending: Mutex::default(),
                 finished: Mutex::default(),
                 log_limit: LogLimiter::new(REJECT_LOG_INTERVAL),
-                tasks: vec![follower, demux],
+                caches,
+                tasks: followers.into_iter().chain([demux]).collect(),
             }
         });
         tokio::time::timeout(SYNC_TIMEOUT, inner.membership.wait_synced())
@@ -208,6 +222,35 @@ impl Publisher {
     /// The agents live in `env` now.
     pub fn live_agents(&self, env: &EnvId) -> Vec<LiveAgent> {
         self.inner.membership.live(env)
+    }
+
+    /// The persistent caches of `env`, registered or attended, with who attends them.
+    pub fn caches(&self, env: &EnvId) -> Vec<KnownCache> {
+        self.inner.membership.caches(env)
+    }
+
+    /// Removes the registration of a persistent cache that is gone for good (decommissioned),
+    /// so requests stop expecting it. Returns whether it was registered. An agent that attends
+    /// it again registers it again.
+    pub async fn forget_cache(&self, env: &EnvId, cache: &CacheId) -> Result<bool, PublishError> {
+        let key = cachecast_proto::cache_key(env, cache);
+        let unavailable = |e: &dyn std::fmt::Display| PublishError::Unavailable(e.to_string());
+        let known = self
+            .inner
+            .caches
+            .entry(&key)
+            .await
+            .map_err(|e| unavailable(&e))?
+            .is_some_and(|e| e.operation == async_nats::jetstream::kv::Operation::Put);
+        if known {
+            self.inner
+                .caches
+                .purge(&key)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            tracing::info!(%env, %cache, "cache forgotten: requests no longer expect it");
+        }
+        Ok(known)
     }
 
     /// Waits until `env` has exactly `count` live agents, or `timeout` passes; returns
@@ -272,7 +315,7 @@ impl Publisher {
             Target::Keyed(selector) => Some(selector.cache.as_str()),
             _ => None,
         };
-        let expected = inner.membership.live_ids_serving(&request.env, serving);
+        let expected = inner.membership.expected(&request.env, serving);
         let event_id = cachecast_proto::new_event_id();
         let (tx, rx) = mpsc::unbounded_channel();
         let registration = Registration::new(inner.clone(), &event_id, &request.env, tx);
@@ -301,9 +344,27 @@ impl Publisher {
         tracing::debug!(request_id = %request.request_id, %event_id, sequence, expected = expected.len(), kind = request.target.kind(), "event published");
         let ack_seconds =
             metrics::histogram!("cachecast_agent_ack_seconds", "env" => request.env.to_string());
+        let mut nodes = Nodes::default();
+        for cache in expected {
+            let id = AgentId::new(cache.node_id()).expect("agent and cache ids follow one rule");
+            match cache {
+                ExpectedCache::Agent(_) => {}
+                ExpectedCache::Persistent {
+                    attended,
+                    unattended_for,
+                    ..
+                } => {
+                    nodes
+                        .persistent
+                        .insert(id.clone(), (!attended).then_some(unattended_for));
+                }
+            }
+            nodes.answers.insert(id, None);
+        }
         Ok(InFlight {
-            outstanding: expected.len(),
-            agents: expected.into_iter().map(|id| (id, None)).collect(),
+            outstanding: nodes.answers.len(),
+            agents: nodes.answers,
+            persistent: nodes.persistent,
             request_id: request.request_id,
             env: request.env,
             event_id,
@@ -374,6 +435,15 @@ impl Publisher {
     }
 }
 
+/// The caches a request expects, as it fills in.
+#[derive(Debug, Default)]
+struct Nodes {
+    answers: BTreeMap<AgentId, Option<AgentOutcome>>,
+    /// The persistent caches among them; `Some` when none of their agents was live at publish
+    /// time, with how long it had been unattended.
+    persistent: HashMap<AgentId, Option<Option<Duration>>>,
+}
+
 /// A published invalidation whose acks are still arriving.
 #[derive(Debug)]
 pub struct InFlight {
@@ -383,8 +453,11 @@ pub struct InFlight {
     sequence: u64,
     started: Instant,
     deadline: tokio::time::Instant,
-    /// Every expected agent, with its answer once it came.
+    /// Every expected cache by node id, with its answer once it came.
     agents: BTreeMap<AgentId, Option<AgentOutcome>>,
+    /// The persistent caches among them: acknowledged by any of their agents, and reported
+    /// `unattended` (not `timeout`) when none was live at publish time and none answered.
+    persistent: HashMap<AgentId, Option<Option<Duration>>>,
     outstanding: usize,
     rx: mpsc::UnboundedReceiver<Received>,
     ack_seconds: metrics::Histogram,
@@ -430,11 +503,13 @@ impl InFlight {
             if tokio::time::Instant::from_std(at) > self.deadline {
                 return None;
             }
-            let Some(id) = self
-                .agents
-                .get_key_value(ack.agent_id.as_str())
-                .map(|(id, _)| id.clone())
-            else {
+            // A persistent cache answers through whichever of its agents applied the event.
+            let node = if ack.cache_id.is_empty() {
+                ack.agent_id.as_str()
+            } else {
+                ack.cache_id.as_str()
+            };
+            let Some(id) = self.agents.get_key_value(node).map(|(id, _)| id.clone()) else {
                 // An agent that joined after the expected set was fixed, or a forgery.
                 self.registration.inner.reject(
                     self.env.as_str(),
@@ -445,7 +520,23 @@ impl InFlight {
                 );
                 continue;
             };
+            let shared = self.persistent.contains_key(&id);
             let slot = self.agents.entry(id.clone()).or_default();
+            let applied = AckStatus::try_from(ack.status) == Ok(AckStatus::Applied);
+            if shared && slot.is_some() {
+                // Another agent of the same cache: an apply still counts if the first failed.
+                if applied && slot.as_ref().is_some_and(|o| !o.is_applied()) {
+                    let latency = at.saturating_duration_since(self.started);
+                    let outcome = AgentOutcome::Applied {
+                        evicted: ack.evicted,
+                        latency,
+                    };
+                    *slot = Some(outcome.clone());
+                    return Some((id, outcome));
+                }
+                tracing::debug!(cache = %id, agent = %ack.agent_id, "another agent of this cache answered too");
+                continue;
+            }
             if slot.is_some() {
                 self.registration.inner.reject(
                     self.env.as_str(),
@@ -483,10 +574,20 @@ impl InFlight {
     /// [`InFlight::next_ack`] returned `None`.
     pub fn finish(self) -> Outcome {
         let took = self.started.elapsed();
+        let persistent = self.persistent;
         let agents: BTreeMap<AgentId, AgentOutcome> = self
             .agents
             .into_iter()
-            .map(|(id, o)| (id, o.unwrap_or(AgentOutcome::TimedOut { after: took })))
+            .map(|(id, o)| {
+                let missing = match persistent.get(&id) {
+                    Some(Some(unattended_for)) => AgentOutcome::Unattended {
+                        unattended_for: *unattended_for,
+                        after: took,
+                    },
+                    _ => AgentOutcome::TimedOut { after: took },
+                };
+                (id, o.unwrap_or(missing))
+            })
             .collect();
         let env = self.env.to_string();
         for outcome in agents.values() {
@@ -494,6 +595,7 @@ impl InFlight {
                 AgentOutcome::Applied { .. } => continue,
                 AgentOutcome::Failed { .. } => "eviction_failed",
                 AgentOutcome::TimedOut { .. } => "timeout",
+                AgentOutcome::Unattended { .. } => "unattended",
             };
             metrics::counter!("cachecast_agent_failures_total", "env" => env.clone(), "type" => kind)
                 .increment(1);

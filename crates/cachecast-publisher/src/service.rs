@@ -489,21 +489,21 @@ fn outcome_reply(outcome: &Outcome, status: u16) -> InvalidateReply {
             .agents
             .iter()
             .map(|(id, o)| {
-                let (status, evicted, error, latency) = match o {
-                    AgentOutcome::Applied { evicted, latency } => {
-                        ("applied", *evicted, String::new(), *latency)
-                    }
-                    AgentOutcome::Failed { reason, latency } => {
-                        ("failed", 0, reason.clone(), *latency)
-                    }
-                    AgentOutcome::TimedOut { after } => ("timeout", 0, String::new(), *after),
+                let evicted = match o {
+                    AgentOutcome::Applied { evicted, .. } => *evicted,
+                    _ => 0,
+                };
+                let error = match o {
+                    AgentOutcome::Failed { reason, .. } => reason.clone(),
+                    AgentOutcome::Unattended { .. } => o.reason().unwrap_or_default(),
+                    _ => String::new(),
                 };
                 AgentOutcomeReply {
                     agent_id: id.to_string(),
-                    status: status.into(),
+                    status: o.status().into(),
                     evicted,
                     error,
-                    latency_ms: latency.as_millis() as u64,
+                    latency_ms: o.latency().as_millis() as u64,
                 }
             })
             .collect(),

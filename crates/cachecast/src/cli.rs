@@ -74,6 +74,12 @@ pub(crate) enum Command {
     Invalidate(InvalidateArgs),
     /// List the live agents of an environment.
     Agents(AgentsArgs),
+    /// List the persistent caches of an environment (attended by which agents, or unattended
+    /// since when), or forget one that is gone for good.
+    ///
+    /// A persistent cache (a Redis, an HTTP owner's cache) stays expected by every request
+    /// until it is forgotten: while no agent attends it, requests answer `424 unattended`.
+    Caches(CachesArgs),
     /// Print a signed JWT for the API (HS256 with auth.hs256_secret or the dev secret of `up`; RS256/ES256 with --private-key).
     Token(TokenArgs),
     /// Run a local stack: nats-server with JetStream, the API (and the NATS service) and three
@@ -103,6 +109,10 @@ pub(crate) struct AgentArgs {
     /// Cache backend (agent.backend).
     #[arg(long, value_enum)]
     pub(crate) backend: Option<Backend>,
+    /// The persistent cache this agent attends (agent.cache_id). Default: derived from the
+    /// Redis or callback address; agents sharing one cache share its id.
+    #[arg(long, value_name = "ID")]
+    pub(crate) cache_id: Option<cachecast_proto::CacheId>,
     /// Redis URL for the redis backend (redis.url).
     #[arg(long, value_name = "URL")]
     pub(crate) redis_url: Option<String>,
@@ -119,9 +129,9 @@ pub(crate) struct AgentArgs {
     /// Where to serve /healthz, /readyz and /metrics (agent.admin_listen).
     #[arg(long, value_name = "ADDR")]
     pub(crate) admin_listen: Option<String>,
-    /// On start, flush the cache, or resume from the position stored next to it (agent.on_start;
-    /// resume needs a cache that outlives the agent, like Redis, and a stable --id).
-    #[arg(long, value_name = "flush|resume", value_parser = ["flush", "resume"])]
+    /// On start, flush the cache, or resume from the position stored in it (agent.on_start;
+    /// auto, the default, resumes a persistent cache and flushes the memory backend).
+    #[arg(long, value_name = "auto|flush|resume", value_parser = ["auto", "flush", "resume"])]
     pub(crate) on_start: Option<String>,
 }
 
@@ -185,6 +195,33 @@ pub(crate) enum ProgressMode {
     Auto,
     Always,
     Never,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CachesArgs {
+    #[command(subcommand)]
+    pub(crate) action: Option<CachesAction>,
+    /// Environment to list.
+    #[arg(long)]
+    pub(crate) env: Option<EnvId>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CachesAction {
+    /// Remove a decommissioned cache's registration, so requests stop expecting it. Do this
+    /// only when the cache is gone (or nothing reads it any more): a forgotten cache that
+    /// still serves is no longer invalidated until an agent attends it again.
+    Forget {
+        /// Its environment.
+        #[arg(long)]
+        env: EnvId,
+        /// Its cache id, as `cachecast caches --env E` lists it.
+        #[arg(long)]
+        cache: cachecast_proto::CacheId,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -257,6 +294,7 @@ impl Command {
             Command::Agent(_) => "cachecast-agent",
             Command::Invalidate(_) => "cachecast-invalidate",
             Command::Agents(_) => "cachecast-agents",
+            Command::Caches(_) => "cachecast-caches",
             Command::Token(_) => "cachecast-token",
             Command::Up(_) => "cachecast-up",
         }
@@ -273,6 +311,10 @@ impl Cli {
             Command::Agent(a) => {
                 o.set("agent.env", a.env.as_ref().map(ToString::to_string));
                 o.set("agent.id", a.id.as_ref().map(ToString::to_string));
+                o.set(
+                    "agent.cache_id",
+                    a.cache_id.as_ref().map(ToString::to_string),
+                );
                 o.set(
                     "agent.backend",
                     a.backend.map(|b| match b {
@@ -293,7 +335,10 @@ impl Cli {
                 );
             }
             Command::Up(a) => o.set("api.listen", Some(a.listen.clone())),
-            Command::Invalidate(_) | Command::Agents(_) | Command::Token(_) => {}
+            Command::Invalidate(_)
+            | Command::Agents(_)
+            | Command::Caches(_)
+            | Command::Token(_) => {}
         }
         o
     }

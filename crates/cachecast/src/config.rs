@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use cachecast_agent::{AgentConfig, HttpConfig, RedisConfig};
-use cachecast_bus::{BusConfig, NatsConfig, PresenceConfig, StreamConfig};
+use cachecast_bus::{BusConfig, CachesConfig, NatsConfig, PresenceConfig, StreamConfig};
 use cachecast_publisher::auth::AuthConfig;
 use cachecast_publisher::http::ApiConfig;
 use figment::Figment;
@@ -21,6 +21,7 @@ pub(crate) struct Config {
     pub(crate) nats: NatsConfig,
     pub(crate) stream: StreamConfig,
     pub(crate) presence: PresenceConfig,
+    pub(crate) caches: CachesConfig,
     pub(crate) api: ApiConfig,
     pub(crate) auth: AuthConfig,
     pub(crate) agent: AgentConfig,
@@ -35,6 +36,7 @@ impl Config {
             nats: self.nats.clone(),
             stream: self.stream.clone(),
             presence: self.presence.clone(),
+            caches: self.caches.clone(),
         }
     }
 

@@ -59,6 +59,7 @@ fn run(cli: Cli) -> ExitCode {
             Command::Agent(_) => cmd::agent::run(config).await,
             Command::Invalidate(args) => cmd::invalidate::run(config, args).await,
             Command::Agents(args) => cmd::agents::run(config, args).await,
+            Command::Caches(args) => cmd::caches::run(config, args).await,
             Command::Token(args) => cmd::token::run(&config, &args),
             Command::Up(args) => cmd::up::run(config, args).await,
         }

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cachecast_bus::Secret;
-use cachecast_proto::{CacheName, EnvId, IdentitySelector, ResponseSelector};
+use cachecast_proto::{CacheId, CacheName, EnvId, IdentitySelector, ResponseSelector};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -61,6 +61,8 @@ impl Default for HttpConfig {
 pub struct HttpBackend {
     client: reqwest::Client,
     config: HttpConfig,
+    /// Derived from the URL: `http-<host>-<port>`.
+    cache_id: CacheId,
 }
 
 /// The most of an error body quoted in a failed ack.
@@ -106,9 +108,13 @@ impl HttpBackend {
             .default_headers(headers)
             .build()
             .map_err(|err| BackendError::Other(format!("HTTP client: {err}")))?;
+        let port = parsed.port_or_known_default().unwrap_or(80).to_string();
+        let cache_id =
+            super::cache_id_for("http", parsed.host_str().unwrap_or("unknown"), &[&port]);
         Ok(Self {
             client,
             config: config.clone(),
+            cache_id,
         })
     }
 
@@ -171,6 +177,10 @@ fn render(template: &str, env: &str, kind: &str) -> String {
 impl CacheBackend for HttpBackend {
     fn kind(&self) -> &'static str {
         "http"
+    }
+
+    fn default_cache_id(&self) -> Option<CacheId> {
+        Some(self.cache_id.clone())
     }
 
     async fn evict_responses(

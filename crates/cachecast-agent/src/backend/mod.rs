@@ -10,11 +10,53 @@ mod redis;
 
 use std::future::Future;
 
-use cachecast_proto::{AgentId, CacheName, EnvId, IdentitySelector, ResponseSelector};
+use cachecast_proto::{CacheId, CacheName, EnvId, IdentitySelector, ResponseSelector};
 
 pub use self::http::{HttpBackend, HttpConfig};
 pub use self::memory::{FillTicket, MemoryCache};
 pub use self::redis::{RedisBackend, RedisConfig};
+
+/// A cache id from where a cache is: `<kind>-<host>-<port>[-<rest>]`, each character that
+/// is not allowed in an id turned into `-`. A loopback host names a different cache on every
+/// machine, so the machine's host name goes first then.
+pub(crate) fn cache_id_for(kind: &str, host: &str, rest: &[&str]) -> CacheId {
+    let loopback =
+        host == "localhost" || host.starts_with("127.") || host == "[::1]" || host == "::1";
+    let mut parts = vec![kind.to_owned()];
+    if loopback {
+        parts.push(crate::config::host_name());
+    }
+    parts.push(host.to_owned());
+    parts.extend(rest.iter().map(|s| (*s).to_owned()));
+    let id: String = parts
+        .join("-")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect();
+    CacheId::new(id).unwrap_or_else(|_| CacheId::new(kind).expect("a backend kind is a valid id"))
+}
+
+/// The host, port and path of a `scheme://[user@]host[:port][/path]` URL, without parsing
+/// anything else (credentials are dropped).
+pub(crate) fn url_location(url: &str) -> Option<(&str, Option<&str>, &str)> {
+    let rest = url.split_once("://")?.1;
+    let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    (!host.is_empty()).then_some((host, port, path))
+}
 
 /// Where an agent is in the invalidation stream: the last event it applied, and which
 /// stream that was (a stream created anew restarts its sequences).
@@ -113,13 +155,21 @@ pub trait CacheBackend: Send + Sync + 'static {
         }
     }
 
-    /// The stream position stored next to the cache by [`CacheBackend::store_position`], so
-    /// an agent with `on_start = "resume"` can carry on after a restart. A cache that does
-    /// not outlive its agent has none, and the agent flushes instead.
+    /// For a cache that outlives its agent (a Redis, an HTTP owner's cache): the id it is
+    /// registered under unless `agent.cache_id` names one, derived from where the cache is.
+    /// `None` for a cache that lives and dies with the agent's process: nothing to register,
+    /// since it cannot serve anything once its agent is gone.
+    fn default_cache_id(&self) -> Option<CacheId> {
+        None
+    }
+
+    /// The stream position stored in the cache itself by [`CacheBackend::store_position`], so
+    /// whichever agent attends the cache next carries on from it. A cache that cannot hold
+    /// one has none, and the agent flushes instead.
     fn load_position(
         &self,
         _env: &EnvId,
-        _agent: &AgentId,
+        _cache: &CacheId,
     ) -> impl Future<Output = Result<Option<Position>, BackendError>> + Send {
         async { Ok(None) }
     }
@@ -128,8 +178,26 @@ pub trait CacheBackend: Send + Sync + 'static {
     fn store_position(
         &self,
         _env: &EnvId,
-        _agent: &AgentId,
+        _cache: &CacheId,
         _position: Position,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Whether the cache may hold entries evicted before (a Redis restarted from an old
+    /// snapshot, say) since [`CacheBackend::mark_continuous`] was last called for it: then the
+    /// agent flushes it before it acknowledges anything as applied.
+    fn restarted(
+        &self,
+        _cache: &CacheId,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        async { Ok(false) }
+    }
+
+    /// Records, after a flush, that the cache is known to hold nothing stale as it runs now.
+    fn mark_continuous(
+        &self,
+        _cache: &CacheId,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         async { Ok(()) }
     }

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cachecast_proto::{AgentId, CacheName, EnvId, IdentitySelector, ResponseSelector};
+use cachecast_proto::{CacheId, CacheName, EnvId, IdentitySelector, ResponseSelector};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +56,8 @@ impl Default for RedisConfig {
 #[derive(Clone)]
 pub struct RedisBackend {
     conn: ConnectionManager,
+    /// Derived from the URL: `redis-<host>-<port>-db<n>`.
+    cache_id: CacheId,
     templates: Templates,
     scan_count: usize,
     unlink_batch: usize,
@@ -124,8 +126,14 @@ impl RedisBackend {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let (host, port, path) = super::url_location(&config.url).unwrap_or(("unknown", None, ""));
+        let db = path.trim_start_matches('/');
+        let db = if db.is_empty() { "0" } else { db };
+        let cache_id =
+            super::cache_id_for("redis", host, &[port.unwrap_or("6379"), &format!("db{db}")]);
         Ok(Self {
             conn,
+            cache_id,
             templates,
             scan_count: config.scan_count.max(1),
             unlink_batch: config.unlink_batch.max(1),
@@ -234,14 +242,18 @@ impl CacheBackend for RedisBackend {
         self.evict_keys(keys).await
     }
 
+    fn default_cache_id(&self) -> Option<CacheId> {
+        Some(self.cache_id.clone())
+    }
+
     async fn load_position(
         &self,
         env: &EnvId,
-        agent: &AgentId,
+        cache: &CacheId,
     ) -> Result<Option<Position>, BackendError> {
         let mut conn = self.conn.clone();
         let stored: Option<String> = redis::cmd("GET")
-            .arg(position_key(env, agent))
+            .arg(position_key(env, cache))
             .query_async(&mut conn)
             .await?;
         Ok(stored.as_deref().and_then(Position::decode))
@@ -250,13 +262,39 @@ impl CacheBackend for RedisBackend {
     async fn store_position(
         &self,
         env: &EnvId,
-        agent: &AgentId,
+        cache: &CacheId,
         position: Position,
     ) -> Result<(), BackendError> {
         let mut conn = self.conn.clone();
         let () = redis::cmd("SET")
-            .arg(position_key(env, agent))
+            .arg(position_key(env, cache))
             .arg(position.encode())
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn restarted(&self, cache: &CacheId) -> Result<bool, BackendError> {
+        let mut conn = self.conn.clone();
+        let (info, marked): (String, Option<String>) = redis::pipe()
+            .cmd("INFO")
+            .arg("server")
+            .cmd("GET")
+            .arg(run_id_key(cache))
+            .query_async(&mut conn)
+            .await?;
+        Ok(marked.as_deref() != Some(run_id(&info)?))
+    }
+
+    async fn mark_continuous(&self, cache: &CacheId) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await?;
+        let () = redis::cmd("SET")
+            .arg(run_id_key(cache))
+            .arg(run_id(&info)?)
             .query_async(&mut conn)
             .await?;
         Ok(())
@@ -269,9 +307,26 @@ impl CacheBackend for RedisBackend {
     }
 }
 
-/// Where an agent keeps its stream position in the cache's Redis.
-fn position_key(env: &EnvId, agent: &AgentId) -> String {
-    format!("cachecast:position:{env}:{agent}")
+/// Where the stream position is kept in the cache's Redis: it belongs to the cache, so any
+/// agent that attends the cache carries on from it, and a Redis restored from a snapshot
+/// brings back the position that matches its keys.
+fn position_key(env: &EnvId, cache: &CacheId) -> String {
+    format!("cachecast:position:{env}:{cache}")
+}
+
+/// Where the agent records the `run_id` of the Redis process it last knew to hold nothing
+/// stale. Another `run_id` means Redis restarted since, maybe from a snapshot older than
+/// evictions it had applied; a snapshot brings its old marker back, which then differs too.
+fn run_id_key(cache: &CacheId) -> String {
+    format!("cachecast:run_id:{cache}")
+}
+
+/// The `run_id` in the text of `INFO server`.
+fn run_id(info: &str) -> Result<&str, BackendError> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(str::trim)
+        .ok_or_else(|| BackendError::Other("INFO server has no run_id: is this Redis?".into()))
 }
 
 /// A parsed key template over a fixed set of placeholders.

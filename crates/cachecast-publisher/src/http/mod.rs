@@ -169,6 +169,10 @@ pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Ro
             post(clear_keyed),
         )
         .route("/api/1.0/requests/{request_id}", get(request_status))
+        .route(
+            "/api/1.0/runtime/caches/{env_id}/{cache_id}",
+            axum::routing::delete(forget_cache),
+        )
         .route("/openapi.json", get(openapi::serve))
         .fallback(|headers: HeaderMap| async move {
             refuse(
@@ -375,6 +379,72 @@ async fn request_status(
     };
     match answer {
         Ok(status) => response::with_request_id(axum::Json(status).into_response(), &request_id),
+        Err(err) => err.with_request_id(&request_id).into_response(),
+    }
+}
+
+/// The answer to forgetting a persistent cache.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ForgottenBody {
+    pub env_id: String,
+    pub cache_id: String,
+    /// Always true: requests no longer expect this cache.
+    pub forgotten: bool,
+}
+
+/// Forgets a persistent cache that is gone for good (decommissioned): requests stop
+/// expecting it, so they no longer answer `424 unattended` for it. Needs the flush right. An
+/// agent that attends the cache again registers it again.
+#[utoipa::path(
+    delete,
+    path = "/api/1.0/runtime/caches/{envId}/{cacheId}",
+    tag = "caches",
+    params(openapi::CachePath),
+    responses(
+        (status = 200, description = "Forgotten", body = ForgottenBody),
+        (status = 400, description = "Bad environment or cache id", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token lacks the environment or the flush right", body = ErrorBody),
+        (status = 404, description = "No such cache is registered", body = ErrorBody),
+        (status = 429, description = "Too many requests for this token", body = ErrorBody),
+        (status = 503, description = "NATS is unavailable, or the token's keys could not be fetched: retry", body = ErrorBody),
+    )
+)]
+async fn forget_cache(
+    State(api): State<Arc<Api>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let request_id = match request::request_id(&headers) {
+        Ok(id) => id,
+        Err(err) => return err.into_response(),
+    };
+    let (env, cache) = path.map(|Path(p)| p).unwrap_or_default();
+    let answer = async {
+        let grant = authz::authenticate(&api.verifier, &api.limiter, &headers).await?;
+        let env = EnvId::new(env.as_str())
+            .map_err(|err| ApiError::bad_request("invalid_env_id", err.to_string()))?;
+        let cache = cachecast_proto::CacheId::new(cache.as_str())
+            .map_err(|err| ApiError::bad_request("invalid_cache_id", err.to_string()))?;
+        authorize(&grant, env.as_str(), Reach::Flush)?;
+        match api.publisher.forget_cache(&env, &cache).await {
+            Ok(true) => Ok(ForgottenBody {
+                env_id: env.to_string(),
+                cache_id: cache.to_string(),
+                forgotten: true,
+            }),
+            Ok(false) => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_cache",
+                format!("no cache {cache} is registered in {env}; `cachecast caches --env {env}` lists them"),
+            )),
+            Err(err) => Err(publish_error(err)),
+        }
+    }
+    .await;
+    match answer {
+        Ok(body) => response::with_request_id(axum::Json(body).into_response(), &request_id),
         Err(err) => err.with_request_id(&request_id).into_response(),
     }
 }

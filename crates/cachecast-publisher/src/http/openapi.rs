@@ -88,6 +88,19 @@ pub(super) struct KeyedPath {
     ids: String,
 }
 
+/// The path of a persistent cache.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code, non_snake_case)]
+pub(super) struct CachePath {
+    /// The environment: 1 to 128 of A-Z, a-z, 0-9, `_` and `-`.
+    #[param(pattern = "^[A-Za-z0-9_-]{1,128}$")]
+    envId: String,
+    /// The cache id, as `cachecast caches` lists it: 1 to 128 of A-Z, a-z, 0-9, `_` and `-`.
+    #[param(pattern = "^[A-Za-z0-9_-]{1,128}$")]
+    cacheId: String,
+}
+
 /// The query of an invalidation.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -164,9 +177,11 @@ pub(super) enum InvalidationAnswers {
         super::invalidate_response,
         super::invalidate_identity,
         super::clear_keyed,
-        super::request_status
+        super::request_status,
+        super::forget_cache
     ),
     components(schemas(
+        super::ForgottenBody,
         ResponseInvalidation,
         IdentityInvalidation,
         OutcomeBody,

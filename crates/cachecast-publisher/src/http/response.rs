@@ -61,7 +61,8 @@ pub struct NodesSummary {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct NodeFailure {
     pub node_id: String,
-    /// `eviction_failed` or `timeout`.
+    /// `eviction_failed`, `timeout`, or `unattended` (a registered persistent cache that no
+    /// live agent attended).
     #[serde(rename = "type")]
     pub kind: String,
     pub reason: String,
@@ -77,7 +78,7 @@ pub struct NodeInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentResult {
-    /// `applied`, `failed`, `timeout`, or (while a request runs) `pending`.
+    /// `applied`, `failed`, `timeout`, `unattended`, or (while a request runs) `pending`.
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evicted: Option<u64>,
@@ -140,23 +141,18 @@ fn millis(d: std::time::Duration) -> f64 {
 /// How one agent's answer (or its absence) reads in an answer.
 pub(crate) fn agent_result(outcome: Option<&AgentOutcome>) -> AgentResult {
     match outcome {
-        Some(AgentOutcome::Applied { evicted, latency }) => AgentResult {
-            status: "applied".into(),
-            evicted: Some(*evicted),
-            error: None,
-            latency_ms: Some(millis(*latency)),
-        },
-        Some(AgentOutcome::Failed { reason, latency }) => AgentResult {
-            status: "failed".into(),
-            evicted: None,
-            error: Some(reason.clone()),
-            latency_ms: Some(millis(*latency)),
-        },
-        Some(AgentOutcome::TimedOut { after }) => AgentResult {
-            status: "timeout".into(),
-            evicted: None,
-            error: None,
-            latency_ms: Some(millis(*after)),
+        Some(o) => AgentResult {
+            status: o.status().into(),
+            evicted: match o {
+                AgentOutcome::Applied { evicted, .. } => Some(*evicted),
+                _ => None,
+            },
+            error: match o {
+                AgentOutcome::Failed { reason, .. } => Some(reason.clone()),
+                AgentOutcome::Unattended { .. } => o.reason(),
+                _ => None,
+            },
+            latency_ms: Some(millis(o.latency())),
         },
         None => AgentResult {
             status: "pending".into(),
@@ -192,18 +188,12 @@ pub(crate) fn outcome(outcome: &Outcome, cluster_name: Option<&str>) -> Response
 pub fn outcome_body(outcome: &Outcome, cluster_name: Option<&str>) -> OutcomeBody {
     let failures: Vec<NodeFailure> = outcome
         .failures()
-        .filter_map(|(id, o)| match o {
-            AgentOutcome::Failed { reason, .. } => Some(NodeFailure {
+        .filter_map(|(id, o)| {
+            Some(NodeFailure {
                 node_id: id.to_string(),
-                kind: "eviction_failed".into(),
-                reason: reason.clone(),
-            }),
-            AgentOutcome::TimedOut { after } => Some(NodeFailure {
-                node_id: id.to_string(),
-                kind: "timeout".into(),
-                reason: format!("no acknowledgement within {} ms", after.as_millis()),
-            }),
-            AgentOutcome::Applied { .. } => None,
+                kind: o.failure_type()?.into(),
+                reason: o.reason()?,
+            })
         })
         .collect();
     let agents = outcome
@@ -223,7 +213,7 @@ pub fn outcome_body(outcome: &Outcome, cluster_name: Option<&str>) -> OutcomeBod
             StatusCode::FAILED_DEPENDENCY,
             Some("failed_dependency".to_owned()),
             Some(format!(
-                "{} of {} agents did not confirm: {}; an agent that missed the event applies it when it is back, and one whose eviction failed flushes its whole cache before it confirms anything else",
+                "{} of {} caches did not confirm: {}; an agent that missed the event applies it when it is back (for a persistent cache, before it goes live), and one whose eviction failed flushes its whole cache before it confirms anything else",
                 failures.len(),
                 outcome.agents.len(),
                 names.join(", ")
@@ -255,7 +245,12 @@ pub fn outcome_body(outcome: &Outcome, cluster_name: Option<&str>) -> OutcomeBod
 fn answered_nodes(agents: &BTreeMap<AgentId, AgentOutcome>) -> BTreeMap<String, NodeInfo> {
     agents
         .iter()
-        .filter(|(_, o)| !matches!(o, AgentOutcome::TimedOut { .. }))
+        .filter(|(_, o)| {
+            !matches!(
+                o,
+                AgentOutcome::TimedOut { .. } | AgentOutcome::Unattended { .. }
+            )
+        })
         .map(|(id, _)| {
             (
                 id.to_string(),

@@ -223,28 +223,21 @@ impl Progress {
 
 fn print_table(outcome: &Outcome) {
     println!(
-        "{:<40} {:<8} {:>8} {:>10}  ERROR",
+        "{:<40} {:<10} {:>8} {:>10}  ERROR",
         "AGENT", "STATUS", "EVICTED", "LATENCY"
     );
     for (id, o) in &outcome.agents {
-        let (status, evicted, latency, error) = match o {
-            AgentOutcome::Applied { evicted, latency } => {
-                ("applied", evicted.to_string(), *latency, "")
-            }
-            AgentOutcome::Failed { reason, latency } => {
-                ("failed", "-".into(), *latency, reason.as_str())
-            }
-            AgentOutcome::TimedOut { after } => {
-                ("timeout", "-".into(), *after, "no acknowledgement")
-            }
+        let evicted = match o {
+            AgentOutcome::Applied { evicted, .. } => evicted.to_string(),
+            _ => "-".into(),
         };
         println!(
-            "{:<40} {:<8} {:>8} {:>7.1} ms  {}",
+            "{:<40} {:<10} {:>8} {:>7.1} ms  {}",
             id.as_str(),
-            status,
+            o.status(),
             evicted,
-            latency.as_secs_f64() * 1000.0,
-            error
+            o.latency().as_secs_f64() * 1000.0,
+            o.reason().unwrap_or_default()
         );
     }
     println!(

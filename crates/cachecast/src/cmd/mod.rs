@@ -2,6 +2,7 @@
 
 pub(crate) mod agent;
 pub(crate) mod agents;
+pub(crate) mod caches;
 pub(crate) mod invalidate;
 pub(crate) mod serve;
 pub(crate) mod token;
@@ -33,7 +34,11 @@ pub(crate) fn check_config(command: &Command, config: &Config) -> anyhow::Result
                 BackendKind::Memory => {}
             }
         }
-        Command::Invalidate(_) | Command::Agents(_) | Command::Token(_) | Command::Up(_) => {}
+        Command::Invalidate(_)
+        | Command::Agents(_)
+        | Command::Caches(_)
+        | Command::Token(_)
+        | Command::Up(_) => {}
     }
     Ok(())
 }

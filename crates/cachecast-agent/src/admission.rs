@@ -1,0 +1,99 @@
+//! Which events an agent admits: a wire version it speaks, decodable, addressed to its
+//! environment, with a well-formed ack subject. Anything else is counted, logged (rate-limited)
+//! and ignored: never applied, never acknowledged.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use cachecast_bus::{WIRE_VERSION, WIRE_VERSION_HEADER};
+use cachecast_proto::{Invalidation, Wire};
+
+use crate::agent::Agent;
+use crate::backend::CacheBackend;
+
+/// At most one warning per kind of refused event in this interval (the rest are counted).
+pub(crate) const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl<B: CacheBackend> Agent<B> {
+    /// Counts an event this agent refuses (`reason` is a fixed word), and logs it unless
+    /// too many were logged lately. Called once per stream sequence: a redelivered event is
+    /// skipped before it gets here. `sequence` is 0 for a message without JetStream metadata.
+    pub(crate) fn reject(&self, reason: &'static str, sequence: u64, subject: &str, detail: &str) {
+        metrics::counter!("cachecast_agent_rejected_events_total", "env" => self.env.to_string(), "reason" => reason)
+            .increment(1);
+        if let Some(left_out) = self.log_limit.allow(reason) {
+            tracing::warn!(
+                reason,
+                sequence,
+                subject,
+                stream = %self.bus.stream.name,
+                left_out,
+                error = detail,
+                "ignoring an invalid event: not applied, not acknowledged (who can publish on this subject? check the NATS permissions)"
+            );
+        }
+    }
+
+    /// The event in `message`, if it is one this agent may apply: a wire version it speaks,
+    /// decodable, addressed to its environment, with a well-formed ack subject.
+    pub(crate) fn admit(
+        &self,
+        message: &jetstream::Message,
+        sequence: u64,
+    ) -> Option<Invalidation> {
+        let subject = message.subject.as_str();
+        if let Some(version) = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(WIRE_VERSION_HEADER))
+            && version.as_str() != WIRE_VERSION
+        {
+            let detail = format!(
+                "wire version {:?}, this agent speaks {WIRE_VERSION}: upgrade it",
+                version.as_str()
+            );
+            self.reject("unknown_version", sequence, subject, &detail);
+            return None;
+        }
+        let event = match Invalidation::from_bytes(&message.payload) {
+            Ok(event) => event,
+            Err(err) => {
+                self.reject(err.reason(), sequence, subject, &err.to_string());
+                return None;
+            }
+        };
+        if event.env != self.env.as_str() || !event.ack_subject.starts_with(&self.ack_prefix) {
+            let detail = format!(
+                "addressed to environment {:?}, ack subject {:?}",
+                event.env, event.ack_subject
+            );
+            self.reject("wrong_env", sequence, subject, &detail);
+            return None;
+        }
+        // The ack subject ends `<publisherId>.<eventId>`, and names this event.
+        let tail = &event.ack_subject[self.ack_prefix.len()..];
+        let well_formed = match tail.split_once('.') {
+            Some((publisher, event_id)) => {
+                is_plain_token(publisher) && is_plain_token(event_id) && event_id == event.event_id
+            }
+            None => false,
+        };
+        if !well_formed {
+            let detail = format!(
+                "event id {:?}, ack subject {:?}",
+                event.event_id, event.ack_subject
+            );
+            self.reject("invalid", sequence, subject, &detail);
+            return None;
+        }
+        Some(event)
+    }
+}
+
+/// A non-empty subject token without wildcards or whitespace.
+fn is_plain_token(token: &str) -> bool {
+    !token.is_empty()
+        && !token
+            .chars()
+            .any(|c| c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control())
+}

@@ -1,0 +1,141 @@
+//! The `[agent]` configuration section and the agent's errors.
+
+use std::time::Duration;
+
+use cachecast_proto::{AgentId, CacheId, CacheName, EnvId};
+use serde::{Deserialize, Serialize};
+
+/// The `[agent]` configuration section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The environment whose events this agent applies. Required.
+    pub env: Option<EnvId>,
+    /// Unique within the environment. Default: the host name and a random suffix.
+    pub id: Option<AgentId>,
+    /// The persistent cache this agent attends (a Redis, an HTTP owner's cache), shared by
+    /// every agent that serves the same cache. Default: derived from the backend's address
+    /// (`redis-<host>-<port>-db<n>`, `http-<host>-<port>`; a loopback host is prefixed with
+    /// the machine's host name). Ignored for the memory backend, whose cache ends with the
+    /// agent.
+    pub cache_id: Option<CacheId>,
+    /// How often presence is refreshed; publishers drop an agent after three missed beats.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// The longest one eviction may take before it is reported as failed.
+    #[serde(with = "humantime_serde")]
+    pub evict_timeout: Duration,
+    /// Which cache the agent evicts from.
+    pub backend: BackendKind,
+    /// Where `cachecast agent` serves /healthz, /readyz and /metrics (off when unset).
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// What the agent does with its cache on start.
+    pub on_start: OnStart,
+    /// The keyed caches of the memory backend (the Redis backend names its own in
+    /// `redis.keyed_caches`).
+    pub keyed_caches: Vec<CacheName>,
+}
+
+/// What an agent does with its cache when it starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStart {
+    /// `resume` for a persistent cache (Redis, HTTP owner), `flush` for the memory backend.
+    #[default]
+    Auto,
+    /// Flush everything: nothing cached before the start survives.
+    Flush,
+    /// Carry on from the position stored in the cache (a Redis): apply every event missed
+    /// since, in order, before announcing presence. Falls back to a flush when there is no
+    /// position, the cache restarted, or the stream no longer holds every event since it.
+    Resume,
+}
+
+/// The cache backends an agent process can run with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// An in-process cache (for agents embedded in a Rust service, and for trying things out).
+    #[default]
+    Memory,
+    /// The PDP response cache in Redis (see the `[redis]` section).
+    Redis,
+    /// A cache the agent cannot reach, evicted by calling its owner (see the `[http]` section).
+    Http,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            env: None,
+            id: None,
+            cache_id: None,
+            heartbeat: Duration::from_secs(2),
+            evict_timeout: Duration::from_secs(10),
+            backend: BackendKind::default(),
+            admin_listen: None,
+            on_start: OnStart::default(),
+            keyed_caches: Vec::new(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// The environment, or an error saying how to set it.
+    pub fn env(&self) -> Result<EnvId, AgentError> {
+        self.env.clone().ok_or(AgentError::MissingEnv)
+    }
+
+    /// The configured agent id, or a new default one.
+    pub fn id_or_default(&self) -> AgentId {
+        self.id.clone().unwrap_or_else(default_agent_id)
+    }
+}
+
+/// The default agent id: the host name made subject-safe, plus a random suffix so two agents
+/// on one host (or a restarted pod) never share an id.
+fn default_agent_id() -> AgentId {
+    let mut base: String = host_name()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(100)
+        .collect();
+    if base.is_empty() {
+        base.push_str("agent");
+    }
+    let suffix = &cachecast_proto::new_event_id()[24..];
+    AgentId::new(format!("{base}-{suffix}")).unwrap_or_else(|_| {
+        AgentId::new(format!("agent-{suffix}")).expect("hex suffix is a valid id")
+    })
+}
+
+/// Why an agent could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(
+        "agent.env is not set: pass --env, set CACHECAST_AGENT__ENV, or set env in the [agent] section"
+    )]
+    MissingEnv,
+    #[error(transparent)]
+    Bus(#[from] cachecast_bus::BusError),
+    #[error(
+        "the event consumer ended while catching up; check the stream and the NATS connection, then restart the agent"
+    )]
+    ConsumerEnded,
+}
+
+/// This machine's host name (empty when unknown).
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}

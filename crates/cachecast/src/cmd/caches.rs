@@ -1,0 +1,61 @@
+//! `cachecast caches`: the persistent caches of an environment, and forgetting one.
+
+use std::process::ExitCode;
+
+use crate::cli::{CachesAction, CachesArgs};
+use crate::config::Config;
+
+pub(crate) async fn run(config: Config, args: CachesArgs) -> anyhow::Result<ExitCode> {
+    let publisher = super::publisher_once(&config.bus()).await?;
+    if let Some(CachesAction::Forget { env, cache }) = args.action {
+        return Ok(if publisher.forget_cache(&env, &cache).await? {
+            println!("forgot cache {cache} of {env}: requests no longer expect it");
+            ExitCode::SUCCESS
+        } else {
+            eprintln!(
+                "no cache {cache} is registered in {env}; `cachecast caches --env {env}` lists them"
+            );
+            ExitCode::FAILURE
+        });
+    }
+    let Some(env) = args.env else {
+        anyhow::bail!("name the environment: cachecast caches --env <ENV>");
+    };
+    let caches = publisher.caches(&env);
+    if args.json {
+        let list: Vec<_> = caches
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "id": c.id.as_str(),
+                    "backend": c.backend,
+                    "state": if c.attended_by.is_empty() { "unattended" } else { "attended" },
+                    "attendedBy": c.attended_by.iter().map(|a| a.as_str()).collect::<Vec<_>>(),
+                    "unattendedForMs": c.unattended_for.map(|d| d.as_millis() as u64),
+                    "keyedCaches": c.keyed_caches,
+                    "registeredBy": c.registered_by,
+                    "registeredAtUnixMs": c.registered_at_unix_ms,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "envId": env.as_str(), "caches": list })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<48} {:<8} STATE", "CACHE", "BACKEND");
+    for c in &caches {
+        let state = if !c.attended_by.is_empty() {
+            let agents: Vec<&str> = c.attended_by.iter().map(|a| a.as_str()).collect();
+            format!("attended by {}", agents.join(", "))
+        } else if let Some(d) = c.unattended_for {
+            format!("unattended for {} s", d.as_secs())
+        } else {
+            "unattended (since before this command could see)".into()
+        };
+        println!("{:<48} {:<8} {state}", c.id.as_str(), c.backend);
+    }
+    println!("{} persistent cache(s) in {env}", caches.len());
+    Ok(ExitCode::SUCCESS)
+}
