@@ -201,6 +201,12 @@ impl Stack {
         let client = cachecast_bus::connect(&bus.nats, id)
             .await
             .expect("agent NATS client");
+        // A persistent cache (Redis, HTTP) is reported under its cache id: in tests, the
+        // agent's id unless the test names another, so answers read the same for every backend.
+        let mut config = config;
+        if config.cache_id.is_none() {
+            config.cache_id = Some(cachecast_proto::CacheId::new(id).expect("valid cache id"));
+        }
         let agent = Agent::new(
             client,
             bus,
@@ -213,9 +219,16 @@ impl Stack {
             .expect("agent starts in time")
             .expect("agent starts");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(running.run(async {
-            stopped.await.ok();
-        }));
+        let task = tokio::spawn(async move {
+            if let Err(err) = running
+                .run(async {
+                    stopped.await.ok();
+                })
+                .await
+            {
+                eprintln!("a test agent stopped by itself: {err}");
+            }
+        });
         AgentHandle { stop, task }
     }
 

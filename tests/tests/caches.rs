@@ -258,10 +258,15 @@ async fn a_keyed_clear_that_fails_on_one_agent_is_a_424_naming_it() {
             MemoryCache::with_keyed_caches([CacheName::new("apikeys").expect("valid")]),
         )
         .await;
+    // A persistent cache is reported under its cache id.
     let _redis_agent = stack
-        .agent(
+        .agent_configured(
             "dev",
-            "redis-down",
+            "redis-agent",
+            cachecast_agent::AgentConfig {
+                cache_id: Some(cachecast_proto::CacheId::new("redis-down").expect("valid")),
+                ..cachecast_agent::AgentConfig::default()
+            },
             RedisBackend::new(&config).expect("backend"),
         )
         .await;

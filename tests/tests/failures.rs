@@ -159,7 +159,7 @@ async fn an_agent_whose_redis_is_down_reports_the_redis_error() {
             .arg(db)
             .ignore()
             .cmd("KEYS")
-            .arg("*")
+            .arg("pdp:*")
             .query_async::<(Vec<String>,)>(&mut conn)
             .await
             .expect("keys")
@@ -294,6 +294,8 @@ async fn a_paused_agent_is_named_then_catches_up_in_order_when_resumed() {
             "--env",
             "dev",
             "--id",
+            "sleepy",
+            "--cache-id",
             "sleepy",
             "--backend",
             "redis",

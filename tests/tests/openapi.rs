@@ -29,13 +29,14 @@ async fn every_documented_operation_is_served() {
         doc["openapi"]
     );
     let paths = doc["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 4, "{:?}", paths.keys());
+    assert_eq!(paths.len(), 5, "{:?}", paths.keys());
     for (path, operations) in paths {
         let concrete = path
             .replace("{envId}", "dev")
             .replace("{cache}", "apikeys")
             .replace("{ids}", "k1")
-            .replace("{requestId}", "r1");
+            .replace("{requestId}", "r1")
+            .replace("{cacheId}", "redis-1");
         for method in operations.as_object().expect("operations").keys() {
             let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes())
                 .expect("an HTTP method");

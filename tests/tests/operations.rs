@@ -153,6 +153,8 @@ async fn held_request(
         &[
             "--id",
             "held",
+            "--cache-id",
+            "held",
             "--backend",
             "redis",
             "--redis-url",

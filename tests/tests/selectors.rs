@@ -186,7 +186,11 @@ async fn redis_backend_evicts_exactly_the_selection() {
                 .query_async(conn)
                 .await
                 .expect("list keys");
-            let left: BTreeSet<String> = left.into_iter().collect();
+            // The agent's own bookkeeping (its position, the Redis run id) is not cached data.
+            let left: BTreeSet<String> = left
+                .into_iter()
+                .filter(|k| !k.starts_with("cachecast:"))
+                .collect();
             assert_eq!(left, expected, "{}", case.body);
         }
     }

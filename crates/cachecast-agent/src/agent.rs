@@ -21,7 +21,7 @@ use crate::admission::REJECT_LOG_INTERVAL;
 use crate::backend::{BackendError, CacheBackend};
 use crate::config::{AgentConfig, AgentError, OnStart};
 use crate::consumer::{Consumer, StreamState, consume, missed_events};
-use crate::presence::{Announcement, Heartbeat};
+use crate::presence::{AnnounceError, Announcement, Heartbeat};
 
 /// An agent, configured but not started.
 #[derive(Debug)]
@@ -375,16 +375,29 @@ impl<B: CacheBackend> Agent<B> {
                 cache: self.cache.as_ref(),
                 instance: &self.instance,
             };
-            let heartbeat = retry("announce presence", || {
-                Heartbeat::announce(
+            let heartbeat = loop {
+                match Heartbeat::announce(
                     presence.clone(),
                     &self.env,
                     &self.id,
                     &announcement,
                     self.config.heartbeat,
                 )
-            })
-            .await;
+                .await
+                {
+                    Ok(heartbeat) => break heartbeat,
+                    Err(AnnounceError::Taken) => {
+                        return Err(AgentError::IdTaken {
+                            env: self.env.clone(),
+                            id: self.id.clone(),
+                        });
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not announce presence; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            };
             self.live.store(true, Ordering::Relaxed);
             let cache = self.cache.as_ref().map_or("none", CacheId::as_str);
             tracing::info!(backend = self.backend.kind(), %cache, "agent is live");
@@ -421,8 +434,9 @@ impl<B: CacheBackend> RunningAgent<B> {
     }
 
     /// Applies events until `shutdown` resolves, then finishes the event in hand, removes
-    /// the presence key and flushes pending acks.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+    /// the presence key and flushes pending acks. Ends early with an error when its event
+    /// consumer ended, or another process took its agent id over.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         let span = tracing::info_span!("agent", env = %self.agent.env, agent = %self.agent.id);
         async move {
             tokio::pin!(shutdown);
@@ -432,10 +446,18 @@ impl<B: CacheBackend> RunningAgent<B> {
             let mut resumed_at = connects();
             let mut next_repair = Instant::now();
             let mut next_stale_flush: Option<Instant> = None;
+            let mut ended = Ok(());
             loop {
                 tokio::select! {
                     biased;
                     () = &mut shutdown => break,
+                    () = self.heartbeat.taken_over() => {
+                        ended = Err(AgentError::IdTaken {
+                            env: self.agent.env.clone(),
+                            id: self.agent.id.clone(),
+                        });
+                        break;
+                    }
                     _ = connection_check.tick() => {
                         let since = self.heartbeat.since_last_ok();
                         self.agent.flush_if_stale(since, &mut next_stale_flush).await;
@@ -477,6 +499,7 @@ impl<B: CacheBackend> RunningAgent<B> {
                         }
                         None => {
                             tracing::error!("event consumer ended; stopping the agent");
+                            ended = Err(AgentError::ConsumerEnded);
                             break;
                         }
                     },
@@ -486,6 +509,7 @@ impl<B: CacheBackend> RunningAgent<B> {
             self.heartbeat.leave().await;
             cachecast_bus::flush(&self.agent.client, self.agent.bus.nats.request_timeout).await;
             tracing::info!("agent stopped");
+            ended
         }
         .instrument(span)
         .await
@@ -676,7 +700,7 @@ impl<B: CacheBackend> Agent<B> {
                 }
                 Err(err) => {
                     self.set_dirty(self.dirty().or(Some("failed_eviction")));
-                    return Err(format!("could not check the cache: {err}"));
+                    return Err(err.to_string());
                 }
             }
         }

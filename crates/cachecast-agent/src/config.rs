@@ -125,9 +125,13 @@ pub enum AgentError {
     #[error(transparent)]
     Bus(#[from] cachecast_bus::BusError),
     #[error(
-        "the event consumer ended while catching up; check the stream and the NATS connection, then restart the agent"
+        "the event consumer ended; check the stream and the NATS connection, then restart the agent"
     )]
     ConsumerEnded,
+    #[error(
+        "another live process announces agent id {id} in environment {env}: give every agent its own agent.id (or stop the other one)"
+    )]
+    IdTaken { env: EnvId, id: AgentId },
 }
 
 /// This machine's host name (empty when unknown).

@@ -3,12 +3,17 @@
 //! Publishers treat an agent as live while its key was refreshed within three heartbeats, and
 //! expect its acknowledgement for every event they publish meanwhile. The key is deleted on
 //! graceful shutdown, so an agent that leaves properly is never waited for.
+//!
+//! One id, one process: every write is conditional on the revision this process wrote last,
+//! and carries a random `instance`. A process that finds the key refreshed by another instance
+//! refuses to start; one whose key was taken over while it was paused stops.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use cachecast_proto::{AgentId, CacheId, CacheName, EnvId, Presence, Subjects, Wire};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// What an agent announces about itself besides its id.
@@ -30,6 +35,17 @@ pub(crate) struct Heartbeat {
     task: JoinHandle<()>,
     /// When a presence write last succeeded.
     last_ok: Arc<Mutex<Instant>>,
+    /// Set when another process took the key over.
+    taken: watch::Receiver<bool>,
+}
+
+/// Why presence could not be announced.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AnnounceError {
+    #[error("{0}")]
+    Bus(String),
+    #[error("another live process announces this agent id")]
+    Taken,
 }
 
 impl Heartbeat {
@@ -41,8 +57,11 @@ impl Heartbeat {
         agent: &AgentId,
         announcement: &Announcement<'_>,
         interval: Duration,
-    ) -> Result<Self, kv::PutError> {
+    ) -> Result<Self, AnnounceError> {
         let key = Subjects::presence_key(env, agent);
+        if held_by_another(&store, &key, announcement.instance).await? {
+            return Err(AnnounceError::Taken);
+        }
         let value = Presence {
             agent_id: agent.to_string(),
             env: env.to_string(),
@@ -62,8 +81,13 @@ impl Heartbeat {
             instance: announcement.instance.to_owned(),
         }
         .to_bytes();
-        store.put(&key, value.clone()).await?;
+        let mut revision = store
+            .put(&key, value.clone())
+            .await
+            .map_err(|e| AnnounceError::Bus(e.to_string()))?;
         let last_ok = Arc::new(Mutex::new(Instant::now()));
+        let (taken_tx, taken) = watch::channel(false);
+        let instance = announcement.instance.to_owned();
         let task = tokio::spawn({
             let store = store.clone();
             let key = key.clone();
@@ -74,9 +98,18 @@ impl Heartbeat {
                 ticker.tick().await;
                 loop {
                     ticker.tick().await;
-                    match store.put(&key, value.clone()).await {
-                        Ok(_) => {
-                            *last_ok.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now()
+                    // Stamped when the write is sent: the margin to the publishers' three
+                    // heartbeats counts from here.
+                    let sent = Instant::now();
+                    match refresh(&store, &key, &value, revision, &instance).await {
+                        Ok(Some(next)) => {
+                            revision = next;
+                            *last_ok.lock().unwrap_or_else(|p| p.into_inner()) = sent;
+                        }
+                        Ok(None) => {
+                            tracing::error!(%key, "another process announces this agent id: stopping this one; give every agent its own agent.id");
+                            taken_tx.send_replace(true);
+                            return;
                         }
                         Err(err) => {
                             tracing::warn!(%key, error = %err, "presence heartbeat failed; retrying next interval")
@@ -90,7 +123,17 @@ impl Heartbeat {
             key,
             task,
             last_ok,
+            taken,
         })
+    }
+
+    /// Resolves once another process has taken this agent's presence key over.
+    pub(crate) async fn taken_over(&self) {
+        let mut taken = self.taken.clone();
+        if taken.wait_for(|t| *t).await.is_err() {
+            // The heartbeat task ended without a takeover (aborted): never resolve.
+            std::future::pending::<()>().await;
+        }
     }
 
     /// How long ago a presence write last succeeded.
@@ -101,9 +144,13 @@ impl Heartbeat {
             .elapsed()
     }
 
-    /// Stops the heartbeat and deletes the presence key, so publishers stop expecting acks.
+    /// Stops the heartbeat and deletes the presence key, so publishers stop expecting acks
+    /// (unless another process holds it now).
     pub(crate) async fn leave(self) {
         self.task.abort();
+        if *self.taken.borrow() {
+            return;
+        }
         match self.store.delete(&self.key).await {
             Ok(()) => tracing::info!(key = %self.key, "presence removed"),
             Err(err) => {
@@ -117,6 +164,81 @@ impl Drop for Heartbeat {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Writes `value` over the revision this process wrote last. `Ok(Some(revision))` when
+/// written; `Ok(None)` when another instance wrote the key since (taken over).
+async fn refresh(
+    store: &kv::Store,
+    key: &str,
+    value: &bytes::Bytes,
+    revision: u64,
+    instance: &str,
+) -> Result<Option<u64>, String> {
+    match store.update(key, value.clone(), revision).await {
+        Ok(next) => return Ok(Some(next)),
+        Err(err) if err.kind() != kv::UpdateErrorKind::WrongLastRevision => {
+            return Err(err.to_string());
+        }
+        Err(_) => {}
+    }
+    // Someone wrote since: this process (a write whose reply was lost), another one, or
+    // nobody (the bucket was created anew).
+    let current = store.entry(key).await.map_err(|e| e.to_string())?;
+    match current {
+        Some(entry) if entry.operation == kv::Operation::Put => {
+            let mine = Presence::from_bytes(&entry.value).is_ok_and(|p| p.instance == instance);
+            if !mine {
+                return Ok(None);
+            }
+            store
+                .update(key, value.clone(), entry.revision)
+                .await
+                .map(Some)
+                .map_err(|e| e.to_string())
+        }
+        _ => store
+            .put(key, value.clone())
+            .await
+            .map(Some)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Whether another live process announces `key`: its value names another instance and it is
+/// refreshed within one and a half of that process's heartbeats. A key left by a crashed
+/// process is not refreshed, so a restart with the same id waits that long, then goes on.
+async fn held_by_another(
+    store: &kv::Store,
+    key: &str,
+    instance: &str,
+) -> Result<bool, AnnounceError> {
+    let read = |key: &str| {
+        let store = store.clone();
+        let key = key.to_owned();
+        async move {
+            let entry = store
+                .entry(&key)
+                .await
+                .map_err(|e| AnnounceError::Bus(e.to_string()))?;
+            Ok::<_, AnnounceError>(
+                entry
+                    .filter(|e| e.operation == kv::Operation::Put)
+                    .and_then(|e| {
+                        let presence = Presence::from_bytes(&e.value).ok()?;
+                        (presence.instance != instance)
+                            .then_some((e.revision, presence.heartbeat_ms))
+                    }),
+            )
+        }
+    };
+    let Some((revision, heartbeat_ms)) = read(key).await? else {
+        return Ok(false);
+    };
+    let heartbeat = Duration::from_millis(heartbeat_ms.clamp(100, 60_000));
+    tracing::info!(%key, wait = ?heartbeat * 3 / 2, "another process announced this agent id; checking that it is gone");
+    tokio::time::sleep(heartbeat * 3 / 2).await;
+    Ok(read(key).await?.is_some_and(|(now, _)| now != revision))
 }
 
 /// Registers the persistent cache `cache` of `env` in the caches bucket (no TTL), so every

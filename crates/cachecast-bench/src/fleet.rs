@@ -43,9 +43,16 @@ impl Agents {
             let running = agent.start().await?;
             let (stop, stopped) = oneshot::channel::<()>();
             stops.push(stop);
-            tasks.push(tokio::spawn(running.run(async {
-                stopped.await.ok();
-            })));
+            tasks.push(tokio::spawn(async move {
+                if let Err(err) = running
+                    .run(async {
+                        stopped.await.ok();
+                    })
+                    .await
+                {
+                    eprintln!("warning: a benchmark agent stopped: {err}");
+                }
+            }));
         }
         anyhow::ensure!(
             publisher

@@ -65,7 +65,7 @@ pub(crate) async fn hold_entries(nats_url: &str, entries: usize) -> anyhow::Resu
         );
     }
     println!("ready with {} entries", cache.len());
-    running.run(std::future::pending()).await;
+    running.run(std::future::pending()).await?;
     Ok(())
 }
 

@@ -49,10 +49,15 @@ async fn run_with(config: Config, backend: impl CacheBackend) -> anyhow::Result<
         started = agent.start() => started?,
         () = shutdown.clone().wait() => return Ok(ExitCode::SUCCESS),
     };
-    running.run(shutdown.wait()).await;
+    let ran = running.run(shutdown.wait()).await;
     if let Some(admin) = admin {
+        if ran.is_err() {
+            // Stopped by itself: the admin server must not keep the process alive.
+            admin.abort();
+        }
         admin.await.ok();
     }
+    ran?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -63,7 +63,9 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
         let running = agent.start().await?;
         let stop = shutdown.clone().wait();
         agents.push(tokio::spawn(async move {
-            running.run(stop).await;
+            if let Err(err) = running.run(stop).await {
+                tracing::error!(error = %err, "an agent of the local stack stopped");
+            }
         }));
     }
     if !publisher

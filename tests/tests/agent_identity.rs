@@ -1,0 +1,65 @@
+//! One agent id, one process: a second live process claiming an id refuses to start, and a
+//! process whose id was taken over while it was paused stops instead of answering for it.
+
+use std::time::Duration;
+
+use cachecast_e2e::{Signal, Stack, cachecast};
+
+const STARTUP: Duration = Duration::from_secs(30);
+const EXIT: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_with_a_live_id_refuses_and_one_whose_id_was_taken_over_stops() {
+    let stack = Stack::start().await;
+    let url = stack.nats.url();
+    let args = [
+        "agent",
+        "--env",
+        "dev",
+        "--id",
+        "twin",
+        "--heartbeat",
+        "300ms",
+    ];
+    let mut first = cachecast(&url, &args);
+    first
+        .wait_for_output("agent is live", STARTUP)
+        .await
+        .unwrap_or_else(|e| panic!("first agent: {e}"));
+
+    let mut second = cachecast(&url, &args);
+    let status = second.wait_exit(EXIT).await.expect("the second one exits");
+    assert!(!status.success(), "{}", second.output());
+    assert!(
+        second
+            .output()
+            .contains("another live process announces agent id twin"),
+        "{}",
+        second.output()
+    );
+
+    // Paused, the first stops refreshing its key: a new process may take the id over.
+    first.signal(Signal::SIGSTOP);
+    let third = cachecast(&url, &args);
+    third
+        .wait_for_output("agent is live", STARTUP)
+        .await
+        .unwrap_or_else(|e| panic!("third agent: {e}"));
+    first.signal(Signal::SIGCONT);
+    let status = first.wait_exit(EXIT).await.expect("the paused one stops");
+    assert!(!status.success(), "{}", first.output());
+    assert!(
+        first
+            .output()
+            .contains("another process announces this agent id"),
+        "{}",
+        first.output()
+    );
+
+    // The id is answered for by exactly one process: the third.
+    stack.wait_for_agents("dev", 1).await;
+    let answer = stack.invalidate("dev", "{}", "").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body["_nodes"]["total"], 1, "{}", answer.body);
+    assert!(third.pid().is_some(), "the third still runs");
+}
