@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 const API_PASSWORD: &str = "api-pw-for-tests";
 const DEV_1_PASSWORD: &str = "dev-1-pw-for-tests";
+const DEV_2_PASSWORD: &str = "dev-2-pw-for-tests";
 const PROD_1_PASSWORD: &str = "prod-1-pw-for-tests";
 const CALLER_DEV_PASSWORD: &str = "caller-dev-pw-for-tests";
 
@@ -31,6 +32,7 @@ async fn server() -> NatsServer {
         .env("NATS_SYS_PASSWORD", "sys-pw-for-tests")
         .env("NATS_CACHECAST_API_PASSWORD", API_PASSWORD)
         .env("NATS_CACHECAST_AGENT_DEV_1_PASSWORD", DEV_1_PASSWORD)
+        .env("NATS_CACHECAST_AGENT_DEV_2_PASSWORD", DEV_2_PASSWORD)
         .env("NATS_CACHECAST_AGENT_PROD_1_PASSWORD", PROD_1_PASSWORD)
         .env("NATS_CACHECAST_CALLER_DEV_PASSWORD", CALLER_DEV_PASSWORD)
         .start()
@@ -55,6 +57,11 @@ const DEV_1: User = User {
     name: "cachecast-agent-dev-1",
     password: DEV_1_PASSWORD,
     inbox: "_INBOX.agent.dev.dev-agent-1",
+};
+const DEV_2: User = User {
+    name: "cachecast-agent-dev-2",
+    password: DEV_2_PASSWORD,
+    inbox: "_INBOX.agent.dev.dev-agent-2",
 };
 const PROD_1: User = User {
     name: "cachecast-agent-prod-1",
@@ -512,4 +519,77 @@ async fn the_publisher_cannot_act_as_an_agent_or_destroy_the_stream() {
     nothing_on(&mut agent_inboxes);
     assert_eq!(stored(&api, "CACHECAST").await, events_before + 1);
     assert_eq!(stored(&api, "KV_cachecast-agents").await, presence_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_ack_from_another_agent_of_the_environment_never_reaches_the_publisher() {
+    use cachecast_proto::Wire as _;
+    let nats = server().await;
+    let stack = Stack::configured(nats, |bus| API.configure(bus)).await;
+    let nats = &stack.nats;
+    // dev-agent-1 is live (its own user writes its presence) but applies nothing.
+    let victim = Probe::connect(nats, DEV_1).await;
+    let presence = cachecast_proto::Presence {
+        agent_id: "dev-agent-1".into(),
+        env: "dev".into(),
+        heartbeat_ms: 60_000,
+        ..Default::default()
+    };
+    victim
+        .client
+        .publish("$KV.cachecast-agents.dev.dev-agent-1", presence.to_bytes())
+        .await
+        .expect("publish");
+    victim.barrier().await;
+    stack.wait_for_agents("dev", 1).await;
+
+    let env = cachecast_e2e::env_id("dev");
+    let mut in_flight = stack
+        .publisher
+        .begin(cachecast_publisher::InvalidationRequest {
+            env: env.clone(),
+            target: cachecast_proto::Target::Response(Default::default()),
+            request_id: "forged-ack".into(),
+            timeout: Duration::from_secs(3),
+        })
+        .await
+        .expect("published");
+    let ack_subject =
+        cachecast_proto::Subjects::ack(&env, stack.publisher.id(), in_flight.event_id());
+    let forged = cachecast_proto::Ack {
+        event_id: in_flight.event_id().to_owned(),
+        agent_id: "dev-agent-1".into(),
+        status: cachecast_proto::AckStatus::Applied as i32,
+        ..Default::default()
+    }
+    .to_bytes();
+    let mut forger = Probe::connect(nats, DEV_2).await;
+    // As the victim, with and without the sender token: refused by the server.
+    for subject in [format!("{ack_subject}.dev-agent-1"), ack_subject.clone()] {
+        forger
+            .client
+            .publish(subject.clone(), forged.clone())
+            .await
+            .expect("the publish call itself succeeds");
+        forger.violation(&subject).await;
+    }
+    // On its own subject with the victim's name in the payload: refused by the publisher.
+    forger
+        .client
+        .publish(format!("{ack_subject}.dev-agent-2"), forged.clone())
+        .await
+        .expect("publish");
+    forger.barrier().await;
+
+    // Nothing forged counted: the victim never applied, so the request is not confirmed.
+    while in_flight.next_ack().await.is_some() {}
+    let outcome = in_flight.finish();
+    assert!(!outcome.confirmed(), "{outcome:?}");
+    assert!(
+        matches!(
+            outcome.agents.values().next(),
+            Some(cachecast_publisher::AgentOutcome::TimedOut { .. })
+        ),
+        "{outcome:?}"
+    );
 }

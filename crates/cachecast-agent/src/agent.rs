@@ -635,7 +635,11 @@ impl<B: CacheBackend> Agent<B> {
             cachecast_bus::trace_context::inject_current(&mut headers);
             if let Err(err) = self
                 .client
-                .publish_with_headers(event.ack_subject.clone(), headers, ack.to_bytes())
+                .publish_with_headers(
+                    Subjects::ack_from(&event.ack_subject, &self.id),
+                    headers,
+                    ack.to_bytes(),
+                )
                 .await
             {
                 tracing::warn!(error = %err, "could not send the ack");

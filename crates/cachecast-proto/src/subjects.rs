@@ -1,6 +1,7 @@
 //! NATS subject names and presence keys.
 //!
-//! Events: `cachecast.v1.<env>.inval`. Acks: `cachecast.v1.<env>.ack.<publisherId>.<eventId>`.
+//! Events: `cachecast.v1.<env>.inval`. Acks:
+//! `cachecast.v1.<env>.ack.<publisherId>.<eventId>.<agentId>`.
 //! Service requests: `cachecast.svc.v1.<env>.invalidate`.
 //! Presence: key `<env>.<agentId>` in the presence bucket. Registration of a persistent cache:
 //! key `<env>.<cacheId>` in the caches bucket. Every token here is either a
@@ -28,14 +29,22 @@ impl Subjects {
         format!("{PREFIX}.{env}.ack.{publisher_id}.{event_id}")
     }
 
+    /// Where `agent` publishes its ack of an event whose ack subject is `ack_subject`: the
+    /// agent id as the last token, so NATS permissions can bind each agent user to its own
+    /// acks (`cachecast.v1.<env>.ack.*.*.<agentId>`).
+    pub fn ack_from(ack_subject: &str, agent: &AgentId) -> String {
+        format!("{ack_subject}.{agent}")
+    }
+
     /// What every ack subject of `env` starts with.
     pub fn ack_prefix(env: &EnvId) -> String {
         format!("{PREFIX}.{env}.ack.")
     }
 
-    /// Every ack addressed to one publisher, in any environment.
+    /// Every ack addressed to one publisher, in any environment, with or without the
+    /// sending agent's id as the last token.
     pub fn acks_for_publisher(publisher_id: &str) -> String {
-        format!("{PREFIX}.*.ack.{publisher_id}.*")
+        format!("{PREFIX}.*.ack.{publisher_id}.>")
     }
 
     /// Where API replicas ask each other for the status of an asynchronous request (the
@@ -96,7 +105,12 @@ mod tests {
         assert!(Subjects::ack(&env, "p1", "e1").starts_with(&Subjects::ack_prefix(&env)));
         assert_eq!(
             Subjects::acks_for_publisher("p1"),
-            "cachecast.v1.*.ack.p1.*"
+            "cachecast.v1.*.ack.p1.>"
+        );
+        let agent = AgentId::new("paa-1").expect("valid");
+        assert_eq!(
+            Subjects::ack_from(&Subjects::ack(&env, "p1", "e1"), &agent),
+            "cachecast.v1.dev.ack.p1.e1.paa-1"
         );
     }
 

@@ -682,9 +682,20 @@ async fn demux_acks(mut acks: async_nats::Subscriber, inner: std::sync::Weak<Inn
                 continue;
             }
         };
-        // The subject names the event; it must agree with the payload.
-        if subject.rsplit('.').next() != Some(ack.event_id.as_str()) {
-            let detail = format!("the payload names event {:?}", ack.event_id);
+        // cachecast.v1.<env>.ack.<publisherId>.<eventId>[.<agentId>]: the subject names the
+        // event and (from current agents) the sender, whom NATS permissions can bind to its
+        // user; both must agree with the payload.
+        let tokens: Vec<&str> = subject.split('.').collect();
+        let agrees = tokens.get(5) == Some(&ack.event_id.as_str())
+            && match tokens.get(6) {
+                None => true,
+                Some(agent) => *agent == ack.agent_id && tokens.len() == 7,
+            };
+        if !agrees {
+            let detail = format!(
+                "the payload names event {:?} from agent {:?}",
+                ack.event_id, ack.agent_id
+            );
             inner.reject(
                 env_label,
                 "mismatched_subject",
