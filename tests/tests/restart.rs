@@ -302,3 +302,32 @@ async fn a_redis_restarted_from_an_old_snapshot_is_flushed_before_the_next_appli
         "flushed before the applied ack"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_forget_unattended_after_a_long_unattended_cache_is_forgotten() {
+    let nats = cachecast_testkit::nats().await;
+    let stack = Stack::configured(nats, |bus| {
+        bus.presence.forget_unattended_after = Some(Duration::from_secs(1));
+    })
+    .await;
+    let redis = cachecast_testkit::redis().await;
+    let mut first = agent(&stack.nats.url(), &redis.url(), "paa-0", &[]).await;
+    stack.wait_for_agents("dev", 1).await;
+    first.signal(Signal::SIGTERM);
+    first.wait_exit(EXIT).await.expect("stops");
+    stack.wait_for_agents("dev", 0).await;
+    let env = cachecast_e2e::env_id("dev");
+    assert_eq!(stack.publisher.caches(&env).len(), 1, "registered");
+    eventually(
+        "the publisher forgets the unattended cache",
+        Duration::from_secs(15),
+        || {
+            let caches = stack.publisher.caches(&env);
+            async move { caches.is_empty() }
+        },
+    )
+    .await;
+    let answer = invalidate_scope(&stack, "s1", "1s").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body["_nodes"]["total"], 0, "{}", answer.body);
+}

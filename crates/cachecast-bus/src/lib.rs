@@ -249,6 +249,12 @@ pub struct PresenceConfig {
     /// a crashed agent when no other agent writes (see docs/ARCHITECTURE.md).
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// Publishers forget a persistent cache that no agent attended for this long (off when
+    /// unset). For autoscaled fleets whose caches end with their pods; the risk: a cache that
+    /// still serves but whose agents are down that long is no longer invalidated, and requests
+    /// answer `200` without it.
+    #[serde(default, with = "humantime_serde")]
+    pub forget_unattended_after: Option<Duration>,
 }
 
 impl Default for PresenceConfig {
@@ -257,6 +263,7 @@ impl Default for PresenceConfig {
             bucket: "cachecast-agents".into(),
             replicas: 1,
             max_age: Duration::from_secs(60),
+            forget_unattended_after: None,
         }
     }
 }

@@ -113,6 +113,9 @@ pub(crate) struct Membership {
     /// When the last agent attending each persistent cache left gracefully (its presence key
     /// deleted), so an unattended cache's answer can say for how long.
     departed: Mutex<HashMap<(EnvId, CacheId), Instant>>,
+    /// When this view began: how long an unattended cache has been unattended at least, when
+    /// no departure of its agents was seen.
+    began: Instant,
 }
 
 impl Membership {
@@ -124,6 +127,7 @@ impl Membership {
             synced: watch::Sender::new(false),
             feeds_synced: Mutex::new((false, false)),
             departed: Mutex::default(),
+            began: Instant::now(),
         })
     }
 
@@ -133,6 +137,35 @@ impl Membership {
 
     fn lock_caches(&self) -> MutexGuard<'_, Registry> {
         self.caches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every persistent cache unattended for longer than `limit` (counting from when this
+    /// view began if it never saw an agent attend it), and the number of unattended caches
+    /// per environment, for the gauge.
+    pub(crate) fn unattended(
+        &self,
+        limit: Option<Duration>,
+    ) -> (Vec<(EnvId, CacheId)>, Vec<(EnvId, usize)>) {
+        let envs: Vec<EnvId> = self.lock_caches().keys().cloned().collect();
+        let viewed = self.began.elapsed();
+        let (mut expired, mut counts) = (Vec::new(), Vec::new());
+        for env in envs {
+            let unattended: Vec<KnownCache> = self
+                .caches(&env)
+                .into_iter()
+                .filter(|c| c.attended_by.is_empty())
+                .collect();
+            counts.push((env.clone(), unattended.len()));
+            if let Some(limit) = limit {
+                expired.extend(
+                    unattended
+                        .into_iter()
+                        .filter(|c| c.unattended_for.unwrap_or(viewed) > limit)
+                        .map(|c| (env.clone(), c.id)),
+                );
+            }
+        }
+        (expired, counts)
     }
 
     /// Since when each persistent cache of `env` whose agents left gracefully has been left.

@@ -174,6 +174,11 @@ impl Publisher {
         let followers = [
             follower(Feed::Presence, store),
             follower(Feed::Caches, caches.clone()),
+            tokio::spawn(watch_unattended(
+                membership.clone(),
+                caches.clone(),
+                bus.presence.forget_unattended_after,
+            )),
         ];
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
             let demux = tokio::spawn(demux_acks(acks, weak.clone()));
@@ -746,4 +751,40 @@ async fn demux_acks(mut acks: async_nats::Subscriber, inner: std::sync::Weak<Inn
     tracing::error!(
         "the ack subscription ended: no request can be confirmed any more; restart the publisher"
     );
+}
+
+/// How often unattended caches are counted (and, when configured, forgotten).
+const UNATTENDED_CHECK: Duration = Duration::from_secs(5);
+
+/// Keeps the unattended-caches gauge current and, with `presence.forget_unattended_after`,
+/// forgets the caches no agent attended for that long.
+async fn watch_unattended(
+    membership: Arc<Membership>,
+    caches: async_nats::jetstream::kv::Store,
+    forget_after: Option<Duration>,
+) {
+    let mut tick = tokio::time::interval(UNATTENDED_CHECK);
+    loop {
+        tick.tick().await;
+        if !membership.is_synced() {
+            continue;
+        }
+        let (expired, counts) = membership.unattended(forget_after);
+        for (env, count) in counts {
+            metrics::gauge!("cachecast_unattended_caches", "env" => env.to_string())
+                .set(count as f64);
+        }
+        for (env, cache) in expired {
+            match caches.purge(cachecast_proto::cache_key(&env, &cache)).await {
+                Ok(()) => {
+                    metrics::counter!("cachecast_caches_forgotten_total", "env" => env.to_string(), "reason" => "unattended")
+                        .increment(1);
+                    tracing::warn!(%env, %cache, after = ?forget_after, "forgot a cache no agent attended for presence.forget_unattended_after");
+                }
+                Err(err) => {
+                    tracing::warn!(%env, %cache, error = %err, "could not forget an unattended cache; retrying")
+                }
+            }
+        }
+    }
 }
