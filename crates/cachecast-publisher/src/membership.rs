@@ -75,6 +75,15 @@ pub(crate) enum ExpectedCache {
     },
 }
 
+/// The unattended persistent caches, as [`Membership::unattended`] counts them.
+#[derive(Debug, Default)]
+pub(crate) struct Unattended {
+    /// Unattended for longer than the limit asked for.
+    pub(crate) expired: Vec<(EnvId, CacheId)>,
+    /// How many per environment.
+    pub(crate) counts: Vec<(EnvId, usize)>,
+}
+
 /// Which bucket a watch follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Feed {
@@ -142,10 +151,7 @@ impl Membership {
     /// Every persistent cache unattended for longer than `limit` (counting from when this
     /// view began if it never saw an agent attend it), and the number of unattended caches
     /// per environment, for the gauge.
-    pub(crate) fn unattended(
-        &self,
-        limit: Option<Duration>,
-    ) -> (Vec<(EnvId, CacheId)>, Vec<(EnvId, usize)>) {
+    pub(crate) fn unattended(&self, limit: Option<Duration>) -> Unattended {
         let envs: Vec<EnvId> = self.lock_caches().keys().cloned().collect();
         let viewed = self.began.elapsed();
         let (mut expired, mut counts) = (Vec::new(), Vec::new());
@@ -165,7 +171,7 @@ impl Membership {
                 );
             }
         }
-        (expired, counts)
+        Unattended { expired, counts }
     }
 
     /// Since when each persistent cache of `env` whose agents left gracefully has been left.

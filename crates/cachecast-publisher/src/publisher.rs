@@ -769,7 +769,7 @@ async fn watch_unattended(
         if !membership.is_synced() {
             continue;
         }
-        let (expired, counts) = membership.unattended(forget_after);
+        let membership::Unattended { expired, counts } = membership.unattended(forget_after);
         for (env, count) in counts {
             metrics::gauge!("cachecast_unattended_caches", "env" => env.to_string())
                 .set(count as f64);
