@@ -35,6 +35,8 @@ pub struct Agent<B> {
     backend: Arc<B>,
     /// The persistent cache this agent attends; `None` when its cache ends with the process.
     cache: Option<CacheId>,
+    /// Asks the Kubernetes API about the agent's pod, for a cache that ends with it.
+    kube: Option<cachecast_kube::Kube>,
     /// Random per process: tells two processes claiming one agent id apart in presence.
     instance: String,
     /// True from the moment presence is announced until shutdown begins.
@@ -117,6 +119,17 @@ pub struct RunningAgent<B> {
     /// Which stream `last_sequence` counts in (its creation time).
     stream_created_ns: i128,
     heartbeat: Heartbeat,
+    /// The registration of its persistent cache.
+    registered: Option<Registered>,
+}
+
+/// A persistent cache's registration, as its agent holds it.
+#[derive(Debug)]
+struct Registered {
+    store: async_nats::jetstream::kv::Store,
+    key: String,
+    /// The pod the cache ends with (`cache_lifetime = "pod"`).
+    pod: Option<cachecast_kube::PodRef>,
 }
 
 /// Where a starting agent begins: after a stored position (its cache is up to date to it), or
@@ -137,12 +150,23 @@ impl<B: CacheBackend> Agent<B> {
         backend: B,
     ) -> Self {
         let js = cachecast_bus::jetstream(client.clone(), &bus.nats);
-        let cache = backend
-            .default_cache_id()
-            .map(|default| config.cache_id.clone().unwrap_or(default));
+        // A pod-lifetime cache is named after its pod unless configured: each pod's Redis is
+        // another cache, even where every pod reaches it at redis://127.0.0.1.
+        let pod_default = (config.cache_lifetime == crate::CacheLifetime::Pod)
+            .then(|| config.pod_uid.as_ref())
+            .flatten()
+            .and_then(|uid| CacheId::new(format!("pod-{uid}")).ok());
+        let cache = backend.default_cache_id().map(|default| {
+            config
+                .cache_id
+                .clone()
+                .or(pod_default)
+                .unwrap_or(default)
+        });
         let instance = cachecast_proto::new_event_id();
         Self {
             cache,
+            kube: None,
             instance,
             ack_prefix: Subjects::ack_prefix(&env),
             metrics: EventMetrics::new(&env),
@@ -162,6 +186,16 @@ impl<B: CacheBackend> Agent<B> {
 
     pub fn id(&self) -> &AgentId {
         &self.id
+    }
+
+    /// Uses these settings to ask the Kubernetes API about the agent's pod (with
+    /// `cache_lifetime = "pod"`; the in-cluster defaults otherwise).
+    pub fn with_kubernetes(
+        mut self,
+        config: &cachecast_kube::KubernetesConfig,
+    ) -> Result<Self, AgentError> {
+        self.kube = Some(cachecast_kube::Kube::new(config)?);
+        Ok(self)
     }
 
     /// The persistent cache this agent attends (`None` for a cache in its own process).
@@ -329,22 +363,34 @@ impl<B: CacheBackend> Agent<B> {
             if point.resume_after.is_none() {
                 retry("flush the cache", || self.flush("start")).await;
             }
+            let mut registered = None;
             if let Some(cache) = &self.cache {
+                let pod = self.config.pod()?;
+                let registration = cachecast_proto::CacheRegistration {
+                    cache_id: cache.to_string(),
+                    env: self.env.to_string(),
+                    backend: self.backend.kind().to_owned(),
+                    registered_at_unix_ms: cachecast_proto::now_unix_ms(),
+                    keyed_caches: self.keyed_caches.iter().map(|c| c.to_string()).collect(),
+                    agent_id: self.id.to_string(),
+                    lifetime: self.config.cache_lifetime.as_str().to_owned(),
+                    pod_namespace: pod.as_ref().map(|p| p.namespace.clone()).unwrap_or_default(),
+                    pod_name: pod.as_ref().map(|p| p.name.clone()).unwrap_or_default(),
+                    pod_uid: pod.as_ref().map(|p| p.uid.clone()).unwrap_or_default(),
+                };
                 let store = retry("open the caches bucket", || {
                     cachecast_bus::open_caches_bucket(&self.js, &self.bus.caches)
                 })
                 .await;
                 retry("register the cache", || {
-                    crate::presence::register(
-                        &store,
-                        &self.env,
-                        cache,
-                        &self.id,
-                        self.backend.kind(),
-                        &self.keyed_caches,
-                    )
+                    crate::presence::register(&store, &self.env, cache, &registration)
                 })
                 .await;
+                registered = Some(Registered {
+                    store,
+                    key: cachecast_proto::cache_key(&self.env, cache),
+                    pod,
+                });
             }
             // Catch up before saying it is live: the events published while the cache was
             // unattended, in order (publishers still waiting for them get their acks).
@@ -408,6 +454,7 @@ impl<B: CacheBackend> Agent<B> {
                 last_sequence,
                 stream_created_ns,
                 heartbeat,
+                registered,
             };
             running
                 .agent
@@ -506,6 +553,9 @@ impl<B: CacheBackend> RunningAgent<B> {
                 }
             }
             self.agent.live.store(false, Ordering::Relaxed);
+            if ended.is_ok() {
+                forget_if_pod_deleted(self.registered.take(), self.agent.kube.clone()).await;
+            }
             self.heartbeat.leave().await;
             cachecast_bus::flush(&self.agent.client, self.agent.bus.nats.request_timeout).await;
             tracing::info!("agent stopped");
@@ -513,6 +563,50 @@ impl<B: CacheBackend> RunningAgent<B> {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// A cache that ends with its pod is forgotten when the pod is being deleted (or gone); a
+/// container restart leaves it registered, and the next agent catches it up.
+async fn forget_if_pod_deleted(
+    registered: Option<Registered>,
+    kube: Option<cachecast_kube::Kube>,
+) {
+    {
+        let Some(Registered {
+            store,
+            key,
+            pod: Some(pod),
+        }) = registered
+        else {
+            return;
+        };
+        let kube = match kube {
+            Some(kube) => kube,
+            None => match cachecast_kube::Kube::new(&cachecast_kube::KubernetesConfig::default()) {
+                Ok(kube) => kube,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot ask the Kubernetes API about this pod; its cache stays registered");
+                    return;
+                }
+            },
+        };
+        match kube.pod_state(&pod).await {
+            Ok(cachecast_kube::PodState::Running) => {
+                tracing::info!(pod = %pod.name, "the pod stays (a container restart): its cache stays registered");
+            }
+            Ok(state) => match store.purge(&key).await {
+                Ok(()) => {
+                    tracing::info!(pod = %pod.name, ?state, "the pod is being deleted: its cache ends with it and is forgotten");
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not forget the cache of a deleted pod; publishers collect it once the pod is gone")
+                }
+            },
+            Err(err) => {
+                tracing::warn!(error = %err, "could not ask the Kubernetes API about this pod; its cache stays registered (publishers collect it once the pod is gone)")
+            }
+        }
     }
 }
 

@@ -19,6 +19,14 @@ pub struct AgentConfig {
     /// the machine's host name). Ignored for the memory backend, whose cache ends with the
     /// agent.
     pub cache_id: Option<CacheId>,
+    /// How long the persistent cache lives: `independent` of agents and pods (forgotten by
+    /// hand), or `pod`: it ends with the pod (a Redis sidecar), so the agent forgets it when
+    /// the Kubernetes API says the pod is being deleted, and its default id is `pod-<uid>`.
+    pub cache_lifetime: CacheLifetime,
+    /// With `cache_lifetime = "pod"`: the pod's namespace, name and UID (downward API).
+    pub pod_namespace: Option<String>,
+    pub pod_name: Option<String>,
+    pub pod_uid: Option<String>,
     /// How often presence is refreshed; publishers drop an agent after three missed beats.
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
@@ -51,6 +59,26 @@ pub enum OnStart {
     Resume,
 }
 
+/// How long a persistent cache lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheLifetime {
+    /// Outlives agents and pods: stays registered until forgotten by hand.
+    #[default]
+    Independent,
+    /// Ends with the pod the agent runs in.
+    Pod,
+}
+
+impl CacheLifetime {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Independent => "independent",
+            Self::Pod => "pod",
+        }
+    }
+}
+
 /// The cache backends an agent process can run with.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -70,6 +98,10 @@ impl Default for AgentConfig {
             env: None,
             id: None,
             cache_id: None,
+            cache_lifetime: CacheLifetime::default(),
+            pod_namespace: None,
+            pod_name: None,
+            pod_uid: None,
             heartbeat: Duration::from_secs(2),
             evict_timeout: Duration::from_secs(10),
             backend: BackendKind::default(),
@@ -84,6 +116,21 @@ impl AgentConfig {
     /// The environment, or an error saying how to set it.
     pub fn env(&self) -> Result<EnvId, AgentError> {
         self.env.clone().ok_or(AgentError::MissingEnv)
+    }
+
+    /// With `cache_lifetime = "pod"`, the agent's pod; `None` for an independent cache.
+    pub fn pod(&self) -> Result<Option<cachecast_kube::PodRef>, AgentError> {
+        if self.cache_lifetime != CacheLifetime::Pod {
+            return Ok(None);
+        }
+        match (&self.pod_namespace, &self.pod_name, &self.pod_uid) {
+            (Some(namespace), Some(name), Some(uid)) => Ok(Some(cachecast_kube::PodRef {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                uid: uid.clone(),
+            })),
+            _ => Err(AgentError::PodUnknown),
+        }
     }
 
     /// The configured agent id, or a new default one.
@@ -124,6 +171,12 @@ pub enum AgentError {
     MissingEnv,
     #[error(transparent)]
     Bus(#[from] cachecast_bus::BusError),
+    #[error(
+        "agent.cache_lifetime = \"pod\" needs agent.pod_namespace, agent.pod_name and agent.pod_uid: set them from the downward API (metadata.namespace, metadata.name, metadata.uid)"
+    )]
+    PodUnknown,
+    #[error(transparent)]
+    Kubernetes(#[from] cachecast_kube::KubeError),
     #[error(
         "the event consumer ended; check the stream and the NATS connection, then restart the agent"
     )]

@@ -23,4 +23,5 @@ pub use backend::{
     BackendError, CacheBackend, FillTicket, HttpBackend, HttpConfig, MemoryCache, Position,
     RedisBackend, RedisConfig,
 };
-pub use config::{AgentConfig, AgentError, BackendKind, OnStart};
+pub use cachecast_kube::{Kube, KubernetesConfig, PodRef};
+pub use config::{AgentConfig, AgentError, BackendKind, CacheLifetime, OnStart};

@@ -247,24 +247,14 @@ pub(crate) async fn register(
     store: &kv::Store,
     env: &EnvId,
     cache: &CacheId,
-    agent: &AgentId,
-    backend: &str,
-    keyed_caches: &[CacheName],
+    registration: &cachecast_proto::CacheRegistration,
 ) -> Result<(), kv::PutError> {
-    let registration = cachecast_proto::CacheRegistration {
-        cache_id: cache.to_string(),
-        env: env.to_string(),
-        backend: backend.to_owned(),
-        registered_at_unix_ms: cachecast_proto::now_unix_ms(),
-        keyed_caches: keyed_caches.iter().map(|c| c.to_string()).collect(),
-        agent_id: agent.to_string(),
-    };
     store
         .put(
             cachecast_proto::cache_key(env, cache),
             registration.to_bytes(),
         )
         .await?;
-    tracing::info!(%cache, "cache registered: publishers expect it until it is forgotten");
+    tracing::info!(%cache, lifetime = %registration.lifetime, "cache registered: publishers expect it until it is forgotten");
     Ok(())
 }

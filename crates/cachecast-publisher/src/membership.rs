@@ -174,6 +174,36 @@ impl Membership {
         Unattended { expired, counts }
     }
 
+    /// The unattended caches registered with a pod lifetime, and their pods.
+    pub(crate) fn unattended_pod_caches(&self) -> Vec<(EnvId, CacheId, cachecast_kube::PodRef)> {
+        let registry: Vec<(EnvId, CacheId, cachecast_kube::PodRef)> = self
+            .lock_caches()
+            .iter()
+            .flat_map(|(env, caches)| {
+                caches
+                    .iter()
+                    .filter(|(_, r)| r.lifetime == "pod" && !r.pod_uid.is_empty())
+                    .map(|(cache, r)| {
+                        let pod = cachecast_kube::PodRef {
+                            namespace: r.pod_namespace.clone(),
+                            name: r.pod_name.clone(),
+                            uid: r.pod_uid.clone(),
+                        };
+                        (env.clone(), cache.clone(), pod)
+                    })
+            })
+            .collect();
+        let envs = self.lock();
+        registry
+            .into_iter()
+            .filter(|(env, cache, _)| {
+                !envs.get(env).into_iter().flatten().any(|(_, m)| {
+                    m.is_live() && m.presence.cache_id == cache.as_str()
+                })
+            })
+            .collect()
+    }
+
     /// Since when each persistent cache of `env` whose agents left gracefully has been left.
     fn departures(&self, env: &EnvId) -> HashMap<CacheId, Duration> {
         self.departed

@@ -234,6 +234,40 @@ impl Publisher {
         self.inner.membership.caches(env)
     }
 
+    /// Forgets, every `every`, the unattended caches that end with their pod whose pod is gone
+    /// (a lost node, an overrun grace period: their agent had no chance to). Runs until the
+    /// task is dropped.
+    pub async fn collect_pod_caches(&self, kube: cachecast_kube::Kube, every: Duration) {
+        let warnings = LogLimiter::new(Duration::from_secs(60));
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            if !self.inner.membership.is_synced() {
+                continue;
+            }
+            for (env, cache, pod) in self.inner.membership.unattended_pod_caches() {
+                match kube.pod_state(&pod).await {
+                    Ok(cachecast_kube::PodState::Gone) => {
+                        match self.inner.caches.purge(cachecast_proto::cache_key(&env, &cache)).await {
+                            Ok(()) => {
+                                metrics::counter!("cachecast_caches_forgotten_total", "env" => env.to_string(), "reason" => "pod_gone")
+                                    .increment(1);
+                                tracing::info!(%env, %cache, pod = %pod.name, "forgot the cache of a pod that is gone");
+                            }
+                            Err(err) => tracing::warn!(%env, %cache, error = %err, "could not forget the cache of a gone pod; retrying"),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        if let Some(left_out) = warnings.allow("kubernetes") {
+                            tracing::warn!(error = %err, left_out, "could not ask the Kubernetes API about a cache's pod");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Removes the registration of a persistent cache that is gone for good (decommissioned),
     /// so requests stop expecting it. Returns whether it was registered. An agent that attends
     /// it again registers it again.

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use cachecast_agent::{AgentConfig, HttpConfig, RedisConfig};
+use cachecast_agent::{AgentConfig, HttpConfig, KubernetesConfig, RedisConfig};
 use cachecast_bus::{BusConfig, CachesConfig, NatsConfig, PresenceConfig, StreamConfig};
 use cachecast_publisher::auth::AuthConfig;
 use cachecast_publisher::http::ApiConfig;
@@ -27,6 +27,7 @@ pub(crate) struct Config {
     pub(crate) agent: AgentConfig,
     pub(crate) redis: RedisConfig,
     pub(crate) http: HttpConfig,
+    pub(crate) kubernetes: KubernetesConfig,
 }
 
 impl Config {

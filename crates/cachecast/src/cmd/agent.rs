@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use cachecast_admin::Health;
 use cachecast_agent::{
-    Agent, AgentProbe, BackendKind, CacheBackend, HttpBackend, MemoryCache, RedisBackend,
+    Agent, AgentProbe, BackendKind, CacheBackend, CacheLifetime, HttpBackend, MemoryCache,
+    RedisBackend,
 };
 
 use crate::config::Config;
@@ -41,6 +42,12 @@ async fn run_with(config: Config, backend: impl CacheBackend) -> anyhow::Result<
         config.agent.clone(),
         backend,
     );
+    let agent = if config.agent.cache_lifetime == CacheLifetime::Pod {
+        config.agent.pod()?;
+        agent.with_kubernetes(&config.kubernetes)?
+    } else {
+        agent
+    };
     let admin = match config.agent.admin_listen {
         Some(addr) => Some(serve_admin(addr, agent.probe(), shutdown.clone()).await?),
         None => None,

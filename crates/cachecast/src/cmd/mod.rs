@@ -28,6 +28,7 @@ pub(crate) fn check_config(command: &Command, config: &Config) -> anyhow::Result
         }
         Command::Agent(_) => {
             config.agent.env()?;
+            config.agent.pod()?;
             match config.agent.backend {
                 BackendKind::Redis => config.redis.check()?,
                 BackendKind::Http => drop(cachecast_agent::HttpBackend::new(&config.http)?),

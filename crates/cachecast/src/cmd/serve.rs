@@ -11,6 +11,9 @@ use std::process::ExitCode;
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 
+/// How often `serve` looks for pod-lifetime caches whose pod is gone.
+const POD_COLLECT_INTERVAL: Duration = Duration::from_secs(30);
+
 pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let verifier = Verifier::new(&config.auth)?;
     super::check_api(&config.api)?;
@@ -63,6 +66,17 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
             shutdown.clone().wait(),
         ))
     });
+    let collector = if config.kubernetes.collect_pod_caches {
+        let kube = cachecast_agent::Kube::new(&config.kubernetes)?;
+        let publisher = publisher.clone();
+        Some(tokio::spawn(async move {
+            publisher
+                .collect_pod_caches(kube, POD_COLLECT_INTERVAL)
+                .await
+        }))
+    } else {
+        None
+    };
     let router = cachecast_publisher::http::router(publisher, verifier, config.api.clone())
         .merge(cachecast_admin::router(health.clone(), metrics));
     let delay = config.api.shutdown_delay;
@@ -93,6 +107,9 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
             Err(err) => tracing::warn!(error = %err, "the NATS service task failed"),
             Ok(Ok(())) => {}
         }
+    }
+    if let Some(collector) = collector {
+        collector.abort();
     }
     cachecast_bus::flush(&client, config.nats.request_timeout).await;
     tracing::info!("stopped");
