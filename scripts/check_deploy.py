@@ -31,6 +31,7 @@ CONTAINER_TOML = DEPLOY / "container.toml"
 # Stand-ins for values only a cluster knows (secrets, pod names).
 SECRET_PLACEHOLDER = "check-deploy-placeholder-secret-of-some-length"
 POD_NAME = "paa-5d8f7c9b6-x7k2p"
+POD_UID = "6f1c2a8e-3b4d-4e5f-9a6b-7c8d9e0f1a2b"
 
 passed = 0
 failed = 0
@@ -71,6 +72,11 @@ def manifests():
     return sorted(
         p for p in KUBE.glob("*.yaml") if p not in (KUSTOMIZATION, HELM_VALUES)
     )
+
+
+def all_containers(spec):
+    """The containers of a pod spec, native sidecars (restartable init containers) included."""
+    return spec.get("initContainers", []) + spec.get("containers", [])
 
 
 def is_cachecast_image(image):
@@ -140,7 +146,7 @@ def check_workloads():
             ):
                 problems.append("spec.selector.matchLabels does not match the pod labels")
             spec = template["spec"]
-            containers = spec.get("containers", [])
+            containers = all_containers(spec)
             runs_cachecast = any(is_cachecast_image(c["image"]) for c in containers)
             if runs_cachecast and spec.get("enableServiceLinks") is not False:
                 problems.append(
@@ -194,7 +200,7 @@ def api_env():
     for path in manifests():
         for doc in load_all(path):
             template = pod_spec(doc)
-            for c in (template or {}).get("spec", {}).get("containers", []):
+            for c in all_containers((template or {}).get("spec", {})):
                 if is_cachecast_image(c["image"]) and c.get("args", ["serve"])[0] == "serve":
                     env.update({e["name"]: e.get("value") for e in c.get("env", [])})
     return env
@@ -321,6 +327,8 @@ def kube_env(container, pod_meta):
                 env[var["name"]] = POD_NAME
             elif path == "metadata.namespace":
                 env[var["name"]] = "default"
+            elif path == "metadata.uid":
+                env[var["name"]] = POD_UID
             elif label and label.group(1) in pod_meta.get("labels", {}):
                 env[var["name"]] = pod_meta["labels"][label.group(1)]
             else:
@@ -345,7 +353,7 @@ def cachecast_invocations():
     for path in manifests():
         for doc in load_all(path):
             template = pod_spec(doc)
-            for c in (template or {}).get("spec", {}).get("containers", []):
+            for c in all_containers((template or {}).get("spec", {})):
                 if is_cachecast_image(c["image"]):
                     where = f"{path}: {doc['metadata']['name']}/{c['name']}"
                     try:

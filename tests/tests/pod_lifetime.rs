@@ -55,7 +55,10 @@ async fn kubernetes_api(pods: Pods) -> String {
         }
     }
     let router = axum::Router::new()
-        .route("/api/v1/namespaces/{namespace}/pods/{name}", axum::routing::get(pod))
+        .route(
+            "/api/v1/namespaces/{namespace}/pods/{name}",
+            axum::routing::get(pod),
+        )
         .with_state(pods);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -141,7 +144,9 @@ impl Cluster {
         let status = pod.agent.wait_exit(EXIT).await.expect("the agent stops");
         assert!(status.success(), "{}", pod.agent.output());
         assert!(
-            pod.agent.output().contains("its cache ends with it and is forgotten"),
+            pod.agent
+                .output()
+                .contains("its cache ends with it and is forgotten"),
             "{}",
             pod.agent.output()
         );
@@ -228,13 +233,21 @@ async fn a_rolling_update_forgets_each_deleted_pods_cache_and_settles_without_a_
     let env = cachecast_e2e::env_id("dev");
     eventually("only the new pods' caches are registered", EXIT, || {
         let caches = stack.publisher.caches(&env);
-        async move { caches.len() == 3 && caches.iter().all(|c| c.id.as_str().starts_with("pod-uid-b-")) }
+        async move {
+            caches.len() == 3
+                && caches
+                    .iter()
+                    .all(|c| c.id.as_str().starts_with("pod-uid-b-"))
+        }
     })
     .await;
     for n in 0..3 {
-        let status =
-            invalidate_and_look(&stack, &fleet.iter().collect::<Vec<_>>(), &format!("settled{n}"))
-                .await;
+        let status = invalidate_and_look(
+            &stack,
+            &fleet.iter().collect::<Vec<_>>(),
+            &format!("settled{n}"),
+        )
+        .await;
         assert_eq!(status, 200, "no 424 once the rollout settled");
     }
 
@@ -250,13 +263,19 @@ async fn a_rolling_update_forgets_each_deleted_pods_cache_and_settles_without_a_
         .await;
     assert_eq!(answer.status, 424, "{}", answer.body);
     assert_eq!(answer.body["_nodes"]["failures"][0]["type"], "unattended");
-    assert!(cache.keys().await.contains(&key.to_owned()), "not applied, and the 424 says so");
+    assert!(
+        cache.keys().await.contains(&key.to_owned()),
+        "not applied, and the 424 says so"
+    );
     pod.agent = cluster.agent(&pod.name, &pod.uid, &pod.redis);
     pod.agent
         .wait_for_output("agent is live", STARTUP)
         .await
         .unwrap_or_else(|e| panic!("restarted agent: {e}"));
-    assert!(!cache.keys().await.contains(&key.to_owned()), "caught up before going live");
+    assert!(
+        !cache.keys().await.contains(&key.to_owned()),
+        "caught up before going live"
+    );
 
     // A pod lost with its node: its agent never forgot the cache; the publisher collects it
     // once the API says the pod is gone.
@@ -289,7 +308,6 @@ async fn a_rolling_update_forgets_each_deleted_pods_cache_and_settles_without_a_
     })
     .await;
     collector.abort();
-    let status =
-        invalidate_and_look(&stack, &fleet.iter().collect::<Vec<_>>(), "after-loss").await;
+    let status = invalidate_and_look(&stack, &fleet.iter().collect::<Vec<_>>(), "after-loss").await;
     assert_eq!(status, 200);
 }

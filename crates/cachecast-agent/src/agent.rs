@@ -156,13 +156,9 @@ impl<B: CacheBackend> Agent<B> {
             .then(|| config.pod_uid.as_ref())
             .flatten()
             .and_then(|uid| CacheId::new(format!("pod-{uid}")).ok());
-        let cache = backend.default_cache_id().map(|default| {
-            config
-                .cache_id
-                .clone()
-                .or(pod_default)
-                .unwrap_or(default)
-        });
+        let cache = backend
+            .default_cache_id()
+            .map(|default| config.cache_id.clone().or(pod_default).unwrap_or(default));
         let instance = cachecast_proto::new_event_id();
         Self {
             cache,
@@ -568,10 +564,7 @@ impl<B: CacheBackend> RunningAgent<B> {
 
 /// A cache that ends with its pod is forgotten when the pod is being deleted (or gone); a
 /// container restart leaves it registered, and the next agent catches it up.
-async fn forget_if_pod_deleted(
-    registered: Option<Registered>,
-    kube: Option<cachecast_kube::Kube>,
-) {
+async fn forget_if_pod_deleted(registered: Option<Registered>, kube: Option<cachecast_kube::Kube>) {
     {
         let Some(Registered {
             store,

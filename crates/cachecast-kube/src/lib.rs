@@ -65,7 +65,9 @@ pub enum PodState {
 /// Why the API could not say.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
-    #[error("could not read the service account token {path}: {source}; mount it, or set kubernetes.token_file")]
+    #[error(
+        "could not read the service account token {path}: {source}; mount it, or set kubernetes.token_file"
+    )]
     Token {
         path: PathBuf,
         source: std::io::Error,
@@ -190,7 +192,15 @@ mod tests {
         };
         assert_eq!(state_of(&pod("u1", false), "u1"), PodState::Running);
         assert_eq!(state_of(&pod("u1", true), "u1"), PodState::Deleting);
-        assert_eq!(state_of(&pod("u2", false), "u1"), PodState::Gone, "a new pod of that name");
-        assert_eq!(state_of("not json", "u1"), PodState::Running, "unreadable: keep the cache");
+        assert_eq!(
+            state_of(&pod("u2", false), "u1"),
+            PodState::Gone,
+            "a new pod of that name"
+        );
+        assert_eq!(
+            state_of("not json", "u1"),
+            PodState::Running,
+            "unreadable: keep the cache"
+        );
     }
 }

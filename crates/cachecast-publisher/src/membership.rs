@@ -197,9 +197,11 @@ impl Membership {
         registry
             .into_iter()
             .filter(|(env, cache, _)| {
-                !envs.get(env).into_iter().flatten().any(|(_, m)| {
-                    m.is_live() && m.presence.cache_id == cache.as_str()
-                })
+                !envs
+                    .get(env)
+                    .into_iter()
+                    .flatten()
+                    .any(|(_, m)| m.is_live() && m.presence.cache_id == cache.as_str())
             })
             .collect()
     }

@@ -248,13 +248,20 @@ impl Publisher {
             for (env, cache, pod) in self.inner.membership.unattended_pod_caches() {
                 match kube.pod_state(&pod).await {
                     Ok(cachecast_kube::PodState::Gone) => {
-                        match self.inner.caches.purge(cachecast_proto::cache_key(&env, &cache)).await {
+                        match self
+                            .inner
+                            .caches
+                            .purge(cachecast_proto::cache_key(&env, &cache))
+                            .await
+                        {
                             Ok(()) => {
                                 metrics::counter!("cachecast_caches_forgotten_total", "env" => env.to_string(), "reason" => "pod_gone")
                                     .increment(1);
                                 tracing::info!(%env, %cache, pod = %pod.name, "forgot the cache of a pod that is gone");
                             }
-                            Err(err) => tracing::warn!(%env, %cache, error = %err, "could not forget the cache of a gone pod; retrying"),
+                            Err(err) => {
+                                tracing::warn!(%env, %cache, error = %err, "could not forget the cache of a gone pod; retrying")
+                            }
                         }
                     }
                     Ok(_) => {}
