@@ -152,9 +152,10 @@ impl<B: CacheBackend> Agent<B> {
         let js = cachecast_bus::jetstream(client.clone(), &bus.nats);
         // A pod-lifetime cache is named after its pod unless configured: each pod's Redis is
         // another cache, even where every pod reaches it at redis://127.0.0.1.
-        let pod_default = (config.cache_lifetime == crate::CacheLifetime::Pod)
-            .then(|| config.pod_uid.as_ref())
-            .flatten()
+        let pod_default = config
+            .pod_uid
+            .as_ref()
+            .filter(|_| config.cache_lifetime == crate::CacheLifetime::Pod)
             .and_then(|uid| CacheId::new(format!("pod-{uid}")).ok());
         let cache = backend
             .default_cache_id()
