@@ -258,22 +258,18 @@ impl<B: CacheBackend> Agent<B> {
         let Some(cache) = self.cache.as_ref().filter(|_| self.resumes()) else {
             return at_end;
         };
-        if self
+        let continuity = self
             .backend
-            .restarted(cache)
+            .continuity(&self.env, cache)
             .await
-            .map_err(|e| e.to_string())?
-        {
+            .map_err(|e| format!("could not read the cache's position: {e}"))?;
+        if continuity.restarted {
             tracing::info!(%cache, "the cache restarted (or is new) since an agent last flushed it; flushing");
             return at_end;
         }
-        let stored = match self.backend.load_position(&self.env, cache).await {
-            Ok(Some(position)) => position,
-            Ok(None) => {
-                tracing::info!("no stored position to resume from; flushing instead");
-                return at_end;
-            }
-            Err(err) => return Err(format!("could not read the stored position: {err}")),
+        let Some(stored) = continuity.position else {
+            tracing::info!("no stored position to resume from; flushing instead");
+            return at_end;
         };
         if missed_events(stored.sequence, stored.stream_created_ns, stream) {
             tracing::warn!(
@@ -400,7 +396,7 @@ impl<B: CacheBackend> Agent<B> {
                             let Ok(info) = message.info() else { continue };
                             let (sequence, left) = (info.stream_sequence, info.pending);
                             if sequence > last_sequence {
-                                self.handle(message, sequence).await;
+                                self.handle(message, sequence, stream_created_ns).await;
                                 last_sequence = sequence;
                                 self.remember_position(sequence, stream_created_ns).await;
                             }
@@ -534,7 +530,7 @@ impl<B: CacheBackend> RunningAgent<B> {
                                 tracing::debug!(sequence, "skipping an event already handled");
                                 continue;
                             }
-                            self.agent.handle(message, sequence).await;
+                            self.agent.handle(message, sequence, self.stream_created_ns).await;
                             self.last_sequence = sequence;
                             self.agent.remember_position(sequence, self.stream_created_ns).await;
                         }
@@ -662,7 +658,7 @@ impl<B: CacheBackend> RunningAgent<B> {
 }
 
 impl<B: CacheBackend> Agent<B> {
-    async fn handle(&self, message: jetstream::Message, sequence: u64) {
+    async fn handle(&self, message: jetstream::Message, sequence: u64, stream_created_ns: i128) {
         let Some(event) = self.admit(&message, sequence) else {
             return;
         };
@@ -689,7 +685,7 @@ impl<B: CacheBackend> Agent<B> {
         async {
             tracing::debug!("applying the eviction");
             let started = std::time::Instant::now();
-            let (status, evicted, error) = match self.apply(&event).await {
+            let (status, evicted, error) = match self.apply(&event, sequence, stream_created_ns).await {
                 Ok(evicted) => {
                     tracing::info!(evicted, "eviction applied");
                     self.metrics.applied.increment(1);
@@ -780,15 +776,33 @@ impl<B: CacheBackend> Agent<B> {
         Ok(())
     }
 
-    /// Applies one event. A failure marks the cache dirty until a flush succeeds; so does a
-    /// persistent cache that restarted since it was last known to hold nothing stale.
-    async fn apply(&self, event: &Invalidation) -> Result<u64, String> {
+    /// Applies one event, at `sequence` of the stream created at `stream_created_ns`. A
+    /// failure marks the cache dirty until a flush succeeds; so does a persistent cache that
+    /// restarted since it was last known to hold nothing stale. A persistent cache whose
+    /// stored position is already past the event had it applied by another of its agents
+    /// (positions are stored only after applying, in order): it is not evicted again.
+    async fn apply(
+        &self,
+        event: &Invalidation,
+        sequence: u64,
+        stream_created_ns: i128,
+    ) -> Result<u64, String> {
         if let Some(cache) = &self.cache {
-            match self.backend.restarted(cache).await {
-                Ok(false) => {}
-                Ok(true) => {
+            match self.backend.continuity(&self.env, cache).await {
+                Ok(continuity) if continuity.restarted => {
                     tracing::warn!(%cache, "the cache restarted and may hold evicted entries again; flushing it first");
                     self.set_dirty(Some("cache_restarted"));
+                }
+                Ok(continuity) => {
+                    let applied = continuity.position.is_some_and(|p| {
+                        p.stream_created_ns == stream_created_ns && p.sequence >= sequence
+                    });
+                    if applied && self.dirty().is_none() {
+                        tracing::debug!(sequence, "already applied to this cache by another of its agents");
+                        metrics::counter!("cachecast_agent_events_applied_elsewhere_total", "env" => self.env.to_string())
+                            .increment(1);
+                        return Ok(0);
+                    }
                 }
                 Err(err) => {
                     self.set_dirty(self.dirty().or(Some("failed_eviction")));

@@ -20,7 +20,7 @@ mod presence;
 
 pub use agent::{Agent, AgentProbe, RunningAgent};
 pub use backend::{
-    BackendError, CacheBackend, FillTicket, HttpBackend, HttpConfig, MemoryCache, Position,
+    BackendError, CacheBackend, Continuity, FillTicket, HttpBackend, HttpConfig, MemoryCache, Position,
     RedisBackend, RedisConfig,
 };
 pub use cachecast_kube::{Kube, KubernetesConfig, PodRef};

@@ -81,6 +81,15 @@ impl Position {
     }
 }
 
+/// What a persistent cache says of itself (see [`CacheBackend::continuity`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Continuity {
+    /// The position stored in the cache: every event up to it is applied to it.
+    pub position: Option<Position>,
+    /// It restarted (or is new) since it was last known to hold nothing stale.
+    pub restarted: bool,
+}
+
 /// Why an eviction failed. The message travels to the caller in the failed ack.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -163,15 +172,19 @@ pub trait CacheBackend: Send + Sync + 'static {
         None
     }
 
-    /// The stream position stored in the cache itself by [`CacheBackend::store_position`], so
-    /// whichever agent attends the cache next carries on from it. A cache that cannot hold
-    /// one has none, and the agent flushes instead.
-    fn load_position(
+    /// What the cache says of itself: the stream position stored in it by
+    /// [`CacheBackend::store_position`] (so whichever agent attends it next carries on from
+    /// there, and agents sharing it skip what another already applied), and whether it may
+    /// hold entries evicted before (a Redis restarted from an old snapshot, say) since
+    /// [`CacheBackend::mark_continuous`] was last called for it, in which case the agent
+    /// flushes it before it acknowledges anything as applied. A cache that cannot hold a
+    /// position has none, and the agent flushes on start instead.
+    fn continuity(
         &self,
         _env: &EnvId,
         _cache: &CacheId,
-    ) -> impl Future<Output = Result<Option<Position>, BackendError>> + Send {
-        async { Ok(None) }
+    ) -> impl Future<Output = Result<Continuity, BackendError>> + Send {
+        async { Ok(Continuity::default()) }
     }
 
     /// Stores the position of the last event applied.
@@ -182,16 +195,6 @@ pub trait CacheBackend: Send + Sync + 'static {
         _position: Position,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         async { Ok(()) }
-    }
-
-    /// Whether the cache may hold entries evicted before (a Redis restarted from an old
-    /// snapshot, say) since [`CacheBackend::mark_continuous`] was last called for it: then the
-    /// agent flushes it before it acknowledges anything as applied.
-    fn restarted(
-        &self,
-        _cache: &CacheId,
-    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
-        async { Ok(false) }
     }
 
     /// Records, after a flush, that the cache is known to hold nothing stale as it runs now.

@@ -14,7 +14,7 @@ use cachecast_proto::{CacheId, CacheName, EnvId, IdentitySelector, ResponseSelec
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
-use super::{BackendError, CacheBackend, Position};
+use super::{BackendError, CacheBackend, Continuity, Position};
 
 /// Settings of the Redis backend.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -246,19 +246,6 @@ impl CacheBackend for RedisBackend {
         Some(self.cache_id.clone())
     }
 
-    async fn load_position(
-        &self,
-        env: &EnvId,
-        cache: &CacheId,
-    ) -> Result<Option<Position>, BackendError> {
-        let mut conn = self.conn.clone();
-        let stored: Option<String> = redis::cmd("GET")
-            .arg(position_key(env, cache))
-            .query_async(&mut conn)
-            .await?;
-        Ok(stored.as_deref().and_then(Position::decode))
-    }
-
     async fn store_position(
         &self,
         env: &EnvId,
@@ -274,16 +261,21 @@ impl CacheBackend for RedisBackend {
         Ok(())
     }
 
-    async fn restarted(&self, cache: &CacheId) -> Result<bool, BackendError> {
+    async fn continuity(&self, env: &EnvId, cache: &CacheId) -> Result<Continuity, BackendError> {
         let mut conn = self.conn.clone();
-        let (info, marked): (String, Option<String>) = redis::pipe()
+        let (info, marked, position): (String, Option<String>, Option<String>) = redis::pipe()
             .cmd("INFO")
             .arg("server")
             .cmd("GET")
             .arg(run_id_key(cache))
+            .cmd("GET")
+            .arg(position_key(env, cache))
             .query_async(&mut conn)
             .await?;
-        Ok(marked.as_deref() != Some(run_id(&info)?))
+        Ok(Continuity {
+            position: position.as_deref().and_then(Position::decode),
+            restarted: marked.as_deref() != Some(run_id(&info)?),
+        })
     }
 
     async fn mark_continuous(&self, cache: &CacheId) -> Result<(), BackendError> {
