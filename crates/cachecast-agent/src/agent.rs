@@ -685,19 +685,20 @@ impl<B: CacheBackend> Agent<B> {
         async {
             tracing::debug!("applying the eviction");
             let started = std::time::Instant::now();
-            let (status, evicted, error) = match self.apply(&event, sequence, stream_created_ns).await {
-                Ok(evicted) => {
-                    tracing::info!(evicted, "eviction applied");
-                    self.metrics.applied.increment(1);
-                    self.metrics.evicted.increment(evicted);
-                    (AckStatus::Applied, evicted, String::new())
-                }
-                Err(reason) => {
-                    tracing::warn!(%reason, "eviction failed");
-                    self.metrics.failed.increment(1);
-                    (AckStatus::Failed, 0, reason)
-                }
-            };
+            let (status, evicted, error) =
+                match self.apply(&event, sequence, stream_created_ns).await {
+                    Ok(evicted) => {
+                        tracing::info!(evicted, "eviction applied");
+                        self.metrics.applied.increment(1);
+                        self.metrics.evicted.increment(evicted);
+                        (AckStatus::Applied, evicted, String::new())
+                    }
+                    Err(reason) => {
+                        tracing::warn!(%reason, "eviction failed");
+                        self.metrics.failed.increment(1);
+                        (AckStatus::Failed, 0, reason)
+                    }
+                };
             self.metrics
                 .eviction_seconds
                 .record(started.elapsed().as_secs_f64());
@@ -798,7 +799,10 @@ impl<B: CacheBackend> Agent<B> {
                         p.stream_created_ns == stream_created_ns && p.sequence >= sequence
                     });
                     if applied && self.dirty().is_none() {
-                        tracing::debug!(sequence, "already applied to this cache by another of its agents");
+                        tracing::debug!(
+                            sequence,
+                            "already applied to this cache by another of its agents"
+                        );
                         metrics::counter!("cachecast_agent_events_applied_elsewhere_total", "env" => self.env.to_string())
                             .increment(1);
                         return Ok(0);

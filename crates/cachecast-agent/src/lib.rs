@@ -20,8 +20,8 @@ mod presence;
 
 pub use agent::{Agent, AgentProbe, RunningAgent};
 pub use backend::{
-    BackendError, CacheBackend, Continuity, FillTicket, HttpBackend, HttpConfig, MemoryCache, Position,
-    RedisBackend, RedisConfig,
+    BackendError, CacheBackend, Continuity, FillTicket, HttpBackend, HttpConfig, MemoryCache,
+    Position, RedisBackend, RedisConfig,
 };
 pub use cachecast_kube::{Kube, KubernetesConfig, PodRef};
 pub use config::{AgentConfig, AgentError, BackendKind, CacheLifetime, OnStart};

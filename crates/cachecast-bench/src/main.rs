@@ -8,6 +8,7 @@
 mod fleet;
 mod floors;
 mod memory;
+mod position_candidates;
 mod redis_eviction;
 mod report;
 mod stats;
@@ -45,7 +46,7 @@ struct Cli {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "latency,memory,redis,steady-memory"
+        default_value = "latency,memory,redis,steady-memory,positions"
     )]
     parts: Vec<Part>,
     /// Confirmed invalidations the steady-memory part sends without scraping `/metrics`.
@@ -61,6 +62,8 @@ enum Part {
     Memory,
     Redis,
     SteadyMemory,
+    /// Where a persistent cache's position lives: the two candidates at 1 000 and 10 000 caches.
+    Positions,
 }
 
 /// Roles the benchmark runs itself in, as child processes whose memory it measures.
@@ -296,6 +299,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         )
         .await?;
         report.steady_memory(run);
+    }
+
+    if cli.parts.contains(&Part::Positions) {
+        eprintln!("position candidates");
+        let runs: &[(usize, usize)] = if cli.quick {
+            &[(1, 100), (3, 100)]
+        } else {
+            &[(1, 1000), (1, 10_000), (3, 1000)]
+        };
+        for &(servers, caches) in runs {
+            // A cluster that fails to form on a loaded machine loses this row, not the run.
+            match position_candidates::measure(servers, caches).await {
+                Ok(rows) => rows.into_iter().for_each(|r| report.position_candidate(r)),
+                Err(err) => eprintln!("warning: {servers} server(s), {caches} caches: {err:#}"),
+            }
+        }
     }
 
     if cli.parts.contains(&Part::Redis) {

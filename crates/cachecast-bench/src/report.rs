@@ -28,6 +28,7 @@ pub(crate) struct Report {
     memory: Vec<(String, u64, Option<u64>)>,
     redis: Option<(Duration, Duration)>,
     steady: Option<crate::steady_memory::SteadyMemory>,
+    positions: Vec<crate::position_candidates::CandidateRow>,
 }
 
 impl Report {
@@ -53,6 +54,7 @@ impl Report {
             memory: Vec::new(),
             redis: None,
             steady: None,
+            positions: Vec::new(),
         }
     }
 
@@ -74,6 +76,19 @@ impl Report {
 
     pub(crate) fn redis(&mut self, ours: Duration, floor: Duration) {
         self.redis = Some((ours, floor));
+    }
+
+    pub(crate) fn position_candidate(&mut self, row: crate::position_candidates::CandidateRow) {
+        eprintln!(
+            "  {} server(s), {} caches, {}: create {} ms, {:.1} MiB, recover {} ms",
+            row.servers,
+            row.caches,
+            row.candidate,
+            row.create.as_millis(),
+            mib(row.rss_bytes),
+            row.recover.as_millis()
+        );
+        self.positions.push(row);
     }
 
     pub(crate) fn steady_memory(&mut self, run: crate::steady_memory::SteadyMemory) {
@@ -160,6 +175,29 @@ impl Report {
                     mib(g.after),
                     grown / (1024.0 * 1024.0),
                     grown / run.requests as f64
+                );
+            }
+        }
+        if !self.positions.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nWhere a persistent cache's position lives: creating N (concurrency 32), the servers' RSS afterwards (summed), and how long until all N are usable again after every server restarted (recreated by the agents, or recovered by the servers). Stream and bucket with 1 replica on one server, 3 on the cluster.\n"
+            );
+            let _ = writeln!(
+                out,
+                "| servers | candidate | caches | create (ms) | servers' RSS (MiB) | after a restart (ms) |"
+            );
+            let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|");
+            for row in &self.positions {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {:.1} | {} |",
+                    row.servers,
+                    row.candidate,
+                    row.caches,
+                    row.create.as_millis(),
+                    mib(row.rss_bytes),
+                    row.recover.as_millis()
                 );
             }
         }
