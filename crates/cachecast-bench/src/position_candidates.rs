@@ -55,26 +55,20 @@ impl Candidate {
     }
 }
 
-/// Servers under test: one, or a cluster.
-enum Servers {
-    One(NatsServer),
-    Cluster(NatsCluster),
-}
+/// Servers under test: one, or the nodes of a cluster.
+struct Servers(Vec<NatsServer>);
 
 impl Servers {
     async fn start(size: usize) -> Self {
         if size == 1 {
-            Self::One(cachecast_testkit::nats().await)
+            Self(vec![cachecast_testkit::nats().await])
         } else {
-            Self::Cluster(NatsCluster::start(size).await)
+            Self(NatsCluster::start(size).await.nodes)
         }
     }
 
     fn nodes(&mut self) -> Vec<&mut NatsServer> {
-        match self {
-            Self::One(server) => vec![server],
-            Self::Cluster(cluster) => cluster.nodes.iter_mut().collect(),
-        }
+        self.0.iter_mut().collect()
     }
 
     fn urls(&mut self) -> String {
