@@ -220,6 +220,19 @@ async fn agents_sharing_one_redis_count_once_and_forgetting_it_stops_expecting_i
     let answer = invalidate_scope(&stack, "s2", "5s").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert!(cache.keys().await.is_empty());
+    // Its position, announced with its next heartbeat, is at least that event's.
+    let applied = answer.body["sequence"].as_u64().expect("sequence");
+    let env = cachecast_e2e::env_id("dev");
+    eventually("the cache's position reaches the event", EXIT, || {
+        let caches = stack.publisher.caches(&env);
+        async move {
+            caches
+                .first()
+                .and_then(|c| c.progress)
+                .is_some_and(|p| p.applied_sequence >= applied && p.lag_events == 0)
+        }
+    })
+    .await;
 
     // Both gone: unattended.
     b.signal(Signal::SIGTERM);
@@ -233,9 +246,13 @@ async fn agents_sharing_one_redis_count_once_and_forgetting_it_stops_expecting_i
     let listed: serde_json::Value =
         serde_json::from_str(caches.stdout().trim()).expect("JSON listing");
     assert_eq!(listed["caches"][0]["id"], cache_id.as_str(), "{listed}");
+    assert!(
+        listed["caches"][0].get("appliedSequence").is_some(),
+        "{listed}"
+    );
     // A publisher that just started cannot age a crashed agent's last heartbeat yet (it errs
     // toward attended); the running one can.
-    let env = cachecast_e2e::env_id("dev");
+
     let known = stack.publisher.caches(&env);
     assert_eq!(known.len(), 1, "{known:?}");
     assert!(known[0].attended_by.is_empty(), "{known:?}");

@@ -21,7 +21,7 @@ use crate::admission::REJECT_LOG_INTERVAL;
 use crate::backend::{BackendError, CacheBackend};
 use crate::config::{AgentConfig, AgentError, OnStart};
 use crate::consumer::{Consumer, StreamState, consume, missed_events};
-use crate::presence::{AnnounceError, Announcement, Heartbeat};
+use crate::presence::{AnnounceError, Announcement, Heartbeat, Progress};
 
 /// An agent, configured but not started.
 #[derive(Debug)]
@@ -121,6 +121,8 @@ pub struct RunningAgent<B> {
     heartbeat: Heartbeat,
     /// The registration of its persistent cache.
     registered: Option<Registered>,
+    /// How far it is, for its presence.
+    progress: Arc<Progress>,
 }
 
 /// A persistent cache's registration, as its agent holds it.
@@ -352,6 +354,8 @@ impl<B: CacheBackend> Agent<B> {
                 starts_after,
             } = consumer;
             let mut last_sequence = point.resume_after.unwrap_or(starts_after);
+            let progress = Arc::new(Progress::default());
+            progress.record(last_sequence, pending, 0);
             let stream_created_ns = point.stream.created_ns;
             if point.resume_after.is_none() {
                 retry("flush the cache", || self.flush("start")).await;
@@ -395,6 +399,7 @@ impl<B: CacheBackend> Agent<B> {
                         Some(Ok(message)) => {
                             let Ok(info) = message.info() else { continue };
                             let (sequence, left) = (info.stream_sequence, info.pending);
+                            progress.record(sequence, left, unix_ms(info.published.unix_timestamp_nanos()));
                             if sequence > last_sequence {
                                 self.handle(message, sequence, stream_created_ns).await;
                                 last_sequence = sequence;
@@ -413,6 +418,7 @@ impl<B: CacheBackend> Agent<B> {
                 keyed_caches: &self.keyed_caches,
                 cache: self.cache.as_ref(),
                 instance: &self.instance,
+                progress: progress.clone(),
             };
             let heartbeat = loop {
                 match Heartbeat::announce(
@@ -448,6 +454,7 @@ impl<B: CacheBackend> Agent<B> {
                 stream_created_ns,
                 heartbeat,
                 registered,
+                progress,
             };
             running
                 .agent
@@ -520,7 +527,10 @@ impl<B: CacheBackend> RunningAgent<B> {
                     next = self.events.next() => match next {
                         Some(Ok(message)) => {
                             let sequence = match message.info() {
-                                Ok(info) => info.stream_sequence,
+                                Ok(info) => {
+                                    self.progress.record(info.stream_sequence, info.pending, unix_ms(info.published.unix_timestamp_nanos()));
+                                    info.stream_sequence
+                                }
                                 Err(err) => {
                                     self.agent.reject("no_metadata", 0, &message.subject, &err.to_string());
                                     continue;
@@ -891,4 +901,9 @@ where
             }
         }
     }
+}
+
+/// Unix nanoseconds (a server timestamp) in Unix milliseconds.
+fn unix_ms(nanos: i128) -> i64 {
+    (nanos / 1_000_000) as i64
 }

@@ -8,6 +8,7 @@
 //! and carries a random `instance`. A process that finds the key refreshed by another instance
 //! refuses to start; one whose key was taken over while it was paused stops.
 
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,30 @@ use async_nats::jetstream::kv;
 use cachecast_proto::{AgentId, CacheId, CacheName, EnvId, Presence, Subjects, Wire};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// How far the agent is: written by its event loop, announced by every heartbeat.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    applied: AtomicU64,
+    pending: AtomicU64,
+    published_ms: AtomicI64,
+}
+
+impl Progress {
+    /// The agent handled the event at `sequence`, published at `published_ms`, with
+    /// `pending` events of its environment after it in the stream.
+    pub(crate) fn record(&self, sequence: u64, pending: u64, published_ms: i64) {
+        self.applied.store(sequence, Ordering::Relaxed);
+        self.pending.store(pending, Ordering::Relaxed);
+        self.published_ms.store(published_ms, Ordering::Relaxed);
+    }
+
+    fn write_into(&self, presence: &mut Presence) {
+        presence.applied_sequence = self.applied.load(Ordering::Relaxed);
+        presence.lag_events = self.pending.load(Ordering::Relaxed);
+        presence.applied_published_unix_ms = self.published_ms.load(Ordering::Relaxed);
+    }
+}
 
 /// What an agent announces about itself besides its id.
 #[derive(Debug, Clone)]
@@ -25,6 +50,7 @@ pub(crate) struct Announcement<'a> {
     pub(crate) cache: Option<&'a CacheId>,
     /// Random per process.
     pub(crate) instance: &'a str,
+    pub(crate) progress: Arc<Progress>,
 }
 
 /// A running heartbeat; [`Heartbeat::leave`] stops it and deletes the key.
@@ -62,7 +88,7 @@ impl Heartbeat {
         if held_by_another(&store, &key, announcement.instance).await? {
             return Err(AnnounceError::Taken);
         }
-        let value = Presence {
+        let template = Presence {
             agent_id: agent.to_string(),
             env: env.to_string(),
             heartbeat_ms: interval.as_millis() as u64,
@@ -79,10 +105,16 @@ impl Heartbeat {
                 .map(|c| c.to_string())
                 .unwrap_or_default(),
             instance: announcement.instance.to_owned(),
-        }
-        .to_bytes();
+            ..Presence::default()
+        };
+        let progress = announcement.progress.clone();
+        let value = move || {
+            let mut presence = template.clone();
+            progress.write_into(&mut presence);
+            presence.to_bytes()
+        };
         let mut revision = store
-            .put(&key, value.clone())
+            .put(&key, value())
             .await
             .map_err(|e| AnnounceError::Bus(e.to_string()))?;
         let last_ok = Arc::new(Mutex::new(Instant::now()));
@@ -101,7 +133,7 @@ impl Heartbeat {
                     // Stamped when the write is sent: the margin to the publishers' three
                     // heartbeats counts from here.
                     let sent = Instant::now();
-                    match refresh(&store, &key, &value, revision, &instance).await {
+                    match refresh(&store, &key, &value(), revision, &instance).await {
                         Ok(Some(next)) => {
                             revision = next;
                             *last_ok.lock().unwrap_or_else(|p| p.into_inner()) = sent;

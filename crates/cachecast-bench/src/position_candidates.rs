@@ -26,7 +26,7 @@ use crate::memory::rss;
 /// How many environments the caches are spread over (one event subject each).
 const ENVS: usize = 10;
 /// Creates in flight at once, as a fleet of agents starting together would be.
-const CONCURRENCY: usize = 32;
+const CONCURRENCY: usize = 16;
 
 /// One measured candidate.
 #[derive(Debug, Clone)]
@@ -124,7 +124,7 @@ async fn measure_one(
 ) -> anyhow::Result<CandidateRow> {
     let mut servers = Servers::start(size).await;
     let client = async_nats::ConnectOptions::new()
-        .request_timeout(Some(Duration::from_secs(30)))
+        .request_timeout(Some(Duration::from_secs(60)))
         .retry_on_initial_connect()
         .connect(
             servers
@@ -135,7 +135,7 @@ async fn measure_one(
         )
         .await?;
     let mut js = jetstream::new(client.clone());
-    js.set_timeout(Duration::from_secs(30));
+    js.set_timeout(Duration::from_secs(60));
     let replicas = size.min(3);
     // A new cluster elects its meta leader first: retry until JetStream takes requests.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -146,6 +146,7 @@ async fn measure_one(
                     name: "CACHECAST".into(),
                     subjects: vec!["cachecast.v1.*.inval".into()],
                     num_replicas: replicas,
+                    max_consumers: 100_000,
                     ..Default::default()
                 })
                 .await?;

@@ -181,7 +181,7 @@ impl Report {
         if !self.positions.is_empty() {
             let _ = writeln!(
                 out,
-                "\nWhere a persistent cache's position lives: creating N (concurrency 32), the servers' RSS afterwards (summed), and how long until all N are usable again after every server restarted (recreated by the agents, or recovered by the servers). Stream and bucket with 1 replica on one server, 3 on the cluster.\n"
+                "\nWhere a persistent cache's position lives: creating N (concurrency 16), the servers' RSS afterwards (summed), and how long until all N are usable again after every server restarted (recreated by the agents, or recovered by the servers). Stream and bucket with 1 replica on one server, 3 on the cluster.\n"
             );
             let _ = writeln!(
                 out,

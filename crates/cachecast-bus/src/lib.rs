@@ -226,6 +226,10 @@ pub struct StreamConfig {
     /// How long events are kept for agents that reconnect.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// The most consumers the stream may have: one per live agent (and a few while agents
+    /// restart). Set when the stream is created: nats-server 2.15 otherwise limits every
+    /// stream to 1 000, and the 1 001st agent could not start.
+    pub max_consumers: i32,
 }
 
 impl Default for StreamConfig {
@@ -234,6 +238,7 @@ impl Default for StreamConfig {
             name: "CACHECAST".into(),
             replicas: 1,
             max_age: Duration::from_secs(24 * 3600),
+            max_consumers: 100_000,
         }
     }
 }
@@ -377,14 +382,31 @@ pub async fn ensure_stream(
         // Publisher retries of one event carry its event id as Nats-Msg-Id. The server
         // refuses a window longer than the stream's max age.
         duplicate_window: Duration::from_secs(120).min(config.max_age),
+        max_consumers: config.max_consumers,
         ..Default::default()
     };
-    js.get_or_create_stream(wanted)
+    let mut stream = js
+        .get_or_create_stream(wanted)
         .await
         .map_err(|err| BusError::Stream {
             name: config.name.clone(),
             reason: err.to_string(),
-        })
+        })?;
+    // An existing stream keeps its own limit (publishers may not update the stream): say so.
+    if let Ok(info) = stream.info().await {
+        let limit = info.config.max_consumers;
+        if limit > 0 && limit < config.max_consumers {
+            tracing::warn!(
+                stream = %config.name,
+                limit,
+                wanted = config.max_consumers,
+                "the stream allows fewer consumers (one per agent) than stream.max_consumers; raise it: nats stream edit {} --max-consumers {}",
+                config.name,
+                config.max_consumers
+            );
+        }
+    }
+    Ok(stream)
 }
 
 /// Opens the invalidation stream, which a publisher must have created.

@@ -16,6 +16,6 @@ mod publisher;
 pub mod service;
 pub mod validate;
 
-pub use membership::{KnownCache, LiveAgent};
+pub use membership::{KnownCache, LiveAgent, Progress};
 pub use outcome::{AgentOutcome, Outcome};
 pub use publisher::{InFlight, InvalidationRequest, PublishError, Publisher, PublisherError};

@@ -44,6 +44,36 @@ pub struct LiveAgent {
     pub cache_id: Option<CacheId>,
     /// Time since its last heartbeat.
     pub last_seen: Duration,
+    /// How far it is, as of its last heartbeat.
+    pub progress: Progress,
+}
+
+/// How far an agent (or the most advanced agent of a cache) is in the stream, as of its last
+/// heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The stream sequence of the last event handled.
+    pub applied_sequence: u64,
+    /// Events of the environment the stream held after it.
+    pub lag_events: u64,
+    /// At most this far behind: the age of the last event handled, while events are pending.
+    pub lag: Duration,
+}
+
+impl Progress {
+    fn of(presence: &Presence) -> Self {
+        let lag = if presence.lag_events > 0 && presence.applied_published_unix_ms > 0 {
+            let age = cachecast_proto::now_unix_ms() - presence.applied_published_unix_ms;
+            Duration::from_millis(age.max(0) as u64)
+        } else {
+            Duration::ZERO
+        };
+        Self {
+            applied_sequence: presence.applied_sequence,
+            lag_events: presence.lag_events,
+            lag,
+        }
+    }
 }
 
 /// A persistent cache as a publisher sees it.
@@ -60,6 +90,8 @@ pub struct KnownCache {
     pub registered_by: String,
     /// When it was last registered, in Unix milliseconds.
     pub registered_at_unix_ms: i64,
+    /// How far its most advanced agent is (as of that agent's last heartbeat, live or not).
+    pub progress: Option<Progress>,
 }
 
 /// One cache a request expects to apply its event: the in-process cache of a live agent, or
@@ -291,6 +323,7 @@ impl Membership {
                         unattended_for: None,
                         registered_by: r.agent_id.clone(),
                         registered_at_unix_ms: r.registered_at_unix_ms,
+                        progress: None,
                     },
                 )
             })
@@ -313,7 +346,15 @@ impl Membership {
                 unattended_for: None,
                 registered_by: String::new(),
                 registered_at_unix_ms: 0,
+                progress: None,
             });
+            let progress = Progress::of(&member.presence);
+            if entry
+                .progress
+                .is_none_or(|p| p.applied_sequence < progress.applied_sequence)
+            {
+                entry.progress = Some(progress);
+            }
             if member.is_live() {
                 entry.attended_by.push(agent.clone());
             } else {
@@ -368,6 +409,7 @@ impl Membership {
                 keyed_caches: m.presence.keyed_caches.clone(),
                 cache_id: CacheId::new(m.presence.cache_id.as_str()).ok(),
                 last_seen: m.seen_at.elapsed(),
+                progress: Progress::of(&m.presence),
             })
             .collect();
         agents.sort_by(|a, b| a.id.cmp(&b.id));
@@ -640,5 +682,41 @@ impl ExpectedCache {
             Self::Agent(id) => id.as_str(),
             Self::Persistent { id, .. } => id.as_str(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lags_only_while_events_are_pending() {
+        let caught_up = Presence {
+            applied_sequence: 42,
+            lag_events: 0,
+            applied_published_unix_ms: cachecast_proto::now_unix_ms() - 60_000,
+            ..Presence::default()
+        };
+        let progress = Progress::of(&caught_up);
+        assert_eq!(progress.applied_sequence, 42);
+        assert_eq!(progress.lag, Duration::ZERO, "nothing pending: no lag");
+
+        let behind = Presence {
+            lag_events: 7,
+            ..caught_up
+        };
+        let progress = Progress::of(&behind);
+        assert_eq!(progress.lag_events, 7);
+        assert!(progress.lag >= Duration::from_secs(60), "{progress:?}");
+
+        let never_applied = Presence {
+            lag_events: 3,
+            ..Presence::default()
+        };
+        assert_eq!(
+            Progress::of(&never_applied).lag,
+            Duration::ZERO,
+            "no timestamp yet"
+        );
     }
 }

@@ -17,6 +17,10 @@ pub(crate) async fn run(config: Config, args: AgentsArgs) -> anyhow::Result<Exit
                     "backend": a.backend,
                     "version": a.version,
                     "lastSeenMs": a.last_seen.as_millis() as u64,
+                    "cacheId": a.cache_id.as_ref().map(|c| c.as_str()),
+                    "appliedSequence": a.progress.applied_sequence,
+                    "lagEvents": a.progress.lag_events,
+                    "lagMs": a.progress.lag.as_millis() as u64,
                 })
             })
             .collect();
@@ -26,15 +30,17 @@ pub(crate) async fn run(config: Config, args: AgentsArgs) -> anyhow::Result<Exit
         );
     } else {
         println!(
-            "{:<40} {:<8} {:<8} LAST SEEN",
-            "AGENT", "BACKEND", "VERSION"
+            "{:<40} {:<8} {:<8} {:>10} {:>8}  LAST SEEN",
+            "AGENT", "BACKEND", "VERSION", "POSITION", "LAG"
         );
         for a in &agents {
             println!(
-                "{:<40} {:<8} {:<8} {} ms ago",
+                "{:<40} {:<8} {:<8} {:>10} {:>8}  {} ms ago",
                 a.id.as_str(),
                 a.backend,
                 a.version,
+                a.progress.applied_sequence,
+                a.progress.lag_events,
                 a.last_seen.as_millis()
             );
         }

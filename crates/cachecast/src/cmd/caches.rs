@@ -35,6 +35,9 @@ pub(crate) async fn run(config: Config, args: CachesArgs) -> anyhow::Result<Exit
                     "keyedCaches": c.keyed_caches,
                     "registeredBy": c.registered_by,
                     "registeredAtUnixMs": c.registered_at_unix_ms,
+                    "appliedSequence": c.progress.map(|p| p.applied_sequence),
+                    "lagEvents": c.progress.map(|p| p.lag_events),
+                    "lagMs": c.progress.map(|p| p.lag.as_millis() as u64),
                 })
             })
             .collect();
@@ -44,7 +47,10 @@ pub(crate) async fn run(config: Config, args: CachesArgs) -> anyhow::Result<Exit
         );
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<48} {:<8} STATE", "CACHE", "BACKEND");
+    println!(
+        "{:<48} {:<8} {:>10} {:>10} {:>9}  STATE",
+        "CACHE", "BACKEND", "POSITION", "LAG", "LAG (s)"
+    );
     for c in &caches {
         let state = if !c.attended_by.is_empty() {
             let agents: Vec<&str> = c.attended_by.iter().map(|a| a.as_str()).collect();
@@ -54,7 +60,19 @@ pub(crate) async fn run(config: Config, args: CachesArgs) -> anyhow::Result<Exit
         } else {
             "unattended (since before this command could see)".into()
         };
-        println!("{:<48} {:<8} {state}", c.id.as_str(), c.backend);
+        let (position, lag, lag_s) = match c.progress {
+            Some(p) => (
+                p.applied_sequence.to_string(),
+                p.lag_events.to_string(),
+                format!("{:.1}", p.lag.as_secs_f64()),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "{:<48} {:<8} {position:>10} {lag:>10} {lag_s:>9}  {state}",
+            c.id.as_str(),
+            c.backend
+        );
     }
     println!("{} persistent cache(s) in {env}", caches.len());
     Ok(ExitCode::SUCCESS)
