@@ -41,7 +41,7 @@ struct Cli {
     quick: bool,
     /// Write the results into this Markdown file (between its bench markers); "" writes nothing.
     #[arg(long)]
-    write: Option<PathBuf>,
+    write: Option<String>,
     /// Which parts to run.
     #[arg(
         long,
@@ -327,7 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let text = report.render();
     println!("{text}");
-    if let Some(path) = cli.write.filter(|p| !p.as_os_str().is_empty()) {
+    if let Some(path) = cli.write.filter(|p| !p.is_empty()).map(PathBuf::from) {
         report::write_into(&path, &text)
             .with_context(|| format!("could not write {}", path.display()))?;
         eprintln!("written into {}", path.display());
