@@ -62,6 +62,20 @@ async fn invalidate_scope(stack: &Stack, scope: &str, timeout: &str) -> Answer {
         .await
 }
 
+/// Waits (at most `within`) until the publisher no longer knows any cache of `dev`, then
+/// checks that a request expects none: `200` with `_nodes.total: 0`.
+async fn no_cache_expected_once_forgotten(stack: &Stack, within: Duration) {
+    let env = cachecast_e2e::env_id("dev");
+    eventually("the publisher forgets the cache", within, || {
+        let caches = stack.publisher.caches(&env);
+        async move { caches.is_empty() }
+    })
+    .await;
+    let answer = invalidate_scope(stack, "s1", "1s").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body["_nodes"]["total"], 0, "{}", answer.body);
+}
+
 /// The one failure of a `424`: its node id and type.
 fn only_failure(answer: &Answer) -> (String, String) {
     let failures = answer.body["_nodes"]["failures"]
@@ -265,18 +279,7 @@ async fn agents_sharing_one_redis_count_once_and_forgetting_it_stops_expecting_i
     );
     let status = forget.wait_exit(EXIT).await.expect("forget exits");
     assert!(status.success(), "{}", forget.output());
-    eventually(
-        "the publisher sees the cache forgotten",
-        Duration::from_secs(10),
-        || {
-            let caches = stack.publisher.caches(&env);
-            async move { caches.is_empty() }
-        },
-    )
-    .await;
-    let answer = invalidate_scope(&stack, "s3", "1s").await;
-    assert_eq!(answer.status, 200, "{}", answer.body);
-    assert_eq!(answer.body["_nodes"]["total"], 0, "{}", answer.body);
+    no_cache_expected_once_forgotten(&stack, Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,16 +338,5 @@ async fn with_forget_unattended_after_a_long_unattended_cache_is_forgotten() {
     stack.wait_for_agents("dev", 0).await;
     let env = cachecast_e2e::env_id("dev");
     assert_eq!(stack.publisher.caches(&env).len(), 1, "registered");
-    eventually(
-        "the publisher forgets the unattended cache",
-        Duration::from_secs(15),
-        || {
-            let caches = stack.publisher.caches(&env);
-            async move { caches.is_empty() }
-        },
-    )
-    .await;
-    let answer = invalidate_scope(&stack, "s1", "1s").await;
-    assert_eq!(answer.status, 200, "{}", answer.body);
-    assert_eq!(answer.body["_nodes"]["total"], 0, "{}", answer.body);
+    no_cache_expected_once_forgotten(&stack, Duration::from_secs(15)).await;
 }

@@ -427,22 +427,19 @@ pub async fn ensure_presence_bucket(
     js: &JetStream,
     config: &PresenceConfig,
 ) -> Result<kv::Store, BusError> {
-    if let Ok(store) = js.get_key_value(&config.bucket).await {
-        return Ok(store);
-    }
-    js.create_key_value(kv::Config {
+    let wanted = kv::Config {
         bucket: config.bucket.clone(),
         description: "cachecast agent presence: key <env>.<agentId>".into(),
         history: 1,
         num_replicas: config.replicas,
         max_age: config.max_age,
         ..Default::default()
+    };
+    ensure_bucket(js, wanted, |name, reason| BusError::Presence {
+        name,
+        reason,
     })
     .await
-    .map_err(|err| BusError::Presence {
-        name: config.bucket.clone(),
-        reason: err.to_string(),
-    })
 }
 
 /// Creates the caches bucket, or opens it if it exists.
@@ -450,21 +447,29 @@ pub async fn ensure_caches_bucket(
     js: &JetStream,
     config: &CachesConfig,
 ) -> Result<kv::Store, BusError> {
-    if let Ok(store) = js.get_key_value(&config.bucket).await {
-        return Ok(store);
-    }
-    js.create_key_value(kv::Config {
+    let wanted = kv::Config {
         bucket: config.bucket.clone(),
         description: "cachecast persistent caches: key <env>.<cacheId>".into(),
         history: 1,
         num_replicas: config.replicas,
         ..Default::default()
-    })
-    .await
-    .map_err(|err| BusError::Caches {
-        name: config.bucket.clone(),
-        reason: err.to_string(),
-    })
+    };
+    ensure_bucket(js, wanted, |name, reason| BusError::Caches { name, reason }).await
+}
+
+/// Opens the bucket `wanted` names, or creates it as `wanted` says.
+async fn ensure_bucket(
+    js: &JetStream,
+    wanted: kv::Config,
+    error: fn(String, String) -> BusError,
+) -> Result<kv::Store, BusError> {
+    if let Ok(store) = js.get_key_value(&wanted.bucket).await {
+        return Ok(store);
+    }
+    let name = wanted.bucket.clone();
+    js.create_key_value(wanted)
+        .await
+        .map_err(|err| error(name, err.to_string()))
 }
 
 /// Opens the caches bucket, which a publisher must have created.
