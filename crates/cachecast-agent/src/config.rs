@@ -142,17 +142,7 @@ impl AgentConfig {
 /// The default agent id: the host name made subject-safe, plus a random suffix so two agents
 /// on one host (or a restarted pod) never share an id.
 fn default_agent_id() -> AgentId {
-    let mut base: String = host_name()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(100)
-        .collect();
+    let mut base = token_safe(&host_name(), 100);
     if base.is_empty() {
         base.push_str("agent");
     }
@@ -185,6 +175,20 @@ pub enum AgentError {
         "another live process announces agent id {id} in environment {env}: give every agent its own agent.id (or stop the other one)"
     )]
     IdTaken { env: EnvId, id: AgentId },
+}
+
+/// `text` cut to `max` characters, each one not allowed in an id turned into `-`.
+pub(crate) fn token_safe(text: &str, max: usize) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(max)
+        .collect()
 }
 
 /// This machine's host name (empty when unknown).

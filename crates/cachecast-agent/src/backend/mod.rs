@@ -28,18 +28,7 @@ pub(crate) fn cache_id_for(kind: &str, host: &str, rest: &[&str]) -> CacheId {
     }
     parts.push(host.to_owned());
     parts.extend(rest.iter().map(|s| (*s).to_owned()));
-    let id: String = parts
-        .join("-")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(128)
-        .collect();
+    let id = crate::config::token_safe(&parts.join("-"), 128);
     CacheId::new(id).unwrap_or_else(|_| CacheId::new(kind).expect("a backend kind is a valid id"))
 }
 
@@ -208,5 +197,31 @@ pub trait CacheBackend: Send + Sync + 'static {
     /// Whether the cache answers, for readiness. In-process caches always do.
     fn check(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
         async { Ok(()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_ids_come_from_where_the_cache_is() {
+        assert_eq!(
+            url_location("redis://:secret@redis.prod:6380/2"),
+            Some(("redis.prod", Some("6380"), "/2"))
+        );
+        assert_eq!(
+            url_location("http://owner/cachecast/{kind}"),
+            Some(("owner", None, "/cachecast/{kind}"))
+        );
+        assert_eq!(url_location("not a url"), None);
+        let id = cache_id_for("redis", "redis.prod", &["6380", "db2"]);
+        assert_eq!(id.as_str(), "redis-redis-prod-6380-db2");
+        let local = cache_id_for("redis", "127.0.0.1", &["6379", "db0"]);
+        assert!(
+            local.as_str().ends_with("-127-0-0-1-6379-db0")
+                && local.as_str().len() > "redis-127-0-0-1-6379-db0".len(),
+            "a loopback cache is named after its machine: {local}"
+        );
     }
 }
