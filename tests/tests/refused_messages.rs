@@ -250,10 +250,14 @@ async fn a_publisher_refuses_forged_acks_and_answers_correctly() {
             cachecast_e2e::answer(response).await
         })
     };
-    let message = tokio::time::timeout(Duration::from_secs(10), events.next())
-        .await
-        .expect("the event within 10 s")
-        .expect("a message");
+    let message = match tokio::time::timeout(Duration::from_secs(30), events.next()).await {
+        Ok(message) => message.expect("a message"),
+        // Say what the request got instead (a refusal, say), to tell why nothing was published.
+        Err(_) => {
+            let answer = tokio::time::timeout(Duration::from_secs(25), request).await;
+            panic!("no event published within 30 s; the request: {answer:?}")
+        }
+    };
     let real = Invalidation::from_bytes(&message.payload).expect("a real event");
     let (prefix, _) = real.ack_subject.rsplit_once('.').expect("an ack subject");
     let publisher = prefix.rsplit('.').next().expect("publisher id").to_owned();
