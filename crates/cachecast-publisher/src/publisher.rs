@@ -21,7 +21,7 @@ use crate::membership::{self, ExpectedCache, Feed, Follower, KnownCache, LiveAge
 use crate::outcome::{AgentOutcome, Outcome};
 
 /// How long [`Publisher::start`] waits for its first full view of live agents.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How many finished requests are remembered, so an ack arriving after its request ended
 /// (an agent slower than the deadline) is told apart from an ack for no request at all.
@@ -38,7 +38,7 @@ pub enum PublisherError {
     #[error("could not subscribe to acknowledgements: {0}; check the NATS connection")]
     Subscribe(String),
     #[error(
-        "no complete view of live agents after {SYNC_TIMEOUT:?}: the presence bucket could not be read; check NATS and JetStream"
+        "no complete view of live agents after {SYNC_TIMEOUT:?}: the presence or caches bucket could not be read; check NATS and JetStream"
     )]
     MembershipNotSynced,
 }
