@@ -1,4 +1,4 @@
-//! The agent: start-up (consumer, flush or catch-up, registration, presence), the event loop,
+//! The agent: start-up (consumer, registration, flush or catch-up, presence), the event loop,
 //! and acknowledgements.
 
 use std::future::Future;
@@ -313,9 +313,9 @@ impl<B: CacheBackend> Agent<B> {
         Ok(evicted)
     }
 
-    /// Starts the agent in the order its guarantee needs: consumer, then flush (or, for a
-    /// persistent cache with a usable stored position, the events it missed), then
-    /// registration of a persistent cache, then presence. Transient failures (NATS or the
+    /// Starts the agent in the order its guarantee needs: consumer, then registration of a
+    /// persistent cache, then flush (or, with a usable stored position, the events it missed),
+    /// then presence. Transient failures (NATS or the
     /// backend unreachable, the stream not created yet) are logged and retried until they
     /// pass; bound the wait from outside if needed.
     pub async fn start(self) -> Result<RunningAgent<B>, AgentError> {
@@ -357,9 +357,8 @@ impl<B: CacheBackend> Agent<B> {
             let progress = Arc::new(Progress::default());
             progress.record(last_sequence, pending, 0);
             let stream_created_ns = point.stream.created_ns;
-            if point.resume_after.is_none() {
-                retry("flush the cache", || self.flush("start")).await;
-            }
+            // Registered before the cache is flushed or caught up: from here on publishers
+            // expect it, so no request can be answered without it while a PDP refills it.
             let mut registered = None;
             if let Some(cache) = &self.cache {
                 let pod = self.config.pod()?;
@@ -388,6 +387,9 @@ impl<B: CacheBackend> Agent<B> {
                     key: cachecast_proto::cache_key(&self.env, cache),
                     pod,
                 });
+            }
+            if point.resume_after.is_none() {
+                retry("flush the cache", || self.flush("start")).await;
             }
             // Catch up before saying it is live: the events published while the cache was
             // unattended, in order (publishers still waiting for them get their acks).
@@ -653,6 +655,9 @@ impl<B: CacheBackend> RunningAgent<B> {
                 "events may have been missed while disconnected; flushing the whole cache"
             );
             if let Err(err) = self.agent.flush("gap").await {
+                // The consumer already starts past the gap: until a flush succeeds, nothing may
+                // be acknowledged as applied, nor its position stored past the missed events.
+                self.agent.set_dirty(Some("gap"));
                 tracing::error!(error = %err, "flush after a gap failed; retrying");
                 return false;
             }
