@@ -454,6 +454,13 @@ async fn an_agent_reads_and_writes_only_its_own_environment() {
             serde_json::json!({"last_by_subj": "cachecast.v1.prod.inval"}),
         )
         .await;
+    // Its progress check may read its own environment's last event, never another's.
+    agent
+        .api_request_refused(
+            "$JS.API.DIRECT.GET.CACHECAST.cachecast.v1.prod.inval",
+            serde_json::json!({}),
+        )
+        .await;
     agent
         .api_request_refused("$JS.API.CONSUMER.LIST.CACHECAST", serde_json::json!({}))
         .await;

@@ -22,6 +22,7 @@ use crate::backend::{BackendError, CacheBackend};
 use crate::config::{AgentConfig, AgentError, OnStart};
 use crate::consumer::{Consumer, StreamState, consume, missed_events};
 use crate::presence::{AnnounceError, Announcement, Heartbeat, Progress};
+use crate::watch::{Flusher, Gap, ProgressCheck, Signal, Tracker};
 
 /// An agent, configured but not started.
 #[derive(Debug)]
@@ -52,6 +53,8 @@ pub struct Agent<B> {
     /// The keyed caches the backend serves, read once: announced in presence, and the keyed
     /// events this agent applies.
     keyed_caches: Vec<CacheName>,
+    /// How far it is, and whether it lags: for presence and `/readyz`.
+    progress: Arc<Progress>,
 }
 
 /// Per-event metric handles, registered once (no allocation per event).
@@ -81,6 +84,7 @@ pub struct AgentProbe<B> {
     client: Client,
     backend: Arc<B>,
     live: Arc<AtomicBool>,
+    progress: Arc<Progress>,
 }
 
 impl<B> Clone for AgentProbe<B> {
@@ -89,15 +93,20 @@ impl<B> Clone for AgentProbe<B> {
             client: self.client.clone(),
             backend: self.backend.clone(),
             live: self.live.clone(),
+            progress: self.progress.clone(),
         }
     }
 }
 
 impl<B: CacheBackend> AgentProbe<B> {
-    /// `Ok` when the agent is live, connected to NATS and its backend answers; else why not.
+    /// `Ok` when the agent is live, keeps up with its events, is connected to NATS and its
+    /// backend answers; else why not.
     pub async fn ready(&self) -> Result<(), String> {
         if !self.live.load(Ordering::Relaxed) {
             return Err("not live: starting or shutting down".into());
+        }
+        if let Some(reason) = self.progress.lagging() {
+            return Err(format!("lagging: {reason}"));
         }
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err("not connected to NATS".into());
@@ -123,6 +132,11 @@ pub struct RunningAgent<B> {
     registered: Option<Registered>,
     /// How far it is, for its presence.
     progress: Arc<Progress>,
+    /// What the progress check found, for the event loop.
+    signals: tokio::sync::mpsc::Receiver<Signal>,
+    tracker: Arc<Mutex<Tracker>>,
+    /// The progress check and the stale-presence check, stopped with the agent.
+    watchers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// A persistent cache's registration, as its agent holds it.
@@ -180,6 +194,17 @@ impl<B: CacheBackend> Agent<B> {
             dirty: Mutex::new(None),
             keyed_caches: backend.keyed_caches(),
             backend: Arc::new(backend),
+            progress: Arc::default(),
+        }
+    }
+
+    /// What flushes this agent's cache, from any task.
+    fn flusher(&self) -> Flusher<B> {
+        Flusher {
+            backend: self.backend.clone(),
+            env: self.env.clone(),
+            cache: self.cache.clone(),
+            evict_timeout: self.config.evict_timeout,
         }
     }
 
@@ -221,6 +246,7 @@ impl<B: CacheBackend> Agent<B> {
             client: self.client.clone(),
             backend: self.backend.clone(),
             live: self.live.clone(),
+            progress: self.progress.clone(),
         }
     }
 
@@ -273,14 +299,14 @@ impl<B: CacheBackend> Agent<B> {
             tracing::info!("no stored position to resume from; flushing instead");
             return at_end;
         };
-        if missed_events(stored.sequence, stored.stream_created_ns, stream) {
+        if let Some(gap) = missed_events(stored.sequence, stored.stream_created_ns, stream) {
             tracing::warn!(
                 stored = stored.sequence,
                 stream_first = stream.first_sequence,
                 stream_last = stream.last_sequence,
                 "the stream no longer holds every event since the stored position; flushing instead"
             );
-            metrics::counter!("cachecast_agent_gaps_total", "env" => self.env.to_string())
+            metrics::counter!("cachecast_agent_gaps_total", "env" => self.env.to_string(), "reason" => gap.reason())
                 .increment(1);
             return at_end;
         }
@@ -296,21 +322,7 @@ impl<B: CacheBackend> Agent<B> {
 
     /// Evicts everything, bounded by `evict_timeout`, and counts it under `reason`.
     async fn flush(&self, reason: &'static str) -> Result<u64, String> {
-        let evicted =
-            tokio::time::timeout(self.config.evict_timeout, self.backend.flush(&self.env))
-                .await
-                .map_err(|_| format!("timed out after {:?}", self.config.evict_timeout))?
-                .map_err(|err| err.to_string())?;
-        if let Some(cache) = &self.cache
-            && let Err(err) = self.backend.mark_continuous(cache).await
-        {
-            // Harmless: the next check finds no mark and flushes once more.
-            tracing::warn!(error = %err, "could not mark the flushed cache");
-        }
-        metrics::counter!("cachecast_agent_flushes_total", "env" => self.env.to_string(), "reason" => reason)
-            .increment(1);
-        tracing::info!(evicted, reason, "cache flushed");
-        Ok(evicted)
+        self.flusher().flush(reason).await
     }
 
     /// Starts the agent in the order its guarantee needs: consumer, then registration of a
@@ -321,6 +333,7 @@ impl<B: CacheBackend> Agent<B> {
     pub async fn start(self) -> Result<RunningAgent<B>, AgentError> {
         let span = tracing::info_span!("agent", env = %self.env, agent = %self.id);
         async move {
+            self.config.check(&self.bus)?;
             if self.config.cache_id.is_some() && self.cache.is_none() {
                 tracing::warn!("agent.cache_id is ignored: this backend's cache ends with the agent");
             }
@@ -354,8 +367,9 @@ impl<B: CacheBackend> Agent<B> {
                 starts_after,
             } = consumer;
             let mut last_sequence = point.resume_after.unwrap_or(starts_after);
-            let progress = Arc::new(Progress::default());
+            let progress = self.progress.clone();
             progress.record(last_sequence, pending, 0);
+            progress.handled_up_to(last_sequence);
             let stream_created_ns = point.stream.created_ns;
             // Registered before the cache is flushed or caught up: from here on publishers
             // expect it, so no request can be answered without it while a PDP refills it.
@@ -405,6 +419,7 @@ impl<B: CacheBackend> Agent<B> {
                             if sequence > last_sequence {
                                 self.handle(message, sequence, stream_created_ns).await;
                                 last_sequence = sequence;
+                                progress.handled_up_to(sequence);
                                 self.remember_position(sequence, stream_created_ns).await;
                             }
                             remaining = left;
@@ -448,6 +463,38 @@ impl<B: CacheBackend> Agent<B> {
             self.live.store(true, Ordering::Relaxed);
             let cache = self.cache.as_ref().map_or("none", CacheId::as_str);
             tracing::info!(backend = self.backend.kind(), %cache, "agent is live");
+            let (signal_tx, signals) = tokio::sync::mpsc::channel(4);
+            let interval = self.config.heartbeat / 2;
+            let tracker = Arc::new(Mutex::new(Tracker::new(
+                last_sequence,
+                stream_created_ns,
+                Instant::now(),
+                interval,
+            )));
+            let check = ProgressCheck {
+                stream: stream.clone(),
+                subject: Subjects::events(&self.env),
+                tracker: tracker.clone(),
+                progress: progress.clone(),
+                flusher: self.flusher(),
+                signals: signal_tx,
+                interval,
+                heartbeat: self.config.heartbeat,
+                max_lag: self.config.max_lag(),
+            };
+            let mut watchers = vec![tokio::spawn(check.run().instrument(tracing::Span::current()))];
+            // A cache in the agent's process is dropped from the expected set when presence goes
+            // stale; a persistent one stays expected (answered `424 unattended`).
+            if self.cache.is_none() {
+                watchers.push(tokio::spawn(
+                    crate::watch::flush_while_presence_stale(
+                        self.flusher(),
+                        heartbeat.freshness(),
+                        self.config.heartbeat,
+                    )
+                    .instrument(tracing::Span::current()),
+                ));
+            }
             let running = RunningAgent {
                 agent: self,
                 stream,
@@ -457,6 +504,9 @@ impl<B: CacheBackend> Agent<B> {
                 heartbeat,
                 registered,
                 progress,
+                signals,
+                tracker,
+                watchers,
             };
             running
                 .agent
@@ -494,7 +544,6 @@ impl<B: CacheBackend> RunningAgent<B> {
             let connects = || statistics.connects.load(std::sync::atomic::Ordering::Relaxed);
             let mut resumed_at = connects();
             let mut next_repair = Instant::now();
-            let mut next_stale_flush: Option<Instant> = None;
             let mut ended = Ok(());
             loop {
                 tokio::select! {
@@ -507,9 +556,14 @@ impl<B: CacheBackend> RunningAgent<B> {
                         });
                         break;
                     }
+                    Some(signal) = self.signals.recv() => {
+                        let forced = match signal {
+                            Signal::Gap(gap) => Some(gap),
+                            Signal::Stalled => None,
+                        };
+                        self.resume(forced).await;
+                    }
                     _ = connection_check.tick() => {
-                        let since = self.heartbeat.since_last_ok();
-                        self.agent.flush_if_stale(since, &mut next_stale_flush).await;
                         if self.agent.dirty().is_some() && Instant::now() >= next_repair {
                             if let Err(err) = self.agent.repair().await {
                                 tracing::warn!(%err, "the cache is still dirty");
@@ -521,7 +575,7 @@ impl<B: CacheBackend> RunningAgent<B> {
                         // the consumer, so resume right after the last event handled.
                         if now != resumed_at
                             && self.agent.client.connection_state() == async_nats::connection::State::Connected
-                            && self.resume().await
+                            && self.resume(None).await
                         {
                             resumed_at = now;
                         }
@@ -544,6 +598,7 @@ impl<B: CacheBackend> RunningAgent<B> {
                             }
                             self.agent.handle(message, sequence, self.stream_created_ns).await;
                             self.last_sequence = sequence;
+                            self.progress.handled_up_to(sequence);
                             self.agent.remember_position(sequence, self.stream_created_ns).await;
                         }
                         Some(Err(err)) => {
@@ -558,6 +613,9 @@ impl<B: CacheBackend> RunningAgent<B> {
                 }
             }
             self.agent.live.store(false, Ordering::Relaxed);
+            for watcher in self.watchers.drain(..) {
+                watcher.abort();
+            }
             if ended.is_ok() {
                 forget_if_pod_deleted(self.registered.take(), self.agent.kube.clone()).await;
             }
@@ -614,10 +672,11 @@ async fn forget_if_pod_deleted(registered: Option<Registered>, kube: Option<cach
 
 impl<B: CacheBackend> RunningAgent<B> {
     /// Replaces the consumer with one that starts right after the last handled event.
-    /// If the stream no longer holds every event since then (retention dropped some), the
-    /// agent cannot prove it saw them all: it starts at the stream's end and flushes instead.
+    /// If the stream no longer holds every event since then (retention dropped some, it was
+    /// created anew), or the progress check found such a gap (`forced`), the agent cannot
+    /// prove it saw them all: it starts at the stream's end and flushes instead.
     /// Returns false if that failed (it is tried again on the next check).
-    async fn resume(&mut self) -> bool {
+    async fn resume(&mut self, forced: Option<Gap>) -> bool {
         let stream = match self.stream.info().await {
             Ok(info) => StreamState {
                 first_sequence: info.state.first_sequence,
@@ -629,8 +688,12 @@ impl<B: CacheBackend> RunningAgent<B> {
                 return false;
             }
         };
-        let gap = missed_events(self.last_sequence, self.stream_created_ns, stream);
-        let after = if gap {
+        let gap = forced.or(missed_events(
+            self.last_sequence,
+            self.stream_created_ns,
+            stream,
+        ));
+        let after = if gap.is_some() {
             stream.last_sequence
         } else {
             self.last_sequence
@@ -643,27 +706,33 @@ impl<B: CacheBackend> RunningAgent<B> {
             }
         };
         // The server moved the start past events it no longer holds: missed too.
-        let gap = gap || consumer.starts_after > after;
+        let gap = gap.or((consumer.starts_after > after).then_some(Gap::Retention));
         self.events = consumer.events;
-        if gap {
-            metrics::counter!("cachecast_agent_gaps_total", "env" => self.agent.env.to_string())
+        if let Some(gap) = gap {
+            metrics::counter!("cachecast_agent_gaps_total", "env" => self.agent.env.to_string(), "reason" => gap.reason())
                 .increment(1);
             tracing::warn!(
+                reason = gap.reason(),
                 last_handled = self.last_sequence,
                 stream_first = stream.first_sequence,
                 stream_last = stream.last_sequence,
-                "events may have been missed while disconnected; flushing the whole cache"
+                "events may have been missed; flushing the whole cache"
             );
-            if let Err(err) = self.agent.flush("gap").await {
-                // The consumer already starts past the gap: until a flush succeeds, nothing may
-                // be acknowledged as applied, nor its position stored past the missed events.
-                self.agent.set_dirty(Some("gap"));
-                tracing::error!(error = %err, "flush after a gap failed; retrying");
-                return false;
-            }
+            // From here on the consumer starts past the gap: the position moves past it too,
+            // and until a flush succeeds nothing is acknowledged as applied, nor stored.
             let after = after.max(consumer.starts_after);
             self.last_sequence = after;
             self.stream_created_ns = stream.created_ns;
+            self.progress.handled_up_to(after);
+            self.tracker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .reset(after, stream.created_ns, Instant::now());
+            if let Err(err) = self.agent.flush(gap.reason()).await {
+                self.agent.set_dirty(Some(gap.reason()));
+                tracing::error!(error = %err, "flush after a gap failed; the cache stays dirty and is flushed again before anything is applied");
+                return true;
+            }
             self.agent.remember_position(after, stream.created_ns).await;
         } else {
             tracing::info!(after, "reconnected; event consumer resumed");
@@ -747,38 +816,6 @@ impl<B: CacheBackend> Agent<B> {
         }
         .instrument(span)
         .await
-    }
-
-    /// While presence writes fail, publishers stop expecting this agent after three
-    /// heartbeats and answer without it, but the agent cannot hear their events: so after two
-    /// failed heartbeats it flushes the whole cache, and again every heartbeat while the
-    /// outage lasts (the service keeps caching meanwhile).
-    ///
-    /// Not for a persistent cache: it stays registered, so publishers keep expecting it (and
-    /// answer `424 unattended`) however long this agent is cut off, and a flush would only
-    /// empty a cache that other agents may be attending.
-    async fn flush_if_stale(&self, since_last_heartbeat: Duration, next: &mut Option<Instant>) {
-        if self.cache.is_some() {
-            return;
-        }
-        let heartbeat = self.config.heartbeat;
-        if since_last_heartbeat < heartbeat * 2 {
-            *next = None;
-            return;
-        }
-        if next.is_some_and(|at| Instant::now() < at) {
-            return;
-        }
-        if next.is_none() {
-            tracing::warn!(
-                since = ?since_last_heartbeat,
-                "presence is not being refreshed: publishers will stop expecting this agent; flushing the cache until it is back"
-            );
-        }
-        if let Err(err) = self.flush("disconnected").await {
-            tracing::warn!(%err, "could not flush while disconnected");
-        }
-        *next = Some(Instant::now() + heartbeat);
     }
 
     /// Flushes the whole cache if it is dirty.

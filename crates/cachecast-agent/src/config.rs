@@ -33,6 +33,12 @@ pub struct AgentConfig {
     /// The longest one eviction may take before it is reported as failed.
     #[serde(with = "humantime_serde")]
     pub evict_timeout: Duration,
+    /// How long the agent may stay behind its environment's events (or unable to read the
+    /// stream) before it stops vouching for its cache: it then announces `lagging` (publishers
+    /// answer `424 lagging` for it at once), `/readyz` answers `503`, and it flushes the cache
+    /// every heartbeat until it catches up. Default: three heartbeats.
+    #[serde(default, with = "humantime_serde")]
+    pub max_lag: Option<Duration>,
     /// Which cache the agent evicts from.
     pub backend: BackendKind,
     /// Where `cachecast agent` serves /healthz, /readyz and /metrics (off when unset).
@@ -104,6 +110,7 @@ impl Default for AgentConfig {
             pod_uid: None,
             heartbeat: Duration::from_secs(2),
             evict_timeout: Duration::from_secs(10),
+            max_lag: None,
             backend: BackendKind::default(),
             admin_listen: None,
             on_start: OnStart::default(),
@@ -131,6 +138,50 @@ impl AgentConfig {
             })),
             _ => Err(AgentError::PodUnknown),
         }
+    }
+
+    /// `max_lag`, or its default: three heartbeats.
+    pub fn max_lag(&self) -> Duration {
+        self.max_lag.unwrap_or(self.heartbeat * 3)
+    }
+
+    /// Refuses settings under which the agent could not flush its cache before publishers stop
+    /// expecting it, naming the key to change.
+    pub fn check(&self, bus: &cachecast_bus::BusConfig) -> Result<(), AgentError> {
+        let refuse = |key: &'static str, reason: String| Err(AgentError::Setting { key, reason });
+        let heartbeat = self.heartbeat;
+        if heartbeat.is_zero() {
+            return refuse(
+                "agent.heartbeat",
+                "it must be above zero (2s is the default)".into(),
+            );
+        }
+        if self.evict_timeout.is_zero() {
+            return refuse(
+                "agent.evict_timeout",
+                "it must be above zero (10s is the default)".into(),
+            );
+        }
+        if bus.presence.max_age < heartbeat * 3 {
+            return refuse(
+                "presence.max_age",
+                format!(
+                    "it is {:?}, less than three heartbeats ({:?}): the presence key of a live agent could expire between two beats, and publishers would stop expecting it before it flushes its cache; raise presence.max_age (the presence bucket's max age) or lower agent.heartbeat",
+                    bus.presence.max_age,
+                    heartbeat * 3
+                ),
+            );
+        }
+        if self.max_lag() < heartbeat {
+            return refuse(
+                "agent.max_lag",
+                format!(
+                    "it is {:?}, less than one heartbeat ({heartbeat:?}): progress is checked twice a heartbeat, so a shorter lag cannot be told from a check in between",
+                    self.max_lag(),
+                ),
+            );
+        }
+        Ok(())
     }
 
     /// The configured agent id, or a new default one.
@@ -175,6 +226,8 @@ pub enum AgentError {
         "another live process announces agent id {id} in environment {env}: give every agent its own agent.id (or stop the other one)"
     )]
     IdTaken { env: EnvId, id: AgentId },
+    #[error("{key}: {reason}")]
+    Setting { key: &'static str, reason: String },
 }
 
 /// `text` cut to `max` characters, each one not allowed in an id turned into `-`.

@@ -7,6 +7,8 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::stream;
 use cachecast_proto::{AgentId, EnvId, Subjects};
 
+use crate::watch::Gap;
+
 /// The longest pull request of the event consumer. The server sends an idle heartbeat every
 /// half of it and the client recreates a consumer that missed two, so this bounds how long a
 /// consumer lost without a reconnect goes unnoticed (about 10 s; after a reconnect the agent
@@ -80,14 +82,21 @@ pub(crate) struct StreamState {
 }
 
 /// Whether an agent whose cache is up to date with event `position` of the stream created at
-/// `position_created_ns` may have missed events it can no longer get: the stream was created
-/// anew, or it no longer holds every event after the position (retention dropped some), or
-/// its sequence went back. Then only a flush makes the cache safe again.
-pub(crate) fn missed_events(position: u64, position_created_ns: i128, stream: StreamState) -> bool {
-    let recreated = position_created_ns != stream.created_ns;
-    let dropped = stream.first_sequence > position + 1 && stream.last_sequence > position;
-    let went_back = stream.last_sequence < position;
-    recreated || dropped || went_back
+/// `position_created_ns` may have missed events it can no longer get, and why: the stream was
+/// created anew or its sequence went back, or it no longer holds every event after the
+/// position (retention dropped some). Then only a flush makes the cache safe again.
+pub(crate) fn missed_events(
+    position: u64,
+    position_created_ns: i128,
+    stream: StreamState,
+) -> Option<Gap> {
+    if position_created_ns != stream.created_ns || stream.last_sequence < position {
+        Some(Gap::StreamRecreated)
+    } else if stream.first_sequence > position + 1 && stream.last_sequence > position {
+        Some(Gap::Retention)
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -106,29 +115,38 @@ mod tests {
 
     #[test]
     fn every_event_after_the_position_held_is_no_gap() {
-        assert!(!missed_events(10, CREATED, stream(1, 10)), "nothing new");
-        assert!(
-            !missed_events(10, CREATED, stream(1, 50)),
+        assert_eq!(
+            missed_events(10, CREATED, stream(1, 10)),
+            None,
+            "nothing new"
+        );
+        assert_eq!(
+            missed_events(10, CREATED, stream(1, 50)),
+            None,
             "new events, all held"
         );
-        assert!(
-            !missed_events(10, CREATED, stream(11, 50)),
+        assert_eq!(
+            missed_events(10, CREATED, stream(11, 50)),
+            None,
             "the next one is the first held"
         );
     }
 
     #[test]
     fn dropped_recreated_or_rewound_streams_are_gaps() {
-        assert!(
+        assert_eq!(
             missed_events(10, CREATED, stream(12, 50)),
+            Some(Gap::Retention),
             "event 11 was dropped"
         );
-        assert!(
+        assert_eq!(
             missed_events(10, CREATED + 1, stream(1, 50)),
+            Some(Gap::StreamRecreated),
             "another stream"
         );
-        assert!(
+        assert_eq!(
             missed_events(10, CREATED, stream(1, 5)),
+            Some(Gap::StreamRecreated),
             "the sequence went back"
         );
     }
@@ -136,6 +154,6 @@ mod tests {
     #[test]
     fn an_empty_stream_past_the_position_is_no_gap() {
         // Everything up to the position expired and nothing came since: no event was missed.
-        assert!(!missed_events(10, CREATED, stream(11, 10)));
+        assert_eq!(missed_events(10, CREATED, stream(11, 10)), None);
     }
 }

@@ -17,6 +17,7 @@ pub mod backend;
 mod config;
 mod consumer;
 mod presence;
+mod watch;
 
 pub use agent::{Agent, AgentProbe, RunningAgent};
 pub use backend::{

@@ -17,15 +17,59 @@ use cachecast_proto::{AgentId, CacheId, CacheName, EnvId, Presence, Subjects, Wi
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// How far the agent is: written by its event loop, announced by every heartbeat.
+/// How far the agent is: written by its event loop and its progress check, announced by
+/// every heartbeat.
 #[derive(Debug, Default)]
 pub(crate) struct Progress {
     applied: AtomicU64,
     pending: AtomicU64,
     published_ms: AtomicI64,
+    /// The last event the event loop finished with (applied, failed, or flushed over).
+    handled: AtomicU64,
+    /// Why the agent cannot vouch for its cache now; `None` while it keeps up.
+    lagging: Mutex<Option<String>>,
+    /// Wakes the heartbeat to announce a change of `lagging` at once.
+    changed: tokio::sync::Notify,
 }
 
 impl Progress {
+    /// The event loop is done with every event up to `sequence`.
+    pub(crate) fn handled_up_to(&self, sequence: u64) {
+        self.handled.store(sequence, Ordering::Relaxed);
+    }
+
+    pub(crate) fn handled(&self) -> u64 {
+        self.handled.load(Ordering::Relaxed)
+    }
+
+    /// Events of the environment known to be waiting: the consumer's count, at least one while
+    /// the agent is `behind` an event it has not received.
+    pub(crate) fn pending_or_behind(&self, behind: bool) -> u64 {
+        let pending = self.pending.load(Ordering::Relaxed);
+        if behind { pending.max(1) } else { pending }
+    }
+
+    /// Why the agent does not vouch for its cache now, if it does not.
+    pub(crate) fn lagging(&self) -> Option<String> {
+        self.lagging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets why the agent cannot vouch (`None`: it can). True when that changed whether it
+    /// lags; the heartbeat then announces it at once.
+    pub(crate) fn set_lagging(&self, reason: Option<String>) -> bool {
+        let mut lagging = self.lagging.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = lagging.is_some() != reason.is_some();
+        *lagging = reason;
+        drop(lagging);
+        if changed {
+            self.changed.notify_one();
+        }
+        changed
+    }
+
     /// The agent handled the event at `sequence`, published at `published_ms`, with
     /// `pending` events of its environment after it in the stream.
     pub(crate) fn record(&self, sequence: u64, pending: u64, published_ms: i64) {
@@ -38,6 +82,7 @@ impl Progress {
         presence.applied_sequence = self.applied.load(Ordering::Relaxed);
         presence.lag_events = self.pending.load(Ordering::Relaxed);
         presence.applied_published_unix_ms = self.published_ms.load(Ordering::Relaxed);
+        presence.lagging = self.lagging().unwrap_or_default();
     }
 }
 
@@ -108,6 +153,7 @@ impl Heartbeat {
             ..Presence::default()
         };
         let progress = announcement.progress.clone();
+        let wake = announcement.progress.clone();
         let value = move || {
             let mut presence = template.clone();
             progress.write_into(&mut presence);
@@ -129,7 +175,10 @@ impl Heartbeat {
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 ticker.tick().await;
                 loop {
-                    ticker.tick().await;
+                    tokio::select! {
+                        _ = ticker.tick() => {}
+                        () = wake.changed.notified() => ticker.reset(),
+                    }
                     // Stamped when the write is sent: the margin to the publishers' three
                     // heartbeats counts from here.
                     let sent = Instant::now();
@@ -168,12 +217,9 @@ impl Heartbeat {
         }
     }
 
-    /// How long ago a presence write last succeeded.
-    pub(crate) fn since_last_ok(&self) -> Duration {
-        self.last_ok
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .elapsed()
+    /// When a presence write last succeeded (stamped when it was sent), kept up to date.
+    pub(crate) fn freshness(&self) -> Arc<Mutex<Instant>> {
+        self.last_ok.clone()
     }
 
     /// Stops the heartbeat and deletes the presence key, so publishers stop expecting acks

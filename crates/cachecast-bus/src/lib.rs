@@ -383,6 +383,9 @@ pub async fn ensure_stream(
         // refuses a window longer than the stream's max age.
         duplicate_window: Duration::from_secs(120).min(config.max_age),
         max_consumers: config.max_consumers,
+        // Agents check their progress with a direct get of their environment's last event,
+        // on a subject that carries the environment (so it can be permitted per environment).
+        allow_direct: true,
         ..Default::default()
     };
     let mut stream = js
@@ -392,6 +395,25 @@ pub async fn ensure_stream(
             name: config.name.clone(),
             reason: err.to_string(),
         })?;
+    // A stream created by an older version lacks direct gets: turn them on (nothing else in
+    // its configuration changes), or say how to.
+    if let Ok(info) = stream.info().await
+        && !info.config.allow_direct
+    {
+        let mut updated = info.config.clone();
+        updated.allow_direct = true;
+        match js.update_stream(updated).await {
+            Ok(_) => {
+                tracing::info!(stream = %config.name, "direct gets turned on for agents' progress checks")
+            }
+            Err(err) => tracing::warn!(
+                stream = %config.name,
+                error = %err,
+                "the stream does not allow direct gets, which agents need to check their progress (they would report `lagging`); turn them on: nats stream edit {} --allow-direct",
+                config.name
+            ),
+        }
+    }
     // An existing stream keeps its own limit (publishers may not update the stream): say so.
     if let Ok(info) = stream.info().await {
         let limit = info.config.max_consumers;

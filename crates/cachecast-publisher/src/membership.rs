@@ -46,6 +46,8 @@ pub struct LiveAgent {
     pub last_seen: Duration,
     /// How far it is, as of its last heartbeat.
     pub progress: Progress,
+    /// Why it does not vouch for its cache now (it announced `lagging`).
+    pub lagging: Option<String>,
 }
 
 /// How far an agent (or the most advanced agent of a cache) is in the stream, as of its last
@@ -92,18 +94,26 @@ pub struct KnownCache {
     pub registered_at_unix_ms: i64,
     /// How far its most advanced agent is (as of that agent's last heartbeat, live or not).
     pub progress: Option<Progress>,
+    /// Why it is not vouched for: every live agent attending it announced `lagging`.
+    pub lagging: Option<String>,
 }
 
 /// One cache a request expects to apply its event: the in-process cache of a live agent, or
 /// a persistent cache (acknowledged by any agent attending it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ExpectedCache {
-    Agent(AgentId),
+    Agent {
+        id: AgentId,
+        /// Why it does not vouch for its cache now, if it announced so.
+        lagging: Option<String>,
+    },
     Persistent {
         id: CacheId,
         /// Whether a live agent attended it when the event was published.
         attended: bool,
         unattended_for: Option<Duration>,
+        /// Why it is not vouched for: every live agent attending it lags.
+        lagging: Option<String>,
     },
 }
 
@@ -133,6 +143,11 @@ struct Member {
 impl Member {
     fn is_live(&self) -> bool {
         self.seen_at.elapsed() < self.stale_after
+    }
+
+    /// Why the agent does not vouch for its cache, if it announced `lagging`.
+    fn lagging(&self) -> Option<String> {
+        Some(self.presence.lagging.clone()).filter(|r| !r.is_empty())
     }
 }
 
@@ -255,29 +270,42 @@ impl Membership {
         let holds = |keyed: &[String]| serving.is_none_or(|c| keyed.iter().any(|k| k == c));
         let mut agents = Vec::new();
         // Persistent caches: attended ones from presence, the rest from registrations.
-        let mut persistent: HashMap<CacheId, (bool, Option<Duration>)> = self
+        let mut persistent: HashMap<CacheId, Attendance> = self
             .departures(env)
             .into_iter()
-            .map(|(cache, gone)| (cache, (false, Some(gone))))
+            .map(|(cache, gone)| {
+                let attendance = Attendance {
+                    gone: Some(gone),
+                    ..Attendance::default()
+                };
+                (cache, attendance)
+            })
             .collect();
         {
             let envs = self.lock();
             for (id, member) in envs.get(env).into_iter().flatten() {
                 let cache = CacheId::new(member.presence.cache_id.as_str()).ok();
+                let lagging = member.lagging();
                 match cache {
                     None if member.is_live() && holds(&member.presence.keyed_caches) => {
-                        agents.push(ExpectedCache::Agent(id.clone()));
+                        agents.push(ExpectedCache::Agent {
+                            id: id.clone(),
+                            lagging,
+                        });
                     }
                     None => {}
                     Some(cache) => {
-                        let entry = persistent.entry(cache).or_insert((false, None));
+                        let entry = persistent.entry(cache).or_default();
                         if member.is_live() {
                             if holds(&member.presence.keyed_caches) {
-                                entry.0 = true;
+                                match lagging {
+                                    None => entry.keeping_up = true,
+                                    Some(reason) => entry.lagging = Some(reason),
+                                }
                             }
                         } else {
                             let gone = member.seen_at.elapsed();
-                            entry.1 = Some(entry.1.map_or(gone, |g: Duration| g.min(gone)));
+                            entry.gone = Some(entry.gone.map_or(gone, |g: Duration| g.min(gone)));
                         }
                     }
                 }
@@ -285,20 +313,22 @@ impl Membership {
         }
         let registry = self.lock_caches();
         let registered = registry.get(env);
-        persistent.retain(|id, (attended, _)| {
-            *attended
+        persistent.retain(|id, attendance| {
+            attendance.attended()
                 || registered.is_some_and(|r| r.get(id).is_some_and(|reg| holds(&reg.keyed_caches)))
         });
         for (id, registration) in registered.into_iter().flatten() {
             if holds(&registration.keyed_caches) {
-                persistent.entry(id.clone()).or_insert((false, None));
+                persistent.entry(id.clone()).or_default();
             }
         }
-        agents.extend(persistent.into_iter().map(|(id, (attended, gone))| {
+        agents.extend(persistent.into_iter().map(|(id, a)| {
+            let attended = a.attended();
             ExpectedCache::Persistent {
                 id,
                 attended,
-                unattended_for: if attended { None } else { gone },
+                unattended_for: if attended { None } else { a.gone },
+                lagging: if a.keeping_up { None } else { a.lagging },
             }
         }));
         agents.sort_by(|a, b| a.node_id().cmp(b.node_id()));
@@ -324,6 +354,7 @@ impl Membership {
                         registered_by: r.agent_id.clone(),
                         registered_at_unix_ms: r.registered_at_unix_ms,
                         progress: None,
+                        lagging: None,
                     },
                 )
             })
@@ -334,6 +365,8 @@ impl Membership {
             }
         }
         let envs = self.lock();
+        // Per cache: whether every live agent seen so far lags.
+        let mut lagging_only: HashMap<CacheId, bool> = HashMap::new();
         for (agent, member) in envs.get(env).into_iter().flatten() {
             let Ok(cache) = CacheId::new(member.presence.cache_id.as_str()) else {
                 continue;
@@ -347,6 +380,7 @@ impl Membership {
                 registered_by: String::new(),
                 registered_at_unix_ms: 0,
                 progress: None,
+                lagging: None,
             });
             let progress = Progress::of(&member.presence);
             if entry
@@ -357,6 +391,16 @@ impl Membership {
             }
             if member.is_live() {
                 entry.attended_by.push(agent.clone());
+                match member.lagging() {
+                    Some(reason) if lagging_only.get(&entry.id) != Some(&false) => {
+                        lagging_only.insert(entry.id.clone(), true);
+                        entry.lagging = Some(reason);
+                    }
+                    _ => {
+                        lagging_only.insert(entry.id.clone(), false);
+                        entry.lagging = None;
+                    }
+                }
             } else {
                 let gone = member.seen_at.elapsed();
                 entry.unattended_for = Some(entry.unattended_for.map_or(gone, |g| g.min(gone)));
@@ -410,6 +454,7 @@ impl Membership {
                 cache_id: CacheId::new(m.presence.cache_id.as_str()).ok(),
                 last_seen: m.seen_at.elapsed(),
                 progress: Progress::of(&m.presence),
+                lagging: m.lagging(),
             })
             .collect();
         agents.sort_by(|a, b| a.id.cmp(&b.id));
@@ -679,9 +724,26 @@ impl ExpectedCache {
     /// The id it is reported under: the agent's, or the persistent cache's.
     pub(crate) fn node_id(&self) -> &str {
         match self {
-            Self::Agent(id) => id.as_str(),
+            Self::Agent { id, .. } => id.as_str(),
             Self::Persistent { id, .. } => id.as_str(),
         }
+    }
+}
+
+/// Who attends one persistent cache, as a request's expected set is built.
+#[derive(Debug, Default)]
+struct Attendance {
+    /// A live agent that keeps up attends it.
+    keeping_up: bool,
+    /// Only lagging live agents attend it: why.
+    lagging: Option<String>,
+    /// Since its last agent's last heartbeat, when none is live.
+    gone: Option<Duration>,
+}
+
+impl Attendance {
+    fn attended(&self) -> bool {
+        self.keeping_up || self.lagging.is_some()
     }
 }
 

@@ -21,6 +21,10 @@ pub enum AgentOutcome {
         unattended_for: Option<Duration>,
         after: Duration,
     },
+    /// Its agent announced that it cannot vouch for its cache (its consumer stalled, it cannot
+    /// read the stream), so it was not waited for. It applies the event if it catches up, and
+    /// flushes its cache every heartbeat meanwhile.
+    Lagging { reason: String },
 }
 
 impl AgentOutcome {
@@ -28,13 +32,15 @@ impl AgentOutcome {
         matches!(self, Self::Applied { .. })
     }
 
-    /// The word every answer uses for it: `applied`, `failed`, `timeout` or `unattended`.
+    /// The word every answer uses for it: `applied`, `failed`, `timeout`, `unattended` or
+    /// `lagging`.
     pub fn status(&self) -> &'static str {
         match self {
             Self::Applied { .. } => "applied",
             Self::Failed { .. } => "failed",
             Self::TimedOut { .. } => "timeout",
             Self::Unattended { .. } => "unattended",
+            Self::Lagging { .. } => "lagging",
         }
     }
 
@@ -45,6 +51,7 @@ impl AgentOutcome {
             Self::Failed { .. } => Some("eviction_failed"),
             Self::TimedOut { .. } => Some("timeout"),
             Self::Unattended { .. } => Some("unattended"),
+            Self::Lagging { .. } => Some("lagging"),
         }
     }
 
@@ -66,6 +73,9 @@ impl AgentOutcome {
                     "no agent attends this cache (unattended {since}); the first agent to attend it applies every event it missed before it goes live; if the cache is gone for good, forget it (cachecast caches forget)"
                 ))
             }
+            Self::Lagging { reason } => Some(format!(
+                "its agent does not vouch for it: {reason}; it flushes the cache every heartbeat until it catches up; see the agent's log and /readyz"
+            )),
         }
     }
 
@@ -74,6 +84,7 @@ impl AgentOutcome {
         match self {
             Self::Applied { latency, .. } | Self::Failed { latency, .. } => *latency,
             Self::TimedOut { after } | Self::Unattended { after, .. } => *after,
+            Self::Lagging { .. } => Duration::ZERO,
         }
     }
 }

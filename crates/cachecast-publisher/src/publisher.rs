@@ -393,22 +393,27 @@ impl Publisher {
         let mut nodes = Nodes::default();
         for cache in expected {
             let id = AgentId::new(cache.node_id()).expect("agent and cache ids follow one rule");
-            match cache {
-                ExpectedCache::Agent(_) => {}
+            let lagging = match cache {
+                ExpectedCache::Agent { lagging, .. } => lagging,
                 ExpectedCache::Persistent {
                     attended,
                     unattended_for,
+                    lagging,
                     ..
                 } => {
                     nodes
                         .persistent
                         .insert(id.clone(), (!attended).then_some(unattended_for));
+                    lagging
                 }
-            }
-            nodes.answers.insert(id, None);
+            };
+            // Not waited for: its agent said it cannot vouch. An ack that comes anyway counts.
+            nodes
+                .answers
+                .insert(id, lagging.map(|reason| AgentOutcome::Lagging { reason }));
         }
         Ok(InFlight {
-            outstanding: nodes.answers.len(),
+            outstanding: nodes.answers.values().filter(|a| a.is_none()).count(),
             agents: nodes.answers,
             persistent: nodes.persistent,
             request_id: request.request_id,
@@ -569,8 +574,10 @@ impl InFlight {
             let shared = self.persistent.contains_key(&id);
             let slot = self.agents.entry(id.clone()).or_default();
             let applied = AckStatus::try_from(ack.status) == Ok(AckStatus::Applied);
-            if shared && slot.is_some() {
-                // Another agent of the same cache: an apply still counts if the first failed.
+            let lagging = matches!(slot, Some(AgentOutcome::Lagging { .. }));
+            if (shared || lagging) && slot.is_some() {
+                // Another agent of the same cache, or an agent that said it lags: an apply
+                // still counts.
                 if applied && slot.as_ref().is_some_and(|o| !o.is_applied()) {
                     let latency = at.saturating_duration_since(self.started);
                     let outcome = AgentOutcome::Applied {
@@ -642,6 +649,7 @@ impl InFlight {
                 AgentOutcome::Failed { .. } => "eviction_failed",
                 AgentOutcome::TimedOut { .. } => "timeout",
                 AgentOutcome::Unattended { .. } => "unattended",
+                AgentOutcome::Lagging { .. } => "lagging",
             };
             metrics::counter!("cachecast_agent_failures_total", "env" => env.clone(), "type" => kind)
                 .increment(1);

@@ -495,7 +495,9 @@ fn outcome_reply(outcome: &Outcome, status: u16) -> InvalidateReply {
                 };
                 let error = match o {
                     AgentOutcome::Failed { reason, .. } => reason.clone(),
-                    AgentOutcome::Unattended { .. } => o.reason().unwrap_or_default(),
+                    AgentOutcome::Unattended { .. } | AgentOutcome::Lagging { .. } => {
+                        o.reason().unwrap_or_default()
+                    }
                     _ => String::new(),
                 };
                 AgentOutcomeReply {

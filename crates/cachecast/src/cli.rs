@@ -126,6 +126,11 @@ pub(crate) struct AgentArgs {
     /// Presence heartbeat interval, e.g. 2s (agent.heartbeat).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) heartbeat: Option<Duration>,
+    /// How long the agent may stay behind its events before it stops vouching for its cache:
+    /// it then announces `lagging`, /readyz answers 503 and it flushes every heartbeat
+    /// (agent.max_lag; default three heartbeats).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) max_lag: Option<Duration>,
     /// Where to serve /healthz, /readyz and /metrics (agent.admin_listen).
     #[arg(long, value_name = "ADDR")]
     pub(crate) admin_listen: Option<String>,
@@ -331,6 +336,11 @@ impl Cli {
                 o.set(
                     "agent.heartbeat",
                     a.heartbeat
+                        .map(|d| humantime::format_duration(d).to_string()),
+                );
+                o.set(
+                    "agent.max_lag",
+                    a.max_lag
                         .map(|d| humantime::format_duration(d).to_string()),
                 );
             }

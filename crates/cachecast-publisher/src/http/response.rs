@@ -61,8 +61,8 @@ pub struct NodesSummary {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct NodeFailure {
     pub node_id: String,
-    /// `eviction_failed`, `timeout`, or `unattended` (a registered persistent cache that no
-    /// live agent attended).
+    /// `eviction_failed`, `timeout`, `unattended` (a registered persistent cache that no
+    /// live agent attended), or `lagging` (its agent announced that it cannot vouch for it).
     #[serde(rename = "type")]
     pub kind: String,
     pub reason: String,
@@ -78,7 +78,8 @@ pub struct NodeInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentResult {
-    /// `applied`, `failed`, `timeout`, `unattended`, or (while a request runs) `pending`.
+    /// `applied`, `failed`, `timeout`, `unattended`, `lagging`, or (while a request runs)
+    /// `pending`.
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evicted: Option<u64>,
@@ -149,7 +150,7 @@ pub(crate) fn agent_result(outcome: Option<&AgentOutcome>) -> AgentResult {
             },
             error: match o {
                 AgentOutcome::Failed { reason, .. } => Some(reason.clone()),
-                AgentOutcome::Unattended { .. } => o.reason(),
+                AgentOutcome::Unattended { .. } | AgentOutcome::Lagging { .. } => o.reason(),
                 _ => None,
             },
             latency_ms: Some(millis(o.latency())),
@@ -248,7 +249,9 @@ fn answered_nodes(agents: &BTreeMap<AgentId, AgentOutcome>) -> BTreeMap<String, 
         .filter(|(_, o)| {
             !matches!(
                 o,
-                AgentOutcome::TimedOut { .. } | AgentOutcome::Unattended { .. }
+                AgentOutcome::TimedOut { .. }
+                    | AgentOutcome::Unattended { .. }
+                    | AgentOutcome::Lagging { .. }
             )
         })
         .map(|(id, _)| {

@@ -21,6 +21,7 @@ pub(crate) async fn run(config: Config, args: AgentsArgs) -> anyhow::Result<Exit
                     "appliedSequence": a.progress.applied_sequence,
                     "lagEvents": a.progress.lag_events,
                     "lagMs": a.progress.lag.as_millis() as u64,
+                    "lagging": a.lagging,
                 })
             })
             .collect();
@@ -34,8 +35,13 @@ pub(crate) async fn run(config: Config, args: AgentsArgs) -> anyhow::Result<Exit
             "AGENT", "BACKEND", "VERSION", "POSITION", "LAG"
         );
         for a in &agents {
+            let lagging = a
+                .lagging
+                .as_ref()
+                .map(|r| format!("  LAGGING: {r}"))
+                .unwrap_or_default();
             println!(
-                "{:<40} {:<8} {:<8} {:>10} {:>8}  {} ms ago",
+                "{:<40} {:<8} {:<8} {:>10} {:>8}  {} ms ago{lagging}",
                 a.id.as_str(),
                 a.backend,
                 a.version,

@@ -29,7 +29,12 @@ pub(crate) async fn run(config: Config, args: CachesArgs) -> anyhow::Result<Exit
                 serde_json::json!({
                     "id": c.id.as_str(),
                     "backend": c.backend,
-                    "state": if c.attended_by.is_empty() { "unattended" } else { "attended" },
+                    "state": match (c.attended_by.is_empty(), &c.lagging) {
+                        (true, _) => "unattended",
+                        (false, Some(_)) => "lagging",
+                        (false, None) => "attended",
+                    },
+                    "lagging": c.lagging,
                     "attendedBy": c.attended_by.iter().map(|a| a.as_str()).collect::<Vec<_>>(),
                     "unattendedForMs": c.unattended_for.map(|d| d.as_millis() as u64),
                     "keyedCaches": c.keyed_caches,
@@ -54,7 +59,12 @@ pub(crate) async fn run(config: Config, args: CachesArgs) -> anyhow::Result<Exit
     for c in &caches {
         let state = if !c.attended_by.is_empty() {
             let agents: Vec<&str> = c.attended_by.iter().map(|a| a.as_str()).collect();
-            format!("attended by {}", agents.join(", "))
+            let lagging = c
+                .lagging
+                .as_ref()
+                .map(|r| format!(", LAGGING: {r}"))
+                .unwrap_or_default();
+            format!("attended by {}{lagging}", agents.join(", "))
         } else if let Some(d) = c.unattended_for {
             format!("unattended for {} s", d.as_secs())
         } else {

@@ -1,0 +1,299 @@
+//! An agent that hears nothing, or misses events, neither vouches for its cache nor keeps
+//! serving it: a stream recreated under it, events that expired before it took them, and a
+//! consumer that stalls while presence stays fresh. Each test looks into the cache itself.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use cachecast_agent::{AgentConfig, MemoryCache};
+use cachecast_e2e::{
+    ChildProcess, NatsServer, RedisCache, Signal, Stack, cachecast, env_id, eventually,
+};
+
+const WITHIN: Duration = Duration::from_secs(20);
+
+fn fill(cache: &MemoryCache, scopes: &[&str]) {
+    for scope in scopes {
+        cache.insert(
+            &format!("{scope}/k"),
+            scope,
+            "u1",
+            Bytes::from_static(b"permit"),
+        );
+    }
+}
+
+async fn until(what: &str, done: impl Fn() -> bool) {
+    eventually(what, WITHIN, || std::future::ready(done())).await;
+}
+
+/// An observer's JetStream context on the stack's server.
+async fn jetstream(stack: &Stack) -> async_nats::jetstream::Context {
+    let client = cachecast_bus::connect(&stack.bus.nats, "observer")
+        .await
+        .expect("observer client");
+    async_nats::jetstream::new(client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_recreated_under_a_running_agent_is_flushed_and_followed() {
+    let stack = Stack::start().await;
+    let (cache, agent) = stack.memory_agent("dev", "a1").await;
+    stack.wait_for_agents("dev", 1).await;
+    // The old stream's sequence runs ahead of the new one's.
+    for _ in 0..5 {
+        let answer = stack
+            .invalidate("dev", r#"{"scopeClientId":"s9"}"#, "")
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    fill(&cache, &["s1", "s2"]);
+
+    // An operator deletes the stream; the next request creates it anew. Whatever it answers,
+    // the agent must notice the new stream: the events of the old one are gone for good.
+    jetstream(&stack)
+        .await
+        .delete_stream("CACHECAST")
+        .await
+        .expect("delete the stream");
+    let _ = stack
+        .invalidate("dev", r#"{"scopeClientId":"s1"}"#, "?timeout=1s")
+        .await;
+    until("the agent flushes after the stream was recreated", || {
+        !cache.contains("s1/k") && !cache.contains("s2/k")
+    })
+    .await;
+
+    // It follows the new stream: new events are applied and confirmed.
+    fill(&cache, &["s3"]);
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s3"}"#, "")
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(!cache.contains("s3/k"));
+    agent.stop().await;
+}
+
+/// `cachecast agent --backend redis` for `dev` with a fast heartbeat, once it is live.
+async fn redis_agent(nats_url: &str, redis_url: &str, id: &str) -> ChildProcess {
+    let agent = cachecast(
+        nats_url,
+        &[
+            "agent",
+            "--env",
+            "dev",
+            "--id",
+            id,
+            "--backend",
+            "redis",
+            "--redis-url",
+            redis_url,
+            "--heartbeat",
+            "500ms",
+        ],
+    );
+    agent
+        .wait_for_output("agent is live", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("agent did not start: {e}"));
+    agent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_expired_while_an_agent_was_paused_mean_a_flush() {
+    let stack = Stack::configured(cachecast_testkit::nats().await, |bus| {
+        bus.stream.max_age = Duration::from_secs(3);
+    })
+    .await;
+    let redis = cachecast_testkit::redis().await;
+    let mut cache = RedisCache::open(&redis.url()).await;
+    let agent = redis_agent(&stack.nats.url(), &redis.url(), "paa-0").await;
+    stack.wait_for_agents("dev", 1).await;
+    cache.set(&["pdp:dev:s1:u1:a", "pdp:dev:s2:u1:a"]).await;
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s9"}"#, "")
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+
+    // Paused while 701 invalidations are published (more than its client buffers), the last
+    // one for s1; then every one of them expires before it wakes.
+    agent.signal(Signal::SIGSTOP);
+    let env = env_id("dev");
+    for n in 0..=700 {
+        let scope = if n == 700 {
+            "s1".into()
+        } else {
+            format!("other{n}")
+        };
+        let request = cachecast_publisher::InvalidationRequest {
+            env: env.clone(),
+            target: cachecast_proto::Target::Response(cachecast_proto::ResponseSelector {
+                scope_client_ids: vec![scope],
+                identity_id: None,
+            }),
+            request_id: format!("paused-{n}"),
+            timeout: Duration::from_millis(100),
+        };
+        drop(stack.publisher.begin(request).await.expect("published"));
+    }
+    let js = jetstream(&stack).await;
+    eventually("every event expires", WITHIN, || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream("CACHECAST").await.expect("stream");
+            stream.info().await.expect("info").state.messages == 0
+        }
+    })
+    .await;
+    assert_eq!(
+        cache.keys().await,
+        ["pdp:dev:s1:u1:a", "pdp:dev:s2:u1:a"],
+        "nothing applied while paused"
+    );
+    agent.signal(Signal::SIGCONT);
+
+    // s1's event never reaches it: only a flush makes the cache safe, and s2 goes with it.
+    let mut observer = cache.clone();
+    eventually("the agent flushes the expired events", WITHIN, || {
+        let mut cache = observer.clone();
+        async move { cache.keys().await.is_empty() }
+    })
+    .await;
+    stack.wait_for_agents("dev", 1).await;
+    observer.set(&["pdp:dev:s3:u1:a"]).await;
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s3"}"#, "")
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(observer.keys().await.is_empty(), "{:?}", agent.output());
+}
+
+const AGENT_USER: &str = "agent";
+const API_USER: &str = "api";
+
+/// A server configuration with two users; the agent's may or may not create consumers.
+fn users(agent_creates_consumers: bool) -> String {
+    let agent_permissions = if agent_creates_consumers {
+        String::new()
+    } else {
+        r#", permissions: { publish: { deny: ["$JS.API.CONSUMER.CREATE.>"] } }"#.into()
+    };
+    format!(
+        "authorization {{ users = [ {{ user: {API_USER}, password: {API_USER} }}, {{ user: {AGENT_USER}, password: {AGENT_USER}{agent_permissions} }} ] }}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_consumer_stalls_stops_vouching_flushes_and_recovers() {
+    cachecast_e2e::init_logs();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("nats.conf");
+    std::fs::write(&config, users(true)).expect("write the server config");
+    let nats: NatsServer = NatsServer::builder(cachecast_testkit::nats_binary())
+        .arg("-c")
+        .arg(config.to_string_lossy())
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("nats-server did not start: {e}"));
+    let as_user = |bus: &mut cachecast_bus::BusConfig, user: &str| {
+        bus.nats.user = Some(user.into());
+        bus.nats.password = Some(cachecast_bus::Secret::new(user));
+    };
+    let stack = Stack::configured(nats, |bus| as_user(bus, API_USER)).await;
+    let mut agent_bus = stack.bus.clone();
+    as_user(&mut agent_bus, AGENT_USER);
+    let cache = MemoryCache::new();
+    let config_1s = AgentConfig {
+        heartbeat: Duration::from_secs(1),
+        ..AgentConfig::default()
+    };
+    let agent = stack
+        .agent_with_bus(&agent_bus, "dev", "a1", config_1s, cache.clone())
+        .await;
+    stack.wait_for_agents("dev", 1).await;
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s9"}"#, "")
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    fill(&cache, &["s1", "s2"]);
+
+    // A configuration reload takes the agent's right to create consumers, and its consumer is
+    // deleted: the client cannot recreate it, while presence (a KV write) still works.
+    std::fs::write(&config, users(false)).expect("rewrite the server config");
+    stack.nats.signal(Signal::SIGHUP).expect("reload");
+    let stream = jetstream(&stack)
+        .await
+        .get_stream("CACHECAST")
+        .await
+        .expect("stream");
+    let names: Vec<String> = {
+        use futures::TryStreamExt;
+        stream
+            .consumer_names()
+            .try_collect()
+            .await
+            .expect("consumer names")
+    };
+    assert!(!names.is_empty());
+    for name in names {
+        stream
+            .delete_consumer(&name)
+            .await
+            .expect("delete consumer");
+    }
+
+    // An event it cannot receive: within agent.max_lag it says it lags, and flushes.
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s1"}"#, "?timeout=1s")
+        .await;
+    assert_eq!(answer.status, 424, "{}", answer.body);
+    let env = env_id("dev");
+    eventually("the agent announces that it lags", WITHIN, || {
+        let lagging = stack
+            .publisher
+            .live_agents(&env)
+            .iter()
+            .any(|a| a.lagging.is_some());
+        async move { lagging }
+    })
+    .await;
+    until("the lagging agent flushes its cache", || {
+        !cache.contains("s1/k") && !cache.contains("s2/k")
+    })
+    .await;
+    // Publishers no longer wait for it: a long deadline, answered `424 lagging` at once.
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s3"}"#, "?timeout=60s")
+        .await;
+    assert_eq!(answer.status, 424, "{}", answer.body);
+    assert_eq!(
+        answer.body["_nodes"]["failures"][0]["type"], "lagging",
+        "{}",
+        answer.body
+    );
+    assert!(
+        answer.body["tookMs"].as_u64().is_some_and(|ms| ms < 30_000),
+        "not held until the deadline: {}",
+        answer.body
+    );
+
+    // The right comes back: the agent catches up on its own and vouches again.
+    std::fs::write(&config, users(true)).expect("rewrite the server config");
+    stack.nats.signal(Signal::SIGHUP).expect("reload");
+    eventually("the agent keeps up again", Duration::from_secs(60), || {
+        let lagging = stack
+            .publisher
+            .live_agents(&env)
+            .iter()
+            .any(|a| a.lagging.is_some());
+        async move { !lagging }
+    })
+    .await;
+    fill(&cache, &["s4"]);
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s4"}"#, "")
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(!cache.contains("s4/k"));
+    agent.stop().await;
+}
