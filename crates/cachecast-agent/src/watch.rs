@@ -316,7 +316,12 @@ impl<B: CacheBackend> ProgressCheck<B> {
             {
                 0
             }
-            Err(err) => return Err(format!("last event of the environment: {err}")),
+            Err(err) => {
+                return Err(format!(
+                    "last event of the environment: {err} (the stream must allow direct gets: a publisher turns them on when it may update the stream; else run `nats stream edit {} --allow-direct`)",
+                    self.stream.cached_info().config.name
+                ));
+            }
         };
         Ok(Observation {
             first_sequence: info.state.first_sequence,

@@ -166,6 +166,8 @@ pub(crate) struct Membership {
     synced: watch::Sender<bool>,
     /// Per feed: replayed and current.
     feeds_synced: Mutex<(bool, bool)>,
+    /// Why each feed last stopped following its bucket, for an error that says why.
+    feed_failures: Mutex<(Option<String>, Option<String>)>,
     /// When the last agent attending each persistent cache left gracefully (its presence key
     /// deleted), so an unattended cache's answer can say for how long.
     departed: Mutex<HashMap<(EnvId, CacheId), Instant>>,
@@ -182,6 +184,7 @@ impl Membership {
             changes: watch::Sender::new(0),
             synced: watch::Sender::new(false),
             feeds_synced: Mutex::new((false, false)),
+            feed_failures: Mutex::default(),
             departed: Mutex::default(),
             began: Instant::now(),
         })
@@ -477,6 +480,43 @@ impl Membership {
         let _ = synced.wait_for(|s| *s).await;
     }
 
+    /// Which feeds are not read through yet, and why they last failed.
+    pub(crate) fn why_not_synced(&self) -> String {
+        let feeds = *self.feeds_synced.lock().unwrap_or_else(|p| p.into_inner());
+        let failures = self
+            .feed_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let describe = |name: &str, synced: bool, failure: Option<String>| {
+            (!synced).then(|| match failure {
+                Some(reason) => {
+                    format!("the {name} bucket is not read through (last failure: {reason})")
+                }
+                None => format!(
+                    "the {name} bucket is not read through (its replay never ended, no failure)"
+                ),
+            })
+        };
+        [
+            describe("presence", feeds.0, failures.0),
+            describe("caches", feeds.1, failures.1),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("; ")
+    }
+
+    fn record_failure(&self, feed: Feed, reason: &str) {
+        let mut failures = self.feed_failures.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = match feed {
+            Feed::Presence => &mut failures.0,
+            Feed::Caches => &mut failures.1,
+        };
+        *slot = Some(reason.to_owned());
+    }
+
     fn set_synced(&self, feed: Feed, synced: bool) {
         let all = {
             let mut feeds = self.feeds_synced.lock().unwrap_or_else(|p| p.into_inner());
@@ -640,6 +680,7 @@ pub(crate) async fn follow(mut follower: Follower, membership: Arc<Membership>) 
     loop {
         let reason = follow_once(&follower, &membership).await;
         membership.set_synced(follower.feed, false);
+        membership.record_failure(follower.feed, &reason);
         tracing::warn!(%reason, feed = ?follower.feed, "view out of date; reading the bucket again");
         tokio::time::sleep(TICK).await;
         follower.mend().await;

@@ -38,9 +38,12 @@ pub enum PublisherError {
     #[error("could not subscribe to acknowledgements: {0}; check the NATS connection")]
     Subscribe(String),
     #[error(
-        "no complete view of live agents after {SYNC_TIMEOUT:?}: the presence or caches bucket could not be read; check NATS and JetStream"
+        "no complete view of live agents after {SYNC_TIMEOUT:?}: {waiting}; check NATS and JetStream"
     )]
-    MembershipNotSynced,
+    MembershipNotSynced {
+        /// Which bucket was not read through, and its last failure if any.
+        waiting: String,
+    },
 }
 
 /// Why an invalidation was not published. Nothing was applied by this attempt (or, if the
@@ -198,7 +201,9 @@ impl Publisher {
         });
         tokio::time::timeout(SYNC_TIMEOUT, inner.membership.wait_synced())
             .await
-            .map_err(|_| PublisherError::MembershipNotSynced)?;
+            .map_err(|_| PublisherError::MembershipNotSynced {
+                waiting: inner.membership.why_not_synced(),
+            })?;
         tracing::info!(publisher = %inner.id, "publisher ready");
         Ok(Self { inner })
     }

@@ -340,8 +340,7 @@ impl Cli {
                 );
                 o.set(
                     "agent.max_lag",
-                    a.max_lag
-                        .map(|d| humantime::format_duration(d).to_string()),
+                    a.max_lag.map(|d| humantime::format_duration(d).to_string()),
                 );
             }
             Command::Up(a) => o.set("api.listen", Some(a.listen.clone())),
