@@ -214,6 +214,7 @@ impl Stack {
             config,
             backend,
         );
+        let probe = agent.probe();
         let running = tokio::time::timeout(JOIN_TIMEOUT, agent.start())
             .await
             .expect("agent starts in time")
@@ -229,7 +230,14 @@ impl Stack {
                 eprintln!("a test agent stopped by itself: {err}");
             }
         });
-        AgentHandle { stop, task }
+        AgentHandle {
+            stop,
+            task,
+            ready: Box::new(move || {
+                let probe = probe.clone();
+                Box::pin(async move { probe.ready().await })
+            }),
+        }
     }
 
     /// Starts an in-process memory agent and returns its cache.
@@ -318,14 +326,32 @@ impl Drop for Replica {
     }
 }
 
+/// What an agent's `/readyz` answers, asked in process.
+type ReadyProbe = Box<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// An in-process agent; dropping it leaves it running until the test ends.
-#[derive(Debug)]
 pub struct AgentHandle {
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
+    ready: ReadyProbe,
+}
+
+impl std::fmt::Debug for AgentHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentHandle").finish_non_exhaustive()
+    }
 }
 
 impl AgentHandle {
+    /// What its `/readyz` would answer: `Ok`, or why it is not ready.
+    pub async fn ready(&self) -> Result<(), String> {
+        (self.ready)().await
+    }
+
     /// Graceful shutdown: the agent removes its presence and stops.
     pub async fn stop(self) {
         self.stop.send(()).ok();

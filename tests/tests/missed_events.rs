@@ -261,6 +261,11 @@ async fn an_agent_whose_consumer_stalls_stops_vouching_flushes_and_recovers() {
         !cache.contains("s1/k") && !cache.contains("s2/k")
     })
     .await;
+    let not_ready = agent
+        .ready()
+        .await
+        .expect_err("/readyz fails while it lags");
+    assert!(not_ready.starts_with("lagging: "), "{not_ready}");
     // Publishers no longer wait for it: a long deadline, answered `424 lagging` at once.
     let answer = stack
         .invalidate("dev", r#"{"scopeClientId":"s3"}"#, "?timeout=60s")
@@ -289,6 +294,7 @@ async fn an_agent_whose_consumer_stalls_stops_vouching_flushes_and_recovers() {
         async move { !lagging }
     })
     .await;
+    agent.ready().await.expect("/readyz passes again");
     fill(&cache, &["s4"]);
     let answer = stack
         .invalidate("dev", r#"{"scopeClientId":"s4"}"#, "")

@@ -224,11 +224,10 @@ async fn a_publisher_refuses_forged_acks_and_answers_correctly() {
     let gate = Gate(tokio::sync::watch::Sender::new(false));
     let (_readyz, stop) = agent_with_readyz(&stack, &metrics, env, "honest", gate.clone()).await;
     let spy = async_nats::connect(stack.nats.url()).await.expect("client");
-    let mut events = spy
-        .subscribe(format!("cachecast.v1.{env}.inval"))
+    let stream = async_nats::jetstream::new(spy.clone())
+        .get_stream("CACHECAST")
         .await
-        .expect("subscribe");
-    spy.flush().await.expect("flush");
+        .expect("the stream");
 
     // A real request, held in flight by the gate while forged acks arrive.
     let request = {
@@ -250,15 +249,23 @@ async fn a_publisher_refuses_forged_acks_and_answers_correctly() {
             cachecast_e2e::answer(response).await
         })
     };
-    let message = match tokio::time::timeout(Duration::from_secs(30), events.next()).await {
-        Ok(message) => message.expect("a message"),
-        // Say what the request got instead (a refusal, say), to tell why nothing was published.
-        Err(_) => {
-            let answer = tokio::time::timeout(Duration::from_secs(25), request).await;
-            panic!("no event published within 30 s; the request: {answer:?}")
+    // The event, read back from the stream once it is stored.
+    let subject = format!("cachecast.v1.{env}.inval");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let payload = loop {
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => break message.payload,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Say what the request got instead (a refusal, say), to tell why nothing was stored.
+            Err(err) => {
+                let answer = tokio::time::timeout(Duration::from_secs(25), request).await;
+                panic!("no event stored within 30 s ({err}); the request: {answer:?}")
+            }
         }
     };
-    let real = Invalidation::from_bytes(&message.payload).expect("a real event");
+    let real = Invalidation::from_bytes(&payload).expect("a real event");
     let (prefix, _) = real.ack_subject.rsplit_once('.').expect("an ack subject");
     let publisher = prefix.rsplit('.').next().expect("publisher id").to_owned();
     let other_env_subject = format!("cachecast.v1.other.ack.{publisher}.{}", real.event_id);

@@ -300,6 +300,9 @@ pub struct BusConfig {
     pub caches: CachesConfig,
 }
 
+/// How often the client pings the server; two unanswered pings mean a reconnect.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Connects to NATS. Returns at once even when no server is up: the client keeps trying in
 /// the background, so a process can start before NATS and survive NATS restarts.
 pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Client, BusError> {
@@ -313,6 +316,9 @@ pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Client, B
         .request_timeout(Some(config.request_timeout))
         .retry_on_initial_connect()
         .max_reconnects(None)
+        // A frozen server (paused, partitioned without a close) answers no ping: with the
+        // client's 60 s default it went unnoticed for minutes.
+        .ping_interval(PING_INTERVAL)
         .reconnect_delay_callback(move |attempts| {
             (Duration::from_millis(50) * attempts.min(20) as u32).min(max_delay)
         })

@@ -31,6 +31,10 @@ const MISSED_HEARTBEATS: u32 = 3;
 const FORGET_AFTER: Duration = Duration::from_secs(300);
 /// How often the watch loop checks for reconnects and refreshes the gauges.
 const TICK: Duration = Duration::from_millis(250);
+/// How often the watch is compared with the bucket's stream, and how long it may stay behind
+/// a revision the stream holds before the view counts as stale.
+const WATCH_CHECK: Duration = Duration::from_secs(2);
+const WATCH_STALE_AFTER: Duration = Duration::from_secs(5);
 
 /// A live agent as a publisher sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -709,6 +713,8 @@ async fn follow_once(follower: &Follower, membership: &Membership) -> String {
     membership.set_synced(feed, replayed);
     let mut replay = Vec::new();
     let mut tick = tokio::time::interval(TICK);
+    let mut watch_check = tokio::time::interval(WATCH_CHECK);
+    let mut seen = WatchProgress::default();
     loop {
         let entry = tokio::select! {
             entry = watch.next() => entry,
@@ -719,12 +725,28 @@ async fn follow_once(follower: &Follower, membership: &Membership) -> String {
                 membership.tidy();
                 continue;
             }
+            _ = watch_check.tick() => {
+                // A watch that stopped delivering while the bucket moves on would age live
+                // agents out on a stale view: compare it with the bucket's stream.
+                if replayed
+                    && let Ok(info) = stream.info().await
+                    && let Some(behind) = seen.behind(info.state.last_sequence, Instant::now())
+                    && behind >= WATCH_STALE_AFTER
+                {
+                    return format!(
+                        "the watch stopped delivering: the bucket is at revision {}, the watch at {} for {behind:?}",
+                        info.state.last_sequence, seen.revision
+                    );
+                }
+                continue;
+            }
         };
         let entry = match entry {
             Some(Ok(entry)) => entry,
             Some(Err(err)) => return format!("the presence watch failed: {err}"),
             None => return "the presence watch ended".into(),
         };
+        seen.revision = seen.revision.max(entry.revision);
         if feed == Feed::Caches {
             membership.apply_cache(&entry);
             if !replayed && entry.delta == 0 {
@@ -745,6 +767,32 @@ async fn follow_once(follower: &Follower, membership: &Membership) -> String {
             membership.set_synced(feed, true);
             replayed = true;
         }
+    }
+}
+
+/// How far a bucket's watch has delivered, against what the bucket's stream holds.
+#[derive(Debug, Default)]
+struct WatchProgress {
+    /// The highest revision the watch delivered.
+    revision: u64,
+    /// A revision the stream held that the watch had not delivered yet, and since when.
+    waiting_for: Option<(u64, Instant)>,
+}
+
+impl WatchProgress {
+    /// Given the stream's last sequence now, how long the watch has been behind a revision the
+    /// stream held (`None` while it keeps up).
+    fn behind(&mut self, stream_last: u64, now: Instant) -> Option<Duration> {
+        if let Some((target, _)) = self.waiting_for
+            && self.revision >= target
+        {
+            self.waiting_for = None;
+        }
+        if stream_last <= self.revision {
+            return None;
+        }
+        let (_, since) = *self.waiting_for.get_or_insert((stream_last, now));
+        Some(now.saturating_duration_since(since))
     }
 }
 
@@ -791,6 +839,24 @@ impl Attendance {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watch_behind_the_bucket_counts_from_the_first_look_that_saw_it() {
+        let start = Instant::now();
+        let mut seen = WatchProgress {
+            revision: 10,
+            ..WatchProgress::default()
+        };
+        assert_eq!(seen.behind(10, start), None, "up to date");
+        assert_eq!(seen.behind(12, start), Some(Duration::ZERO));
+        let later = start + Duration::from_secs(6);
+        assert_eq!(seen.behind(15, later), Some(Duration::from_secs(6)));
+        // It delivered what the first look saw: a new target, counted afresh.
+        seen.revision = 12;
+        assert_eq!(seen.behind(15, later), Some(Duration::ZERO));
+        seen.revision = 15;
+        assert_eq!(seen.behind(15, later), None);
+    }
 
     #[test]
     fn progress_lags_only_while_events_are_pending() {
