@@ -15,7 +15,6 @@ use cachecast_e2e::{JOIN_TIMEOUT, Recorder, Stack, eventually};
 use cachecast_proto::{
     Ack, AckStatus, AgentId, EnvId, Invalidation, MAX_MESSAGE_BYTES, ResponseSelector, Target, Wire,
 };
-use futures::StreamExt as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 /// The value of counter `name{env, reason}` in a Prometheus rendering (0 when absent).
