@@ -96,6 +96,69 @@ async fn an_agent_cut_off_from_nats_flushes_its_cache_while_it_cannot_hear() {
     agent.stop().await;
 }
 
+/// A memory cache whose evictions of scope `hang` never finish (the agent gives up after
+/// `agent.evict_timeout`); everything else, flushes included, goes to the cache.
+#[derive(Debug, Clone)]
+struct HangingScope(cachecast_agent::MemoryCache);
+
+impl cachecast_agent::CacheBackend for HangingScope {
+    fn kind(&self) -> &'static str {
+        "hanging"
+    }
+
+    async fn evict_responses(
+        &self,
+        env: &cachecast_proto::EnvId,
+        selector: &cachecast_proto::ResponseSelector,
+    ) -> Result<u64, cachecast_agent::BackendError> {
+        if selector.scope_client_ids.iter().any(|s| s == "hang") {
+            std::future::pending::<()>().await;
+        }
+        cachecast_agent::CacheBackend::evict_responses(&self.0, env, selector).await
+    }
+
+    async fn evict_identities(
+        &self,
+        env: &cachecast_proto::EnvId,
+        selector: &cachecast_proto::IdentitySelector,
+    ) -> Result<u64, cachecast_agent::BackendError> {
+        cachecast_agent::CacheBackend::evict_identities(&self.0, env, selector).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cut_off_during_a_hanging_eviction_still_flushes_in_time() {
+    let mut stack = Stack::start().await;
+    let cache = cachecast_agent::MemoryCache::new();
+    let config = cachecast_agent::AgentConfig {
+        heartbeat: Duration::from_millis(200),
+        evict_timeout: Duration::from_secs(60),
+        ..cachecast_agent::AgentConfig::default()
+    };
+    let agent = stack
+        .agent_configured("dev", "stuck", config, HangingScope(cache.clone()))
+        .await;
+    stack.wait_for_agents("dev", 1).await;
+    // The agent's event loop is now inside an eviction that will not end for a minute.
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"hang"}"#, "?timeout=300ms")
+        .await;
+    assert_eq!(answer.status, 424, "{}", answer.body);
+    cache.insert("k", "s1", "u1", bytes::Bytes::from_static(b"permit"));
+
+    stack.nats.stop().await;
+    // Publishers stop expecting it 600 ms after its last heartbeat; the flush must not wait
+    // for the eviction in hand.
+    eventually(
+        "the cache is flushed while cut off, despite the hanging eviction",
+        Duration::from_secs(5),
+        || std::future::ready(!cache.contains("k")),
+    )
+    .await;
+    stack.nats.start_again().await.expect("NATS restarts");
+    drop(agent);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_publish_ack_is_retried_without_doubling_the_event() {
     let stack = Stack::start().await;
