@@ -150,3 +150,132 @@ async fn invalidations_survive_losing_one_node_at_a_time() {
         stop.send(()).ok();
     }
 }
+
+/// The node serving a publisher's presence watch (the presence bucket's leader) freezes while
+/// agents sit on the other nodes. Their heartbeats fail until the bucket has a new leader, so
+/// publishers may drop them, but only after they flushed; and a publisher whose watch stopped
+/// delivering must not age out agents whose heartbeats land: it notices and reads the bucket
+/// again, answering `503` meanwhile. So a `200` is backed by every agent: applied, or flushed
+/// since the freeze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_presence_leader_never_lets_a_publisher_confirm_without_live_agents() {
+    let cluster = NatsCluster::start(3).await;
+    let mut bus = BusConfig::default();
+    bus.nats.url = cluster.urls();
+    bus.stream.replicas = 3;
+    bus.presence.replicas = 3;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let publisher = loop {
+        let client = cachecast_bus::connect(&bus.nats, "watch-publisher")
+            .await
+            .expect("client");
+        match Publisher::start(client, &bus).await {
+            Ok(publisher) => break publisher,
+            Err(err) => assert!(
+                Instant::now() < deadline,
+                "no publisher on the cluster: {err}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // The presence bucket's leader: the node the watch's consumer lives on.
+    let observer = cachecast_bus::connect(&bus.nats, "observer")
+        .await
+        .expect("client");
+    let leader = async_nats::jetstream::new(observer)
+        .get_stream("KV_cachecast-agents")
+        .await
+        .expect("the presence bucket")
+        .info()
+        .await
+        .expect("its info")
+        .cluster
+        .clone()
+        .and_then(|c| c.leader)
+        .expect("a leader");
+    let frozen: usize = leader
+        .trim_start_matches('n')
+        .parse()
+        .expect("nodes are n<k>");
+    // Agents on the other nodes, so they stay live throughout.
+    let mut agent_bus = bus.clone();
+    agent_bus.nats.url = (0..3)
+        .filter(|n| *n != frozen)
+        .map(|n| cluster.nodes[n].url())
+        .collect::<Vec<_>>()
+        .join(",");
+    let env = env_id("dev");
+    let mut recorders = Vec::new();
+    let mut stops = Vec::new();
+    for n in 0..2 {
+        let recorder = Recorder::default();
+        let client = cachecast_bus::connect(&agent_bus.nats, &format!("agent-{n}"))
+            .await
+            .expect("client");
+        let agent = Agent::new(
+            client,
+            &agent_bus,
+            (env.clone(), AgentId::new(format!("agent-{n}")).expect("id")),
+            AgentConfig::default(),
+            recorder.clone(),
+        );
+        let running = tokio::time::timeout(Duration::from_secs(60), agent.start())
+            .await
+            .expect("the agent starts in time")
+            .expect("the agent starts");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        stops.push(stop);
+        tokio::spawn(running.run(async {
+            stopped.await.ok();
+        }));
+        recorders.push(recorder);
+    }
+    assert!(
+        publisher
+            .wait_for_live_agents(&env, 2, Duration::from_secs(30))
+            .await
+    );
+
+    let before_freeze: Vec<usize> = recorders.iter().map(|r| r.seen().len()).collect();
+    cluster.nodes[frozen].pause().expect("pause the leader");
+    // Well past three heartbeats (6 s): a stale view would have aged both agents out.
+    let until = Instant::now() + Duration::from_secs(20);
+    let (mut confirmed, mut unavailable, mut i) = (0, 0, 0);
+    while Instant::now() < until {
+        i += 1;
+        let scope = format!("w{i}");
+        let result = publisher
+            .invalidate(InvalidationRequest {
+                env: env.clone(),
+                target: Target::Response(ResponseSelector {
+                    scope_client_ids: vec![scope.clone()],
+                    identity_id: None,
+                }),
+                request_id: scope.clone(),
+                timeout: Duration::from_secs(2),
+            })
+            .await;
+        match result {
+            Ok(outcome) if outcome.confirmed() => {
+                confirmed += 1;
+                for (n, recorder) in recorders.iter().enumerate() {
+                    let seen = recorder.seen();
+                    let flushed_since_freeze = seen[before_freeze[n]..].iter().any(|s| s == "*");
+                    assert!(
+                        seen.contains(&scope) || flushed_since_freeze,
+                        "request {i} confirmed while agent-{n} neither applied it nor flushed: {outcome:?}"
+                    );
+                }
+            }
+            Ok(_) => {}
+            Err(PublishError::Unavailable(_)) => unavailable += 1,
+            Err(err) => panic!("request {i}: {err}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.nodes[frozen].resume().expect("resume the leader");
+    eprintln!("while frozen: {confirmed} confirmed, {unavailable} unavailable of {i}");
+    for stop in stops {
+        stop.send(()).ok();
+    }
+}
