@@ -261,6 +261,11 @@ async fn an_agent_whose_consumer_stalls_stops_vouching_flushes_and_recovers() {
         !cache.contains("s1/k") && !cache.contains("s2/k")
     })
     .await;
+    fill(&cache, &["s5"]);
+    assert!(
+        !cache.contains("s5/k"),
+        "a lagging agent's cache caches nothing"
+    );
     let not_ready = agent
         .ready()
         .await

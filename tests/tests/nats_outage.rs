@@ -92,8 +92,23 @@ async fn an_agent_cut_off_from_nats_flushes_its_cache_while_it_cannot_hear() {
         || std::future::ready(!cache.contains("k")),
     )
     .await;
+    // Nor does it cache anything until it hears invalidations again.
+    cache.insert("k2", "s1", "u1", bytes::Bytes::from_static(b"permit"));
+    assert!(!cache.contains("k2"), "a cut-off cache took an entry");
     stack.nats.start_again().await.expect("NATS restarts");
+    eventually(
+        "the cache caches again once the agent is back",
+        Duration::from_secs(15),
+        || {
+            cache.insert("k3", "s1", "u1", bytes::Bytes::from_static(b"permit"));
+            std::future::ready(cache.contains("k3"))
+        },
+    )
+    .await;
     agent.stop().await;
+    assert!(cache.is_empty(), "a stopped agent's cache is flushed");
+    cache.insert("k4", "s1", "u1", bytes::Bytes::from_static(b"permit"));
+    assert!(!cache.contains("k4"), "and caches nothing once it stopped");
 }
 
 /// A memory cache whose evictions of scope `hang` never finish (the agent gives up after

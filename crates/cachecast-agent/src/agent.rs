@@ -55,6 +55,8 @@ pub struct Agent<B> {
     keyed_caches: Vec<CacheName>,
     /// How far it is, and whether it lags: for presence and `/readyz`.
     progress: Arc<Progress>,
+    /// Why its cache may not serve now (shared by the watch tasks).
+    suspension: Arc<crate::watch::Suspension>,
 }
 
 /// Per-event metric handles, registered once (no allocation per event).
@@ -195,6 +197,7 @@ impl<B: CacheBackend> Agent<B> {
             keyed_caches: backend.keyed_caches(),
             backend: Arc::new(backend),
             progress: Arc::default(),
+            suspension: Arc::default(),
         }
     }
 
@@ -205,6 +208,7 @@ impl<B: CacheBackend> Agent<B> {
             env: self.env.clone(),
             cache: self.cache.clone(),
             evict_timeout: self.config.evict_timeout,
+            suspension: self.suspension.clone(),
         }
     }
 
@@ -405,6 +409,8 @@ impl<B: CacheBackend> Agent<B> {
             if point.resume_after.is_none() {
                 retry("flush the cache", || self.flush("start")).await;
             }
+            // A cache whose previous agent stopped (in the same process) serves again.
+            self.backend.set_serving(true);
             // Catch up before saying it is live: the events published while the cache was
             // unattended, in order (publishers still waiting for them get their acks).
             if point.resume_after.is_some() && pending > 0 {
@@ -615,6 +621,14 @@ impl<B: CacheBackend> RunningAgent<B> {
             self.agent.live.store(false, Ordering::Relaxed);
             for watcher in self.watchers.drain(..) {
                 watcher.abort();
+            }
+            // A cache in the service's process outlives this loop but no longer hears
+            // invalidations: it stops serving before publishers stop expecting it.
+            if self.agent.cache.is_none() {
+                self.agent.backend.set_serving(false);
+                if let Err(err) = self.agent.flush("stopped").await {
+                    tracing::warn!(%err, "could not flush the cache on stop");
+                }
             }
             if ended.is_ok() {
                 forget_if_pod_deleted(self.registered.take(), self.agent.kube.clone()).await;

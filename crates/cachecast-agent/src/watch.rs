@@ -11,6 +11,7 @@
 //! to which every event of the environment is known to be handled.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream;
@@ -169,6 +170,20 @@ impl Tracker {
     }
 }
 
+/// Why the agent cannot vouch for its cache now: either is enough to stop serving it.
+#[derive(Debug, Default)]
+pub(crate) struct Suspension {
+    stale: AtomicBool,
+    lagging: AtomicBool,
+}
+
+/// Which check suspends the cache.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Suspender {
+    StalePresence,
+    Lagging,
+}
+
 /// Evicts a whole cache, for the event loop and the watch tasks alike.
 #[derive(Debug)]
 pub(crate) struct Flusher<B> {
@@ -176,6 +191,7 @@ pub(crate) struct Flusher<B> {
     pub(crate) env: EnvId,
     pub(crate) cache: Option<cachecast_proto::CacheId>,
     pub(crate) evict_timeout: Duration,
+    pub(crate) suspension: Arc<Suspension>,
 }
 
 impl<B> Clone for Flusher<B> {
@@ -185,11 +201,25 @@ impl<B> Clone for Flusher<B> {
             env: self.env.clone(),
             cache: self.cache.clone(),
             evict_timeout: self.evict_timeout,
+            suspension: self.suspension.clone(),
         }
     }
 }
 
 impl<B: CacheBackend> Flusher<B> {
+    /// Stops (`suspended`) or lets the cache serve again on behalf of `by`; it serves while
+    /// no check suspends it.
+    pub(crate) fn suspend(&self, by: Suspender, suspended: bool) {
+        let flag = match by {
+            Suspender::StalePresence => &self.suspension.stale,
+            Suspender::Lagging => &self.suspension.lagging,
+        };
+        flag.store(suspended, Ordering::SeqCst);
+        let any = self.suspension.stale.load(Ordering::SeqCst)
+            || self.suspension.lagging.load(Ordering::SeqCst);
+        self.backend.set_serving(!any);
+    }
+
     /// Evicts everything, bounded by `evict_timeout`, and counts it under `reason`.
     pub(crate) async fn flush(&self, reason: &'static str) -> Result<u64, String> {
         let evicted = tokio::time::timeout(self.evict_timeout, self.backend.flush(&self.env))
@@ -274,6 +304,7 @@ impl<B: CacheBackend> ProgressCheck<B> {
                 );
                 if self.progress.set_lagging(Some(reason.clone())) {
                     tracing::error!(%reason, "the agent stops vouching for its cache: announcing `lagging`, flushing the cache every heartbeat until it catches up");
+                    self.flusher.suspend(Suspender::Lagging, true);
                 }
                 // Its own consumer may be what is stuck: have it recreated, once per max_lag.
                 if Instant::now() >= next_resume {
@@ -288,6 +319,7 @@ impl<B: CacheBackend> ProgressCheck<B> {
                 }
             } else if self.progress.set_lagging(None) {
                 tracing::info!("the agent keeps up again: vouching for its cache");
+                self.flusher.suspend(Suspender::Lagging, false);
             }
         }
     }
@@ -356,7 +388,10 @@ pub(crate) async fn flush_while_presence_stale<B: CacheBackend>(
             .unwrap_or_else(|p| p.into_inner())
             .elapsed();
         if since < heartbeat * 2 {
-            next_flush = None;
+            if next_flush.take().is_some() {
+                tracing::info!("presence is refreshed again: the cache serves again");
+                flusher.suspend(Suspender::StalePresence, false);
+            }
             continue;
         }
         if next_flush.is_some_and(|at| Instant::now() < at) {
@@ -365,8 +400,9 @@ pub(crate) async fn flush_while_presence_stale<B: CacheBackend>(
         if next_flush.is_none() {
             tracing::warn!(
                 ?since,
-                "presence is not being refreshed: publishers will stop expecting this agent; flushing the cache until it is back"
+                "presence is not being refreshed: publishers will stop expecting this agent; the cache caches nothing until it is back"
             );
+            flusher.suspend(Suspender::StalePresence, true);
         }
         if let Err(err) = flusher.flush("disconnected").await {
             tracing::warn!(%err, "could not flush while disconnected");

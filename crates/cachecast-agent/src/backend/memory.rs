@@ -42,6 +42,9 @@ struct Index {
     identities: HashMap<String, HashMap<String, Bytes>>,
     /// The keyed caches served, by name; entries by id.
     keyed: BTreeMap<CacheName, HashMap<String, Bytes>>,
+    /// Set while its agent cannot vouch for it (cut off, lagging): nothing is cached, so
+    /// nothing is served that an invalidation it cannot hear should have removed.
+    suspended: bool,
 }
 
 impl MemoryCache {
@@ -80,7 +83,7 @@ impl MemoryCache {
         value: Bytes,
     ) -> bool {
         let mut index = self.lock();
-        if index.evictions != ticket.0 {
+        if index.evictions != ticket.0 || index.suspended {
             return false;
         }
         index.store(key, scope, identity, value);
@@ -127,7 +130,7 @@ impl MemoryCache {
         value: Bytes,
     ) -> bool {
         let mut index = self.lock();
-        if index.evictions != ticket.0 {
+        if index.evictions != ticket.0 || index.suspended {
             return false;
         }
         index.store_identity(template, identity_id, value);
@@ -259,6 +262,9 @@ impl Index {
 
     /// Caches `value` under `id` in the keyed cache `cache`; false if it is not served.
     fn store_keyed(&mut self, cache: &str, id: &str, value: Bytes) -> bool {
+        if self.suspended {
+            return false;
+        }
         match self.keyed.get_mut(cache) {
             Some(entries) => {
                 entries.insert(id.to_owned(), value);
@@ -269,6 +275,9 @@ impl Index {
     }
 
     fn store_identity(&mut self, template: &str, identity_id: &str, value: Bytes) {
+        if self.suspended {
+            return;
+        }
         self.identities
             .entry(template.to_owned())
             .or_default()
@@ -276,6 +285,9 @@ impl Index {
     }
 
     fn store(&mut self, key: &str, scope: &str, identity: &str, value: Bytes) {
+        if self.suspended {
+            return;
+        }
         self.remove(key);
         let key: Arc<str> = Arc::from(key);
         let scope = self.intern_scope(scope);
@@ -375,6 +387,15 @@ impl CacheBackend for MemoryCache {
         "memory"
     }
 
+    fn set_serving(&self, serving: bool) {
+        let mut index = self.lock();
+        if !serving {
+            // Fills that started before are refused too.
+            index.evictions += 1;
+        }
+        index.suspended = !serving;
+    }
+
     async fn evict_responses(
         &self,
         _env: &EnvId,
@@ -414,6 +435,24 @@ impl CacheBackend for MemoryCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cache_that_may_not_serve_takes_nothing_until_it_may_again() {
+        let cache = MemoryCache::with_keyed_caches([CacheName::new("products").unwrap()]);
+        let before = cache.ticket();
+        cache.set_serving(false);
+        cache.insert("k", "s1", "u1", Bytes::from_static(b"v"));
+        cache.insert_identity("t", "u1", Bytes::from_static(b"v"));
+        assert!(!cache.insert_keyed("products", "p1", Bytes::from_static(b"v")));
+        assert!(cache.is_empty() && cache.identity_len() == 0);
+        cache.set_serving(true);
+        assert!(
+            !cache.insert_if_current(before, "k", "s1", "u1", Bytes::from_static(b"v")),
+            "a fill that started before the suspension"
+        );
+        cache.insert("k", "s1", "u1", Bytes::from_static(b"v"));
+        assert!(cache.contains("k"));
+    }
 
     fn seeded() -> MemoryCache {
         let cache = MemoryCache::new();

@@ -153,6 +153,13 @@ pub trait CacheBackend: Send + Sync + 'static {
         }
     }
 
+    /// Whether the cache may serve and take entries. The agent turns it off while it cannot
+    /// vouch for the cache (cut off from NATS, or lagging), right before it flushes, and on
+    /// again once it can: a cache in the agent's process then caches nothing meanwhile. A cache
+    /// the agent does not hold (Redis, an HTTP owner's) keeps serving: publishers keep
+    /// expecting it and answer `424` while its agent cannot vouch.
+    fn set_serving(&self, _serving: bool) {}
+
     /// For a cache that outlives its agent (a Redis, an HTTP owner's cache): the id it is
     /// registered under unless `agent.cache_id` names one, derived from where the cache is.
     /// `None` for a cache that lives and dies with the agent's process: nothing to register,
