@@ -438,7 +438,8 @@ mod tests {
 
     #[test]
     fn a_cache_that_may_not_serve_takes_nothing_until_it_may_again() {
-        let cache = MemoryCache::with_keyed_caches([CacheName::new("products").unwrap()]);
+        let cache =
+            MemoryCache::with_keyed_caches([CacheName::new("products").expect("a valid name")]);
         let before = cache.ticket();
         cache.set_serving(false);
         cache.insert("k", "s1", "u1", Bytes::from_static(b"v"));
