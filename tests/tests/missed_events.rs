@@ -308,3 +308,121 @@ async fn an_agent_whose_consumer_stalls_stops_vouching_flushes_and_recovers() {
     assert!(!cache.contains("s4/k"));
     agent.stop().await;
 }
+
+/// A memory cache whose whole-cache flushes fail while `failing` is set, counting attempts.
+#[derive(Debug, Clone)]
+struct FailingFlush {
+    cache: MemoryCache,
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    attempts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl cachecast_agent::CacheBackend for FailingFlush {
+    fn kind(&self) -> &'static str {
+        "failing-flush"
+    }
+
+    async fn evict_responses(
+        &self,
+        env: &cachecast_proto::EnvId,
+        selector: &cachecast_proto::ResponseSelector,
+    ) -> Result<u64, cachecast_agent::BackendError> {
+        cachecast_agent::CacheBackend::evict_responses(&self.cache, env, selector).await
+    }
+
+    async fn evict_identities(
+        &self,
+        env: &cachecast_proto::EnvId,
+        selector: &cachecast_proto::IdentitySelector,
+    ) -> Result<u64, cachecast_agent::BackendError> {
+        cachecast_agent::CacheBackend::evict_identities(&self.cache, env, selector).await
+    }
+
+    async fn flush(
+        &self,
+        env: &cachecast_proto::EnvId,
+    ) -> Result<u64, cachecast_agent::BackendError> {
+        use std::sync::atomic::Ordering;
+        if self.failing.load(Ordering::SeqCst) {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            return Err(cachecast_agent::BackendError::Other(
+                "flush refused by the test".into(),
+            ));
+        }
+        cachecast_agent::CacheBackend::flush(&self.cache, env).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_flush_that_fails_leaves_nothing_acked_as_applied_until_a_flush_succeeds() {
+    use std::sync::atomic::Ordering;
+    let stack = Stack::configured(cachecast_testkit::nats().await, |bus| {
+        bus.stream.max_age = Duration::from_secs(1);
+    })
+    .await;
+    let proxy = cachecast_e2e::TcpProxy::start(stack.nats.port()).await;
+    let backend = FailingFlush {
+        cache: MemoryCache::new(),
+        failing: Default::default(),
+        attempts: Default::default(),
+    };
+    // A long heartbeat keeps the agent's own cut-off flush out of this test.
+    let config = AgentConfig {
+        heartbeat: Duration::from_secs(10),
+        ..AgentConfig::default()
+    };
+    let agent = stack
+        .agent_at(&proxy.nats_url(), "dev", "gap", config, backend.clone())
+        .await;
+    stack.wait_for_agents("dev", 1).await;
+    let cache = backend.cache.clone();
+    fill(&cache, &["s1", "s2", "s3"]);
+
+    // Cut off while s1 is invalidated, and the event expires before it is back.
+    proxy.cut();
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s1"}"#, "?timeout=500ms")
+        .await;
+    assert_eq!(answer.status, 424, "{}", answer.body);
+    let js = jetstream(&stack).await;
+    eventually("retention drops the event", WITHIN, || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream("CACHECAST").await.expect("stream");
+            stream.info().await.expect("info").state.messages == 0
+        }
+    })
+    .await;
+    backend.failing.store(true, Ordering::SeqCst);
+    proxy.restore();
+    eventually("the agent tries to flush after the gap", WITHIN, || {
+        std::future::ready(backend.attempts.load(Ordering::SeqCst) > 0)
+    })
+    .await;
+
+    // Its cache still holds s1's entry: no later event may be acked as applied.
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s2"}"#, "?timeout=5s")
+        .await;
+    assert_eq!(answer.status, 424, "{}", answer.body);
+    assert_eq!(
+        answer.body["_nodes"]["failures"][0]["type"], "eviction_failed",
+        "{}",
+        answer.body
+    );
+    assert!(
+        cache.contains("s1/k"),
+        "the flush failed: s1 is still there"
+    );
+
+    // The flush succeeds: everything goes, and events are confirmed again.
+    backend.failing.store(false, Ordering::SeqCst);
+    until("the repair flush", || cache.is_empty()).await;
+    fill(&cache, &["s4"]);
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s4"}"#, "")
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(!cache.contains("s4/k"));
+    agent.stop().await;
+}
