@@ -329,6 +329,25 @@ impl<B: CacheBackend> Agent<B> {
         self.flusher().flush(reason).await
     }
 
+    /// Asks the backend whether it can evict from this cache completely, until it answers
+    /// (an unreachable cache is asked again); refuses to start if it cannot.
+    async fn refuse_unsupported_cache(&self) -> Result<(), AgentError> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.backend.supported().await {
+                Ok(()) => return Ok(()),
+                Err(BackendError::Unsupported(reason)) => {
+                    return Err(AgentError::UnsupportedCache(reason));
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, retry_in = ?delay, "could not reach the cache to check it");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
     /// Starts the agent in the order its guarantee needs: consumer, then registration of a
     /// persistent cache, then flush (or, with a usable stored position, the events it missed),
     /// then presence. Transient failures (NATS or the
@@ -338,6 +357,7 @@ impl<B: CacheBackend> Agent<B> {
         let span = tracing::info_span!("agent", env = %self.env, agent = %self.id);
         async move {
             self.config.check(&self.bus)?;
+            self.refuse_unsupported_cache().await?;
             if self.config.cache_id.is_some() && self.cache.is_none() {
                 tracing::warn!("agent.cache_id is ignored: this backend's cache ends with the agent");
             }

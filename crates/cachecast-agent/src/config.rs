@@ -228,6 +228,8 @@ pub enum AgentError {
     IdTaken { env: EnvId, id: AgentId },
     #[error("{key}: {reason}")]
     Setting { key: &'static str, reason: String },
+    #[error("this cache is not supported: {0}")]
+    UnsupportedCache(String),
 }
 
 /// `text` cut to `max` characters, each one not allowed in an id turned into `-`.

@@ -39,6 +39,8 @@ pub struct RedisServer {
     port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// Passed to every start (a cluster node's settings, say).
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
@@ -47,6 +49,12 @@ impl RedisServer {
     ///
     /// Panics if there is no redis-server or it does not start.
     pub async fn start() -> RedisServer {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`RedisServer::start`], with more `redis-server` arguments (for a cluster node:
+    /// `--cluster-enabled yes`; its `nodes.conf` goes to the server's own directory).
+    pub async fn start_with(args: &[&str]) -> RedisServer {
         let binary = find_on_path("redis-server").unwrap_or_else(|| {
             panic!("redis-server not found: apt-get install redis-server (scripts/test does this)")
         });
@@ -59,6 +67,7 @@ impl RedisServer {
             port: 0,
             dir,
             child: None,
+            extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
@@ -168,6 +177,7 @@ impl RedisServer {
             .arg(self.dir.path())
             .arg("--logfile")
             .arg(&log_file)
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(stderr))

@@ -86,6 +86,10 @@ pub enum BackendError {
     Redis(#[from] ::redis::RedisError),
     #[error("{0}")]
     Other(String),
+    /// A cache the agent cannot keep the promise for (a Redis Cluster, say): it refuses to
+    /// start rather than confirm evictions it cannot make everywhere.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl BackendError {
@@ -151,6 +155,12 @@ pub trait CacheBackend: Send + Sync + 'static {
             }
             Ok(removed)
         }
+    }
+
+    /// Refuses a cache this backend cannot evict from completely (`BackendError::Unsupported`);
+    /// any other error is transient (the cache is unreachable) and asked again.
+    fn supported(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
+        async { Ok(()) }
     }
 
     /// Whether the cache may serve and take entries. The agent turns it off while it cannot

@@ -297,6 +297,35 @@ impl CacheBackend for RedisBackend {
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
         Ok(())
     }
+
+    async fn supported(&self) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await?;
+        refuse_mode(&info)
+    }
+}
+
+/// Refuses every Redis but a standalone one, from its `INFO server`: one connection's `SCAN`
+/// sees one master of a cluster, so an eviction there would be confirmed while other masters
+/// still hold the keys; a Sentinel holds no cache.
+fn refuse_mode(info: &str) -> Result<(), BackendError> {
+    let mode = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_mode:"))
+        .map(str::trim)
+        .unwrap_or("standalone");
+    match mode {
+        "standalone" => Ok(()),
+        "cluster" => Err(BackendError::Unsupported(
+            "redis.url points at a Redis Cluster node (redis_mode:cluster): this agent evicts through one node, so it would confirm evictions while other masters still hold the keys; point redis.url at a standalone Redis until cluster support lands".into(),
+        )),
+        other => Err(BackendError::Unsupported(format!(
+            "redis.url points at a Redis in mode {other:?}, not a standalone server holding the cache; point it at the Redis the PDP caches in"
+        ))),
+    }
 }
 
 /// Where the stream position is kept in the cache's Redis: it belongs to the cache, so any
@@ -463,6 +492,25 @@ mod tests {
         keys.iter()
             .map(|k| Keys::Pattern((*k).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn only_a_standalone_redis_is_served() {
+        assert!(
+            refuse_mode("# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n").is_ok()
+        );
+        assert!(
+            refuse_mode("redis_version:2.8\r\n").is_ok(),
+            "before redis_mode existed"
+        );
+        assert!(matches!(
+            refuse_mode("redis_mode:cluster\r\n"),
+            Err(BackendError::Unsupported(reason)) if reason.contains("Cluster")
+        ));
+        assert!(matches!(
+            refuse_mode("redis_mode:sentinel\r\n"),
+            Err(BackendError::Unsupported(_))
+        ));
     }
 
     #[test]
