@@ -726,6 +726,17 @@ async fn follow_once(follower: &Follower, membership: &Membership) -> String {
                 continue;
             }
             _ = watch_check.tick() => {
+                // Every key expired between the first look and the watch's start: the watch
+                // has nothing to replay and would never say it is done.
+                if !replayed
+                    && let Ok(info) = stream.info().await
+                    && info.state.messages == 0
+                {
+                    apply_replay(membership, &mut replay);
+                    membership.set_synced(feed, true);
+                    replayed = true;
+                    continue;
+                }
                 // A watch that stopped delivering while the bucket moves on would age live
                 // agents out on a stale view: compare it with the bucket's stream.
                 if replayed
