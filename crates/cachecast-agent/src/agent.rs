@@ -490,7 +490,7 @@ impl<B: CacheBackend> Agent<B> {
             let cache = self.cache.as_ref().map_or("none", CacheId::as_str);
             tracing::info!(backend = self.backend.kind(), %cache, "agent is live");
             let (signal_tx, signals) = tokio::sync::mpsc::channel(4);
-            let interval = self.config.heartbeat / 2;
+            let interval = self.config.heartbeat;
             let tracker = Arc::new(Mutex::new(Tracker::new(
                 last_sequence,
                 stream_created_ns,

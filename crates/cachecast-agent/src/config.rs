@@ -176,7 +176,7 @@ impl AgentConfig {
             return refuse(
                 "agent.max_lag",
                 format!(
-                    "it is {:?}, less than one heartbeat ({heartbeat:?}): progress is checked twice a heartbeat, so a shorter lag cannot be told from a check in between",
+                    "it is {:?}, less than one heartbeat ({heartbeat:?}): progress is checked once a heartbeat, so a shorter lag cannot be told from a check in between",
                     self.max_lag(),
                 ),
             );

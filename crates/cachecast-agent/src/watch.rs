@@ -247,7 +247,7 @@ pub(crate) struct ProgressCheck<B> {
     pub(crate) progress: Arc<Progress>,
     pub(crate) flusher: Flusher<B>,
     pub(crate) signals: mpsc::Sender<Signal>,
-    /// How often it looks (half a heartbeat).
+    /// How often it looks (once a heartbeat).
     pub(crate) interval: Duration,
     /// How often a lagging agent flushes again.
     pub(crate) heartbeat: Duration,
