@@ -160,6 +160,11 @@ impl Tracker {
         !max_age.is_zero() && max_age < self.interval * 4
     }
 
+    /// Whether the last look found an event of the environment the loop had not handled.
+    pub(crate) fn is_behind(&self) -> bool {
+        self.behind.is_some()
+    }
+
     /// How long the agent has been behind an event it knew of (zero while it keeps up), or
     /// since it last managed to look at the stream, whichever is longer.
     pub(crate) fn lag(&self, now: Instant) -> Duration {
@@ -266,10 +271,28 @@ impl<B: CacheBackend> ProgressCheck<B> {
         let mut next_flush = Instant::now();
         let mut next_resume = Instant::now();
         let mut warned_max_age = false;
+        let mut last_full: Option<Observation> = None;
+        let mut looks = 0u64;
+        // The environment's last event went back (the stream recreated, say): look in full.
+        let mut last_of_env = 0u64;
+        let mut went_back = false;
         loop {
             ticker.tick().await;
             let at = Instant::now();
-            match self.look().await {
+            // The stream's info goes through the server's JetStream API queue, the direct get
+            // does not: read the info every few looks, and at every look while behind.
+            let full =
+                went_back || looks.is_multiple_of(FULL_LOOK_EVERY) || self.lock().is_behind();
+            looks += 1;
+            let looked = match (full, last_full) {
+                (false, Some(previous)) => self.look_light(previous).await,
+                _ => self.look().await.inspect(|look| last_full = Some(*look)),
+            };
+            if let Ok(look) = &looked {
+                went_back = look.last_of_env < last_of_env;
+                last_of_env = look.last_of_env;
+            }
+            match looked {
                 Ok(look) => {
                     if !warned_max_age && self.lock().blind_to_expiry(look.max_age) {
                         warned_max_age = true;
@@ -295,7 +318,8 @@ impl<B: CacheBackend> ProgressCheck<B> {
             let now = Instant::now();
             let lag = self.lock().lag(now);
             lag_seconds.set(lag.as_secs_f64());
-            lag_events.set(self.progress.pending_or_behind(!lag.is_zero()) as f64);
+            let behind = self.lock().is_behind();
+            lag_events.set(self.progress.pending_or_behind(behind) as f64);
             if lag > self.max_lag {
                 let reason = format!(
                     "no progress on this environment's events for {} s (agent.max_lag {} s): its event consumer is stalled or the stream unreadable",
@@ -337,33 +361,48 @@ impl<B: CacheBackend> ProgressCheck<B> {
             .await
             .map_err(|e| format!("stream info: {e}"))?
             .clone();
-        let last_of_env = match self
-            .stream
-            .direct_get_last_for_subject(self.subject.as_str())
-            .await
-        {
-            Ok(message) => message.sequence,
-            Err(err)
-                if err.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound =>
-            {
-                0
-            }
-            Err(err) => {
-                return Err(format!(
-                    "last event of the environment: {err} (the stream must allow direct gets: a publisher turns them on when it may update the stream; else run `nats stream edit {} --allow-direct`)",
-                    self.stream.cached_info().config.name
-                ));
-            }
-        };
         Ok(Observation {
             first_sequence: info.state.first_sequence,
             last_sequence: info.state.last_sequence,
             created_ns: info.created.unix_timestamp_nanos(),
-            last_of_env,
+            last_of_env: self.last_of_env().await?,
             max_age: info.config.max_age,
         })
     }
+
+    /// The environment's last event, with the stream's state of an earlier look. Sound for
+    /// the tracker: an older state only delays what it shows, and an event of the environment
+    /// that expired since that state was read makes the agent miss `max_age` first.
+    async fn look_light(&self, earlier: Observation) -> Result<Observation, String> {
+        Ok(Observation {
+            last_of_env: self.last_of_env().await?,
+            ..earlier
+        })
+    }
+
+    /// The sequence of the environment's last event in the stream (0: none).
+    async fn last_of_env(&self) -> Result<u64, String> {
+        match self
+            .stream
+            .direct_get_last_for_subject(self.subject.as_str())
+            .await
+        {
+            Ok(message) => Ok(message.sequence),
+            Err(err)
+                if err.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound =>
+            {
+                Ok(0)
+            }
+            Err(err) => Err(format!(
+                "last event of the environment: {err} (the stream must allow direct gets: a publisher turns them on when it may update the stream; else run `nats stream edit {} --allow-direct`)",
+                self.stream.cached_info().config.name
+            )),
+        }
+    }
 }
+
+/// Every how many looks the progress check reads the stream's info too.
+const FULL_LOOK_EVERY: u64 = 5;
 
 /// How often the stale-presence check runs.
 const FRESHNESS_CHECK: Duration = Duration::from_millis(250);
