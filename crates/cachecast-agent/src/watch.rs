@@ -88,6 +88,8 @@ pub(crate) struct Tracker {
     /// How often the stream is looked at: a retention gap is assumed this much before the
     /// stream's `max_age` passes.
     interval: Duration,
+    /// Bumped by every reset: a look begun before one is stale.
+    generation: u64,
 }
 
 impl Tracker {
@@ -101,12 +103,20 @@ impl Tracker {
             behind: None,
             last_look: now,
             interval,
+            generation: 0,
         }
     }
 
     /// The cache was flushed at `now` and the agent carries on after `position`.
     pub(crate) fn reset(&mut self, position: u64, created_ns: i128, now: Instant) {
+        let generation = self.generation + 1;
         *self = Self::new(position, created_ns, now, self.interval);
+        self.generation = generation;
+    }
+
+    /// How many resets happened: a look taken before the last one says nothing about now.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Takes one look at the stream made at `at` (the time before it was read), with `handled`
@@ -271,7 +281,8 @@ impl<B: CacheBackend> ProgressCheck<B> {
         let mut next_flush = Instant::now();
         let mut next_resume = Instant::now();
         let mut warned_max_age = false;
-        let mut last_full: Option<Observation> = None;
+        // The last full look, and the tracker's generation when it was taken.
+        let mut last_full: Option<(Observation, u64)> = None;
         let mut looks = 0u64;
         // The environment's last event went back (the stream recreated, say): look in full.
         let mut last_of_env = 0u64;
@@ -281,13 +292,23 @@ impl<B: CacheBackend> ProgressCheck<B> {
             let at = Instant::now();
             // The stream's info goes through the server's JetStream API queue, the direct get
             // does not: read the info every few looks, and at every look while behind.
+            let generation = self.lock().generation();
             let full =
                 went_back || looks.is_multiple_of(FULL_LOOK_EVERY) || self.lock().is_behind();
             looks += 1;
-            let looked = match (full, last_full) {
-                (false, Some(previous)) => self.look_light(previous).await,
-                _ => self.look().await.inspect(|look| last_full = Some(*look)),
+            let looked = match last_full {
+                Some((previous, taken)) if !full && taken == generation => {
+                    self.look_light(previous).await
+                }
+                _ => self
+                    .look()
+                    .await
+                    .inspect(|look| last_full = Some((*look, generation))),
             };
+            // The loop started over after a gap while this look was made: it is stale.
+            if self.lock().generation() != generation {
+                continue;
+            }
             if let Ok(look) = &looked {
                 went_back = look.last_of_env < last_of_env;
                 last_of_env = look.last_of_env;
@@ -606,6 +627,7 @@ mod tests {
         let mut tracker = Tracker::new(10, CREATED, start, LOOK);
         assert!(tracker.observe(look(301, 700, 700), 10, start).is_some());
         tracker.reset(700, CREATED, start + LOOK);
+        assert_eq!(tracker.generation(), 1, "looks begun before are stale");
         assert_eq!(
             tracker.observe(look(301, 700, 700), 700, start + LOOK),
             None
