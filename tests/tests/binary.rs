@@ -137,6 +137,30 @@ async fn the_cli_invalidates_lists_agents_and_reports_failures_by_exit_code() {
         .collect();
     assert_eq!(ids, ["cli-a", "cli-b"]);
 
+    // Client commands are quiet by default: no line per agent seen joining, no connection
+    // lines; `-v` brings the informational lines back.
+    let quiet = exits(
+        cachecast_with_env(&url, &["agents", "--env", "dev"], &[("RUST_LOG", "")]),
+        0,
+    )
+    .await;
+    assert!(quiet.stdout().contains("cli-a"), "{}", quiet.output());
+    assert!(
+        !quiet.stderr().contains("agent joined") && !quiet.stderr().contains("connected to NATS"),
+        "{}",
+        quiet.stderr()
+    );
+    let verbose = exits(
+        cachecast_with_env(&url, &["agents", "--env", "dev", "-v"], &[("RUST_LOG", "")]),
+        0,
+    )
+    .await;
+    assert!(
+        verbose.stderr().contains("connected to NATS"),
+        "{}",
+        verbose.stderr()
+    );
+
     let args = [
         "invalidate",
         "--env",

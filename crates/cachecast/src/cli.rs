@@ -37,6 +37,12 @@ pub(crate) struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub(crate) log_format: LogFormat,
 
+    /// Log more: -v for info, -vv for debug. Client commands (invalidate, agents, caches,
+    /// token) log warnings only by default, servers (serve, agent, up) info; RUST_LOG, when
+    /// set, decides instead.
+    #[arg(short = 'v', long = "verbose", global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+
     /// Print the effective configuration (secrets redacted) and exit.
     #[arg(long, global = true)]
     pub(crate) print_config: bool,
@@ -289,6 +295,21 @@ pub(crate) struct UpArgs {
     /// Where nats-server is installed when none is found (default: .tools).
     #[arg(long, env = "CACHECAST_TOOLS_DIR", default_value = ".tools")]
     pub(crate) tools_dir: PathBuf,
+}
+
+impl Cli {
+    /// The log filter unless RUST_LOG sets one: quiet clients, talkative servers.
+    pub(crate) fn default_log_filter(&self) -> &'static str {
+        let client = matches!(
+            self.command,
+            Command::Invalidate(_) | Command::Agents(_) | Command::Caches(_) | Command::Token(_)
+        );
+        match (client, self.verbose) {
+            (_, 2..) => "debug,async_nats=info",
+            (true, 0) => "warn",
+            _ => "info,async_nats=warn",
+        }
+    }
 }
 
 impl Command {

@@ -14,7 +14,11 @@ use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let telemetry = telemetry::init(cli.log_format, cli.command.service_name());
+    let telemetry = telemetry::init(
+        cli.log_format,
+        cli.command.service_name(),
+        cli.default_log_filter(),
+    );
     let code = run(cli);
     // After the runtime is gone: the exporter's blocking client must not run inside it.
     telemetry.shutdown();

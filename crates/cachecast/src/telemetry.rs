@@ -30,10 +30,14 @@ impl Telemetry {
 }
 
 /// Sets up logging, and tracing export if the OTLP endpoint is configured.
-/// `service` names this process in traces unless `OTEL_SERVICE_NAME` does.
-pub(crate) fn init(format: LogFormat, service: &str) -> Telemetry {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+/// `service` names this process in traces unless `OTEL_SERVICE_NAME` does; `default_filter`
+/// applies unless `RUST_LOG` is set (and not empty).
+pub(crate) fn init(format: LogFormat, service: &str, default_filter: &str) -> Telemetry {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|f| !f.trim().is_empty())
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default_filter));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
