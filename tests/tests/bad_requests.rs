@@ -478,3 +478,36 @@ async fn each_token_is_rate_limited_with_retry_after() {
     assert_eq!(send(second).await.status().as_u16(), 200);
     assert_eq!(send("garbage".into()).await.status().as_u16(), 401);
 }
+
+/// A client that sends a 6 MB body before it reads (as Python's urllib does) gets the `413`,
+/// not a connection reset: the server reads and drops the rest of an oversized body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_sent_whole_gets_its_413() {
+    let stack = Stack::start().await;
+    let address = stack.base_url.trim_start_matches("http://").to_owned();
+    let body = format!(r#"{{"scopeClientId": "{}"}}"#, "x".repeat(6 * 1024 * 1024));
+    let head = format!(
+        "POST /api/1.0/runtime/caches/response/dev/invalidate HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        stack.token(&["dev"]),
+        body.len()
+    );
+    let mut socket = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    socket
+        .write_all(head.as_bytes())
+        .await
+        .expect("send the head");
+    socket
+        .write_all(body.as_bytes())
+        .await
+        .expect("the whole body is taken, not refused half-way");
+    let mut answer = Vec::new();
+    socket
+        .read_to_end(&mut answer)
+        .await
+        .expect("the answer arrives, not a reset");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
+}

@@ -641,34 +641,45 @@ pub const BODY_ERROR_CODES: &[&str] = &[
 /// How long a client may take to send its body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit));
-    match read.await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(err)) if is_length_limit(&err) => Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the body exceeds {limit} bytes"),
-        )),
-        Ok(Err(err)) => Err(ApiError::bad_request(
-            "invalid_body",
-            format!("the body could not be read: {err}"),
-        )),
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            format!("the body did not arrive within {BODY_TIMEOUT:?}"),
-        )),
-    }
-}
+/// How much of an oversized body is read and dropped so that the client, still sending, gets
+/// the `413` instead of a connection reset (closing a socket with unread data resets it).
+const DRAIN_LIMIT: usize = 8 * 1024 * 1024;
 
-fn is_length_limit(err: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = source {
-        if e.is::<http_body_util::LengthLimitError>() {
-            return true;
+async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    use http_body_util::BodyExt as _;
+    let read = async {
+        let mut kept = bytes::BytesMut::new();
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|err| {
+                ApiError::bad_request("invalid_body", format!("the body could not be read: {err}"))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            seen = seen.saturating_add(data.len());
+            if seen <= limit {
+                kept.extend_from_slice(&data);
+            } else if seen > DRAIN_LIMIT {
+                break;
+            }
         }
-        source = e.source();
-    }
-    false
+        if seen > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body exceeds {limit} bytes"),
+            ));
+        }
+        Ok(kept.freeze())
+    };
+    tokio::time::timeout(BODY_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+            ))
+        })
 }
