@@ -13,29 +13,31 @@ use cachecast_proto::{AgentId, ResponseSelector, Target};
 use cachecast_publisher::{InvalidationRequest, PublishError, Publisher};
 use cachecast_testkit::NatsCluster;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalidations_survive_losing_one_node_at_a_time() {
-    let mut cluster = NatsCluster::start(3).await;
-    let mut bus = BusConfig::default();
-    bus.nats.url = cluster.urls();
-    bus.stream.replicas = 3;
-    bus.presence.replicas = 3;
-    // The cluster elects its JetStream leaders after it is up: retry the first start.
+/// A publisher on the cluster. The cluster elects its JetStream leaders after it is up: the
+/// first start is retried for a minute.
+async fn start_publisher(bus: &BusConfig) -> Publisher {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let publisher = loop {
+    loop {
         let client = cachecast_bus::connect(&bus.nats, "cluster-publisher")
             .await
             .expect("client");
-        match Publisher::start(client, &bus).await {
-            Ok(publisher) => break publisher,
+        match Publisher::start(client, bus).await {
+            Ok(publisher) => return publisher,
             Err(err) => assert!(
                 Instant::now() < deadline,
                 "no publisher on the cluster: {err}"
             ),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    let env = env_id("dev");
+    }
+}
+
+/// Two running agents `agent-0` and `agent-1` of `env`, recording what they apply, and what
+/// stops each.
+async fn start_agents(
+    bus: &BusConfig,
+    env: &cachecast_proto::EnvId,
+) -> (Vec<Recorder>, Vec<tokio::sync::oneshot::Sender<()>>) {
     let mut recorders = Vec::new();
     let mut stops = Vec::new();
     for n in 0..2 {
@@ -45,7 +47,7 @@ async fn invalidations_survive_losing_one_node_at_a_time() {
             .expect("client");
         let agent = Agent::new(
             client,
-            &bus,
+            bus,
             (env.clone(), AgentId::new(format!("agent-{n}")).expect("id")),
             AgentConfig::default(),
             recorder.clone(),
@@ -61,6 +63,19 @@ async fn invalidations_survive_losing_one_node_at_a_time() {
         }));
         recorders.push(recorder);
     }
+    (recorders, stops)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidations_survive_losing_one_node_at_a_time() {
+    let mut cluster = NatsCluster::start(3).await;
+    let mut bus = BusConfig::default();
+    bus.nats.url = cluster.urls();
+    bus.stream.replicas = 3;
+    bus.presence.replicas = 3;
+    let publisher = start_publisher(&bus).await;
+    let env = env_id("dev");
+    let (recorders, stops) = start_agents(&bus, &env).await;
     assert!(
         publisher
             .wait_for_live_agents(&env, 2, Duration::from_secs(30))
@@ -164,20 +179,7 @@ async fn a_frozen_presence_leader_never_lets_a_publisher_confirm_without_live_ag
     bus.nats.url = cluster.urls();
     bus.stream.replicas = 3;
     bus.presence.replicas = 3;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let publisher = loop {
-        let client = cachecast_bus::connect(&bus.nats, "watch-publisher")
-            .await
-            .expect("client");
-        match Publisher::start(client, &bus).await {
-            Ok(publisher) => break publisher,
-            Err(err) => assert!(
-                Instant::now() < deadline,
-                "no publisher on the cluster: {err}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let publisher = start_publisher(&bus).await;
     // The presence bucket's leader: the node the watch's consumer lives on.
     let observer = cachecast_bus::connect(&bus.nats, "observer")
         .await
@@ -205,31 +207,7 @@ async fn a_frozen_presence_leader_never_lets_a_publisher_confirm_without_live_ag
         .collect::<Vec<_>>()
         .join(",");
     let env = env_id("dev");
-    let mut recorders = Vec::new();
-    let mut stops = Vec::new();
-    for n in 0..2 {
-        let recorder = Recorder::default();
-        let client = cachecast_bus::connect(&agent_bus.nats, &format!("agent-{n}"))
-            .await
-            .expect("client");
-        let agent = Agent::new(
-            client,
-            &agent_bus,
-            (env.clone(), AgentId::new(format!("agent-{n}")).expect("id")),
-            AgentConfig::default(),
-            recorder.clone(),
-        );
-        let running = tokio::time::timeout(Duration::from_secs(60), agent.start())
-            .await
-            .expect("the agent starts in time")
-            .expect("the agent starts");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        stops.push(stop);
-        tokio::spawn(running.run(async {
-            stopped.await.ok();
-        }));
-        recorders.push(recorder);
-    }
+    let (recorders, stops) = start_agents(&agent_bus, &env).await;
     assert!(
         publisher
             .wait_for_live_agents(&env, 2, Duration::from_secs(30))

@@ -278,11 +278,7 @@ impl<B: CacheBackend> Agent<B> {
     /// Where to start: after the position stored in the cache if it is usable (same stream,
     /// every event since still held, the cache did not restart since), else at the end.
     async fn start_point(&self, info: &stream::Info) -> Result<StartPoint, String> {
-        let stream = StreamState {
-            first_sequence: info.state.first_sequence,
-            last_sequence: info.state.last_sequence,
-            created_ns: info.created.unix_timestamp_nanos(),
-        };
+        let stream = StreamState::of(info);
         let at_end = Ok(StartPoint {
             stream,
             resume_after: None,
@@ -712,11 +708,7 @@ impl<B: CacheBackend> RunningAgent<B> {
     /// Returns false if that failed (it is tried again on the next check).
     async fn resume(&mut self, forced: Option<Gap>) -> bool {
         let stream = match self.stream.info().await {
-            Ok(info) => StreamState {
-                first_sequence: info.state.first_sequence,
-                last_sequence: info.state.last_sequence,
-                created_ns: info.created.unix_timestamp_nanos(),
-            },
+            Ok(info) => StreamState::of(info),
             Err(err) => {
                 tracing::warn!(error = %err, "could not read the stream to resume; retrying");
                 return false;

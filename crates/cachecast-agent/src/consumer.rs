@@ -81,6 +81,17 @@ pub(crate) struct StreamState {
     pub(crate) created_ns: i128,
 }
 
+impl StreamState {
+    /// The state a stream's info reports.
+    pub(crate) fn of(info: &stream::Info) -> Self {
+        Self {
+            first_sequence: info.state.first_sequence,
+            last_sequence: info.state.last_sequence,
+            created_ns: info.created.unix_timestamp_nanos(),
+        }
+    }
+}
+
 /// Whether an agent whose cache is up to date with event `position` of the stream created at
 /// `position_created_ns` may have missed events it can no longer get, and why: the stream was
 /// created anew or its sequence went back, or it no longer holds every event after the

@@ -19,6 +19,7 @@ use cachecast_proto::EnvId;
 use tokio::sync::mpsc;
 
 use crate::backend::CacheBackend;
+use crate::consumer::{StreamState, missed_events};
 use crate::presence::Progress;
 
 /// Why the cache may hold entries whose events the agent will never receive.
@@ -54,10 +55,8 @@ pub(crate) enum Signal {
 /// One look at the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Observation {
-    pub(crate) first_sequence: u64,
-    /// The stream's last sequence, read before `last_of_env`.
-    pub(crate) last_sequence: u64,
-    pub(crate) created_ns: i128,
+    /// The stream's state, read before `last_of_env`.
+    pub(crate) stream: StreamState,
     /// The sequence of the environment's last event in the stream (0: none).
     pub(crate) last_of_env: u64,
     /// The stream's `max_age` (zero: unlimited).
@@ -131,12 +130,10 @@ impl Tracker {
             self.caught_up_at = self.caught_up_at.max(behind.at);
             self.behind = None;
         }
-        if look.created_ns != self.created_ns || look.last_sequence < self.scanned {
-            return Some(Gap::StreamRecreated);
-        }
-        // Events after the scan position were dropped before they were known to be handled.
-        if look.first_sequence > self.scanned + 1 {
-            return Some(Gap::Retention);
+        // The scan position counts like a stored one: another stream, a sequence gone back,
+        // or events after it dropped before they were known to be handled.
+        if let Some(gap) = missed_events(self.scanned, self.created_ns, look.stream) {
+            return Some(gap);
         }
         // Events published after the last time the agent was known caught up may have aged out.
         if let Some(expire_after) = self.expiry_bound(look.max_age)
@@ -145,12 +142,12 @@ impl Tracker {
             return Some(Gap::Retention);
         }
         if handled >= look.last_of_env {
-            self.scanned = self.scanned.max(look.last_sequence);
+            self.scanned = self.scanned.max(look.stream.last_sequence);
             self.caught_up_at = at;
         } else if self.behind.is_none() {
             self.behind = Some(Behind {
                 last_of_env: look.last_of_env,
-                last_sequence: look.last_sequence,
+                last_sequence: look.stream.last_sequence,
                 at,
             });
         }
@@ -325,8 +322,8 @@ impl<B: CacheBackend> ProgressCheck<B> {
                         tracing::warn!(
                             reason = gap.reason(),
                             handled,
-                            stream_first = look.first_sequence,
-                            stream_last = look.last_sequence,
+                            stream_first = look.stream.first_sequence,
+                            stream_last = look.stream.last_sequence,
                             "the stream no longer holds events this agent may not have received; flushing and carrying on from its end"
                         );
                         self.signals.try_send(Signal::Gap(gap)).ok();
@@ -383,9 +380,7 @@ impl<B: CacheBackend> ProgressCheck<B> {
             .map_err(|e| format!("stream info: {e}"))?
             .clone();
         Ok(Observation {
-            first_sequence: info.state.first_sequence,
-            last_sequence: info.state.last_sequence,
-            created_ns: info.created.unix_timestamp_nanos(),
+            stream: StreamState::of(&info),
             last_of_env: self.last_of_env().await?,
             max_age: info.config.max_age,
         })
@@ -481,9 +476,11 @@ mod tests {
 
     fn look(first: u64, last: u64, last_of_env: u64) -> Observation {
         Observation {
-            first_sequence: first,
-            last_sequence: last,
-            created_ns: CREATED,
+            stream: StreamState {
+                first_sequence: first,
+                last_sequence: last,
+                created_ns: CREATED,
+            },
             last_of_env,
             max_age: DAY,
         }
@@ -606,10 +603,8 @@ mod tests {
     fn a_new_stream_or_a_sequence_that_went_back_is_a_recreated_stream() {
         let start = Instant::now();
         let mut tracker = Tracker::new(10, CREATED, start, LOOK);
-        let recreated = Observation {
-            created_ns: CREATED + 1,
-            ..look(1, 3, 3)
-        };
+        let mut recreated = look(1, 3, 3);
+        recreated.stream.created_ns = CREATED + 1;
         assert_eq!(
             tracker.observe(recreated, 10, start + LOOK),
             Some(Gap::StreamRecreated)
