@@ -3,9 +3,12 @@
 //!
 //! Each test builds its own [`Stack`], so tests share nothing and run in parallel.
 
+pub mod history;
+
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cachecast_agent::{Agent, AgentConfig, CacheBackend, MemoryCache};
+use cachecast_agent::{Agent, AgentConfig, BackendError, CacheBackend, MemoryCache};
 use cachecast_bus::{BusConfig, Secret};
 use cachecast_proto::{AgentId, EnvId};
 use cachecast_publisher::Publisher;
@@ -441,6 +444,107 @@ impl CacheBackend for Recorder {
         }
         Ok(0)
     }
+}
+
+/// How a [`FaultyCache`] evicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EvictionMode {
+    #[default]
+    Normal,
+    /// Every eviction (and flush) waits this long first.
+    Slow(Duration),
+    /// Every eviction (and flush) fails.
+    Failing,
+}
+
+/// An in-process memory cache whose evictions a test can slow down or make fail.
+#[derive(Debug, Clone, Default)]
+pub struct FaultyCache {
+    pub cache: MemoryCache,
+    mode: Arc<Mutex<EvictionMode>>,
+}
+
+impl FaultyCache {
+    /// Evictions from now on behave as `mode` says.
+    pub fn set_mode(&self, mode: EvictionMode) {
+        *self.mode.lock().expect("lock") = mode;
+    }
+
+    async fn fault(&self) -> Result<(), BackendError> {
+        let mode = *self.mode.lock().expect("lock");
+        match mode {
+            EvictionMode::Normal => Ok(()),
+            EvictionMode::Slow(delay) => {
+                tokio::time::sleep(delay).await;
+                Ok(())
+            }
+            EvictionMode::Failing => {
+                Err(BackendError::Other("an injected eviction failure".into()))
+            }
+        }
+    }
+}
+
+impl CacheBackend for FaultyCache {
+    fn kind(&self) -> &'static str {
+        CacheBackend::kind(&self.cache)
+    }
+
+    async fn evict_responses(
+        &self,
+        env: &EnvId,
+        selector: &cachecast_proto::ResponseSelector,
+    ) -> Result<u64, BackendError> {
+        self.fault().await?;
+        CacheBackend::evict_responses(&self.cache, env, selector).await
+    }
+
+    async fn evict_identities(
+        &self,
+        env: &EnvId,
+        selector: &cachecast_proto::IdentitySelector,
+    ) -> Result<u64, BackendError> {
+        self.fault().await?;
+        CacheBackend::evict_identities(&self.cache, env, selector).await
+    }
+
+    async fn flush(&self, env: &EnvId) -> Result<u64, BackendError> {
+        self.fault().await?;
+        CacheBackend::flush(&self.cache, env).await
+    }
+
+    fn set_serving(&self, serving: bool) {
+        CacheBackend::set_serving(&self.cache, serving);
+    }
+}
+
+/// Starts `cachecast agent` for `env` with the Redis backend, extra `args` and environment
+/// variables `env_vars`, and waits until it is live.
+pub async fn redis_agent(
+    nats_url: &str,
+    redis_url: &str,
+    id: &str,
+    args: &[&str],
+    env_vars: &[(&str, &str)],
+) -> ChildProcess {
+    let mut all = vec![
+        "agent",
+        "--env",
+        "dev",
+        "--id",
+        id,
+        "--backend",
+        "redis",
+        "--redis-url",
+        redis_url,
+    ];
+    all.extend_from_slice(args);
+    let agent = cachecast_with_env(nats_url, &all, env_vars);
+    agent
+        .wait_for_output("agent is live", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("agent {id} did not start: {e}"));
+    agent
 }
 
 /// A Redis that an agent caches in, as a test sees it.

@@ -566,6 +566,7 @@ impl<B: CacheBackend> RunningAgent<B> {
             let connects = || statistics.connects.load(std::sync::atomic::Ordering::Relaxed);
             let mut resumed_at = connects();
             let mut next_repair = Instant::now();
+            let mut next_restart_check = Instant::now();
             let mut ended = Ok(());
             loop {
                 tokio::select! {
@@ -586,6 +587,10 @@ impl<B: CacheBackend> RunningAgent<B> {
                         self.resume(forced).await;
                     }
                     _ = connection_check.tick() => {
+                        if Instant::now() >= next_restart_check {
+                            self.agent.notice_restart().await;
+                            next_restart_check = Instant::now() + self.agent.config.heartbeat;
+                        }
                         if self.agent.dirty().is_some() && Instant::now() >= next_repair {
                             if let Err(err) = self.agent.repair().await {
                                 tracing::warn!(%err, "the cache is still dirty");
@@ -842,6 +847,25 @@ impl<B: CacheBackend> Agent<B> {
         }
         .instrument(span)
         .await
+    }
+
+    /// Marks a persistent cache dirty (so it is flushed) if it restarted since it was last
+    /// known to hold nothing stale. Checked between events too, once a heartbeat: a Redis
+    /// restarted from an old snapshot serves evicted entries again, and the next event may be
+    /// hours away.
+    async fn notice_restart(&self) {
+        let Some(cache) = &self.cache else { return };
+        match self.backend.continuity(&self.env, cache).await {
+            Ok(continuity) if continuity.restarted && self.dirty().is_none() => {
+                tracing::warn!(%cache, "the cache restarted and may hold evicted entries again; flushing it");
+                self.set_dirty(Some("cache_restarted"));
+            }
+            Ok(_) => {}
+            // Unreachable: the next event or look reports it.
+            Err(err) => {
+                tracing::debug!(error = %err, "could not check whether the cache restarted")
+            }
+        }
     }
 
     /// Flushes the whole cache if it is dirty.

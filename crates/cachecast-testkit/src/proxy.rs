@@ -1,17 +1,32 @@
-//! A TCP proxy a test can cut and restore, to disconnect one client (an agent) from a server
-//! that keeps running for everyone else.
+//! A TCP proxy a test can cut, black-hole and restore, to disconnect one client (an agent)
+//! from a server that keeps running for everyone else.
+//!
+//! A cut is a clean close: both sides learn at once. A black hole is a partition: connections
+//! stay open and bytes stop flowing both ways, so each side learns only from its own timeouts;
+//! restored, what was held back flows on.
 
 use std::net::SocketAddr;
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Forwards 127.0.0.1:<port> to a target port until [`TcpProxy::cut`].
+/// What the proxy does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Forward,
+    /// Every connection dropped, new ones refused.
+    Cut,
+    /// Connections held open, nothing forwarded (new ones accepted, never connected through).
+    BlackHole,
+}
+
+/// Forwards 127.0.0.1:<port> to a target port, until cut or black-holed.
 #[derive(Debug)]
 pub struct TcpProxy {
     addr: SocketAddr,
-    cut: watch::Sender<bool>,
+    mode: watch::Sender<Mode>,
     task: JoinHandle<()>,
 }
 
@@ -22,28 +37,33 @@ impl TcpProxy {
             .await
             .unwrap_or_else(|e| panic!("could not bind the proxy: {e}"));
         let addr = listener.local_addr().expect("local address");
-        let (cut, _) = watch::channel(false);
-        let watcher = cut.clone();
+        let (mode, _) = watch::channel(Mode::Forward);
+        let watcher = mode.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let mut state = watcher.subscribe();
-                if *state.borrow() {
+                if *state.borrow() == Mode::Cut {
                     drop(client); // cut: refuse
                     continue;
                 }
                 tokio::spawn(async move {
+                    if forwarding(&mut state).await.is_err() {
+                        return; // cut while held in the black hole
+                    }
                     let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)).await else {
                         return;
                     };
-                    let (mut client, mut server) = (client, server);
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = state.wait_for(|cut| *cut) => {}
+                        _ = pump(client_read, server_write, state.clone()) => {}
+                        _ = pump(server_read, client_write, state.clone()) => {}
+                        _ = state.wait_for(|mode| *mode == Mode::Cut) => {}
                     }
                 });
             }
         });
-        TcpProxy { addr, cut, task }
+        TcpProxy { addr, mode, task }
     }
 
     /// `nats://127.0.0.1:<proxy port>`.
@@ -53,12 +73,46 @@ impl TcpProxy {
 
     /// Drops every forwarded connection and refuses new ones.
     pub fn cut(&self) {
-        self.cut.send_replace(true);
+        self.mode.send_replace(Mode::Cut);
+    }
+
+    /// Stops forwarding without closing anything: a partition, not a disconnection.
+    pub fn black_hole(&self) {
+        self.mode.send_replace(Mode::BlackHole);
     }
 
     /// Forwards again.
     pub fn restore(&self) {
-        self.cut.send_replace(false);
+        self.mode.send_replace(Mode::Forward);
+    }
+}
+
+/// Waits until the proxy forwards; `Err` once it is cut.
+async fn forwarding(state: &mut watch::Receiver<Mode>) -> Result<(), ()> {
+    match state.wait_for(|mode| *mode != Mode::BlackHole).await {
+        Ok(mode) if *mode == Mode::Forward => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Copies one direction, holding bytes back while the proxy is a black hole.
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    mut state: watch::Receiver<Mode>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if forwarding(&mut state).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if forwarding(&mut state).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
