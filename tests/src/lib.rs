@@ -462,15 +462,23 @@ pub enum EvictionMode {
 pub struct FaultyCache {
     pub cache: MemoryCache,
     mode: Arc<Mutex<EvictionMode>>,
+    started: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FaultyCache {
+    /// How many evictions (and flushes) have begun.
+    pub fn evictions_started(&self) -> u64 {
+        self.started.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Evictions from now on behave as `mode` says.
     pub fn set_mode(&self, mode: EvictionMode) {
         *self.mode.lock().expect("lock") = mode;
     }
 
     async fn fault(&self) -> Result<(), BackendError> {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mode = *self.mode.lock().expect("lock");
         match mode {
             EvictionMode::Normal => Ok(()),

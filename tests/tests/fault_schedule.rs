@@ -287,6 +287,7 @@ impl World {
             self.end(ongoing).await;
         }
         self.fill().await;
+        eprintln!("step {}: {fault:?}", self.step);
         match fault {
             Some(fault) => {
                 self.inject(fault).await;
@@ -439,10 +440,23 @@ impl World {
             Fault::StreamDeleted => {
                 self.find_published().await;
                 let js = async_nats::jetstream::new(self.observer().await);
-                if let Err(err) = js.delete_stream(&self.stack.bus.stream.name).await {
+                let name = self.stack.bus.stream.name.clone();
+                if let Err(err) = js.delete_stream(&name).await {
                     panic!("seed {}: could not delete the stream: {err}", self.seed);
                 }
-                self.request().await;
+                // A publish creates it anew (until then, an agent that starts waits for it).
+                let deadline = Instant::now() + SETTLE;
+                loop {
+                    self.request().await;
+                    if js.get_stream(&name).await.is_ok() {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "seed {}: the stream was not created again",
+                        self.seed
+                    );
+                }
             }
             Fault::PublisherRestart => {
                 self.stack.publisher = self.new_publisher("restarted-publisher").await;
@@ -691,6 +705,20 @@ impl World {
 
     /// Checks an answer against the caches' contents; what it answered.
     async fn answered(
+        &mut self,
+        request: Request,
+        result: Result<Outcome, PublishError>,
+    ) -> String {
+        let sent = format!(
+            "step {}: {} {:?}",
+            request.step, request.id, request.selector
+        );
+        let answer = self.check_answer(request, result).await;
+        eprintln!("{sent}: {answer}");
+        answer
+    }
+
+    async fn check_answer(
         &mut self,
         request: Request,
         result: Result<Outcome, PublishError>,

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cachecast_agent::{AgentConfig, MemoryCache};
-use cachecast_e2e::{
-    ChildProcess, NatsServer, RedisCache, Signal, Stack, cachecast, env_id, eventually,
-};
+use cachecast_e2e::{NatsServer, RedisCache, Signal, Stack, env_id, eventually, redis_agent};
 
 const WITHIN: Duration = Duration::from_secs(20);
 
@@ -74,31 +72,6 @@ async fn a_stream_recreated_under_a_running_agent_is_flushed_and_followed() {
     agent.stop().await;
 }
 
-/// `cachecast agent --backend redis` for `dev` with a fast heartbeat, once it is live.
-async fn redis_agent(nats_url: &str, redis_url: &str, id: &str) -> ChildProcess {
-    let agent = cachecast(
-        nats_url,
-        &[
-            "agent",
-            "--env",
-            "dev",
-            "--id",
-            id,
-            "--backend",
-            "redis",
-            "--redis-url",
-            redis_url,
-            "--heartbeat",
-            "500ms",
-        ],
-    );
-    agent
-        .wait_for_output("agent is live", Duration::from_secs(30))
-        .await
-        .unwrap_or_else(|e| panic!("agent did not start: {e}"));
-    agent
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_that_expired_while_an_agent_was_paused_mean_a_flush() {
     let stack = Stack::configured(cachecast_testkit::nats().await, |bus| {
@@ -107,7 +80,14 @@ async fn events_that_expired_while_an_agent_was_paused_mean_a_flush() {
     .await;
     let redis = cachecast_testkit::redis().await;
     let mut cache = RedisCache::open(&redis.url()).await;
-    let agent = redis_agent(&stack.nats.url(), &redis.url(), "paa-0").await;
+    let agent = redis_agent(
+        &stack.nats.url(),
+        &redis.url(),
+        "paa-0",
+        &["--heartbeat", "500ms"],
+        &[],
+    )
+    .await;
     stack.wait_for_agents("dev", 1).await;
     cache.set(&["pdp:dev:s1:u1:a", "pdp:dev:s2:u1:a"]).await;
     let answer = stack

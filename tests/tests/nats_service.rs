@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use cachecast_e2e::Stack;
+use cachecast_e2e::{EvictionMode, FaultyCache, Signal, Stack, eventually, start_serve};
 use cachecast_proto::{
     CacheName, InvalidateReply, InvalidateRequest, RequestTarget, ResponseSelector, Wire,
 };
@@ -158,4 +158,53 @@ async fn the_service_answers_keyed_clears_and_refuses_bad_requests_with_codes() 
     assert_eq!(reply.request_id, "rust-1");
     // A response flush leaves the keyed caches alone.
     assert_eq!(cache.keyed_len("apikeys"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_a_service_request_in_flight_and_sends_its_real_answer() {
+    let stack = Stack::start().await;
+    let cache = FaultyCache::default();
+    let _agent = stack.agent("dev", "slow", cache.clone()).await;
+    stack.wait_for_agents("dev", 1).await;
+    cache.set_mode(EvictionMode::Slow(Duration::from_secs(2)));
+    let (mut serve, _) = start_serve(&stack.nats.url(), &[]).await;
+    serve
+        .wait_for_output("NATS service ready", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("the NATS service did not start: {e}"));
+    let client = cachecast_bus::connect(&stack.bus.nats, "e2e-caller")
+        .await
+        .expect("NATS client");
+    let begun = cache.evictions_started();
+    let request = tokio::spawn(async move {
+        let body = br#"{"response":{"scopeClientIds":["s1"]},"timeout":"10s"}"#;
+        client
+            .send_request(
+                "cachecast.svc.v1.dev.invalidate",
+                async_nats::Request::new()
+                    .payload(Bytes::from_static(body))
+                    .timeout(Some(Duration::from_secs(15))),
+            )
+            .await
+    });
+    eventually(
+        "the agent begins the slow eviction",
+        Duration::from_secs(10),
+        || std::future::ready(cache.evictions_started() > begun),
+    )
+    .await;
+
+    serve.signal(Signal::SIGTERM);
+    let reply = request
+        .await
+        .expect("the request task")
+        .expect("the service replies although it was told to stop");
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).expect("a JSON reply");
+    assert_eq!(reply["status"], 200, "{reply}");
+    assert_eq!(reply["agents"]["slow"]["status"], "applied", "{reply}");
+    let exit = serve.wait_exit(Duration::from_secs(20)).await;
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "serve exits cleanly: {exit:?}"
+    );
 }

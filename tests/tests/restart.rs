@@ -6,34 +6,18 @@
 
 use std::time::Duration;
 
-use cachecast_e2e::{Answer, ChildProcess, RedisCache, Signal, Stack, cachecast, eventually};
+use cachecast_e2e::{
+    Answer, ChildProcess, RedisCache, Signal, Stack, cachecast, eventually, redis_agent,
+};
 
-const STARTUP: Duration = Duration::from_secs(30);
 const EXIT: Duration = Duration::from_secs(10);
 
-/// Starts `cachecast agent --backend redis` for `dev`, with `extra` arguments; returns once
-/// it says it is live.
+/// Starts `cachecast agent --backend redis` for `dev` with a 500 ms heartbeat and `extra`
+/// arguments; returns once it says it is live.
 async fn agent(nats_url: &str, redis_url: &str, id: &str, extra: &[&str]) -> ChildProcess {
-    let mut args = vec![
-        "agent",
-        "--env",
-        "dev",
-        "--id",
-        id,
-        "--backend",
-        "redis",
-        "--redis-url",
-        redis_url,
-        "--heartbeat",
-        "500ms",
-    ];
+    let mut args = vec!["--heartbeat", "500ms"];
     args.extend_from_slice(extra);
-    let agent = cachecast(nats_url, &args);
-    agent
-        .wait_for_output("agent is live", STARTUP)
-        .await
-        .unwrap_or_else(|e| panic!("agent did not start: {e}"));
-    agent
+    redis_agent(nats_url, redis_url, id, &args, &[]).await
 }
 
 /// The cache id the agent registered, from its log.

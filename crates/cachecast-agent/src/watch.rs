@@ -420,7 +420,11 @@ impl<B: CacheBackend> ProgressCheck<B> {
 /// Every how many looks the progress check reads the stream's info too.
 const FULL_LOOK_EVERY: u64 = 5;
 
-/// How often the stale-presence check runs.
+/// How often the stale-presence check runs, at most: an eighth of a heartbeat when that is
+/// shorter. Publishers stop expecting the agent three heartbeats after its last write and it
+/// flushes after two, so the check's period comes straight off that one-heartbeat margin: with
+/// a fixed 250 ms period and a 250 ms heartbeat the flush could come after publishers had
+/// already answered without it (the fault schedule found it).
 const FRESHNESS_CHECK: Duration = Duration::from_millis(250);
 
 /// While presence writes fail, publishers stop expecting this agent three heartbeats after its
@@ -434,7 +438,8 @@ pub(crate) async fn flush_while_presence_stale<B: CacheBackend>(
     last_write: Arc<std::sync::Mutex<Instant>>,
     heartbeat: Duration,
 ) {
-    let mut ticker = tokio::time::interval(FRESHNESS_CHECK);
+    let period = (heartbeat / 8).clamp(Duration::from_millis(5), FRESHNESS_CHECK);
+    let mut ticker = tokio::time::interval(period);
     let mut next_flush: Option<Instant> = None;
     loop {
         ticker.tick().await;

@@ -77,10 +77,13 @@ pub async fn run(
     let config = std::sync::Arc::new(config);
     let log_limit = cachecast_bus::LogLimiter::new(Duration::from_secs(10));
     let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    // Requests being answered: shutdown waits for their real answers.
+    let mut answering = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let request = tokio::select! {
             request = endpoint.next() => request,
+            Some(_) = answering.join_next(), if !answering.is_empty() => continue,
             () = &mut shutdown => break,
         };
         let Some(request) = request else { break };
@@ -102,7 +105,7 @@ pub async fn run(
         let (publisher, config) = (publisher.clone(), config.clone());
         // Each request holds a slot until it is answered: a flood is refused, not queued.
         let slot = in_flight.clone().try_acquire_owned().ok();
-        tokio::spawn(async move {
+        answering.spawn(async move {
             let (reply, headers) = handle(&publisher, &config, &request.message, slot).await;
             // A request without a reply subject is applied and not answered.
             if request.message.reply.is_some()
@@ -112,8 +115,27 @@ pub async fn run(
             }
         });
     }
+    // No new requests; those in flight get their real answer, each by its own deadline.
     if let Err(err) = service.stop().await {
         tracing::debug!(error = %err, "stopping the NATS service");
+    }
+    if !answering.is_empty() {
+        tracing::info!(
+            in_flight = answering.len(),
+            "answering the NATS service requests in flight"
+        );
+    }
+    let grace = config.max_timeout + Duration::from_secs(5);
+    if tokio::time::timeout(grace, async {
+        while answering.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "NATS service requests still in flight after the grace period; stopping anyway"
+        );
     }
     Ok(())
 }
