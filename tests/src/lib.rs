@@ -296,22 +296,29 @@ async fn serve_api(
         .await
         .expect("publisher starts");
     let auth = AuthConfig::hs256_for_development(TEST_SECRET);
-    let router = cachecast_publisher::http::router(
-        publisher.clone(),
-        Verifier::new(&auth).expect("verifier"),
-        api_config.clone(),
-    );
+    let health = cachecast_admin::Health::new({
+        let publisher = publisher.clone();
+        move || std::future::ready(publisher.readiness())
+    });
+    let server = cachecast_publisher::server::Server {
+        publisher: publisher.clone(),
+        verifier: Verifier::new(&auth).expect("verifier"),
+        config: api_config,
+        admin: cachecast_admin::router(health.clone(), cachecast_admin::install_metrics()),
+        health,
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind the API");
     let base_url = format!("http://{}", listener.local_addr().expect("address"));
     let (stop_api, stopped) = oneshot::channel::<()>();
     let api = tokio::spawn(async move {
-        cachecast_publisher::http::serve(listener, router, &api_config, async {
-            stopped.await.ok();
-        })
-        .await
-        .expect("API serves");
+        server
+            .run(listener, async {
+                stopped.await.ok();
+            })
+            .await
+            .expect("API serves");
     });
     (publisher, base_url, stop_api, api)
 }

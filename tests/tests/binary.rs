@@ -56,12 +56,32 @@ async fn up_starts_a_stack_whose_curl_line_works_and_ctrl_c_stops_everything() {
     assert_eq!(body["_nodes"]["total"], 3, "{body}");
     assert_eq!(body["_nodes"]["successful"], 3, "{body}");
 
+    // The admin routes, like `serve`'s.
+    for (path, expected) in [
+        ("/healthz", ""),
+        ("/readyz", ""),
+        ("/metrics", "cachecast_invalidations_total"),
+    ] {
+        let response = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(response.status(), 200, "{path}");
+        let text = response.text().await.expect("body");
+        assert!(text.contains(expected), "{path}: {text}");
+    }
+
     let nats_pid = log_field(&up.stderr(), "nats-server started", "pid")
         .unwrap_or_else(|| panic!("no nats-server pid in {}", up.stderr()));
     assert!(std::path::Path::new(&format!("/proc/{nats_pid}")).exists());
     up.signal(Signal::SIGINT);
     let status = up.wait_exit(EXIT).await.expect("up exits on Ctrl-C");
     assert!(status.success(), "{status:?}: {}", up.output());
+    // In order: its clients close before its nats-server stops.
+    assert!(
+        !up.output().contains("disconnected from NATS"),
+        "a client outlived the nats-server: {}",
+        up.output()
+    );
     assert!(
         !std::path::Path::new(&format!("/proc/{nats_pid}")).exists(),
         "nats-server {nats_pid} still runs after up exited"

@@ -36,6 +36,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_millis(400);
 /// How long a healed fleet may take to catch up.
 const SETTLE: Duration = Duration::from_secs(30);
 const SCOPES: [&str; 3] = ["s0", "s1", "s2"];
+/// For probes that must cover whatever the cache holds.
+const EVERYTHING: Selector = Selector {
+    scope: None,
+    identity: None,
+};
 const IDENTITIES: [&str; 3] = ["i0", "i1", "i2"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -87,6 +92,18 @@ impl Fault {
         Fault::Cut,
         Fault::IdReused,
     ];
+
+    /// Whether it keeps a cache from applying for a while (so a `424` must come).
+    fn hits_a_cache(self) -> bool {
+        !matches!(
+            self,
+            Fault::RedisRestart
+                | Fault::StreamDeleted
+                | Fault::PublisherRestart
+                | Fault::TwoPublishers
+                | Fault::NatsKill
+        )
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -152,6 +169,28 @@ struct RedisSlot {
     agent: Option<ChildProcess>,
 }
 
+/// Handles to read every cache, cloned out of the world so a read can run right when an answer
+/// arrives, while fills are still going on.
+#[derive(Clone)]
+struct Caches {
+    memory: Vec<(String, FaultyCache)>,
+    redis: Vec<(String, RedisCache)>,
+}
+
+impl Caches {
+    /// What every cache holds now.
+    async fn read(&mut self) -> Contents {
+        let mut contents = Contents::new();
+        for (id, cache) in &self.memory {
+            contents.insert(id.clone(), cache.cache.keys().into_iter().collect());
+        }
+        for (id, view) in &mut self.redis {
+            contents.insert(id.clone(), view.keys().await.into_iter().collect());
+        }
+        contents
+    }
+}
+
 /// A `424` cache that still held what it was asked to evict, waiting to be seen clean.
 struct StaleCache {
     request: usize,
@@ -176,6 +215,12 @@ struct World {
     /// `503`s by request id, until found in the stream.
     unavailable: BTreeMap<String, Request>,
     ongoing: Vec<(usize, Ongoing)>,
+    /// Each answered request (by index in `published`) and the caches its answer named failed.
+    vouched: Vec<(usize, BTreeSet<String>)>,
+    /// Stale entries already reported: (step, cache, key).
+    reported: BTreeSet<(usize, String, String)>,
+    /// Probes that found nothing to check (the cache held nothing they covered).
+    vacuous: usize,
     stale: Vec<StaleCache>,
     windows: Vec<Duration>,
     answers: BTreeMap<&'static str, usize>,
@@ -262,6 +307,9 @@ impl World {
             published: Vec::new(),
             unavailable: BTreeMap::new(),
             ongoing: Vec::new(),
+            vouched: Vec::new(),
+            reported: BTreeSet::new(),
+            vacuous: 0,
             stale: Vec::new(),
             windows: Vec::new(),
             answers: BTreeMap::new(),
@@ -285,6 +333,9 @@ impl World {
             .collect();
         for ongoing in due {
             self.end(ongoing).await;
+        }
+        if !self.unavailable.is_empty() {
+            self.find_published().await;
         }
         self.fill().await;
         eprintln!("step {}: {fault:?}", self.step);
@@ -368,23 +419,29 @@ impl World {
             Fault::RedisRestart => {
                 let slot = self.free_redis_slot().await;
                 self.redis[slot].view.save().await;
-                self.request().await;
+                self.request_for(EVERYTHING).await;
                 let redis = &mut self.redis[slot];
                 redis.server.start_again().await;
                 redis.view = RedisCache::open(&redis.server.url()).await;
                 // It serves what the request evicted again, and no event may come for hours:
                 // its agent must notice by itself.
                 let (cache, restarted) = (redis.cache_id.clone(), Instant::now());
+                let mut first = true;
                 loop {
                     let contents = self.contents().await;
                     let held = self.published.iter().any(|r| {
                         history::stale(r, &self.entries, &contents).any(|e| e.cache == cache)
                     });
                     if !held {
-                        self.windows.push(restarted.elapsed());
+                        if first {
+                            self.vacuous += 1; // the snapshot brought nothing evicted back
+                        } else {
+                            self.windows.push(restarted.elapsed());
+                        }
                         break;
                     }
-                    if restarted.elapsed() > HEARTBEAT * 20 {
+                    first = false;
+                    if restarted.elapsed() > HEARTBEAT * 40 {
                         self.violation(format!(
                             "step {}: {cache}, restarted from a snapshot, still serves invalidated entries after {:?} with no event",
                             self.step,
@@ -435,7 +492,7 @@ impl World {
                     );
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                self.request().await;
+                self.request_for(EVERYTHING).await;
             }
             Fault::StreamDeleted => {
                 self.find_published().await;
@@ -469,7 +526,10 @@ impl World {
                 let second = self.second_publisher.clone().expect("started");
                 let (a, b) = (self.draw_request(), self.draw_request());
                 let first = self.stack.publisher.clone();
-                let (ra, rb) = tokio::join!(send(&first, &a), send(&second, &b));
+                let (ra, rb) = tokio::join!(
+                    send(&first, &a, self.caches()),
+                    send(&second, &b, self.caches())
+                );
                 self.answered(a, ra).await;
                 self.answered(b, rb).await;
             }
@@ -644,23 +704,11 @@ impl World {
     }
 
     fn draw_request(&mut self) -> Request {
-        let scope = Some(SCOPES[self.rng.random_range(0..SCOPES.len())].to_string());
-        let identity = Some(IDENTITIES[self.rng.random_range(0..IDENTITIES.len())].to_string());
-        let selector = match self.rng.random_range(0..10) {
-            0..5 => Selector {
-                scope,
-                identity: None,
-            },
-            5..7 => Selector {
-                scope: None,
-                identity,
-            },
-            7..9 => Selector { scope, identity },
-            _ => Selector {
-                scope: None,
-                identity: None,
-            },
-        };
+        let selector = self.draw_selector();
+        self.new_request(selector)
+    }
+
+    fn new_request(&mut self, selector: Selector) -> Request {
         self.sent += 1;
         Request {
             id: format!("seed{}-request{}", self.seed, self.sent),
@@ -670,15 +718,39 @@ impl World {
         }
     }
 
+    fn draw_selector(&mut self) -> Selector {
+        let scope = Some(SCOPES[self.rng.random_range(0..SCOPES.len())].to_string());
+        let identity = Some(IDENTITIES[self.rng.random_range(0..IDENTITIES.len())].to_string());
+        match self.rng.random_range(0..10) {
+            0..5 => Selector {
+                scope,
+                identity: None,
+            },
+            5..7 => Selector {
+                scope: None,
+                identity,
+            },
+            7..9 => Selector { scope, identity },
+            _ => EVERYTHING,
+        }
+    }
+
     /// One request through the publisher, while the PDP fills the memory caches; what it
     /// answered.
     async fn request(&mut self) -> String {
+        let selector = self.draw_selector();
+        self.request_for(selector).await
+    }
+
+    /// Like [`World::request`], for `selector`.
+    async fn request_for(&mut self, selector: Selector) -> String {
         let racing: Vec<_> = (0..self.memory.len())
             .flat_map(|slot| [slot, slot])
             .map(|slot| (slot, self.ticket(slot), self.rng.random_range(0..40)))
             .collect();
-        let request = self.draw_request();
+        let request = self.new_request(selector);
         let publisher = self.stack.publisher.clone();
+        let looker = self.caches();
         let caches: Vec<FaultyCache> = self.memory.iter().map(|m| m.cache.clone()).collect();
         let fills = async {
             let mut kept = Vec::new();
@@ -696,32 +768,35 @@ impl World {
             }
             kept
         };
-        let (result, kept) = tokio::join!(send(&publisher, &request), fills);
+        let (answer, kept) = tokio::join!(send(&publisher, &request, looker), fills);
         for (slot, written, key, scope, identity) in kept {
             self.record(&self.memory[slot].id.clone(), key, scope, identity, written);
         }
-        self.answered(request, result).await
+        self.answered(request, answer).await
     }
 
     /// Checks an answer against the caches' contents; what it answered.
     async fn answered(
         &mut self,
         request: Request,
-        result: Result<Outcome, PublishError>,
+        (result, seen): (Result<Outcome, PublishError>, Contents),
     ) -> String {
         let sent = format!(
             "step {}: {} {:?}",
             request.step, request.id, request.selector
         );
-        let answer = self.check_answer(request, result).await;
+        let answer = self.check_answer(request, result, seen).await;
         eprintln!("{sent}: {answer}");
         answer
     }
 
+    /// `seen` is what the caches held the moment the answer came; they are read again after the
+    /// fills that raced the request (a fill the cache should have refused shows there).
     async fn check_answer(
         &mut self,
         request: Request,
         result: Result<Outcome, PublishError>,
+        seen: Contents,
     ) -> String {
         let outcome = match result {
             Ok(outcome) => outcome,
@@ -748,10 +823,13 @@ impl World {
             ));
         }
         let contents = self.contents().await;
-        for violation in history::stale_after_answer(&request, &named, &self.entries, &contents) {
-            self.violation(violation.to_string());
+        for held in [&seen, &contents] {
+            for violation in history::stale_after_answer(&request, &named, &self.entries, held) {
+                self.report(violation);
+            }
         }
         let index = self.published.len();
+        self.vouched.push((index, named.clone()));
         for cache in &named {
             if history::stale(&request, &self.entries, &contents).any(|e| &e.cache == cache) {
                 self.stale.push(StaleCache {
@@ -776,30 +854,44 @@ impl World {
             .collect()
     }
 
+    fn caches(&self) -> Caches {
+        Caches {
+            memory: self
+                .memory
+                .iter()
+                .map(|m| (m.id.clone(), m.cache.clone()))
+                .collect(),
+            redis: self
+                .redis
+                .iter()
+                .map(|r| (r.cache_id.clone(), r.view.clone()))
+                .collect(),
+        }
+    }
+
     /// What every cache holds now.
     async fn contents(&mut self) -> Contents {
-        let mut contents = Contents::new();
-        for slot in &self.memory {
-            contents.insert(
-                slot.id.clone(),
-                slot.cache.cache.keys().into_iter().collect(),
-            );
-        }
-        for slot in &mut self.redis {
-            contents.insert(
-                slot.cache_id.clone(),
-                slot.view.keys().await.into_iter().collect(),
-            );
-        }
-        contents
+        self.caches().read().await
     }
 
     /// Notes when a cache a `424` named is seen holding nothing of that request any more.
+    /// Also holds every answer to its word again: an entry an answer vouched for must not come
+    /// back (a Redis restarted from a snapshot is waited on where it restarts).
     async fn watch_stale(&mut self) {
-        if self.stale.is_empty() {
-            return;
-        }
         let contents = self.contents().await;
+        let mut found = Vec::new();
+        for (index, named) in &self.vouched {
+            let request = &self.published[*index];
+            found.extend(history::stale_after_answer(
+                request,
+                named,
+                &self.entries,
+                &contents,
+            ));
+        }
+        for violation in found {
+            self.report(violation);
+        }
         let (published, entries) = (&self.published, &self.entries);
         let windows = &mut self.windows;
         self.stale.retain(|s| {
@@ -899,6 +991,18 @@ impl World {
         }
     }
 
+    /// Reports a stale entry once, however many reads find it.
+    fn report(&mut self, violation: history::Violation) {
+        let key = (
+            violation.step,
+            violation.cache.clone(),
+            violation.key.clone(),
+        );
+        if self.reported.insert(key) {
+            self.violation(violation.to_string());
+        }
+    }
+
     fn violation(&mut self, what: String) {
         eprintln!("seed {}: VIOLATION {what}", self.seed);
         self.violations.push(what);
@@ -906,7 +1010,15 @@ impl World {
 
     /// Prints the result line; fails on a violation, or when a kind of answer or fault is missing.
     fn finish(mut self, asked: &[Fault]) {
-        for answer in ["200", "424", "503"] {
+        // A `503` comes from a server down, a `424` from a cache that cannot apply.
+        let mut expected = vec!["200"];
+        if asked.contains(&Fault::NatsKill) {
+            expected.push("503");
+        }
+        if asked.iter().any(|f| f.hits_a_cache()) {
+            expected.push("424");
+        }
+        for answer in expected {
             if !self.answers.contains_key(answer) {
                 self.violation(format!("no {answer} in the whole schedule"));
             }
@@ -922,6 +1034,7 @@ impl World {
             "violations": self.violations,
             "answers": self.answers,
             "faults": self.faults,
+            "vacuous_probes": self.vacuous,
             "stale_windows_ms": self.windows.iter().map(|w| w.as_millis() as u64).collect::<Vec<_>>(),
         });
         println!("fault-schedule-result {result}");
@@ -936,8 +1049,13 @@ impl World {
     }
 }
 
-async fn send(publisher: &Publisher, request: &Request) -> Result<Outcome, PublishError> {
-    publisher
+/// Sends `request`, and reads every cache the moment the answer is in.
+async fn send(
+    publisher: &Publisher,
+    request: &Request,
+    mut caches: Caches,
+) -> (Result<Outcome, PublishError>, Contents) {
+    let result = publisher
         .invalidate(InvalidationRequest {
             env: env_id("dev"),
             target: Target::Response(ResponseSelector {
@@ -947,5 +1065,6 @@ async fn send(publisher: &Publisher, request: &Request) -> Result<Outcome, Publi
             request_id: request.id.clone(),
             timeout: REQUEST_TIMEOUT,
         })
-        .await
+        .await;
+    (result, caches.read().await)
 }

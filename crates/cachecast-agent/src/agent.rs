@@ -425,7 +425,8 @@ impl<B: CacheBackend> Agent<B> {
             if point.resume_after.is_none() {
                 retry("flush the cache", || self.flush("start")).await;
             }
-            // A cache whose previous agent stopped (in the same process) serves again.
+            // A cache whose previous agent stopped (in the same process) serves again. (Before
+            // publishers have seen this agent's presence: see "Not yet built" in ARCHITECTURE.)
             self.backend.set_serving(true);
             // Catch up before saying it is live: the events published while the cache was
             // unattended, in order (publishers still waiting for them get their acks).

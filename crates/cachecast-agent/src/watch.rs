@@ -429,8 +429,9 @@ const FRESHNESS_CHECK: Duration = Duration::from_millis(250);
 
 /// While presence writes fail, publishers stop expecting this agent three heartbeats after its
 /// last one, and answer without it, but the agent cannot hear their events: so after two
-/// heartbeats without a successful write it flushes the whole cache, and again every heartbeat
-/// while the outage lasts (the service keeps caching meanwhile). For a cache in the agent's
+/// heartbeats without a successful write it stops the cache from caching and flushes it, and
+/// again every heartbeat while the outage lasts; it serves again a heartbeat after presence is
+/// fresh. For a cache in the agent's
 /// process only: a persistent cache stays registered, so publishers keep expecting it (and
 /// answer `424 unattended`) however long its agent is cut off.
 pub(crate) async fn flush_while_presence_stale<B: CacheBackend>(
@@ -441,6 +442,11 @@ pub(crate) async fn flush_while_presence_stale<B: CacheBackend>(
     let period = (heartbeat / 8).clamp(Duration::from_millis(5), FRESHNESS_CHECK);
     let mut ticker = tokio::time::interval(period);
     let mut next_flush: Option<Instant> = None;
+    // Back from an outage, the cache serves a heartbeat after presence is fresh: by then
+    // publishers have seen it and wait for this agent's acks again. Serving as soon as a write
+    // succeeded let a fill in between outlive a `200` answered without it (the fault schedule
+    // found it, seed 105).
+    let mut serve_at = None;
     loop {
         ticker.tick().await;
         let since = last_write
@@ -449,11 +455,18 @@ pub(crate) async fn flush_while_presence_stale<B: CacheBackend>(
             .elapsed();
         if since < heartbeat * 2 {
             if next_flush.take().is_some() {
-                tracing::info!("presence is refreshed again: the cache serves again");
+                tracing::info!(
+                    "presence is refreshed again: the cache serves again in a heartbeat, once publishers expect this agent"
+                );
+                serve_at = Some(Instant::now() + heartbeat);
+            }
+            if serve_at.is_some_and(|at| Instant::now() >= at) {
+                serve_at = None;
                 flusher.suspend(Suspender::StalePresence, false);
             }
             continue;
         }
+        serve_at = None;
         if next_flush.is_some_and(|at| Instant::now() < at) {
             continue;
         }

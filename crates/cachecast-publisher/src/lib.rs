@@ -13,6 +13,7 @@ pub mod http;
 mod membership;
 mod outcome;
 mod publisher;
+pub mod server;
 pub mod service;
 pub mod validate;
 

@@ -6,6 +6,7 @@ use anyhow::Context;
 use cachecast_admin::Health;
 use cachecast_publisher::Publisher;
 use cachecast_publisher::auth::Verifier;
+use cachecast_publisher::server::Server;
 use std::process::ExitCode;
 
 use crate::config::Config;
@@ -58,14 +59,6 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         let publisher = publisher.clone();
         move || std::future::ready(publisher.readiness())
     });
-    let service = config.api.nats_service.then(|| {
-        tokio::spawn(cachecast_publisher::service::run(
-            client.clone(),
-            publisher.clone(),
-            config.api.clone(),
-            shutdown.clone().wait(),
-        ))
-    });
     let collector = if config.kubernetes.collect_pod_caches {
         let kube = cachecast_agent::Kube::new(&config.kubernetes)?;
         let publisher = publisher.clone();
@@ -77,41 +70,17 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let router = cachecast_publisher::http::router(publisher, verifier, config.api.clone())
-        .merge(cachecast_admin::router(health.clone(), metrics));
-    let delay = config.api.shutdown_delay;
-    let stop_accepting = async move {
-        shutdown.wait().await;
-        health.begin_shutdown();
-        tokio::time::sleep(delay).await;
-        tracing::info!("no new requests; finishing the ones in flight");
+    let server = Server {
+        publisher,
+        verifier,
+        config: config.api.clone(),
+        admin: cachecast_admin::router(health.clone(), metrics),
+        health,
     };
-    // In-flight requests end by their own deadline; don't wait past the longest one.
-    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
-    let server = cachecast_publisher::http::serve(listener, router, &config.api, async move {
-        stop_accepting.await;
-        stopping_tx.send(()).ok();
-    });
-    tokio::pin!(server);
-    let grace = config.api.max_timeout + Duration::from_secs(5);
-    tokio::select! {
-        result = &mut server => result?,
-        () = async {
-            stopping.await.ok();
-            tokio::time::sleep(grace).await;
-        } => tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway"),
-    }
-    if let Some(service) = service {
-        match service.await {
-            Ok(Err(err)) => tracing::warn!(error = %err, "the NATS service did not run"),
-            Err(err) => tracing::warn!(error = %err, "the NATS service task failed"),
-            Ok(Ok(())) => {}
-        }
-    }
+    server.run(listener, shutdown.wait()).await?;
     if let Some(collector) = collector {
         collector.abort();
     }
-    cachecast_bus::flush(&client, config.nats.request_timeout).await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use cachecast_admin::Health;
 use cachecast_agent::{Agent, AgentConfig, MemoryCache};
 use cachecast_bus::Secret;
 use cachecast_nats_server::NatsServer;
@@ -15,6 +16,7 @@ use cachecast_proto::AgentId;
 use cachecast_proto::CacheName;
 use cachecast_publisher::Publisher;
 use cachecast_publisher::auth::{AuthConfig, DEV_SECRET, TokenSpec, Verifier, issue_hs256};
+use cachecast_publisher::server::Server;
 
 use crate::cli::UpArgs;
 use crate::config::Config;
@@ -49,9 +51,11 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
     let publisher = Publisher::start(client.clone(), &bus).await?;
 
     let mut agents = Vec::new();
+    let mut clients = vec![client.clone()];
     for n in 1..=args.agents {
         let id = AgentId::new(format!("{}-agent-{n}", args.env))?;
         let agent_client = super::connect(&bus, &format!("cachecast-up-{id}")).await?;
+        clients.push(agent_client.clone());
         let agent = Agent::new(
             agent_client.clone(),
             &bus,
@@ -102,19 +106,18 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
             Duration::from_secs(24 * 3600),
         ),
     )?;
-    let service = config.api.nats_service.then(|| {
-        tokio::spawn(cachecast_publisher::service::run(
-            client.clone(),
-            publisher.clone(),
-            config.api.clone(),
-            shutdown.clone().wait(),
-        ))
+    let health = Health::new({
+        let publisher = publisher.clone();
+        move || std::future::ready(publisher.readiness())
     });
-    let router = cachecast_publisher::http::router(publisher, verifier, config.api.clone());
-    let api = tokio::spawn({
-        let (api_config, stop) = (config.api.clone(), shutdown.clone());
-        async move { cachecast_publisher::http::serve(listener, router, &api_config, stop.wait()).await }
-    });
+    let server = Server {
+        publisher,
+        verifier,
+        config: config.api.clone(),
+        admin: cachecast_admin::router(health.clone(), cachecast_admin::install_metrics()),
+        health,
+    };
+    let api = tokio::spawn(server.run(listener, shutdown.clone().wait()));
 
     let base = format!(
         "http://{addr}/api/1.0/runtime/caches/response/{}/invalidate",
@@ -148,11 +151,11 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
         agent.await.ok();
     }
     api.await??;
-    if let Some(service) = service
-        && let Err(err) = service.await?
-    {
-        tracing::warn!(error = %err, "the NATS service did not run");
+    // Closed before the nats-server child stops, so none of them reports a lost connection.
+    for client in clients {
+        if let Err(err) = client.drain().await {
+            tracing::debug!(error = %err, "closing a NATS connection");
+        }
     }
-    cachecast_bus::flush(&client, config.nats.request_timeout).await;
     Ok(ExitCode::SUCCESS)
 }
