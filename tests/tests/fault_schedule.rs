@@ -153,6 +153,24 @@ enum Ongoing {
     Link(usize),
 }
 
+impl Ongoing {
+    /// The Redis slot it holds, if any.
+    fn redis_slot(&self) -> Option<usize> {
+        match self {
+            Ongoing::RedisAgentDown(s) | Ongoing::RedisAgentPaused(s) => Some(*s),
+            _ => None,
+        }
+    }
+
+    /// The memory slot it holds, if any.
+    fn memory_slot(&self) -> Option<usize> {
+        match self {
+            Ongoing::Eviction(s) | Ongoing::Link(s) => Some(*s),
+            _ => None,
+        }
+    }
+}
+
 struct MemorySlot {
     id: String,
     proxy: TcpProxy,
@@ -560,54 +578,26 @@ impl World {
 
     /// A Redis slot no ongoing fault holds, ending the oldest fault if all are held.
     async fn free_redis_slot(&mut self) -> usize {
-        loop {
-            let held: BTreeSet<usize> = self
-                .ongoing
-                .iter()
-                .filter_map(|(_, o)| match o {
-                    Ongoing::RedisAgentDown(s) | Ongoing::RedisAgentPaused(s) => Some(*s),
-                    _ => None,
-                })
-                .collect();
-            let free: Vec<usize> = (0..self.redis.len())
-                .filter(|s| !held.contains(s))
-                .collect();
-            if !free.is_empty() {
-                return free[self.rng.random_range(0..free.len())];
-            }
-            let at = self
-                .ongoing
-                .iter()
-                .position(|(_, o)| {
-                    matches!(o, Ongoing::RedisAgentDown(_) | Ongoing::RedisAgentPaused(_))
-                })
-                .expect("a held slot has its fault");
-            let (_, ongoing) = self.ongoing.remove(at);
-            self.end(ongoing).await;
-        }
+        self.free_slot(self.redis.len(), Ongoing::redis_slot).await
     }
 
     /// Like [`World::free_redis_slot`], for the memory caches.
     async fn free_memory_slot(&mut self) -> usize {
+        self.free_slot(self.memory.len(), Ongoing::memory_slot)
+            .await
+    }
+
+    async fn free_slot(&mut self, slots: usize, holds: fn(&Ongoing) -> Option<usize>) -> usize {
         loop {
-            let held: BTreeSet<usize> = self
-                .ongoing
-                .iter()
-                .filter_map(|(_, o)| match o {
-                    Ongoing::Eviction(s) | Ongoing::Link(s) => Some(*s),
-                    _ => None,
-                })
-                .collect();
-            let free: Vec<usize> = (0..self.memory.len())
-                .filter(|s| !held.contains(s))
-                .collect();
+            let held: BTreeSet<usize> = self.ongoing.iter().filter_map(|(_, o)| holds(o)).collect();
+            let free: Vec<usize> = (0..slots).filter(|s| !held.contains(s)).collect();
             if !free.is_empty() {
                 return free[self.rng.random_range(0..free.len())];
             }
             let at = self
                 .ongoing
                 .iter()
-                .position(|(_, o)| matches!(o, Ongoing::Eviction(_) | Ongoing::Link(_)))
+                .position(|(_, o)| holds(o).is_some())
                 .expect("a held slot has its fault");
             let (_, ongoing) = self.ongoing.remove(at);
             self.end(ongoing).await;

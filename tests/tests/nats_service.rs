@@ -10,30 +10,19 @@ use cachecast_e2e::{EvictionMode, FaultyCache, Signal, Stack, eventually, start_
 use cachecast_proto::{
     CacheName, InvalidateReply, InvalidateRequest, RequestTarget, ResponseSelector, Wire,
 };
-use cachecast_publisher::http::ApiConfig;
 use cachecast_testkit::ChildProcess;
-use tokio::sync::oneshot;
 
-/// Starts the service next to the stack's API; it stops when the sender is dropped.
-async fn start_service(stack: &Stack) -> oneshot::Sender<()> {
-    let client = cachecast_bus::connect(&stack.bus.nats, "e2e-service")
+/// Waits until the stack's NATS service (the server assembly runs it next to the API) answers
+/// its own discovery request.
+async fn wait_for_service(stack: &Stack) {
+    let client = cachecast_bus::connect(&stack.bus.nats, "e2e-service-probe")
         .await
         .expect("NATS client");
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(cachecast_publisher::service::run(
-        client.clone(),
-        stack.publisher.clone(),
-        ApiConfig::default(),
-        async {
-            stopped.await.ok();
-        },
-    ));
-    // Ready once the service answers its own discovery request.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let ping = client.request("$SRV.PING.cachecast", Bytes::new());
         if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), ping).await {
-            return stop;
+            return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -50,7 +39,7 @@ async fn a_python_pipeline_invalidates_through_the_service_and_decodes_the_event
     let _a = stack.memory_agent("dev", "py-a").await;
     let _b = stack.memory_agent("dev", "py-b").await;
     stack.wait_for_agents("dev", 2).await;
-    let _service = start_service(&stack).await;
+    wait_for_service(&stack).await;
 
     let script = cachecast_testkit::workspace_root().join("tests/python/service_client.py");
     let mut client = ChildProcess::spawn(
@@ -80,7 +69,7 @@ async fn the_service_answers_keyed_clears_and_refuses_bad_requests_with_codes() 
         );
     let _agent = stack.agent("dev", "keyed", cache.clone()).await;
     stack.wait_for_agents("dev", 1).await;
-    let _service = start_service(&stack).await;
+    wait_for_service(&stack).await;
     let client = cachecast_bus::connect(&stack.bus.nats, "e2e-caller")
         .await
         .expect("NATS client");

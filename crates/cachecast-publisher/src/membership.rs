@@ -710,6 +710,7 @@ async fn follow_once(follower: &Follower, membership: &Membership) -> String {
     };
     let feed = follower.feed;
     let mut replayed = stored == 0;
+    let replay_started = Instant::now();
     membership.set_synced(feed, replayed);
     let mut replay = Vec::new();
     let mut tick = tokio::time::interval(TICK);
@@ -726,6 +727,12 @@ async fn follow_once(follower: &Follower, membership: &Membership) -> String {
                 continue;
             }
             _ = watch_check.tick() => {
+                // A replay that never says it is done (a key removed while the watch still
+                // counted it, say) would keep the view out of date, every answer a `503`,
+                // for good: read the bucket again.
+                if !replayed && replay_started.elapsed() >= WATCH_STALE_AFTER {
+                    return format!("the bucket's replay did not finish within {WATCH_STALE_AFTER:?}");
+                }
                 // Every key expired between the first look and the watch's start: the watch
                 // has nothing to replay and would never say it is done.
                 if !replayed
