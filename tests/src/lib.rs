@@ -706,7 +706,12 @@ pub fn cachecast_with_env(nats_url: &str, args: &[&str], env: &[(&str, &str)]) -
         .args(args)
         .arg("--nats-url")
         .arg(nats_url)
-        .env("RUST_LOG", "info")
+        // The publisher's start-up steps too: a `serve` that once did not start within 30 s
+        // in CI left no trace of where it waited.
+        .env(
+            "RUST_LOG",
+            "info,cachecast_publisher::publisher=debug,cachecast_publisher::membership=debug",
+        )
         .env("NO_COLOR", "1")
         .env_remove("CACHECAST_CONFIG")
         .envs(env.iter().copied());

@@ -522,14 +522,18 @@ impl Membership {
     }
 
     fn set_synced(&self, feed: Feed, synced: bool) {
-        let all = {
-            let mut feeds = self.feeds_synced.lock().unwrap_or_else(|p| p.into_inner());
-            match feed {
-                Feed::Presence => feeds.0 = synced,
-                Feed::Caches => feeds.1 = synced,
-            }
-            feeds.0 && feeds.1
-        };
+        tracing::debug!(?feed, synced, "view of the bucket");
+        // Both feeds' followers call this: the view's state is sent under the same lock that
+        // computes it. Sent after the lock, one follower's stale `false` could land after the
+        // other's `true` and leave the view out of date for good with both feeds read through
+        // (a publisher answering `503`, or not starting: MembershipNotSynced with nothing
+        // waiting).
+        let mut feeds = self.feeds_synced.lock().unwrap_or_else(|p| p.into_inner());
+        match feed {
+            Feed::Presence => feeds.0 = synced,
+            Feed::Caches => feeds.1 = synced,
+        }
+        let all = feeds.0 && feeds.1;
         self.synced
             .send_if_modified(|s| std::mem::replace(s, all) != all);
     }
@@ -857,6 +861,30 @@ impl Attendance {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_feeds_read_through_at_once_leave_the_view_current() {
+        // Each follower reports from its own task; whatever the interleaving, the view is
+        // current once both are read through.
+        for _ in 0..2000 {
+            let membership = Membership::new();
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let threads: Vec<_> = [Feed::Presence, Feed::Caches]
+                .into_iter()
+                .map(|feed| {
+                    let (membership, barrier) = (membership.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        membership.set_synced(feed, true);
+                    })
+                })
+                .collect();
+            for thread in threads {
+                thread.join().expect("a follower thread");
+            }
+            assert!(membership.is_synced(), "{}", membership.why_not_synced());
+        }
+    }
 
     #[test]
     fn a_watch_behind_the_bucket_counts_from_the_first_look_that_saw_it() {

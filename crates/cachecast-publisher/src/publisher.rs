@@ -153,13 +153,16 @@ impl Publisher {
     pub async fn start(client: Client, bus: &BusConfig) -> Result<Self, PublisherError> {
         let js = cachecast_bus::jetstream(client.clone(), &bus.nats);
         cachecast_bus::ensure_stream(&js, &bus.stream).await?;
+        tracing::debug!(stream = %bus.stream.name, "the stream is there");
         let store = cachecast_bus::ensure_presence_bucket(&js, &bus.presence).await?;
         let caches = cachecast_bus::ensure_caches_bucket(&js, &bus.caches).await?;
+        tracing::debug!("the presence and caches buckets are there");
         let id = cachecast_proto::new_publisher_id();
         let acks = client
             .subscribe(Subjects::acks_for_publisher(&id))
             .await
             .map_err(|e| PublisherError::Subscribe(e.to_string()))?;
+        tracing::debug!(publisher = %id, "subscribed to acks; reading the live agents");
         let membership = Membership::new();
         let follower = |feed, store| {
             tokio::spawn(membership::follow(
