@@ -140,6 +140,8 @@ pub(crate) enum Feed {
 #[derive(Debug)]
 struct Member {
     seen_at: Instant,
+    /// When the server stored the write `seen_at` stands for, by the server's clock.
+    written_ms: i128,
     stale_after: Duration,
     presence: Presence,
 }
@@ -273,6 +275,57 @@ impl Membership {
 
     /// Every cache a request for `env` must hear from (only those holding the keyed cache
     /// `serving` when set), sorted by id.
+    /// Asks the bucket itself about the in-process agents of `env` the view holds as gone,
+    /// before they are left out of a request: a watch that delivers late (a reconnect, a
+    /// loaded server) would otherwise age out an agent that keeps writing, and that agent,
+    /// fresh in its own eyes, keeps its cache serving. A write the watch has not delivered yet
+    /// moves the agent's last sighting on by how much later the server stored it; an agent
+    /// the bucket cannot be asked about is kept expected (a `424` at worst).
+    pub(crate) async fn confirm_lapsed(&self, env: &EnvId, store: &kv::Store, within: Duration) {
+        let lapsed: Vec<AgentId> = {
+            let envs = self.lock();
+            envs.get(env)
+                .into_iter()
+                .flatten()
+                .filter(|(_, m)| !m.is_live() && m.presence.cache_id.is_empty())
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        if lapsed.is_empty() {
+            return;
+        }
+        let reads = lapsed
+            .iter()
+            .map(|agent| store.entry(cachecast_proto::Subjects::presence_key(env, agent)));
+        let entries = tokio::time::timeout(within, futures::future::join_all(reads))
+            .await
+            .unwrap_or_default();
+        let mut envs = self.lock();
+        let Some(members) = envs.get_mut(env) else {
+            return;
+        };
+        for (n, agent) in lapsed.iter().enumerate() {
+            let Some(member) = members.get_mut(agent) else {
+                continue;
+            };
+            match entries.get(n) {
+                Some(Ok(Some(entry))) if entry.operation == kv::Operation::Put => {
+                    let later_ms = created_ms(entry) - member.written_ms;
+                    if later_ms > 0 {
+                        let later =
+                            Duration::from_millis(later_ms.min(i128::from(u32::MAX)) as u64);
+                        member.seen_at = (member.seen_at + later).min(Instant::now());
+                        member.written_ms = created_ms(entry);
+                    }
+                }
+                // Gone from the bucket (it left, or expired): gone indeed.
+                Some(Ok(_)) => {}
+                // Not known: keep expecting it.
+                Some(Err(_)) | None => member.seen_at = Instant::now(),
+            }
+        }
+    }
+
     pub(crate) fn expected(&self, env: &EnvId, serving: Option<&str>) -> Vec<ExpectedCache> {
         let holds = |keyed: &[String]| serving.is_none_or(|c| keyed.iter().any(|k| k == c));
         let mut agents = Vec::new();
@@ -607,6 +660,7 @@ impl Membership {
                     agent,
                     Member {
                         seen_at,
+                        written_ms: created_ms(entry),
                         stale_after: heartbeat * MISSED_HEARTBEATS,
                         presence,
                     },

@@ -94,6 +94,8 @@ struct Inner {
     log_limit: LogLimiter,
     /// The registrations of persistent caches.
     caches: async_nats::jetstream::kv::Store,
+    /// The presence bucket, asked directly about agents the view holds as gone.
+    presence: async_nats::jetstream::kv::Store,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -177,6 +179,7 @@ impl Publisher {
                 membership.clone(),
             ))
         };
+        let presence = store.clone();
         let followers = [
             follower(Feed::Presence, store),
             follower(Feed::Caches, caches.clone()),
@@ -199,6 +202,7 @@ impl Publisher {
                 finished: Mutex::default(),
                 log_limit: LogLimiter::new(REJECT_LOG_INTERVAL),
                 caches,
+                presence,
                 tasks: followers.into_iter().chain([demux]).collect(),
             }
         });
@@ -369,6 +373,10 @@ impl Publisher {
             Target::Keyed(selector) => Some(selector.cache.as_str()),
             _ => None,
         };
+        inner
+            .membership
+            .confirm_lapsed(&request.env, &inner.presence, inner.request_timeout)
+            .await;
         let expected = inner.membership.expected(&request.env, serving);
         let event_id = cachecast_proto::new_event_id();
         let (tx, rx) = mpsc::unbounded_channel();
