@@ -453,6 +453,10 @@ impl<B: CacheBackend> Agent<B> {
                 }
                 tracing::info!(after = last_sequence, "caught up");
             }
+            // Stored before the agent is visible: one killed right after it announced itself
+            // must leave a position behind, or the next agent flushes instead of catching up
+            // and the requests waiting for the events in between get no ack.
+            self.remember_position(last_sequence, stream_created_ns).await;
             let announcement = Announcement {
                 backend: self.backend.kind(),
                 keyed_caches: &self.keyed_caches,
@@ -531,10 +535,6 @@ impl<B: CacheBackend> Agent<B> {
                 tracker,
                 watchers,
             };
-            running
-                .agent
-                .remember_position(last_sequence, stream_created_ns)
-                .await;
             Ok(running)
         }
         .instrument(span)
