@@ -63,3 +63,53 @@ async fn a_second_process_with_a_live_id_refuses_and_one_whose_id_was_taken_over
     assert_eq!(answer.body["_nodes"]["total"], 1, "{}", answer.body);
     assert!(third.pid().is_some(), "the third still runs");
 }
+
+/// The last write of a process paused (or killed) right after it sent it can land late, while
+/// the next process checks the key: that one write is no live process, and the id is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_last_write_of_a_paused_process_does_not_keep_its_id() {
+    let stack = Stack::start().await;
+    let url = stack.nats.url();
+    let args = [
+        "agent",
+        "--env",
+        "dev",
+        "--id",
+        "twin",
+        "--heartbeat",
+        "300ms",
+    ];
+    let first = cachecast(&url, &args);
+    first
+        .wait_for_output("agent is live", STARTUP)
+        .await
+        .unwrap_or_else(|e| panic!("first agent: {e}"));
+    first.signal(Signal::SIGSTOP);
+    let client = cachecast_bus::connect(&stack.bus.nats, "late-writer")
+        .await
+        .expect("client");
+    let presence = cachecast_bus::open_presence_bucket(
+        &async_nats::jetstream::new(client),
+        &stack.bus.presence,
+    )
+    .await
+    .expect("presence bucket");
+    let key = "dev.twin";
+    let last = presence
+        .entry(key)
+        .await
+        .expect("read")
+        .expect("the first agent's key");
+
+    let second = cachecast(&url, &args);
+    second
+        .wait_for_output("checking that it is gone", STARTUP)
+        .await
+        .unwrap_or_else(|e| panic!("second agent: {e}"));
+    // The paused process's write, landing now.
+    presence.put(key, last.value).await.expect("late write");
+    second
+        .wait_for_output("agent is live", STARTUP)
+        .await
+        .unwrap_or_else(|e| panic!("a late write kept the id taken: {e}"));
+}

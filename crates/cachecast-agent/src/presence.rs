@@ -284,8 +284,10 @@ async fn refresh(
 }
 
 /// Whether another live process announces `key`: its value names another instance and it is
-/// refreshed within one and a half of that process's heartbeats. A key left by a crashed
-/// process is not refreshed, so a restart with the same id waits that long, then goes on.
+/// refreshed in each of two windows of one and a half of that process's heartbeats. A key left
+/// by a crashed process is not refreshed, so a restart with the same id waits that long, then
+/// goes on. Two windows, because one write can land late: the last one a process sent before
+/// it was paused or killed, held up by a server still recovering after a restart.
 async fn held_by_another(
     store: &kv::Store,
     key: &str,
@@ -310,13 +312,19 @@ async fn held_by_another(
             )
         }
     };
-    let Some((revision, heartbeat_ms)) = read(key).await? else {
+    let Some((mut revision, heartbeat_ms)) = read(key).await? else {
         return Ok(false);
     };
-    let heartbeat = Duration::from_millis(heartbeat_ms.clamp(100, 60_000));
-    tracing::info!(%key, wait = ?heartbeat * 3 / 2, "another process announced this agent id; checking that it is gone");
-    tokio::time::sleep(heartbeat * 3 / 2).await;
-    Ok(read(key).await?.is_some_and(|(now, _)| now != revision))
+    let window = Duration::from_millis(heartbeat_ms.clamp(100, 60_000)) * 3 / 2;
+    tracing::info!(%key, wait = ?window, "another process announced this agent id; checking that it is gone");
+    for _ in 0..2 {
+        tokio::time::sleep(window).await;
+        match read(key).await? {
+            Some((now, _)) if now != revision => revision = now,
+            _ => return Ok(false),
+        }
+    }
+    Ok(true)
 }
 
 /// Registers the persistent cache `cache` of `env` in the caches bucket (no TTL), so every
