@@ -933,7 +933,7 @@ impl<B: CacheBackend> Agent<B> {
                 }
                 Some(Target::Identity(selector)) => {
                     if selector.identity_template.is_none() && selector.identity_id.is_none() {
-                        return Err(BackendError::Other(
+                        return Err(BackendError::Event(
                             "an identity eviction names neither a template nor an id".into(),
                         ));
                     }
@@ -941,12 +941,12 @@ impl<B: CacheBackend> Agent<B> {
                 }
                 Some(Target::Keyed(selector)) => {
                     let cache = CacheName::new(selector.cache.as_str())
-                        .map_err(|err| BackendError::Other(err.to_string()))?;
+                        .map_err(|err| BackendError::Event(err.to_string()))?;
                     let ids = match (selector.all, selector.ids.is_empty()) {
                         (true, true) => None,
                         (false, false) => Some(selector.ids.as_slice()),
                         _ => {
-                            return Err(BackendError::Other(
+                            return Err(BackendError::Event(
                                 "a keyed eviction must name either ids or all, not both or neither"
                                     .into(),
                             ));
@@ -954,7 +954,7 @@ impl<B: CacheBackend> Agent<B> {
                     };
                     self.backend.evict_keyed(&self.env, &cache, ids).await
                 }
-                None => Err(BackendError::Other(
+                None => Err(BackendError::Event(
                     "unsupported invalidation kind: upgrade this agent".into(),
                 )),
             }

@@ -114,7 +114,9 @@ pub(crate) struct Heartbeat {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AnnounceError {
     #[error("{0}")]
-    Bus(String),
+    Put(#[source] kv::PutError),
+    #[error("{0}")]
+    Read(#[source] kv::EntryError),
     #[error("another live process announces this agent id")]
     Taken,
 }
@@ -159,10 +161,7 @@ impl Heartbeat {
             progress.write_into(&mut presence);
             presence.to_bytes()
         };
-        let mut revision = store
-            .put(&key, value())
-            .await
-            .map_err(|e| AnnounceError::Bus(e.to_string()))?;
+        let mut revision = store.put(&key, value()).await.map_err(AnnounceError::Put)?;
         let last_ok = Arc::new(Mutex::new(Instant::now()));
         let (taken_tx, taken) = watch::channel(false);
         let instance = announcement.instance.to_owned();
@@ -297,10 +296,7 @@ async fn held_by_another(
         let store = store.clone();
         let key = key.to_owned();
         async move {
-            let entry = store
-                .entry(&key)
-                .await
-                .map_err(|e| AnnounceError::Bus(e.to_string()))?;
+            let entry = store.entry(&key).await.map_err(AnnounceError::Read)?;
             Ok::<_, AnnounceError>(
                 entry
                     .filter(|e| e.operation == kv::Operation::Put)

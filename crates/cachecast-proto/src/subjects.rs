@@ -71,6 +71,15 @@ impl Subjects {
     pub fn presence_key(env: &EnvId, agent: &AgentId) -> String {
         format!("{env}.{agent}")
     }
+
+    /// Whether a reply may go to `subject`: never to cachecast's own subjects or the server's
+    /// (`$JS.API`, `$KV`, `$SRV`, `$SYS`...). A reply is published with the answering process's
+    /// NATS permissions, which include publishing events and JetStream API requests, so a
+    /// caller choosing such a reply subject could otherwise make it publish a (garbage) event or
+    /// an API request (deleting the stream, say) on the caller's behalf.
+    pub fn is_caller_reply(subject: &str) -> bool {
+        !subject.starts_with('$') && !subject.starts_with("cachecast.")
+    }
 }
 
 /// The key of a persistent cache's registration: `<env>.<cacheId>`.
@@ -93,6 +102,21 @@ pub fn parse_presence_key(key: &str) -> Option<(EnvId, AgentId)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_go_only_to_callers_inboxes() {
+        assert!(Subjects::is_caller_reply("_INBOX.caller.dev.abc.1"));
+        assert!(Subjects::is_caller_reply("_INBOX.x"));
+        for reflected in [
+            "$JS.API.STREAM.DELETE.CACHECAST",
+            "$KV.cachecast-agents.dev.ghost",
+            "$SRV.PING",
+            "cachecast.v1.prod.inval",
+            "cachecast.v1.dev.ack.p.e",
+        ] {
+            assert!(!Subjects::is_caller_reply(reflected), "{reflected}");
+        }
+    }
 
     #[test]
     fn subjects_have_the_documented_shape() {

@@ -19,4 +19,6 @@ pub mod validate;
 
 pub use membership::{KnownCache, LiveAgent, Progress};
 pub use outcome::{AgentOutcome, Outcome};
-pub use publisher::{InFlight, InvalidationRequest, PublishError, Publisher, PublisherError};
+pub use publisher::{
+    InFlight, InvalidationRequest, PublishError, Publisher, PublisherError, Unavailable,
+};

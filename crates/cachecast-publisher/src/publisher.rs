@@ -36,7 +36,7 @@ pub enum PublisherError {
     #[error(transparent)]
     Bus(#[from] cachecast_bus::BusError),
     #[error("could not subscribe to acknowledgements: {0}; check the NATS connection")]
-    Subscribe(String),
+    Subscribe(#[source] async_nats::SubscribeError),
     #[error(
         "no complete view of live agents after {SYNC_TIMEOUT:?}: {waiting}; check NATS and JetStream"
     )]
@@ -51,9 +51,41 @@ pub enum PublisherError {
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("the message bus is unavailable: {0}; retry shortly")]
-    Unavailable(String),
+    Unavailable(#[from] Unavailable),
     #[error("invalid request: {0}")]
     Invalid(String),
+}
+
+/// Why the bus could not take a request now, by kind. Every kind passes: retry shortly.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("not connected to NATS")]
+    NotConnected,
+    #[error("the view of live agents is being refreshed after a reconnect")]
+    NotSynced,
+    #[error("no publish acknowledgement within {0:?}")]
+    NotAcknowledged(Duration),
+    #[error("{0}")]
+    Publish(#[source] async_nats::jetstream::context::PublishError),
+    #[error("{0}")]
+    Stream(#[source] cachecast_bus::BusError),
+    /// The caches bucket (registrations of persistent caches) did not answer.
+    #[error("the caches bucket did not answer: {0}")]
+    Caches(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Unavailable {
+    /// A fixed word for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Unavailable::NotConnected => "not_connected",
+            Unavailable::NotSynced => "not_synced",
+            Unavailable::NotAcknowledged(_) => "not_acknowledged",
+            Unavailable::Publish(_) => "publish",
+            Unavailable::Stream(_) => "stream",
+            Unavailable::Caches(_) => "caches_bucket",
+        }
+    }
 }
 
 /// One invalidation to publish.
@@ -163,7 +195,7 @@ impl Publisher {
         let acks = client
             .subscribe(Subjects::acks_for_publisher(&id))
             .await
-            .map_err(|e| PublisherError::Subscribe(e.to_string()))?;
+            .map_err(PublisherError::Subscribe)?;
         tracing::debug!(publisher = %id, "subscribed to acks; reading the live agents");
         let membership = Membership::new();
         let follower = |feed, store| {
@@ -292,20 +324,20 @@ impl Publisher {
     /// it again registers it again.
     pub async fn forget_cache(&self, env: &EnvId, cache: &CacheId) -> Result<bool, PublishError> {
         let key = cachecast_proto::cache_key(env, cache);
-        let unavailable = |e: &dyn std::fmt::Display| PublishError::Unavailable(e.to_string());
+        let unavailable = |e| PublishError::Unavailable(Unavailable::Caches(e));
         let known = self
             .inner
             .caches
             .entry(&key)
             .await
-            .map_err(|e| unavailable(&e))?
+            .map_err(|e| unavailable(e.into()))?
             .is_some_and(|e| e.operation == async_nats::jetstream::kv::Operation::Put);
         if known {
             self.inner
                 .caches
                 .purge(&key)
                 .await
-                .map_err(|e| unavailable(&e))?;
+                .map_err(|e| unavailable(e.into()))?;
             tracing::info!(%env, %cache, "cache forgotten: requests no longer expect it");
         }
         Ok(known)
@@ -359,12 +391,10 @@ impl Publisher {
             })?;
         let inner = &self.inner;
         if inner.client.connection_state() != async_nats::connection::State::Connected {
-            return Err(PublishError::Unavailable("not connected to NATS".into()));
+            return Err(Unavailable::NotConnected.into());
         }
         if !inner.membership.is_synced() {
-            return Err(PublishError::Unavailable(
-                "the view of live agents is being refreshed after a reconnect".into(),
-            ));
+            return Err(Unavailable::NotSynced.into());
         }
         // The expected set is fixed before publishing: an agent announces itself only after
         // its consumer exists, so every agent in this set will receive the event. A keyed
@@ -394,10 +424,7 @@ impl Publisher {
         let publish = tokio::time::timeout(inner.request_timeout, self.publish(&request, event));
         let sequence = match publish.await {
             Ok(result) => result,
-            Err(_) => Err(PublishError::Unavailable(format!(
-                "no publish acknowledgement within {:?}",
-                inner.request_timeout
-            ))),
+            Err(_) => Err(Unavailable::NotAcknowledged(inner.request_timeout).into()),
         }
         .inspect_err(|_| {
             metrics::counter!("cachecast_invalidations_total", "env" => request.env.to_string(), "outcome" => "unavailable")
@@ -461,7 +488,6 @@ impl Publisher {
             .headers(headers)
             .message_id(&event.event_id);
         let subject = Subjects::events(&request.env);
-        let unavailable = |e: &dyn std::fmt::Display| PublishError::Unavailable(e.to_string());
         // Each attempt gets half the budget, so a lost acknowledgement leaves time for a retry.
         // Every attempt carries the same Nats-Msg-Id: the stream keeps one event however many
         // of them arrive.
@@ -472,7 +498,7 @@ impl Publisher {
                 .js
                 .send_publish(subject.clone(), message.clone())
                 .await
-                .map_err(|e| unavailable(&e))?;
+                .map_err(Unavailable::Publish)?;
             match tokio::time::timeout(attempt_budget, sent).await {
                 Ok(Ok(ack)) => return Ok(ack.sequence),
                 Ok(Err(err))
@@ -484,13 +510,13 @@ impl Publisher {
                     tracing::warn!(stream = %inner.stream.name, "invalidation stream missing; creating it again");
                     cachecast_bus::ensure_stream(&inner.js, &inner.stream)
                         .await
-                        .map_err(|e| unavailable(&e))?;
+                        .map_err(Unavailable::Stream)?;
                     recreated = true;
                 }
                 Ok(Err(err))
                     if err.kind() != async_nats::jetstream::context::PublishErrorKind::TimedOut =>
                 {
-                    return Err(unavailable(&err));
+                    return Err(Unavailable::Publish(err).into());
                 }
                 // Timed out: the caller's overall bound ends the retries.
                 _ => tracing::warn!(

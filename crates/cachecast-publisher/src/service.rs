@@ -48,9 +48,12 @@ const MAX_IN_FLIGHT: usize = 1024;
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "could not start the cachecast NATS service: {0}; check the NATS connection and permissions on $SRV.> and cachecast.svc.v1.*.invalidate"
+    "could not start the cachecast NATS service: {source}; check the NATS connection and permissions on $SRV.> and cachecast.svc.v1.*.invalidate"
 )]
-pub struct ServiceError(String);
+pub struct ServiceError {
+    #[source]
+    source: async_nats::Error,
+}
 
 /// Serves invalidation requests over NATS until `shutdown` resolves.
 pub async fn run(
@@ -66,13 +69,13 @@ pub async fn run(
         )
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await
-        .map_err(|e| ServiceError(e.to_string()))?;
+        .map_err(|source| ServiceError { source })?;
     let mut endpoint = service
         .endpoint_builder()
         .name("invalidate")
         .add(Subjects::SERVICE_REQUESTS)
         .await
-        .map_err(|e| ServiceError(e.to_string()))?;
+        .map_err(|source| ServiceError { source })?;
     tracing::info!(subject = Subjects::SERVICE_REQUESTS, "NATS service ready");
     let config = std::sync::Arc::new(config);
     let log_limit = cachecast_bus::LogLimiter::new(Duration::from_secs(10));
@@ -88,7 +91,7 @@ pub async fn run(
         };
         let Some(request) = request else { break };
         if let Some(reply) = request.message.reply.as_ref()
-            && !is_caller_reply_subject(reply.as_str())
+            && !Subjects::is_caller_reply(reply.as_str())
         {
             metrics::counter!("cachecast_service_refused_total", "reason" => "reply_subject")
                 .increment(1);
@@ -138,35 +141,6 @@ pub async fn run(
         );
     }
     Ok(())
-}
-
-/// Whether a reply may go to `subject`: never to cachecast's own subjects or the server's
-/// (`$JS.API`, `$KV`, `$SRV`, `$SYS`...). The service publishes its reply with this process's
-/// NATS permissions, which include publishing events and JetStream API requests, so a caller
-/// choosing such a reply subject could otherwise make it publish a (garbage) event or an API
-/// request (deleting the stream, say) on the caller's behalf.
-pub(crate) fn is_caller_reply_subject(subject: &str) -> bool {
-    !subject.starts_with('$') && !subject.starts_with("cachecast.")
-}
-
-#[cfg(test)]
-mod reply_subject_tests {
-    use super::is_caller_reply_subject;
-
-    #[test]
-    fn replies_go_only_to_callers_inboxes() {
-        assert!(is_caller_reply_subject("_INBOX.caller.dev.abc.1"));
-        assert!(is_caller_reply_subject("_INBOX.x"));
-        for reflected in [
-            "$JS.API.STREAM.DELETE.CACHECAST",
-            "$KV.cachecast-agents.dev.ghost",
-            "$SRV.PING",
-            "cachecast.v1.prod.inval",
-            "cachecast.v1.dev.ack.p.e",
-        ] {
-            assert!(!is_caller_reply_subject(reflected), "{reflected}");
-        }
-    }
 }
 
 /// The encoding a request came in, and its reply goes out in.

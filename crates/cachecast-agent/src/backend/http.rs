@@ -71,7 +71,7 @@ const QUOTED_BODY: usize = 200;
 impl HttpBackend {
     /// Checks the settings; connects on the first eviction.
     pub fn new(config: &HttpConfig) -> Result<Self, BackendError> {
-        let bad = |why: String| BackendError::Other(format!("http.url {:?} {why}", config.url));
+        let bad = |why: String| BackendError::Setting(format!("http.url {:?} {why}", config.url));
         for piece in config.url.split('{').skip(1) {
             let name = piece.split('}').next().unwrap_or_default();
             if name != "env" && name != "kind" {
@@ -89,11 +89,11 @@ impl HttpBackend {
         let mut headers = reqwest::header::HeaderMap::new();
         for (name, value) in &config.headers {
             let name = reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                BackendError::Other(format!("http.headers: {name:?} is not a header name"))
+                BackendError::Setting(format!("http.headers: {name:?} is not a header name"))
             })?;
             let mut value =
                 reqwest::header::HeaderValue::from_str(value.expose()).map_err(|_| {
-                    BackendError::Other(format!(
+                    BackendError::Setting(format!(
                         "http.headers.{name}: the value is not a valid header value"
                     ))
                 })?;
@@ -107,7 +107,7 @@ impl HttpBackend {
             .redirect(reqwest::redirect::Policy::none())
             .default_headers(headers)
             .build()
-            .map_err(|err| BackendError::Other(format!("HTTP client: {err}")))?;
+            .map_err(|err| BackendError::Setting(format!("HTTP client: {err}")))?;
         let port = parsed.port_or_known_default().unwrap_or(80).to_string();
         let cache_id =
             super::cache_id_for("http", parsed.host_str().unwrap_or("unknown"), &[&port]);
@@ -131,19 +131,18 @@ impl HttpBackend {
             .json(&body)
             .send()
             .await
-            .map_err(|err| {
-                BackendError::Other(format!(
-                    "the cache owner at {shown} did not answer: {}",
-                    err.without_url()
-                ))
+            .map_err(|err| BackendError::OwnerUnreachable {
+                url: shown.clone(),
+                source: err.without_url(),
             })?;
         let status = response.status();
         let text = read_capped(response).await;
         if !status.is_success() {
-            let quoted: String = text.chars().take(QUOTED_BODY).collect();
-            return Err(BackendError::Other(format!(
-                "the cache owner at {shown} answered {status}: {quoted}"
-            )));
+            return Err(BackendError::OwnerRefused {
+                url: shown,
+                status,
+                body: text.chars().take(QUOTED_BODY).collect(),
+            });
         }
         // Counting is optional: an owner that answers without a count evicted an unknown number.
         Ok(serde_json::from_str::<Value>(&text)
@@ -237,19 +236,23 @@ impl CacheBackend for HttpBackend {
         let Some(url) = &self.config.health_url else {
             return Ok(());
         };
-        let response = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|err| BackendError::Other(format!("{url}: {err}")))?;
+        let response =
+            self.client
+                .get(url)
+                .send()
+                .await
+                .map_err(|err| BackendError::OwnerUnreachable {
+                    url: cachecast_bus::redact_url(url),
+                    source: err.without_url(),
+                })?;
         if response.status().is_success() {
             Ok(())
         } else {
-            Err(BackendError::Other(format!(
-                "{url} answered {}",
-                response.status()
-            )))
+            Err(BackendError::OwnerRefused {
+                url: cachecast_bus::redact_url(url),
+                status: response.status(),
+                body: String::new(),
+            })
         }
     }
 }

@@ -79,25 +79,64 @@ pub struct Continuity {
     pub restarted: bool,
 }
 
-/// Why an eviction failed. The message travels to the caller in the failed ack.
+/// Why an eviction (or a check of the cache) failed, by kind. The message travels to the caller
+/// in the failed ack.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    /// A setting the backend cannot use; the message names it and what it accepts.
     #[error("{0}")]
-    Other(String),
+    Setting(String),
+    /// The server answered, but not as the backend expects.
+    #[error("{0}")]
+    Protocol(&'static str),
+    /// The cache owner (the HTTP backend's callback) could not be reached.
+    #[error("the cache owner at {url} did not answer: {source}")]
+    OwnerUnreachable {
+        /// Without credentials: this travels to API callers.
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The cache owner answered with an error status.
+    #[error("the cache owner at {url} answered {status}{}", quoted(.body))]
+    OwnerRefused {
+        url: String,
+        status: reqwest::StatusCode,
+        /// The start of its answer.
+        body: String,
+    },
+    /// An event this agent cannot apply as it stands.
+    #[error("{0}")]
+    Event(String),
+    /// A keyed cache this agent does not serve.
+    #[error(
+        "this agent serves no keyed cache named {0:?}; configure it on the agent (redis.keyed_caches or agent.keyed_caches)"
+    )]
+    NoKeyedCache(String),
     /// A cache the agent cannot keep the promise for (a Redis Cluster, say): it refuses to
     /// start rather than confirm evictions it cannot make everywhere.
     #[error("{0}")]
     Unsupported(String),
+    /// A failure of a backend outside this crate.
+    #[error("{0}")]
+    Custom(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// `: <body>`, or nothing for an empty body.
+fn quoted(body: &str) -> String {
+    if body.is_empty() {
+        String::new()
+    } else {
+        format!(": {body}")
+    }
 }
 
 impl BackendError {
     /// The error of an eviction from a keyed cache this agent does not serve.
     pub fn no_keyed_cache(cache: &CacheName) -> Self {
-        Self::Other(format!(
-            "this agent serves no keyed cache named {cache:?}; configure it on the agent (redis.keyed_caches or agent.keyed_caches)"
-        ))
+        Self::NoKeyedCache(cache.to_string())
     }
 }
 

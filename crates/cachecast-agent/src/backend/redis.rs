@@ -98,7 +98,7 @@ impl RedisConfig {
                 .collect::<Result<_, BackendError>>()?,
         };
         let client = redis::Client::open(self.url.as_str()).map_err(|err| {
-            BackendError::Other(format!(
+            BackendError::Setting(format!(
                 "invalid Redis URL {}: {err}; use redis://host:port",
                 cachecast_bus::redact_url(&self.url)
             ))
@@ -347,7 +347,9 @@ fn run_id(info: &str) -> Result<&str, BackendError> {
     info.lines()
         .find_map(|l| l.strip_prefix("run_id:"))
         .map(str::trim)
-        .ok_or_else(|| BackendError::Other("INFO server has no run_id: is this Redis?".into()))
+        .ok_or(BackendError::Protocol(
+            "INFO server has no run_id: is this Redis?",
+        ))
 }
 
 /// A parsed key template over a fixed set of placeholders.
@@ -380,7 +382,7 @@ impl KeyTemplate {
     fn parse(setting: &str, template: &str, vars: &[&str]) -> Result<Self, BackendError> {
         let bad = |why: &str| {
             let names: Vec<String> = vars.iter().map(|v| format!("{{{v}}}")).collect();
-            BackendError::Other(format!(
+            BackendError::Setting(format!(
                 "{setting} {template:?} {why}; placeholders are {}",
                 names.join(", ")
             ))

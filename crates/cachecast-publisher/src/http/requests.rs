@@ -214,7 +214,7 @@ pub(crate) async fn answer_peers(client: Client, requests: Weak<Requests>) {
         let Some(reply) = question.reply else {
             continue;
         };
-        if !crate::service::is_caller_reply_subject(reply.as_str()) {
+        if !cachecast_proto::Subjects::is_caller_reply(reply.as_str()) {
             continue;
         }
         let Ok(id) = std::str::from_utf8(&question.payload) else {
