@@ -1,57 +1,19 @@
 //! `?wait_for_completion=false`: a `202` at once with the request id and a `Location`; the
 //! status resource shows each expected agent's state as its ack arrives, then the outcome.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use cachecast_agent::{BackendError, CacheBackend, MemoryCache};
-use cachecast_e2e::{Stack, eventually};
-use cachecast_proto::{EnvId, IdentitySelector, ResponseSelector};
-use tokio::sync::Semaphore;
-
-/// A cache whose evictions wait for the test to let each one through (its start-up flush
-/// passes at once).
-#[derive(Debug, Clone)]
-struct Gated {
-    gate: Arc<Semaphore>,
-}
-
-impl CacheBackend for Gated {
-    fn kind(&self) -> &'static str {
-        "gated"
-    }
-
-    async fn evict_responses(
-        &self,
-        _env: &EnvId,
-        selector: &ResponseSelector,
-    ) -> Result<u64, BackendError> {
-        if !selector.scope_client_ids.is_empty() {
-            let permit = self.gate.acquire().await.expect("gate open");
-            permit.forget();
-        }
-        Ok(1)
-    }
-
-    async fn evict_identities(
-        &self,
-        _env: &EnvId,
-        _selector: &IdentitySelector,
-    ) -> Result<u64, BackendError> {
-        Ok(0)
-    }
-}
+use cachecast_agent::MemoryCache;
+use cachecast_e2e::{GatedCache, Stack, eventually};
 
 const SCOPED: &str = r#"{"scopeClientId":"s1"}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_resource_follows_each_agent_then_shows_the_outcome() {
     let stack = Stack::start().await;
-    let gate = Arc::new(Semaphore::new(0));
+    let gate = GatedCache::default();
     let _fast = stack.agent("dev", "fast", MemoryCache::new()).await;
-    let _slow = stack
-        .agent("dev", "slow", Gated { gate: gate.clone() })
-        .await;
+    let _slow = stack.agent("dev", "slow", gate.clone()).await;
     stack.wait_for_agents("dev", 2).await;
 
     let token = stack.token(&["dev"]);
@@ -119,7 +81,7 @@ async fn the_status_resource_follows_each_agent_then_shows_the_outcome() {
     let unknown = stack.get_as(&["dev"], "/api/1.0/requests/nope").await;
     assert_eq!(unknown.status, 404);
 
-    gate.add_permits(1);
+    gate.let_one_through();
     eventually("the request finishes", Duration::from_secs(10), || async {
         stack.get_as(&["dev"], &location).await.body["state"] == "done"
     })
@@ -134,10 +96,8 @@ async fn the_status_resource_follows_each_agent_then_shows_the_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_replica_answers_for_the_status_of_a_request_another_replica_took() {
     let stack = Stack::start().await;
-    let gate = Arc::new(Semaphore::new(0));
-    let _slow = stack
-        .agent("dev", "slow", Gated { gate: gate.clone() })
-        .await;
+    let gate = GatedCache::default();
+    let _slow = stack.agent("dev", "slow", gate.clone()).await;
     stack.wait_for_agents("dev", 1).await;
     let (other, _replica) = stack.another_replica().await;
     let accepted = stack
@@ -171,7 +131,7 @@ async fn any_replica_answers_for_the_status_of_a_request_another_replica_took() 
     let other_env = via_other(stack.token(&["qa"])).await;
     assert_eq!(other_env.status, 404, "{}", other_env.body);
 
-    gate.add_permits(1);
+    gate.let_one_through();
     eventually(
         "the other replica sees it done",
         Duration::from_secs(10),
@@ -188,10 +148,8 @@ async fn any_replica_answers_for_the_status_of_a_request_another_replica_took() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_asynchronous_request_that_times_out_ends_as_a_424() {
     let stack = Stack::start().await;
-    let gate = Arc::new(Semaphore::new(0));
-    let _stuck = stack
-        .agent("dev", "stuck", Gated { gate: gate.clone() })
-        .await;
+    let gate = GatedCache::default();
+    let _stuck = stack.agent("dev", "stuck", gate.clone()).await;
     stack.wait_for_agents("dev", 1).await;
     let accepted = stack
         .invalidate("dev", SCOPED, "?wait_for_completion=false&timeout=300ms")
@@ -210,7 +168,7 @@ async fn an_asynchronous_request_that_times_out_ends_as_a_424() {
     assert_eq!(done["outcome"]["_nodes"]["failures"][0]["node_id"], "stuck");
     assert_eq!(done["agents"]["stuck"]["status"], "timeout");
     assert_eq!(done["progress"]["failed"], 1);
-    gate.add_permits(1);
+    gate.let_one_through();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

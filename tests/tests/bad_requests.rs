@@ -392,7 +392,7 @@ async fn hostile_stack() -> Stack {
         max_scopes: 10,
         ..cachecast_e2e::test_api_config()
     };
-    Stack::with_api(cachecast_testkit::nats().await, |_| {}, api).await
+    Stack::builder().api(api).start().await
 }
 
 /// A POST with `target` sent byte for byte (no client-side path normalization); the status
@@ -434,7 +434,7 @@ async fn each_token_is_rate_limited_with_retry_after() {
         rate_limit_burst: 3,
         ..cachecast_e2e::test_api_config()
     };
-    let stack = Stack::with_api(cachecast_testkit::nats().await, |_| {}, api).await;
+    let stack = Stack::builder().api(api).start().await;
     let (first, second) = (stack.token(&["dev"]), stack.token(&["dev", "qa"]));
     let send = |token: String| {
         let stack = &stack;

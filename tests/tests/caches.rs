@@ -260,15 +260,12 @@ async fn a_keyed_clear_that_fails_on_one_agent_is_a_424_naming_it() {
         .await;
     // A persistent cache is reported under its cache id.
     let _redis_agent = stack
-        .agent_configured(
-            "dev",
-            "redis-agent",
-            cachecast_agent::AgentConfig {
-                cache_id: Some(cachecast_proto::CacheId::new("redis-down").expect("valid")),
-                ..cachecast_agent::AgentConfig::default()
-            },
-            RedisBackend::new(&config).expect("backend"),
-        )
+        .agent_builder("dev", "redis-agent")
+        .config(cachecast_agent::AgentConfig {
+            cache_id: Some(cachecast_proto::CacheId::new("redis-down").expect("valid")),
+            ..cachecast_agent::AgentConfig::default()
+        })
+        .start(RedisBackend::new(&config).expect("backend"))
         .await;
     stack.wait_for_agents("dev", 2).await;
     drop(redis); // The Redis behind one agent goes away.

@@ -32,13 +32,10 @@ async fn cut_off_agent(stack: &Stack) -> (TcpProxy, MemoryCache, AgentHandle) {
     let proxy = TcpProxy::start(stack.nats.port()).await;
     let cache = MemoryCache::new();
     let agent = stack
-        .agent_at(
-            &proxy.nats_url(),
-            "dev",
-            "cut",
-            slow_heartbeat(),
-            cache.clone(),
-        )
+        .agent_builder("dev", "cut")
+        .via(&proxy.nats_url())
+        .config(slow_heartbeat())
+        .start(cache.clone())
         .await;
     stack.wait_for_agents("dev", 1).await;
     seed(&cache);
@@ -94,10 +91,12 @@ async fn events_missed_while_cut_off_are_applied_on_return() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_dropped_by_retention_while_cut_off_mean_a_full_flush() {
-    let stack = Stack::configured(cachecast_testkit::nats().await, |bus| {
-        bus.stream.max_age = Duration::from_secs(1);
-    })
-    .await;
+    let stack = Stack::builder()
+        .bus(|bus| {
+            bus.stream.max_age = Duration::from_secs(1);
+        })
+        .start()
+        .await;
     let (proxy, cache, agent) = cut_off_agent(&stack).await;
 
     proxy.cut();

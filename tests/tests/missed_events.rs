@@ -74,10 +74,12 @@ async fn a_stream_recreated_under_a_running_agent_is_flushed_and_followed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_that_expired_while_an_agent_was_paused_mean_a_flush() {
-    let stack = Stack::configured(cachecast_testkit::nats().await, |bus| {
-        bus.stream.max_age = Duration::from_secs(3);
-    })
-    .await;
+    let stack = Stack::builder()
+        .bus(|bus| {
+            bus.stream.max_age = Duration::from_secs(3);
+        })
+        .start()
+        .await;
     let redis = cachecast_testkit::redis().await;
     let mut cache = RedisCache::open(&redis.url()).await;
     let agent = redis_agent(
@@ -179,7 +181,11 @@ async fn an_agent_whose_consumer_stalls_stops_vouching_flushes_and_recovers() {
         bus.nats.user = Some(user.into());
         bus.nats.password = Some(cachecast_bus::Secret::new(user));
     };
-    let stack = Stack::configured(nats, |bus| as_user(bus, API_USER)).await;
+    let stack = Stack::builder()
+        .nats(nats)
+        .bus(|bus| as_user(bus, API_USER))
+        .start()
+        .await;
     let mut agent_bus = stack.bus.clone();
     as_user(&mut agent_bus, AGENT_USER);
     let cache = MemoryCache::new();
@@ -188,7 +194,10 @@ async fn an_agent_whose_consumer_stalls_stops_vouching_flushes_and_recovers() {
         ..AgentConfig::default()
     };
     let agent = stack
-        .agent_with_bus(&agent_bus, "dev", "a1", config_1s, cache.clone())
+        .agent_builder("dev", "a1")
+        .bus(&agent_bus)
+        .config(config_1s)
+        .start(cache.clone())
         .await;
     stack.wait_for_agents("dev", 1).await;
     let answer = stack
@@ -325,7 +334,7 @@ impl cachecast_agent::CacheBackend for FailingFlush {
         use std::sync::atomic::Ordering;
         if self.failing.load(Ordering::SeqCst) {
             self.attempts.fetch_add(1, Ordering::SeqCst);
-            return Err(cachecast_agent::BackendError::Other(
+            return Err(cachecast_agent::BackendError::Custom(
                 "flush refused by the test".into(),
             ));
         }
@@ -336,10 +345,12 @@ impl cachecast_agent::CacheBackend for FailingFlush {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_flush_that_fails_leaves_nothing_acked_as_applied_until_a_flush_succeeds() {
     use std::sync::atomic::Ordering;
-    let stack = Stack::configured(cachecast_testkit::nats().await, |bus| {
-        bus.stream.max_age = Duration::from_secs(1);
-    })
-    .await;
+    let stack = Stack::builder()
+        .bus(|bus| {
+            bus.stream.max_age = Duration::from_secs(1);
+        })
+        .start()
+        .await;
     let proxy = cachecast_e2e::TcpProxy::start(stack.nats.port()).await;
     let backend = FailingFlush {
         cache: MemoryCache::new(),
@@ -352,7 +363,10 @@ async fn a_gap_flush_that_fails_leaves_nothing_acked_as_applied_until_a_flush_su
         ..AgentConfig::default()
     };
     let agent = stack
-        .agent_at(&proxy.nats_url(), "dev", "gap", config, backend.clone())
+        .agent_builder("dev", "gap")
+        .via(&proxy.nats_url())
+        .config(config)
+        .start(backend.clone())
         .await;
     stack.wait_for_agents("dev", 1).await;
     let cache = backend.cache.clone();

@@ -37,7 +37,7 @@ async fn refused(nats: &NatsServer, configure: impl FnOnce(&mut BusConfig)) {
 
 /// With `configure`d credentials a publisher and an agent work end to end.
 async fn works(nats: NatsServer, configure: impl FnOnce(&mut BusConfig)) {
-    let stack = Stack::configured(nats, configure).await;
+    let stack = Stack::builder().nats(nats).bus(configure).start().await;
     let (_cache, agent) = stack.memory_agent("dev", "authed").await;
     stack.wait_for_agents("dev", 1).await;
     let answer = stack.invalidate("dev", "{}", "").await;

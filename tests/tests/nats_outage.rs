@@ -78,7 +78,9 @@ async fn an_agent_cut_off_from_nats_flushes_its_cache_while_it_cannot_hear() {
         ..cachecast_agent::AgentConfig::default()
     };
     let agent = stack
-        .agent_configured("dev", "cut-off", config, cache.clone())
+        .agent_builder("dev", "cut-off")
+        .config(config)
+        .start(cache.clone())
         .await;
     stack.wait_for_agents("dev", 1).await;
     cache.insert("k", "s1", "u1", bytes::Bytes::from_static(b"permit"));
@@ -151,7 +153,9 @@ async fn an_agent_cut_off_during_a_hanging_eviction_still_flushes_in_time() {
         ..cachecast_agent::AgentConfig::default()
     };
     let agent = stack
-        .agent_configured("dev", "stuck", config, HangingScope(cache.clone()))
+        .agent_builder("dev", "stuck")
+        .config(config)
+        .start(HangingScope(cache.clone()))
         .await;
     stack.wait_for_agents("dev", 1).await;
     // The agent's event loop is now inside an eviction that will not end for a minute.

@@ -194,28 +194,24 @@ async fn stored(api: &Probe, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_and_agents_work_with_their_users() {
     let nats = server().await;
-    let mut stack = Stack::configured(nats, |bus| API.configure(bus)).await;
+    let mut stack = Stack::builder()
+        .nats(nats)
+        .bus(|bus| API.configure(bus))
+        .start()
+        .await;
     let (dev_cache, prod_cache) = (
         cachecast_agent::MemoryCache::new(),
         cachecast_agent::MemoryCache::new(),
     );
     let dev = stack
-        .agent_with_bus(
-            &DEV_1.bus(&stack.nats),
-            "dev",
-            "dev-agent-1",
-            Default::default(),
-            dev_cache,
-        )
+        .agent_builder("dev", "dev-agent-1")
+        .bus(&DEV_1.bus(&stack.nats))
+        .start(dev_cache)
         .await;
     let prod = stack
-        .agent_with_bus(
-            &PROD_1.bus(&stack.nats),
-            "prod",
-            "prod-agent-1",
-            Default::default(),
-            prod_cache,
-        )
+        .agent_builder("prod", "prod-agent-1")
+        .bus(&PROD_1.bus(&stack.nats))
+        .start(prod_cache)
         .await;
     stack.wait_for_agents("dev", 1).await;
     stack.wait_for_agents("prod", 1).await;
@@ -350,7 +346,11 @@ async fn publisher_and_agents_work_with_their_users() {
 async fn an_agent_reads_and_writes_only_its_own_environment() {
     let nats = server().await;
     // The API creates the stream and the bucket.
-    let stack = Stack::configured(nats, |bus| API.configure(bus)).await;
+    let stack = Stack::builder()
+        .nats(nats)
+        .bus(|bus| API.configure(bus))
+        .start()
+        .await;
     let nats = &stack.nats;
     let api = Probe::connect(nats, API).await;
     let mut agent = Probe::connect(nats, DEV_1).await;
@@ -497,7 +497,11 @@ async fn an_agent_reads_and_writes_only_its_own_environment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_publisher_cannot_act_as_an_agent_or_destroy_the_stream() {
     let nats = server().await;
-    let stack = Stack::configured(nats, |bus| API.configure(bus)).await;
+    let stack = Stack::builder()
+        .nats(nats)
+        .bus(|bus| API.configure(bus))
+        .start()
+        .await;
     let nats = &stack.nats;
     let mut api = Probe::connect(nats, API).await;
     let events_before = stored(&api, "CACHECAST").await;
@@ -532,7 +536,11 @@ async fn the_publisher_cannot_act_as_an_agent_or_destroy_the_stream() {
 async fn a_forged_ack_from_another_agent_of_the_environment_never_reaches_the_publisher() {
     use cachecast_proto::Wire as _;
     let nats = server().await;
-    let stack = Stack::configured(nats, |bus| API.configure(bus)).await;
+    let stack = Stack::builder()
+        .nats(nats)
+        .bus(|bus| API.configure(bus))
+        .start()
+        .await;
     let nats = &stack.nats;
     // dev-agent-1 is live (its own user writes its presence) but applies nothing.
     let victim = Probe::connect(nats, DEV_1).await;

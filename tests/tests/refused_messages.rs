@@ -9,9 +9,9 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use cachecast_agent::{Agent, AgentConfig, BackendError, CacheBackend};
+use cachecast_agent::{Agent, AgentConfig, CacheBackend};
 use cachecast_bus::{WIRE_VERSION, WIRE_VERSION_HEADER};
-use cachecast_e2e::{JOIN_TIMEOUT, Recorder, Stack, eventually};
+use cachecast_e2e::{GatedCache, JOIN_TIMEOUT, Recorder, Stack, eventually};
 use cachecast_proto::{
     Ack, AckStatus, AgentId, EnvId, Invalidation, MAX_MESSAGE_BYTES, ResponseSelector, Target, Wire,
 };
@@ -168,35 +168,6 @@ async fn an_agent_counts_and_ignores_events_it_cannot_apply() {
     stop.send(()).ok();
 }
 
-/// A backend whose evictions (not flushes) wait until the gate opens.
-#[derive(Debug, Clone)]
-struct Gate(tokio::sync::watch::Sender<bool>);
-
-impl CacheBackend for Gate {
-    fn kind(&self) -> &'static str {
-        "gate"
-    }
-
-    async fn evict_responses(
-        &self,
-        _env: &EnvId,
-        selector: &ResponseSelector,
-    ) -> Result<u64, BackendError> {
-        if !selector.is_all() {
-            self.0.subscribe().wait_for(|open| *open).await.ok();
-        }
-        Ok(1)
-    }
-
-    async fn evict_identities(
-        &self,
-        _env: &EnvId,
-        _selector: &cachecast_proto::IdentitySelector,
-    ) -> Result<u64, BackendError> {
-        Ok(0)
-    }
-}
-
 fn ack(event_id: &str, agent: &str, status: AckStatus) -> Vec<u8> {
     Ack {
         event_id: event_id.into(),
@@ -220,7 +191,7 @@ async fn a_publisher_refuses_forged_acks_and_answers_correctly() {
     let metrics = cachecast_admin::install_metrics();
     let stack = Stack::start().await;
     let env = "forged";
-    let gate = Gate(tokio::sync::watch::Sender::new(false));
+    let gate = GatedCache::default();
     let (_readyz, stop) = agent_with_readyz(&stack, &metrics, env, "honest", gate.clone()).await;
     let spy = async_nats::connect(stack.nats.url()).await.expect("client");
     let stream = async_nats::jetstream::new(spy.clone())
@@ -323,7 +294,7 @@ async fn a_publisher_refuses_forged_acks_and_answers_correctly() {
     )
     .await;
 
-    gate.0.send_replace(true);
+    gate.open();
     let answer = request.await.expect("the request task");
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.body["_nodes"]["total"], 1, "{}", answer.body);

@@ -310,10 +310,13 @@ async fn a_redis_restarted_from_an_old_snapshot_is_flushed_before_the_next_appli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_forget_unattended_after_a_long_unattended_cache_is_forgotten() {
     let nats = cachecast_testkit::nats().await;
-    let stack = Stack::configured(nats, |bus| {
-        bus.presence.forget_unattended_after = Some(Duration::from_secs(1));
-    })
-    .await;
+    let stack = Stack::builder()
+        .nats(nats)
+        .bus(|bus| {
+            bus.presence.forget_unattended_after = Some(Duration::from_secs(1));
+        })
+        .start()
+        .await;
     let redis = cachecast_testkit::redis().await;
     let mut first = agent(&stack.nats.url(), &redis.url(), "paa-0", &[]).await;
     stack.wait_for_agents("dev", 1).await;

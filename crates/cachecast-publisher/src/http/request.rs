@@ -297,3 +297,179 @@ fn string_value(name: &str, value: &Value) -> Result<String, ApiError> {
 fn wrong_type(name: &str, expected: &str) -> ApiError {
     ApiError::bad_request("invalid_field_type", format!("{name} must be {expected}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a parser gives for one input: the selector (as debug text, sorted and deduplicated
+    /// as it will be published) or the error code.
+    fn outcome<T: std::fmt::Debug>(result: Result<T, ApiError>) -> String {
+        match result {
+            Ok(value) => format!("{value:?}"),
+            Err(err) => format!("error {}", err.code),
+        }
+    }
+
+    fn responses(body: &str) -> String {
+        let config = ApiConfig {
+            max_scopes: 3,
+            ..ApiConfig::default()
+        };
+        outcome(response_selector(body.as_bytes(), &config))
+    }
+
+    #[test]
+    fn response_bodies() {
+        let every = r#"ResponseSelector { scope_client_ids: [], identity_id: None }"#;
+        let cases: &[(&str, &str)] = &[
+            ("{}", every),
+            (r#"{"scopeClientId": null}"#, every),
+            (
+                r#"{"scopeClientId": "s1"}"#,
+                r#"ResponseSelector { scope_client_ids: ["s1"], identity_id: None }"#,
+            ),
+            (
+                r#"{"scopeClientIds": ["b", "a", "b"], "scopeClientId": "a"}"#,
+                r#"ResponseSelector { scope_client_ids: ["a", "b"], identity_id: None }"#,
+            ),
+            (
+                r#"{"identityId": "u1", "scopeClientId": "s1"}"#,
+                r#"ResponseSelector { scope_client_ids: ["s1"], identity_id: Some("u1") }"#,
+            ),
+            ("", "error missing_body"),
+            (" \n", "error missing_body"),
+            ("[]", "error body_not_object"),
+            ("{", "error invalid_json"),
+            ("\u{feff}{}", "error invalid_encoding"),
+            (r#"{"scopeClientID": "s1"}"#, "error unknown_field"),
+            (
+                r#"{"scopeClientId": "a", "scopeClientId": "b"}"#,
+                "error duplicate_field",
+            ),
+            (r#"{"scopeClientId": 7}"#, "error invalid_field_type"),
+            (r#"{"scopeClientIds": "s1"}"#, "error invalid_field_type"),
+            (r#"{"scopeClientIds": [1]}"#, "error invalid_field_type"),
+            (r#"{"scopeClientIds": []}"#, "error invalid_value"),
+            (r#"{"scopeClientId": ""}"#, "error invalid_value"),
+            (r#"{"identityId": "a\u0000b"}"#, "error invalid_value"),
+            (
+                r#"{"scopeClientIds": ["a", "b", "c", "d"]}"#,
+                "error too_many_values",
+            ),
+            (
+                r#"{"scopeClientIds": ["a", "b", "c"], "scopeClientId": "d"}"#,
+                "error too_many_values",
+            ),
+            (
+                r#"{"scopeClientIds": ["a", "b", "c"], "scopeClientId": "a"}"#,
+                r#"ResponseSelector { scope_client_ids: ["a", "b", "c"], identity_id: None }"#,
+            ),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(responses(body), *expected, "body {body:?}");
+        }
+    }
+
+    #[test]
+    fn identity_bodies() {
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"identityTemplate": "User"}"#,
+                r#"IdentitySelector { identity_template: Some("User"), identity_id: None }"#,
+            ),
+            (
+                r#"{"identityTemplate": "User", "identityId": "u1"}"#,
+                r#"IdentitySelector { identity_template: Some("User"), identity_id: Some("u1") }"#,
+            ),
+            ("{}", "error missing_field"),
+            (r#"{"identityId": null}"#, "error missing_field"),
+            (r#"{"scopeClientId": "s1"}"#, "error unknown_field"),
+            (r#"{"identityId": ["u1"]}"#, "error invalid_field_type"),
+            ("", "error missing_body"),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(
+                outcome(identity_selector(body.as_bytes())),
+                *expected,
+                "body {body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn keyed_paths() {
+        let config = ApiConfig {
+            max_scopes: 3,
+            ..ApiConfig::default()
+        };
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "users",
+                "*",
+                r#"KeyedSelector { cache: "users", ids: [], all: true }"#,
+            ),
+            (
+                "users",
+                "b,a,b",
+                r#"KeyedSelector { cache: "users", ids: ["a", "b"], all: false }"#,
+            ),
+            ("users", "a*", "error unsupported_wildcard"),
+            ("users", "*,a", "error unsupported_wildcard"),
+            ("users", "a,,b", "error invalid_value"),
+            ("users", "a,b,c,d", "error too_many_values"),
+            ("us ers", "a", "error invalid_cache_name"),
+        ];
+        for (cache, ids, expected) in cases {
+            assert_eq!(
+                outcome(keyed_selector(cache, ids, &config)),
+                *expected,
+                "cache {cache:?}, ids {ids:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn keyed_bodies() {
+        for (body, expected) in [
+            ("", "()"),
+            ("{}", "()"),
+            (r#"{"ids": ["a"]}"#, "error unknown_field"),
+            ("[]", "error body_not_object"),
+        ] {
+            assert_eq!(
+                outcome(empty_body(body.as_bytes())),
+                expected,
+                "body {body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn queries() {
+        let config = ApiConfig::default();
+        let cases: &[(Option<&str>, &str)] = &[
+            (None, "Query { timeout: 5s, wait_for_completion: true }"),
+            (
+                Some("timeout=500ms&wait_for_completion=false"),
+                "Query { timeout: 500ms, wait_for_completion: false }",
+            ),
+            (
+                Some("wait_for_completion"),
+                "Query { timeout: 5s, wait_for_completion: true }",
+            ),
+            (
+                Some("timeout=60s"),
+                "Query { timeout: 60s, wait_for_completion: true }",
+            ),
+            (Some("timeout=61s"), "error invalid_timeout"),
+            (Some("timeout=0s"), "error invalid_timeout"),
+            (Some("timeout=5"), "error invalid_timeout"),
+            (Some("wait_for_completion=yes"), "error invalid_parameter"),
+            (Some("timout=5s"), "error unknown_parameter"),
+        ];
+        for (raw, expected) in cases {
+            assert_eq!(outcome(query(*raw, &config)), *expected, "query {raw:?}");
+        }
+    }
+}
