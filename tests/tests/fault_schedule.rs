@@ -1,7 +1,9 @@
 //! A seeded fault schedule, checked by looking into the caches themselves
 //! (`cachecast_e2e::history` says what correct is).
 //!
-//! The world: one NATS server; the publisher, restarted at times, and at times a second one;
+//! The world: one NATS server, or for every fourth seed a 3-node JetStream cluster with
+//! everything replicated three times (`CACHECAST_FAULT_WORLD=single|cluster` chooses); the
+//! publisher, restarted at times, and at times a second one;
 //! two memory caches in this process, each with its agent behind its own proxy; two Redis
 //! caches, each attended by a `cachecast agent` process. The schedule plays the PDP: it fills
 //! every cache before each request, and fills the memory caches while requests are in flight
@@ -19,11 +21,12 @@ use std::time::{Duration, Instant};
 use cachecast_agent::{AgentConfig, FillTicket};
 use cachecast_e2e::history::{self, Contents, Entry, Request, Selector};
 use cachecast_e2e::{
-    AgentHandle, ChildProcess, EvictionMode, FaultyCache, RedisCache, RedisServer, Signal, Stack,
-    TcpProxy, env_id, redis_agent,
+    AgentHandle, ChildProcess, EvictionMode, FaultyCache, NatsServer, RedisCache, RedisServer,
+    Signal, Stack, TcpProxy, env_id, redis_agent,
 };
 use cachecast_proto::{ResponseSelector, Target};
 use cachecast_publisher::{InvalidationRequest, Outcome, PublishError, Publisher};
+use cachecast_testkit::NatsCluster;
 use prost::Message;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -69,6 +72,9 @@ enum Fault {
     NatsKill,
     /// A memory agent's link black-holed: open, silent.
     Partition,
+    /// A node of the cluster SIGKILLed (never the one the memory agents' links go to), started
+    /// again some steps later. Cluster worlds only.
+    NodeLost,
     /// A memory agent's link closed.
     Cut,
     /// A Redis cache's agent paused, and a new process started with its id.
@@ -76,7 +82,7 @@ enum Fault {
 }
 
 impl Fault {
-    const ALL: [Fault; 14] = [
+    const ALL: [Fault; 15] = [
         Fault::AgentKill,
         Fault::AgentPause,
         Fault::AgentTerm,
@@ -91,6 +97,7 @@ impl Fault {
         Fault::Partition,
         Fault::Cut,
         Fault::IdReused,
+        Fault::NodeLost,
     ];
 
     /// Whether it keeps a cache from applying for a while (so a `424` must come).
@@ -102,6 +109,7 @@ impl Fault {
                 | Fault::PublisherRestart
                 | Fault::TwoPublishers
                 | Fault::NatsKill
+                | Fault::NodeLost
         )
     }
 
@@ -121,13 +129,18 @@ impl Fault {
             Fault::Partition => "partition",
             Fault::Cut => "cut",
             Fault::IdReused => "id_reused",
+            Fault::NodeLost => "node_lost",
         }
     }
 
-    /// `CACHECAST_FAULTS`: `all` or a comma-separated list of names.
-    fn asked() -> Vec<Fault> {
-        match std::env::var("CACHECAST_FAULTS").as_deref() {
-            Err(_) | Ok("all") | Ok("") => Self::ALL.to_vec(),
+    /// `CACHECAST_FAULTS`: `all` or a comma-separated list of names. A lost node needs a
+    /// cluster: `all` leaves it out of a single-server world.
+    fn asked(clustered: bool) -> Vec<Fault> {
+        let asked: Vec<Fault> = match std::env::var("CACHECAST_FAULTS").as_deref() {
+            Err(_) | Ok("all") | Ok("") => Self::ALL
+                .into_iter()
+                .filter(|f| clustered || *f != Fault::NodeLost)
+                .collect(),
             Ok(list) => list
                 .split(',')
                 .map(|name| {
@@ -140,7 +153,23 @@ impl Fault {
                         })
                 })
                 .collect(),
-        }
+        };
+        assert!(
+            clustered || !asked.contains(&Fault::NodeLost),
+            "CACHECAST_FAULTS: node_lost needs a cluster world (CACHECAST_FAULT_WORLD=cluster)"
+        );
+        asked
+    }
+}
+
+/// Whether the world of `seed` runs on a 3-node cluster: every fourth seed, unless
+/// `CACHECAST_FAULT_WORLD` says `single` or `cluster`.
+fn clustered(seed: u64) -> bool {
+    match std::env::var("CACHECAST_FAULT_WORLD").as_deref() {
+        Ok("cluster") => true,
+        Ok("single") => false,
+        Err(_) | Ok("") => seed % 4 == 3,
+        Ok(other) => panic!("CACHECAST_FAULT_WORLD is single or cluster, not {other:?}"),
     }
 }
 
@@ -151,6 +180,8 @@ enum Ongoing {
     RedisAgentPaused(usize),
     Eviction(usize),
     Link(usize),
+    /// A cluster node (index in `World::nodes`) down.
+    NodeDown(usize),
 }
 
 impl Ongoing {
@@ -220,6 +251,9 @@ struct World {
     seed: u64,
     rng: StdRng,
     stack: Stack,
+    /// The cluster's other nodes (none for a single server). The memory agents' links go to
+    /// the stack's node, which only `NatsKill` takes down.
+    nodes: Vec<NatsServer>,
     second_publisher: Option<Publisher>,
     memory: Vec<MemorySlot>,
     redis: Vec<RedisSlot>,
@@ -255,9 +289,17 @@ async fn a_fault_schedule_keeps_every_promise() {
             .expect("CACHECAST_FAULT_SEED is a number or `random`"),
         Err(_) => 20261130,
     };
-    let asked = Fault::asked();
-    eprintln!("fault schedule: seed {seed} (CACHECAST_FAULT_SEED={seed} replays it)");
-    let mut world = World::start(seed).await;
+    let clustered = clustered(seed);
+    let asked = Fault::asked(clustered);
+    let world_kind = if clustered {
+        "a 3-node cluster"
+    } else {
+        "one server"
+    };
+    eprintln!(
+        "fault schedule: seed {seed} (CACHECAST_FAULT_SEED={seed} replays it), on {world_kind}"
+    );
+    let mut world = World::start(seed, clustered).await;
     let mut plan = asked.clone();
     plan.shuffle(&mut world.rng);
     for fault in plan {
@@ -272,14 +314,32 @@ async fn a_fault_schedule_keeps_every_promise() {
 }
 
 impl World {
-    async fn start(seed: u64) -> World {
+    async fn start(seed: u64, clustered: bool) -> World {
         cachecast_e2e::init_logs();
-        let nats = cachecast_testkit::nats().await;
-        let stack = Stack::configured(nats, |bus| {
-            bus.presence.max_age = PRESENCE_MAX_AGE;
-            bus.stream.max_age = STREAM_MAX_AGE;
-        })
-        .await;
+        let (nats, nodes, urls) = if clustered {
+            let mut cluster = NatsCluster::start(3).await;
+            let urls = cluster.urls();
+            wait_for_jetstream(&urls).await;
+            let first = cluster.nodes.remove(0);
+            (first, cluster.nodes, Some(urls))
+        } else {
+            (cachecast_testkit::nats().await, Vec::new(), None)
+        };
+        let replicas = if clustered { 3 } else { 1 };
+        let stack = Stack::builder()
+            .nats(nats)
+            .bus(|bus| {
+                if let Some(urls) = urls {
+                    bus.nats.url = urls;
+                }
+                bus.stream.replicas = replicas;
+                bus.presence.replicas = replicas;
+                bus.caches.replicas = replicas;
+                bus.presence.max_age = PRESENCE_MAX_AGE;
+                bus.stream.max_age = STREAM_MAX_AGE;
+            })
+            .start()
+            .await;
         let config = AgentConfig {
             heartbeat: HEARTBEAT,
             ..AgentConfig::default()
@@ -290,7 +350,10 @@ impl World {
             let proxy = TcpProxy::start(stack.nats.port()).await;
             let cache = FaultyCache::default();
             let agent = stack
-                .agent_at(&proxy.nats_url(), "dev", &id, config.clone(), cache.clone())
+                .agent_builder("dev", &id)
+                .via(&proxy.nats_url())
+                .config(config.clone())
+                .start(cache.clone())
                 .await;
             memory.push(MemorySlot {
                 id,
@@ -315,6 +378,7 @@ impl World {
             seed,
             rng: StdRng::seed_from_u64(seed),
             stack,
+            nodes,
             second_publisher: None,
             memory,
             redis,
@@ -552,11 +616,30 @@ impl World {
                 self.answered(b, rb).await;
             }
             Fault::NatsKill => {
+                // Every node: the bus is gone.
+                self.end_where(|o| matches!(o, Ongoing::NodeDown(_))).await;
                 self.stack.nats.kill().await;
-                self.request().await;
-                if let Err(err) = self.stack.nats.start_again().await {
-                    panic!("seed {}: nats-server did not start again: {err}", self.seed);
+                for node in &mut self.nodes {
+                    node.kill().await;
                 }
+                self.request().await;
+                let seed = self.seed;
+                let starts = std::iter::once(&mut self.stack.nats)
+                    .chain(self.nodes.iter_mut())
+                    .map(|node| node.start_again());
+                for started in futures::future::join_all(starts).await {
+                    if let Err(err) = started {
+                        panic!("seed {seed}: nats-server did not start again: {err}");
+                    }
+                }
+            }
+            Fault::NodeLost => {
+                // One at a time: the cluster keeps its quorum.
+                self.end_where(|o| matches!(o, Ongoing::NodeDown(_))).await;
+                let node = self.rng.random_range(0..self.nodes.len());
+                self.nodes[node].kill().await;
+                self.ongoing.push((lasts, Ongoing::NodeDown(node)));
+                self.request().await;
             }
         }
     }
@@ -573,6 +656,26 @@ impl World {
             }
             Ongoing::Eviction(slot) => self.memory[slot].cache.set_mode(EvictionMode::Normal),
             Ongoing::Link(slot) => self.memory[slot].proxy.restore(),
+            Ongoing::NodeDown(node) => {
+                if let Err(err) = self.nodes[node].start_again().await {
+                    panic!(
+                        "seed {}: cluster node {node} did not start again: {err}",
+                        self.seed
+                    );
+                }
+            }
+        }
+    }
+
+    /// Ends the ongoing faults that `which` picks now.
+    async fn end_where(&mut self, which: fn(&Ongoing) -> bool) {
+        let due: Vec<Ongoing> = self
+            .ongoing
+            .extract_if(.., |(_, o)| which(o))
+            .map(|(_, o)| o)
+            .collect();
+        for ongoing in due {
+            self.end(ongoing).await;
         }
     }
 
@@ -608,15 +711,19 @@ impl World {
         let heartbeat = format!("{}ms", HEARTBEAT.as_millis());
         let presence = format!("{}ms", PRESENCE_MAX_AGE.as_millis());
         let stream = format!("{}ms", STREAM_MAX_AGE.as_millis());
+        let replicas = self.stack.bus.stream.replicas.to_string();
         let redis = &mut self.redis[slot];
         let agent = redis_agent(
-            &self.stack.nats.url(),
+            &self.stack.bus.nats.url,
             &redis.server.url(),
             &redis.agent_id,
             &["--cache-id", &redis.cache_id, "--heartbeat", &heartbeat],
             &[
                 ("CACHECAST_PRESENCE__MAX_AGE", &presence),
                 ("CACHECAST_STREAM__MAX_AGE", &stream),
+                ("CACHECAST_STREAM__REPLICAS", &replicas),
+                ("CACHECAST_PRESENCE__REPLICAS", &replicas),
+                ("CACHECAST_CACHES__REPLICAS", &replicas),
             ],
         )
         .await;
@@ -1020,6 +1127,7 @@ impl World {
         }
         let result = serde_json::json!({
             "seed": self.seed,
+            "world": if self.nodes.is_empty() { "single" } else { "cluster" },
             "steps": self.step,
             "violations": self.violations,
             "answers": self.answers,
@@ -1057,4 +1165,33 @@ async fn send(
         })
         .await;
     (result, caches.read().await)
+}
+
+/// Waits (at most a minute) until the cluster at `urls` can hold a stream replicated three
+/// times: its nodes elect their JetStream leaders after they are up.
+async fn wait_for_jetstream(urls: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut bus = cachecast_bus::BusConfig::default();
+    bus.nats.url = urls.to_owned();
+    let client = cachecast_bus::connect(&bus.nats, "cluster-probe")
+        .await
+        .expect("a client of the cluster");
+    let js = async_nats::jetstream::new(client);
+    let probe = async_nats::jetstream::stream::Config {
+        name: "CLUSTER_READY".into(),
+        subjects: vec!["cluster-ready".into()],
+        num_replicas: 3,
+        ..Default::default()
+    };
+    loop {
+        match js.create_stream(probe.clone()).await {
+            Ok(_) => break,
+            Err(err) => assert!(
+                Instant::now() < deadline,
+                "the cluster cannot hold a replicated stream after a minute: {err}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    js.delete_stream("CLUSTER_READY").await.ok();
 }

@@ -28,6 +28,9 @@ impl NatsCluster {
                 format!("nats://127.0.0.1:{port}"),
                 "--routes".to_owned(),
                 routes.clone(),
+                // Clients use the addresses they are given, and only those: one behind a
+                // proxy must not fail over around it to an address the cluster advertised.
+                "--no_advertise".to_owned(),
             ];
             NatsServer::builder(nats_binary())
                 .port(free_port())
