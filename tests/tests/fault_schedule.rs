@@ -18,6 +18,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use cachecast_agent::{AgentConfig, FillTicket};
 use cachecast_e2e::history::{self, Contents, Entry, Request, Selector};
 use cachecast_e2e::{
@@ -577,11 +579,23 @@ impl World {
                 self.request_for(EVERYTHING).await;
             }
             Fault::StreamDeleted => {
-                self.find_published().await;
+                // Every 503 looked up first: the deletion takes the evidence along.
+                self.find_all_published().await;
                 let js = async_nats::jetstream::new(self.observer().await);
                 let name = self.stack.bus.stream.name.clone();
-                if let Err(err) = js.delete_stream(&name).await {
-                    panic!("seed {}: could not delete the stream: {err}", self.seed);
+                // A busy cluster may time out: ask again (a deletion already done answers
+                // "not found").
+                let deadline = Instant::now() + SETTLE;
+                loop {
+                    match js.delete_stream(&name).await {
+                        Ok(_) => break,
+                        Err(err) if stream_not_found(&err) => break,
+                        Err(err) => assert!(
+                            Instant::now() < deadline,
+                            "seed {}: could not delete the stream: {err}",
+                            self.seed
+                        ),
+                    }
                 }
                 // A publish creates it anew (until then, an agent that starts waits for it).
                 let deadline = Instant::now() + SETTLE;
@@ -730,13 +744,26 @@ impl World {
         redis.agent = Some(agent);
     }
 
+    /// A new publisher; its start is retried for a minute, as a restarted `serve` would be (a
+    /// cluster that just lost a node may not answer its first JetStream requests in time).
     async fn new_publisher(&self, name: &str) -> Publisher {
-        let client = cachecast_bus::connect(&self.stack.bus.nats, name)
-            .await
-            .expect("publisher's NATS client");
-        Publisher::start(client, &self.stack.bus)
-            .await
-            .expect("publisher starts")
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let client = cachecast_bus::connect(&self.stack.bus.nats, name)
+                .await
+                .expect("publisher's NATS client");
+            match Publisher::start(client, &self.stack.bus).await {
+                Ok(publisher) => return publisher,
+                Err(err) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "seed {}: no publisher started within a minute: {err}",
+                        self.seed
+                    );
+                    eprintln!("a publisher did not start ({err}); starting it again");
+                }
+            }
+        }
     }
 
     async fn observer(&self) -> async_nats::Client {
@@ -1003,15 +1030,30 @@ impl World {
 
     /// The request ids of every event in the stream now: a `503` whose event is there was
     /// published after all, and must be applied like any other.
-    async fn find_published(&mut self) {
+    /// Looks up the unresolved `503`s in the stream; false when the stream could not be read
+    /// through (a busy cluster timing out), so some may be left to look up.
+    async fn find_published(&mut self) -> bool {
         let js = async_nats::jetstream::new(self.observer().await);
-        let Ok(mut stream) = js.get_stream(&self.stack.bus.stream.name).await else {
-            return; // deleted, and nothing published since
+        let mut stream = match js.get_stream(&self.stack.bus.stream.name).await {
+            Ok(stream) => stream,
+            // Deleted, and nothing published since.
+            Err(err) if stream_not_found(&err) => return true,
+            Err(_) => return false,
         };
-        let state = stream.info().await.expect("stream info").state.clone();
+        let Ok(info) = stream.info().await else {
+            return false;
+        };
+        let state = info.state.clone();
+        let mut read_through = true;
         for sequence in state.first_sequence..=state.last_sequence {
-            let Ok(message) = stream.get_raw_message(sequence).await else {
-                continue;
+            let message = match stream.get_raw_message(sequence).await {
+                Ok(message) => message,
+                // Expired or deleted since the info: nothing to find there.
+                Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => continue,
+                Err(_) => {
+                    read_through = false;
+                    continue;
+                }
             };
             let Ok(event) = cachecast_proto::Invalidation::decode(message.payload) else {
                 continue;
@@ -1019,6 +1061,23 @@ impl World {
             if let Some(request) = self.unavailable.remove(&event.request_id) {
                 self.published.push(request);
             }
+        }
+        read_through
+    }
+
+    /// [`World::find_published`] until it reads the stream through; a fleet that cannot be
+    /// asked within [`SETTLE`] is a violation (its `503`s would go unchecked).
+    async fn find_all_published(&mut self) {
+        let deadline = Instant::now() + SETTLE;
+        while !self.find_published().await {
+            if Instant::now() > deadline {
+                self.violation(format!(
+                    "step {}: the stream could not be read through for {SETTLE:?}",
+                    self.step
+                ));
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -1047,7 +1106,7 @@ impl World {
 
     /// Every cache applies every published event or flushes after it; then a request is `200`.
     async fn settle(&mut self) {
-        self.find_published().await;
+        self.find_all_published().await;
         let deadline = Instant::now() + SETTLE;
         loop {
             let contents = self.contents().await;
@@ -1194,4 +1253,10 @@ async fn wait_for_jetstream(urls: &str) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     js.delete_stream("CLUSTER_READY").await.ok();
+}
+
+/// Whether JetStream answered that the stream does not exist.
+fn stream_not_found(err: &GetStreamError) -> bool {
+    matches!(err.kind(), GetStreamErrorKind::JetStream(e)
+        if e.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
