@@ -2,7 +2,7 @@
 //! code, never a panic.
 #![no_main]
 
-use cachecast_publisher::http::{ApiConfig, BODY_ERROR_CODES, parse_response_body};
+use cachecast_publisher::api::{ApiConfig, BODY_ERROR_CODES, parse_response_body};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|body: &[u8]| {

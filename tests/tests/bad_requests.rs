@@ -6,8 +6,8 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cachecast_e2e::{Stack, TEST_SECRET, token_with_rights};
+use cachecast_publisher::api::ApiConfig;
 use cachecast_publisher::auth::Right;
-use cachecast_publisher::http::ApiConfig;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

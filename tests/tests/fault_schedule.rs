@@ -268,6 +268,9 @@ struct World {
     published: Vec<Request>,
     /// `503`s by request id, until found in the stream.
     unavailable: BTreeMap<String, Request>,
+    /// Where each request's event was seen in the stream (its creation time and sequence):
+    /// a request is published once, however many times the publisher retried.
+    seen_at: BTreeMap<String, (i128, u64)>,
     ongoing: Vec<(usize, Ongoing)>,
     /// Each answered request (by index in `published`) and the caches its answer named failed.
     vouched: Vec<(usize, BTreeSet<String>)>,
@@ -390,6 +393,7 @@ impl World {
             entries: Vec::new(),
             published: Vec::new(),
             unavailable: BTreeMap::new(),
+            seen_at: BTreeMap::new(),
             ongoing: Vec::new(),
             vouched: Vec::new(),
             reported: BTreeSet::new(),
@@ -1043,9 +1047,10 @@ impl World {
         let Ok(info) = stream.info().await else {
             return false;
         };
-        let state = info.state.clone();
+        let (state, created) = (info.state.clone(), info.created.unix_timestamp_nanos());
         let mut read_through = true;
-        for sequence in state.first_sequence..=state.last_sequence {
+        // An empty stream says first 0, last 0: there is no message 0 to ask for.
+        for sequence in state.first_sequence.max(1)..=state.last_sequence {
             let message = match stream.get_raw_message(sequence).await {
                 Ok(message) => message,
                 // Expired or deleted since the info: nothing to find there.
@@ -1058,6 +1063,14 @@ impl World {
             let Ok(event) = cachecast_proto::Invalidation::decode(message.payload) else {
                 continue;
             };
+            let at = (created, sequence);
+            let first = *self.seen_at.entry(event.request_id.clone()).or_insert(at);
+            if first != at {
+                self.violation(format!(
+                    "step {}: request {} is in the stream twice (stream created {}, sequence {}; and {:?})",
+                    self.step, event.request_id, first.0, first.1, at
+                ));
+            }
             if let Some(request) = self.unavailable.remove(&event.request_id) {
                 self.published.push(request);
             }

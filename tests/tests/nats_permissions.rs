@@ -223,7 +223,7 @@ async fn publisher_and_agents_work_with_their_users() {
     let service = tokio::spawn(cachecast_publisher::service::run(
         service_client,
         stack.publisher.clone(),
-        cachecast_publisher::http::ApiConfig::default(),
+        cachecast_publisher::api::ApiConfig::default(),
         async {
             service_stopped.await.ok();
         },

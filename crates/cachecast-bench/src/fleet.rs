@@ -9,8 +9,8 @@ use cachecast_proto::{
     AgentId, EnvId, InvalidateReply, InvalidateRequest, RequestTarget, ResponseSelector, Subjects,
     Target, Wire,
 };
+use cachecast_publisher::api::ApiConfig;
 use cachecast_publisher::auth::{AuthConfig, TokenSpec, Verifier, issue_hs256};
-use cachecast_publisher::http::ApiConfig;
 use cachecast_publisher::{InvalidationRequest, Publisher};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -122,14 +122,30 @@ impl Http {
             rate_limit_per_second: 0.0,
             ..ApiConfig::default()
         };
-        let router = cachecast_publisher::http::router(publisher, Verifier::new(&auth)?, api);
+        // What `serve` runs: the one server assembly.
+        let health = cachecast_admin::Health::new({
+            let publisher = publisher.clone();
+            move || std::future::ready(publisher.readiness())
+        });
+        let server = cachecast_publisher::server::Server {
+            publisher,
+            verifier: Verifier::new(&auth)?,
+            config: api,
+            admin: cachecast_admin::router(health.clone(), cachecast_admin::install_metrics()),
+            health,
+        };
         let token = issue_hs256(
             &secret,
             &auth,
             &TokenSpec::full("bench", &[env.to_string()], Duration::from_secs(3600)),
         )?;
         let path = format!("/api/1.0/runtime/caches/response/{env}/invalidate?timeout=30s");
-        Self::serve(router, &path, &token).await
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            server.run(listener, std::future::pending()).await.ok();
+        });
+        Self::client(addr, &path, &token, task)
     }
 
     /// The HTTP transport alone: the same client against an endpoint that answers at once.
@@ -154,6 +170,16 @@ impl Http {
             .await
             .ok();
         });
+        Self::client(addr, path, token, server)
+    }
+
+    /// The client of the server `server` runs on `addr`.
+    fn client(
+        addr: std::net::SocketAddr,
+        path: &str,
+        token: &str,
+        server: JoinHandle<()>,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(128)

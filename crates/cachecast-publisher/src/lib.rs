@@ -8,6 +8,7 @@
 //! Publishers are stateless: any number of replicas can run, each subscribed to the acks
 //! addressed to its own id and each keeping its own view of live agents.
 
+pub mod api;
 pub mod auth;
 pub mod http;
 mod membership;

@@ -16,8 +16,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::Publisher;
+use crate::api::ApiConfig;
 use crate::auth::Verifier;
-use crate::http::{self, ApiConfig};
+use crate::http;
 
 /// What a publisher process serves.
 #[derive(Debug)]

@@ -25,17 +25,12 @@ use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use cachecast_bus::Client;
 use cachecast_proto::{
-    AgentOutcomeReply, EnvId, ErrorReply, InvalidateReply, InvalidateRequest, Subjects, Target,
-    Wire,
+    AgentOutcomeReply, EnvId, ErrorReply, InvalidateReply, Subjects, Target, Wire,
 };
 use futures::StreamExt;
-use std::collections::HashMap;
 
-use serde_json::value::RawValue;
-use serde_json::{Map, Value};
-
-use crate::http::{ApiConfig, ApiError, ErrorBody, outcome_body, publish_error};
-use crate::http::{limits, request};
+use crate::api::envelope::{self, Encoding};
+use crate::api::{ApiConfig, Class, Refusal, outcome_body};
 use crate::outcome::{AgentOutcome, Outcome};
 use crate::publisher::{InvalidationRequest, Publisher};
 
@@ -143,20 +138,6 @@ pub async fn run(
     Ok(())
 }
 
-/// The encoding a request came in, and its reply goes out in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Encoding {
-    Json,
-    Protobuf,
-}
-
-/// A request as read, before it is published.
-struct Parsed {
-    request_id: Option<String>,
-    timeout: Duration,
-    target: Target,
-}
-
 /// Answers one request: the reply payload and its headers.
 async fn handle(
     publisher: &Publisher,
@@ -164,17 +145,12 @@ async fn handle(
     message: &async_nats::Message,
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> (Bytes, HeaderMap) {
-    let is_json = message.payload.first() == Some(&b'{')
-        || message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Content-Type"))
-            .is_some_and(|v| v.as_str().starts_with("application/json"));
-    let encoding = if is_json {
-        Encoding::Json
-    } else {
-        Encoding::Protobuf
-    };
+    let content_type = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Content-Type"))
+        .map(|v| v.as_str());
+    let encoding = Encoding::of(&message.payload, content_type);
     let header_request_id = message
         .headers
         .as_ref()
@@ -191,14 +167,12 @@ async fn handle(
             )
             .await
         }
-        None => Err(ApiError {
-            retry_after: Some(1),
-            ..ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_requests",
-                format!("the service is working on {MAX_IN_FLIGHT} requests; retry shortly"),
-            )
-        }),
+        None => Err(Refusal::new(
+            Class::Unavailable,
+            "too_many_requests",
+            format!("the service is working on {MAX_IN_FLIGHT} requests; retry shortly"),
+        )
+        .retry_after(1)),
     };
     let fallback_id = || {
         header_request_id
@@ -220,17 +194,11 @@ async fn handle(
             } else {
                 err.request_id.clone()
             };
-            let status = err.status.as_u16();
+            let err = err.with_request_id(&request_id);
+            let status = err.status();
             tracing::info!(status, code = err.code, request_id = %request_id, "service request refused");
             let payload = match encoding {
-                Encoding::Json => serde_json::to_vec(&ErrorBody {
-                    status,
-                    code: err.code.to_owned(),
-                    message: err.message,
-                    request_id: request_id.clone(),
-                })
-                .unwrap_or_default()
-                .into(),
+                Encoding::Json => serde_json::to_vec(&err.body()).unwrap_or_default().into(),
                 Encoding::Protobuf => InvalidateReply {
                     status: u32::from(status),
                     request_id: request_id.clone(),
@@ -275,9 +243,9 @@ async fn invalidate(
     message: &async_nats::Message,
     encoding: Encoding,
     header_request_id: Option<String>,
-) -> Result<(Outcome, Option<String>), ApiError> {
+) -> Result<(Outcome, Option<String>), Refusal> {
     let env = Subjects::service_request_env(&message.subject).ok_or_else(|| {
-        ApiError::bad_request(
+        Refusal::bad_request(
             "invalid_env_id",
             format!(
                 "subject {} does not name a valid environment: use cachecast.svc.v1.<env>.invalidate",
@@ -285,14 +253,11 @@ async fn invalidate(
             ),
         )
     })?;
-    let parsed = match encoding {
-        Encoding::Json => parse_json(&message.payload, config)?,
-        Encoding::Protobuf => parse_protobuf(&message.payload, config)?,
-    };
+    let parsed = envelope::parse(encoding, &message.payload, config)?;
     let request_id = match parsed.request_id.or(header_request_id) {
         Some(id) => {
             crate::validate::request_id(&id)
-                .map_err(|m| ApiError::bad_request("invalid_request_id", m))?;
+                .map_err(|m| Refusal::bad_request("invalid_request_id", m))?;
             id
         }
         None => uuid::Uuid::now_v7().to_string(),
@@ -307,7 +272,7 @@ async fn invalidate(
             timeout: parsed.timeout,
         })
         .await
-        .map_err(|err| publish_error(err).with_request_id(&request_id))?;
+        .map_err(|err| Refusal::from(err).with_request_id(&request_id))?;
     log_outcome(&env, &outcome);
     Ok((outcome, cluster_name))
 }
@@ -321,155 +286,6 @@ fn log_outcome(env: &EnvId, outcome: &Outcome) {
         took_ms = outcome.took.as_millis() as u64,
         "service invalidation answered"
     );
-}
-
-fn parse_protobuf(payload: &[u8], config: &ApiConfig) -> Result<Parsed, ApiError> {
-    let request = InvalidateRequest::from_bytes(payload).map_err(|err| {
-        ApiError::bad_request(
-            "invalid_protobuf",
-            format!("{err}; send a cachecast.v1.InvalidateRequest, or JSON"),
-        )
-    })?;
-    let target: Target = request
-        .target
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "missing_target",
-                "the request names no cache: set response, identity or keyed",
-            )
-        })?
-        .into();
-    crate::validate::target(&target).map_err(|m| ApiError::bad_request("invalid_value", m))?;
-    let count = match &target {
-        Target::Response(selector) => selector.scope_client_ids.len(),
-        Target::Keyed(selector) => selector.ids.len(),
-        Target::Identity(_) => 0,
-    };
-    limits::check_count("the request", count, config.max_scopes, "api.max_scopes")?;
-    let timeout = match request.timeout_ms {
-        0 => config.default_timeout,
-        ms => {
-            let timeout = Duration::from_millis(u64::from(ms));
-            if timeout > config.max_timeout {
-                return Err(ApiError::bad_request(
-                    "invalid_timeout",
-                    format!(
-                        "timeout_ms must be at most {}",
-                        config.max_timeout.as_millis()
-                    ),
-                ));
-            }
-            timeout
-        }
-    };
-    Ok(Parsed {
-        request_id: Some(request.request_id).filter(|id| !id.is_empty()),
-        timeout,
-        target,
-    })
-}
-
-fn parse_json(payload: &[u8], config: &ApiConfig) -> Result<Parsed, ApiError> {
-    // As the HTTP API reads a body: encoding, duplicate keys, an object.
-    let fields = limits::json_object(payload)?;
-    // The nested objects as they were sent, so the HTTP parsers see (and refuse) exactly what
-    // came, duplicate keys included.
-    let raw: HashMap<String, Box<RawValue>> = serde_json::from_slice(payload)
-        .map_err(|err| ApiError::bad_request("invalid_json", err.to_string()))?;
-    const FIELDS: &[&str] = &["response", "identity", "keyed", "requestId", "timeout"];
-    if let Some(name) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(ApiError::bad_request(
-            "unknown_field",
-            format!(
-                "unknown field {name:?}; the fields are {}",
-                FIELDS.join(", ")
-            ),
-        ));
-    }
-    let string = |name: &str| -> Result<Option<String>, ApiError> {
-        match fields.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(ApiError::bad_request(
-                "invalid_field_type",
-                format!("{name} must be a string"),
-            )),
-        }
-    };
-    let timeout = match string("timeout")? {
-        Some(value) => request::timeout(&value, config)?,
-        None => config.default_timeout,
-    };
-    let request_id = string("requestId")?;
-    let kinds: Vec<&str> = ["response", "identity", "keyed"]
-        .into_iter()
-        .filter(|k| fields.get(*k).is_some_and(|v| !v.is_null()))
-        .collect();
-    let [kind] = kinds.as_slice() else {
-        return Err(ApiError::bad_request(
-            "missing_target",
-            "name exactly one cache: response, identity or keyed",
-        ));
-    };
-    let inner = &fields[*kind];
-    let inner_raw = raw.get(*kind).map_or(&b""[..], |v| v.get().as_bytes());
-    let target = match *kind {
-        "response" => Target::Response(request::response_selector(inner_raw, config)?),
-        "identity" => Target::Identity(request::identity_selector(inner_raw)?),
-        _ => {
-            limits::json_object(inner_raw)?;
-            Target::Keyed(keyed_json(inner, config)?)
-        }
-    };
-    Ok(Parsed {
-        request_id,
-        timeout,
-        target,
-    })
-}
-
-/// `{"cache": "apikeys", "ids": "k1,k2" | ["k1", "k2"] | "*"}`.
-fn keyed_json(
-    value: &Value,
-    config: &ApiConfig,
-) -> Result<cachecast_proto::KeyedSelector, ApiError> {
-    let shape = || {
-        ApiError::bad_request(
-            "invalid_field_type",
-            "keyed must be {\"cache\": \"<name>\", \"ids\": \"id1,id2\" or [\"id1\", \"id2\"] or \"*\"}",
-        )
-    };
-    let Value::Object(fields) = value else {
-        return Err(shape());
-    };
-    let fields: &Map<String, Value> = fields;
-    if fields.keys().any(|k| k != "cache" && k != "ids") {
-        return Err(shape());
-    }
-    let Some(Value::String(cache)) = fields.get("cache") else {
-        return Err(shape());
-    };
-    let ids = match fields.get("ids") {
-        Some(Value::String(ids)) => ids.clone(),
-        Some(Value::Array(items)) if !items.is_empty() => {
-            let mut ids = Vec::with_capacity(items.len());
-            for item in items {
-                let Value::String(id) = item else {
-                    return Err(shape());
-                };
-                if id.contains(',') {
-                    return Err(ApiError::bad_request(
-                        "invalid_value",
-                        format!("id {id:?} contains ','"),
-                    ));
-                }
-                ids.push(id.as_str());
-            }
-            ids.join(",")
-        }
-        _ => return Err(shape()),
-    };
-    request::keyed_selector(cache, &ids, config)
 }
 
 /// The protobuf reply reporting `outcome`.

@@ -2,7 +2,7 @@
 //! arbitrary JSON never panic and fail only with documented codes; valid bodies round-trip
 //! into the selector they describe.
 
-use cachecast_publisher::http::{ApiConfig, BODY_ERROR_CODES, parse_response_body};
+use cachecast_publisher::api::{ApiConfig, BODY_ERROR_CODES, parse_response_body};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -14,7 +14,7 @@ fn config() -> ApiConfig {
 }
 
 fn check_error(
-    result: &Result<cachecast_proto::ResponseSelector, cachecast_publisher::http::ApiError>,
+    result: &Result<cachecast_proto::ResponseSelector, cachecast_publisher::api::Refusal>,
 ) {
     if let Err(err) = result {
         assert!(
@@ -22,7 +22,7 @@ fn check_error(
             "undocumented code {}",
             err.code
         );
-        assert_eq!(err.status.as_u16(), 400, "{}", err.code);
+        assert_eq!(err.status(), 400, "{}", err.code);
         assert!(!err.message.is_empty());
     }
 }

@@ -4,10 +4,10 @@
 //! as it knows the environment (`403 forbidden_environment` before reading the body), and
 //! [`authorize`] once it knows how much it will evict (`403 missing_right`).
 
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 
-use super::error::ApiError;
 use super::rate_limit::RateLimiter;
+use crate::api::{Class, Refusal};
 use crate::auth::{AuthError, Forbidden, Grant, Reach, Verifier};
 
 /// Verifies the bearer token and charges it one request.
@@ -15,29 +15,27 @@ pub(crate) async fn authenticate(
     verifier: &Verifier,
     limiter: &RateLimiter,
     headers: &HeaderMap,
-) -> Result<Grant, ApiError> {
+) -> Result<Grant, Refusal> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or("\u{0}not visible ASCII"));
     let grant = verifier.verify(authorization).await.map_err(auth_error)?;
     if let Err(wait) = limiter.check(authorization.unwrap_or_default()) {
         let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-        return Err(ApiError {
-            retry_after: Some(seconds),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!(
-                    "this token sent more requests than api.rate_limit_per_second allows; retry in {seconds} s"
-                ),
-            )
-        });
+        return Err(Refusal::new(
+            Class::TooManyRequests,
+            "rate_limited",
+            format!(
+                "this token sent more requests than api.rate_limit_per_second allows; retry in {seconds} s"
+            ),
+        )
+        .retry_after(seconds));
     }
     Ok(grant)
 }
 
 /// `403 forbidden_environment` unless the token lists `env`.
-pub(crate) fn environment(grant: &Grant, env: &str) -> Result<(), ApiError> {
+pub(crate) fn environment(grant: &Grant, env: &str) -> Result<(), Refusal> {
     if grant.allows(env) {
         return Ok(());
     }
@@ -46,28 +44,29 @@ pub(crate) fn environment(grant: &Grant, env: &str) -> Result<(), ApiError> {
 }
 
 /// The rights check: `403` naming the missing right, or the environment.
-pub fn authorize(grant: &Grant, env: &str, reach: Reach) -> Result<(), ApiError> {
+pub fn authorize(grant: &Grant, env: &str, reach: Reach) -> Result<(), Refusal> {
     grant.authorize(env, reach).map_err(forbidden)
 }
 
-fn forbidden(err: Forbidden) -> ApiError {
+fn forbidden(err: Forbidden) -> Refusal {
     let code = match err {
         Forbidden::Environment { .. } => "forbidden_environment",
         Forbidden::Right { .. } => "missing_right",
     };
-    ApiError::new(StatusCode::FORBIDDEN, code, err.to_string())
+    Refusal::new(Class::Forbidden, code, err.to_string())
 }
 
-fn auth_error(err: AuthError) -> ApiError {
-    let (status, code) = match err {
-        AuthError::MissingToken => (StatusCode::UNAUTHORIZED, "missing_token"),
-        AuthError::Expired => (StatusCode::UNAUTHORIZED, "token_expired"),
-        AuthError::KeysUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable"),
-        _ => (StatusCode::UNAUTHORIZED, "invalid_token"),
+fn auth_error(err: AuthError) -> Refusal {
+    let (class, code) = match err {
+        AuthError::MissingToken => (Class::Unauthenticated, "missing_token"),
+        AuthError::Expired => (Class::Unauthenticated, "token_expired"),
+        AuthError::KeysUnavailable(_) => (Class::Unavailable, "auth_unavailable"),
+        _ => (Class::Unauthenticated, "invalid_token"),
     };
-    let retry_after = (status == StatusCode::SERVICE_UNAVAILABLE).then_some(5);
-    ApiError {
-        retry_after,
-        ..ApiError::new(status, code, err.to_string())
+    let refusal = Refusal::new(class, code, err.to_string());
+    if class == Class::Unavailable {
+        refusal.retry_after(5)
+    } else {
+        refusal
     }
 }

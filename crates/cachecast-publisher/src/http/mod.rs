@@ -15,15 +15,12 @@
 
 mod authz;
 mod error;
-pub(crate) mod limits;
 mod openapi;
 pub mod rate_limit;
-pub(crate) mod request;
 mod requests;
-pub(crate) mod response;
+mod response;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,92 +36,15 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 pub use self::authz::authorize;
-pub use self::error::{ApiError, ErrorBody};
 pub use self::openapi::openapi_json;
-pub use self::response::{
-    AcceptedBody, AgentResult, NodeFailure, NodeInfo, NodesSummary, OutcomeBody, Progress,
-    RequestStatusBody, outcome_body,
-};
 
+use crate::api::answer::{AcceptedBody, RequestStatusBody};
+use crate::api::{ApiConfig, Class, ErrorBody, Refusal, limits, parse};
 use crate::auth::{Reach, Verifier};
-use crate::publisher::{InvalidationRequest, PublishError, Publisher};
+use crate::publisher::{InvalidationRequest, Publisher};
 
 /// The response header that echoes the request id.
 pub const REQUEST_ID_RESPONSE_HEADER: &str = "requestid";
-
-/// The `[api]` configuration section.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ApiConfig {
-    /// Where the API listens.
-    pub listen: SocketAddr,
-    /// How long a request waits for acks when it names no `?timeout=`.
-    #[serde(with = "humantime_serde")]
-    pub default_timeout: Duration,
-    /// The largest `?timeout=` accepted.
-    #[serde(with = "humantime_serde")]
-    pub max_timeout: Duration,
-    /// The largest request body accepted, in bytes.
-    pub max_body_bytes: usize,
-    /// The most scopes one request may name.
-    pub max_scopes: usize,
-    /// Requests per second one bearer token may send on average (`0`: no limit).
-    pub rate_limit_per_second: f64,
-    /// Requests one bearer token may send at once before the rate applies.
-    pub rate_limit_burst: u32,
-    /// On shutdown, how long `/readyz` answers `503` before the listener closes, so load
-    /// balancers stop sending requests first (a few seconds on Kubernetes).
-    #[serde(with = "humantime_serde")]
-    pub shutdown_delay: Duration,
-    /// The fleet's name in keyed-cache answers (Elasticsearch's `cluster_name`).
-    pub cluster_name: String,
-    /// How long the status of a finished `?wait_for_completion=false` request is kept.
-    #[serde(with = "humantime_serde")]
-    pub async_retention: Duration,
-    /// The most asynchronous request statuses kept (running ones are never dropped).
-    pub async_max_requests: usize,
-    /// Whether `serve` also takes requests as the `cachecast` NATS service (on
-    /// `cachecast.svc.v1.<env>.invalidate`; who may call it is up to NATS permissions).
-    pub nats_service: bool,
-    /// How long a connection may take to send a request's headers, from when it opens or its
-    /// previous answer was sent; an idle keep-alive connection is closed after as long.
-    #[serde(with = "humantime_serde")]
-    pub header_read_timeout: Duration,
-    /// The most connections held at once; more are closed as soon as they are accepted. Keep it
-    /// below the process's open-files limit (`ulimit -n`).
-    pub max_connections: usize,
-}
-
-impl ApiConfig {
-    /// The listener's limits on connections.
-    pub fn connection_limits(&self) -> cachecast_admin::ConnectionLimits {
-        cachecast_admin::ConnectionLimits {
-            header_read_timeout: self.header_read_timeout,
-            max_connections: self.max_connections,
-        }
-    }
-}
-
-impl Default for ApiConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            default_timeout: Duration::from_secs(5),
-            max_timeout: Duration::from_secs(60),
-            max_body_bytes: 64 * 1024,
-            max_scopes: 1000,
-            rate_limit_per_second: 10.0,
-            rate_limit_burst: 50,
-            shutdown_delay: Duration::ZERO,
-            cluster_name: "cachecast".into(),
-            async_retention: Duration::from_secs(600),
-            async_max_requests: 10_000,
-            nats_service: true,
-            header_read_timeout: Duration::from_secs(10),
-            max_connections: 10_000,
-        }
-    }
-}
 
 /// What the handlers share.
 #[derive(Debug)]
@@ -177,8 +97,8 @@ pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Ro
         .fallback(|headers: HeaderMap| async move {
             refuse(
                 &headers,
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
+                Refusal::new(
+                    Class::NotFound,
                     "not_found",
                     "no such endpoint; see /openapi.json",
                 ),
@@ -187,8 +107,8 @@ pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Ro
         .method_not_allowed_fallback(|headers: HeaderMap| async move {
             refuse(
                 &headers,
-                ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
+                Refusal::new(
+                    Class::MethodNotAllowed,
                     "method_not_allowed",
                     "use POST for invalidations and GET for request status; see /openapi.json",
                 ),
@@ -208,9 +128,19 @@ pub async fn serve(
     cachecast_admin::server::serve(listener, router, config.connection_limits(), shutdown).await
 }
 
+/// The caller's request id header (`RequestID`, else `X-Request-ID`); `""` when not text.
+fn request_id_header(headers: &HeaderMap) -> Option<&str> {
+    header_text(headers, "requestid").or_else(|| header_text(headers, "x-request-id"))
+}
+
+/// A header's value; `""` when it is not text.
+fn header_text(headers: &HeaderMap, name: impl axum::http::header::AsHeaderName) -> Option<&str> {
+    headers.get(name).map(|v| v.to_str().unwrap_or_default())
+}
+
 /// An error answer carrying the caller's request id (or a new one).
-fn refuse(headers: &HeaderMap, err: ApiError) -> Response {
-    match request::request_id(headers) {
+fn refuse(headers: &HeaderMap, err: Refusal) -> Response {
+    match parse::request_id(request_id_header(headers)) {
         Ok(id) => err.with_request_id(&id).into_response(),
         Err(invalid_id) => invalid_id.into_response(),
     }
@@ -252,7 +182,7 @@ async fn enter(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match request::request_id(&headers) {
+    match parse::request_id(request_id_header(&headers)) {
         Ok(request_id) => {
             let call = Call {
                 request_id,
@@ -349,7 +279,7 @@ async fn request_status(
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let request_id = match request::request_id(&headers) {
+    let request_id = match parse::request_id(request_id_header(&headers)) {
         Ok(id) => id,
         Err(err) => return err.into_response(),
     };
@@ -365,8 +295,8 @@ async fn request_status(
                     .filter(|status| visible(&status.env_id)),
             };
             status.ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
+                Refusal::new(
+                    Class::NotFound,
                     "unknown_request",
                     format!(
                         "no asynchronous request {wanted:?}: it finished more than {} ago, was never made with wait_for_completion=false, its replica stopped, or it is in an environment the token does not grant",
@@ -416,7 +346,7 @@ async fn forget_cache(
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let request_id = match request::request_id(&headers) {
+    let request_id = match parse::request_id(request_id_header(&headers)) {
         Ok(id) => id,
         Err(err) => return err.into_response(),
     };
@@ -424,9 +354,9 @@ async fn forget_cache(
     let answer = async {
         let grant = authz::authenticate(&api.verifier, &api.limiter, &headers).await?;
         let env = EnvId::new(env.as_str())
-            .map_err(|err| ApiError::bad_request("invalid_env_id", err.to_string()))?;
+            .map_err(|err| Refusal::bad_request("invalid_env_id", err.to_string()))?;
         let cache = cachecast_proto::CacheId::new(cache.as_str())
-            .map_err(|err| ApiError::bad_request("invalid_cache_id", err.to_string()))?;
+            .map_err(|err| Refusal::bad_request("invalid_cache_id", err.to_string()))?;
         authorize(&grant, env.as_str(), Reach::Flush)?;
         match api.publisher.forget_cache(&env, &cache).await {
             Ok(true) => Ok(ForgottenBody {
@@ -434,12 +364,12 @@ async fn forget_cache(
                 cache_id: cache.to_string(),
                 forgotten: true,
             }),
-            Ok(false) => Err(ApiError::new(
-                StatusCode::NOT_FOUND,
+            Ok(false) => Err(Refusal::new(
+                Class::NotFound,
                 "unknown_cache",
                 format!("no cache {cache} is registered in {env}; `cachecast caches --env {env}` lists them"),
             )),
-            Err(err) => Err(publish_error(err)),
+            Err(err) => Err(Refusal::from(err)),
         }
     }
     .await;
@@ -457,10 +387,10 @@ impl Api {
             Ok(response) => response,
             Err(err) => {
                 span.in_scope(|| {
-                    if err.status.is_server_error() {
-                        tracing::warn!(status = err.status.as_u16(), code = err.code, message = %err.message, "request not served");
+                    if err.status() >= 500 {
+                        tracing::warn!(status = err.status(), code = err.code, message = %err.message, "request not served");
                     } else {
-                        tracing::info!(status = err.status.as_u16(), code = err.code, "request refused");
+                        tracing::info!(status = err.status(), code = err.code, "request refused");
                     }
                 });
                 metrics::counter!("cachecast_http_refused_total", "code" => err.code).increment(1);
@@ -469,24 +399,29 @@ impl Api {
         }
     }
 
-    async fn invalidate(self: &Arc<Self>, kind: Kind, call: Call) -> Result<Response, ApiError> {
+    async fn invalidate(self: &Arc<Self>, kind: Kind, call: Call) -> Result<Response, Refusal> {
         let grant = authz::authenticate(&self.verifier, &self.limiter, &call.headers).await?;
         let env = EnvId::new(call.env.as_str())
-            .map_err(|err| ApiError::bad_request("invalid_env_id", err.to_string()))?;
+            .map_err(|err| Refusal::bad_request("invalid_env_id", err.to_string()))?;
         authz::environment(&grant, env.as_str())?;
-        let query = request::query(call.query.as_deref(), &self.config)?;
+        let query = parse::query(call.query.as_deref(), &self.config)?;
         let keyed = matches!(kind, Kind::Keyed { .. });
         if !keyed {
-            request::check_content_type(&call.headers)?;
+            parse::check_content_type(header_text(&call.headers, header::CONTENT_TYPE))?;
         }
-        limits::check_content_encoding(&call.headers)?;
+        limits::check_content_encoding(
+            call.headers
+                .get_all(header::CONTENT_ENCODING)
+                .iter()
+                .map(|v| v.to_str().ok()),
+        )?;
         let body = read_body(call.body, self.config.max_body_bytes).await?;
         let target = match &kind {
-            Kind::Response => Target::Response(request::response_selector(&body, &self.config)?),
-            Kind::Identity => Target::Identity(request::identity_selector(&body)?),
+            Kind::Response => Target::Response(parse::response_selector(&body, &self.config)?),
+            Kind::Identity => Target::Identity(parse::identity_selector(&body)?),
             Kind::Keyed { cache, ids } => {
-                request::empty_body(&body)?;
-                Target::Keyed(request::keyed_selector(cache, ids, &self.config)?)
+                parse::empty_body(&body)?;
+                Target::Keyed(parse::keyed_selector(cache, ids, &self.config)?)
             }
         };
         let reach = if target.is_full_flush() {
@@ -507,7 +442,7 @@ impl Api {
             request_id: call.request_id,
             timeout: query.timeout,
         };
-        let in_flight = self.publisher.begin(request).await.map_err(publish_error)?;
+        let in_flight = self.publisher.begin(request).await.map_err(Refusal::from)?;
         if !query.wait_for_completion {
             return self.accept(in_flight, &env, kind.name(), cluster_name);
         }
@@ -533,7 +468,7 @@ impl Api {
         env: &EnvId,
         kind: &'static str,
         cluster_name: Option<String>,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Refusal> {
         let request_id = in_flight.request_id().to_owned();
         // The check before publishing makes a refusal here rare (two requests racing with one
         // id); the event is published either way, and invalidating twice is harmless.
@@ -585,58 +520,19 @@ fn path_segment(value: &str) -> String {
     out
 }
 
-fn register_error(err: requests::RegisterError) -> ApiError {
+fn register_error(err: requests::RegisterError) -> Refusal {
     match err {
         requests::RegisterError::Duplicate(_) => {
-            ApiError::new(StatusCode::CONFLICT, "request_id_in_use", err.to_string())
+            Refusal::new(Class::Conflict, "request_id_in_use", err.to_string())
         }
-        requests::RegisterError::Full(_) => ApiError {
-            retry_after: Some(1),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_async_requests",
-                err.to_string(),
-            )
-        },
+        requests::RegisterError::Full(_) => Refusal::new(
+            Class::Unavailable,
+            "too_many_async_requests",
+            err.to_string(),
+        )
+        .retry_after(1),
     }
 }
-
-pub(crate) fn publish_error(err: PublishError) -> ApiError {
-    match err {
-        PublishError::Unavailable(reason) => ApiError {
-            retry_after: Some(1),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "bus_unavailable",
-                format!("the invalidation was not published ({reason}); it is safe to retry"),
-            )
-        },
-        PublishError::Invalid(message) => ApiError::bad_request("invalid_value", message),
-    }
-}
-
-/// Parses the body of a response-cache invalidation as the API does (for fuzzing and property
-/// tests): a selector, or the error the API would answer, whose `code` is one of
-/// [`BODY_ERROR_CODES`]. Never panics.
-pub fn parse_response_body(
-    body: &[u8],
-    config: &ApiConfig,
-) -> Result<cachecast_proto::ResponseSelector, ApiError> {
-    request::response_selector(body, config)
-}
-
-/// Every `code` [`parse_response_body`] can answer.
-pub const BODY_ERROR_CODES: &[&str] = &[
-    "missing_body",
-    "invalid_encoding",
-    "invalid_json",
-    "body_not_object",
-    "duplicate_field",
-    "unknown_field",
-    "invalid_field_type",
-    "invalid_value",
-    "too_many_values",
-];
 
 /// How long a client may take to send its body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -645,14 +541,14 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// the `413` instead of a connection reset (closing a socket with unread data resets it).
 const DRAIN_LIMIT: usize = 8 * 1024 * 1024;
 
-async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, Refusal> {
     use http_body_util::BodyExt as _;
     let read = async {
         let mut kept = bytes::BytesMut::new();
         let mut seen = 0usize;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|err| {
-                ApiError::bad_request("invalid_body", format!("the body could not be read: {err}"))
+                Refusal::bad_request("invalid_body", format!("the body could not be read: {err}"))
             })?;
             let Ok(data) = frame.into_data() else {
                 continue;
@@ -665,8 +561,8 @@ async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, ApiErro
             }
         }
         if seen > limit {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
+            return Err(Refusal::new(
+                Class::TooLarge,
                 "body_too_large",
                 format!("the body exceeds {limit} bytes"),
             ));
@@ -676,8 +572,8 @@ async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, ApiErro
     tokio::time::timeout(BODY_TIMEOUT, read)
         .await
         .unwrap_or_else(|_| {
-            Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
+            Err(Refusal::new(
+                Class::RequestTimeout,
                 "body_timeout",
                 format!("the body did not arrive within {BODY_TIMEOUT:?}"),
             ))

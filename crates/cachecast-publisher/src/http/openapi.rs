@@ -10,8 +10,8 @@ use serde::Deserialize;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
 
-use super::error::ErrorBody;
-use super::response::{
+use crate::api::ErrorBody;
+use crate::api::answer::{
     AcceptedBody, AgentResult, NodeFailure, NodeInfo, NodesSummary, OutcomeBody, Progress,
     RequestStatusBody,
 };

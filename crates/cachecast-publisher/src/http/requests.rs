@@ -16,7 +16,7 @@ use cachecast_bus::Client;
 use cachecast_proto::{AgentId, EnvId, Subjects};
 use futures::StreamExt;
 
-use super::response::{self, Progress, RequestStatusBody};
+use crate::api::answer::{self, Progress, RequestStatusBody};
 use crate::outcome::{AgentOutcome, Outcome};
 use crate::publisher::InFlight;
 
@@ -148,7 +148,7 @@ impl Requests {
                     .iter()
                     .map(|(id, o)| (id.clone(), Some(o.clone())))
                     .collect(),
-                Some(response::outcome_body(
+                Some(answer::outcome_body(
                     outcome,
                     record.cluster_name.as_deref(),
                 )),
@@ -175,7 +175,7 @@ impl Requests {
             },
             agents: agents
                 .iter()
-                .map(|(id, o)| (id.to_string(), response::agent_result(o.as_ref())))
+                .map(|(id, o)| (id.to_string(), answer::agent_result(o.as_ref())))
                 .collect(),
             outcome,
         })

@@ -70,7 +70,7 @@ pub(crate) async fn run(config: Config, args: InvalidateArgs) -> anyhow::Result<
         // A keyed cache answers Elasticsearch's way, as the API does.
         let cluster_name =
             (args.kind == CacheKind::Keyed).then_some(config.api.cluster_name.as_str());
-        let body = cachecast_publisher::http::outcome_body(&outcome, cluster_name);
+        let body = cachecast_publisher::api::outcome_body(&outcome, cluster_name);
         println!("{}", serde_json::to_string(&body)?);
     } else {
         print_table(&outcome);

@@ -45,7 +45,7 @@ pub(crate) fn check_config(command: &Command, config: &Config) -> anyhow::Result
 }
 
 /// The API settings no value of their type rules out but that cannot work.
-pub(crate) fn check_api(api: &cachecast_publisher::http::ApiConfig) -> anyhow::Result<()> {
+pub(crate) fn check_api(api: &cachecast_publisher::api::ApiConfig) -> anyhow::Result<()> {
     if api.max_connections == 0 {
         anyhow::bail!(
             "api.max_connections is 0, so no client could connect: set it to at least 1 (the default is 10000)"

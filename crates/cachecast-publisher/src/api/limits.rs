@@ -9,22 +9,24 @@
 //! - The same field twice: `400 duplicate_field` (parsers disagree on which one wins).
 //! - More values in one list than the configured limit: `400 too_many_values`, naming the key.
 
-use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
-use super::error::ApiError;
+use super::refusal::{Class, Refusal};
 
-/// Refuses compressed bodies.
-pub(crate) fn check_content_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
-    for value in headers.get_all(header::CONTENT_ENCODING) {
-        let identity = value.to_str().is_ok_and(|v| {
+/// Refuses compressed bodies: every `Content-Encoding` value (`None`: not text) must be
+/// `identity` or empty.
+pub(crate) fn check_content_encoding<'a>(
+    values: impl IntoIterator<Item = Option<&'a str>>,
+) -> Result<(), Refusal> {
+    for value in values {
+        let identity = value.is_some_and(|v| {
             v.split(',')
                 .all(|c| c.trim().is_empty() || c.trim().eq_ignore_ascii_case("identity"))
         });
         if !identity {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            return Err(Refusal::new(
+                Class::UnsupportedMediaType,
                 "unsupported_content_encoding",
                 "send the body uncompressed (no Content-Encoding header); it is small",
             ));
@@ -34,9 +36,9 @@ pub(crate) fn check_content_encoding(headers: &HeaderMap) -> Result<(), ApiError
 }
 
 /// The body as a JSON object: every check that comes before reading its fields.
-pub(crate) fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+pub(crate) fn json_object(body: &[u8]) -> Result<Map<String, Value>, Refusal> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "missing_body",
             "the request body is required: send {} to invalidate every entry of the environment",
         ));
@@ -54,10 +56,10 @@ pub(crate) fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
         return Err(invalid_encoding("it is not valid UTF-8"));
     }
     let value: Value = serde_json::from_slice(body).map_err(|err| {
-        ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {err}"))
+        Refusal::bad_request("invalid_json", format!("the body is not valid JSON: {err}"))
     })?;
     let Value::Object(fields) = value else {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "body_not_object",
             "the body must be a JSON object, like {} or {\"scopeClientId\": \"...\"}",
         ));
@@ -65,7 +67,7 @@ pub(crate) fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     // serde_json keeps the last of two equal keys; refuse instead of guessing.
     if let Ok(TopLevelKeys(Some(name))) = serde_json::from_slice::<TopLevelKeys>(body) {
         let shown: String = name.chars().take(64).collect();
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "duplicate_field",
             format!("field {shown:?} appears more than once; send it once"),
         ));
@@ -73,22 +75,17 @@ pub(crate) fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     Ok(fields)
 }
 
-fn invalid_encoding(why: &str) -> ApiError {
-    ApiError::bad_request(
+fn invalid_encoding(why: &str) -> Refusal {
+    Refusal::bad_request(
         "invalid_encoding",
         format!("the body is not plain UTF-8 JSON: {why}; send UTF-8 without a byte order mark"),
     )
 }
 
 /// At most `max` values in `field`, or `400 too_many_values` naming the configuration key.
-pub(crate) fn check_count(
-    field: &str,
-    count: usize,
-    max: usize,
-    key: &str,
-) -> Result<(), ApiError> {
+pub(crate) fn check_count(field: &str, count: usize, max: usize, key: &str) -> Result<(), Refusal> {
     if count > max {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "too_many_values",
             format!(
                 "{field} holds {count} values; at most {max} per request ({key}): split the request"

@@ -5,27 +5,23 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderMap, header};
 use cachecast_proto::{CacheName, IdentitySelector, KeyedSelector, ResponseSelector};
 use serde_json::{Map, Value};
 
 use super::ApiConfig;
-use super::error::ApiError;
 use super::limits;
+use super::refusal::{Class, Refusal};
 use crate::validate;
 
-/// The caller's request id (`RequestID` or `X-Request-ID`), or a new UUIDv7.
-pub(crate) fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
-    let given = headers
-        .get("requestid")
-        .or_else(|| headers.get("x-request-id"));
+/// The caller's request id (`given`: the `RequestID` or `X-Request-ID` header, `""` when it is
+/// not text), or a new UUIDv7.
+pub(crate) fn request_id(given: Option<&str>) -> Result<String, Refusal> {
     let Some(value) = given else {
         return Ok(uuid::Uuid::now_v7().to_string());
     };
-    let value = value.to_str().unwrap_or_default();
     match validate::request_id(value) {
         Ok(()) => Ok(value.to_owned()),
-        Err(message) => Err(ApiError::bad_request("invalid_request_id", message)
+        Err(message) => Err(Refusal::bad_request("invalid_request_id", message)
             .with_request_id(&uuid::Uuid::now_v7().to_string())),
     }
 }
@@ -40,7 +36,7 @@ pub(crate) struct Query {
 }
 
 /// The `?timeout=` (within the configured cap) and `?wait_for_completion=` of a request.
-pub(crate) fn query(query: Option<&str>, config: &ApiConfig) -> Result<Query, ApiError> {
+pub(crate) fn query(query: Option<&str>, config: &ApiConfig) -> Result<Query, Refusal> {
     let mut parsed = Query {
         timeout: config.default_timeout,
         wait_for_completion: true,
@@ -58,7 +54,7 @@ pub(crate) fn query(query: Option<&str>, config: &ApiConfig) -> Result<Query, Ap
                     "true" | "" => true,
                     "false" => false,
                     _ => {
-                        return Err(ApiError::bad_request(
+                        return Err(Refusal::bad_request(
                             "invalid_parameter",
                             format!("wait_for_completion must be true or false, not {value:?}"),
                         ));
@@ -66,7 +62,7 @@ pub(crate) fn query(query: Option<&str>, config: &ApiConfig) -> Result<Query, Ap
                 }
             }
             other => {
-                return Err(ApiError::bad_request(
+                return Err(Refusal::bad_request(
                     "unknown_parameter",
                     format!(
                         "unknown query parameter {other:?}; the parameters are timeout and wait_for_completion"
@@ -79,9 +75,9 @@ pub(crate) fn query(query: Option<&str>, config: &ApiConfig) -> Result<Query, Ap
 }
 
 /// A timeout like `5s` or `500ms`, above zero and at most `api.max_timeout`.
-pub(crate) fn timeout(value: &str, config: &ApiConfig) -> Result<Duration, ApiError> {
+pub(crate) fn timeout(value: &str, config: &ApiConfig) -> Result<Duration, Refusal> {
     let timeout = humantime::parse_duration(value).map_err(|_| {
-        ApiError::bad_request(
+        Refusal::bad_request(
             "invalid_timeout",
             format!(
                 "timeout {value:?} is not a duration: use a number with a unit, like 5s or 500ms"
@@ -89,7 +85,7 @@ pub(crate) fn timeout(value: &str, config: &ApiConfig) -> Result<Duration, ApiEr
         )
     })?;
     if timeout.is_zero() || timeout > config.max_timeout {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "invalid_timeout",
             format!(
                 "timeout must be above 0 and at most {}",
@@ -100,12 +96,13 @@ pub(crate) fn timeout(value: &str, config: &ApiConfig) -> Result<Duration, ApiEr
     Ok(timeout)
 }
 
-/// Refuses content types other than JSON (a missing one is taken as JSON).
-pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+/// Refuses content types other than JSON (`None`, a missing one, is taken as JSON; `""` is a
+/// value that is not text).
+pub(crate) fn check_content_type(value: Option<&str>) -> Result<(), Refusal> {
+    let Some(value) = value else {
         return Ok(());
     };
-    let value = value.to_str().unwrap_or_default().to_ascii_lowercase();
+    let value = value.to_ascii_lowercase();
     let mut parts = value.split(';');
     let essence = parts.next().unwrap_or_default().trim();
     // JSON is UTF-8 (RFC 8259); a charset parameter may only say so.
@@ -118,8 +115,8 @@ pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     if essence == "application/json" && utf8 {
         Ok(())
     } else {
-        Err(ApiError::new(
-            axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Err(Refusal::new(
+            Class::UnsupportedMediaType,
             "unsupported_media_type",
             "send the body as Content-Type: application/json (UTF-8)",
         ))
@@ -131,16 +128,16 @@ fn object_body(
     body: &[u8],
     allowed: &[&str],
     example: &str,
-) -> Result<Map<String, Value>, ApiError> {
+) -> Result<Map<String, Value>, Refusal> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "missing_body",
             format!("the request body is required, like {example}"),
         ));
     }
     let fields = limits::json_object(body)?;
     if let Some(name) = fields.keys().find(|name| !allowed.contains(&name.as_str())) {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "unknown_field",
             format!(
                 "unknown field {name:?}; the fields are {}",
@@ -155,7 +152,7 @@ fn object_body(
 pub(crate) fn response_selector(
     body: &[u8],
     config: &ApiConfig,
-) -> Result<ResponseSelector, ApiError> {
+) -> Result<ResponseSelector, Refusal> {
     let fields = object_body(
         body,
         &["scopeClientId", "scopeClientIds", "identityId"],
@@ -176,7 +173,7 @@ pub(crate) fn response_selector(
             "api.max_scopes",
         )?;
         if items.is_empty() {
-            return Err(ApiError::bad_request(
+            return Err(Refusal::bad_request(
                 "invalid_value",
                 "scopeClientIds must not be empty; omit it (send {}) to invalidate every scope",
             ));
@@ -203,7 +200,7 @@ pub(crate) fn response_selector(
 }
 
 /// Parses the body of an identity-cache invalidation: `identityTemplate` and/or `identityId`.
-pub(crate) fn identity_selector(body: &[u8]) -> Result<IdentitySelector, ApiError> {
+pub(crate) fn identity_selector(body: &[u8]) -> Result<IdentitySelector, Refusal> {
     let fields = object_body(
         body,
         &["identityTemplate", "identityId"],
@@ -219,7 +216,7 @@ pub(crate) fn identity_selector(body: &[u8]) -> Result<IdentitySelector, ApiErro
         identity_id: field("identityId")?,
     };
     if selector.identity_template.is_none() && selector.identity_id.is_none() {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "missing_field",
             "name identityTemplate, identityId or both",
         ));
@@ -233,9 +230,9 @@ pub(crate) fn keyed_selector(
     cache: &str,
     ids: &str,
     config: &ApiConfig,
-) -> Result<KeyedSelector, ApiError> {
+) -> Result<KeyedSelector, Refusal> {
     let cache = CacheName::new(cache)
-        .map_err(|err| ApiError::bad_request("invalid_cache_name", err.to_string()))?;
+        .map_err(|err| Refusal::bad_request("invalid_cache_name", err.to_string()))?;
     if ids == "*" {
         return Ok(KeyedSelector {
             cache: cache.to_string(),
@@ -252,15 +249,14 @@ pub(crate) fn keyed_selector(
     let mut list = Vec::new();
     for id in ids.split(',') {
         if id.contains('*') {
-            return Err(ApiError::bad_request(
+            return Err(Refusal::bad_request(
                 "unsupported_wildcard",
                 format!(
                     "id {id:?} is a pattern: only `*` alone (every entry) is supported; list the ids instead"
                 ),
             ));
         }
-        validate::keyed_id(id)
-            .map_err(|message| ApiError::bad_request("invalid_value", message))?;
+        validate::keyed_id(id).map_err(|message| Refusal::bad_request("invalid_value", message))?;
         list.push(id.to_owned());
     }
     list.sort();
@@ -273,7 +269,7 @@ pub(crate) fn keyed_selector(
 }
 
 /// A keyed-cache clear takes no body; an empty one or `{}` is accepted.
-pub(crate) fn empty_body(body: &[u8]) -> Result<(), ApiError> {
+pub(crate) fn empty_body(body: &[u8]) -> Result<(), Refusal> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }
@@ -285,17 +281,17 @@ fn present<'a>(fields: &'a Map<String, Value>, name: &str) -> Option<&'a Value> 
     fields.get(name).filter(|v| !v.is_null())
 }
 
-fn string_value(name: &str, value: &Value) -> Result<String, ApiError> {
+fn string_value(name: &str, value: &Value) -> Result<String, Refusal> {
     let Value::String(s) = value else {
         return Err(wrong_type(name, "a string"));
     };
     validate::selector_value(name, s)
-        .map_err(|message| ApiError::bad_request("invalid_value", message))?;
+        .map_err(|message| Refusal::bad_request("invalid_value", message))?;
     Ok(s.clone())
 }
 
-fn wrong_type(name: &str, expected: &str) -> ApiError {
-    ApiError::bad_request("invalid_field_type", format!("{name} must be {expected}"))
+fn wrong_type(name: &str, expected: &str) -> Refusal {
+    Refusal::bad_request("invalid_field_type", format!("{name} must be {expected}"))
 }
 
 #[cfg(test)]
@@ -304,7 +300,7 @@ mod tests {
 
     /// What a parser gives for one input: the selector (as debug text, sorted and deduplicated
     /// as it will be published) or the error code.
-    fn outcome<T: std::fmt::Debug>(result: Result<T, ApiError>) -> String {
+    fn outcome<T: std::fmt::Debug>(result: Result<T, Refusal>) -> String {
         match result {
             Ok(value) => format!("{value:?}"),
             Err(err) => format!("error {}", err.code),
