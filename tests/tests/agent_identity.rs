@@ -3,31 +3,38 @@
 
 use std::time::Duration;
 
-use cachecast_e2e::{Signal, Stack, cachecast};
+use cachecast_e2e::{ChildProcess, Signal, Stack, cachecast};
 
 const STARTUP: Duration = Duration::from_secs(30);
 const EXIT: Duration = Duration::from_secs(20);
+
+/// An agent process with the id every test here shares.
+const TWIN: [&str; 7] = [
+    "agent",
+    "--env",
+    "dev",
+    "--id",
+    "twin",
+    "--heartbeat",
+    "300ms",
+];
+
+/// Starts a `twin` and waits until it is live.
+async fn live_twin(url: &str, which: &str) -> ChildProcess {
+    let twin = cachecast(url, &TWIN);
+    twin.wait_for_output("agent is live", STARTUP)
+        .await
+        .unwrap_or_else(|e| panic!("{which} agent: {e}"));
+    twin
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_with_a_live_id_refuses_and_one_whose_id_was_taken_over_stops() {
     let stack = Stack::start().await;
     let url = stack.nats.url();
-    let args = [
-        "agent",
-        "--env",
-        "dev",
-        "--id",
-        "twin",
-        "--heartbeat",
-        "300ms",
-    ];
-    let mut first = cachecast(&url, &args);
-    first
-        .wait_for_output("agent is live", STARTUP)
-        .await
-        .unwrap_or_else(|e| panic!("first agent: {e}"));
+    let mut first = live_twin(&url, "first").await;
 
-    let mut second = cachecast(&url, &args);
+    let mut second = cachecast(&url, &TWIN);
     let status = second.wait_exit(EXIT).await.expect("the second one exits");
     assert!(!status.success(), "{}", second.output());
     assert!(
@@ -40,11 +47,7 @@ async fn a_second_process_with_a_live_id_refuses_and_one_whose_id_was_taken_over
 
     // Paused, the first stops refreshing its key: a new process may take the id over.
     first.signal(Signal::SIGSTOP);
-    let third = cachecast(&url, &args);
-    third
-        .wait_for_output("agent is live", STARTUP)
-        .await
-        .unwrap_or_else(|e| panic!("third agent: {e}"));
+    let third = live_twin(&url, "third").await;
     first.signal(Signal::SIGCONT);
     let status = first.wait_exit(EXIT).await.expect("the paused one stops");
     assert!(!status.success(), "{}", first.output());
@@ -70,20 +73,7 @@ async fn a_second_process_with_a_live_id_refuses_and_one_whose_id_was_taken_over
 async fn a_late_last_write_of_a_paused_process_does_not_keep_its_id() {
     let stack = Stack::start().await;
     let url = stack.nats.url();
-    let args = [
-        "agent",
-        "--env",
-        "dev",
-        "--id",
-        "twin",
-        "--heartbeat",
-        "300ms",
-    ];
-    let first = cachecast(&url, &args);
-    first
-        .wait_for_output("agent is live", STARTUP)
-        .await
-        .unwrap_or_else(|e| panic!("first agent: {e}"));
+    let first = live_twin(&url, "first").await;
     first.signal(Signal::SIGSTOP);
     let client = cachecast_bus::connect(&stack.bus.nats, "late-writer")
         .await
@@ -101,7 +91,7 @@ async fn a_late_last_write_of_a_paused_process_does_not_keep_its_id() {
         .expect("read")
         .expect("the first agent's key");
 
-    let second = cachecast(&url, &args);
+    let second = cachecast(&url, &TWIN);
     second
         .wait_for_output("checking that it is gone", STARTUP)
         .await

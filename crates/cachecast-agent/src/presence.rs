@@ -274,12 +274,19 @@ async fn refresh(
                 .map(Some)
                 .map_err(|e| e.to_string())
         }
-        _ => store
-            .put(key, value.clone())
-            .await
-            .map(Some)
-            .map_err(|e| e.to_string()),
+        _ => reannounce(store, key, value).await.map(Some),
     }
+}
+
+/// Writes `value` under `key`, found absent (expired, or the bucket created anew), only if it
+/// still is: a write sent now can land after another process took the id over (a process
+/// paused right after sending it), and must not take the id back. A failure is retried at the
+/// next heartbeat, which then finds the other instance's key.
+async fn reannounce(store: &kv::Store, key: &str, value: &bytes::Bytes) -> Result<u64, String> {
+    store
+        .create(key, value.clone())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Whether another live process announces `key`: its value names another instance and it is
@@ -339,4 +346,44 @@ pub(crate) async fn register(
         .await?;
     tracing::info!(%cache, lifetime = %registration.lifetime, "cache registered: publishers expect it until it is forgotten");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn presence(instance: &str) -> bytes::Bytes {
+        Presence {
+            instance: instance.to_owned(),
+            ..Presence::default()
+        }
+        .to_bytes()
+    }
+
+    /// Soak seed 208: a process resumed with its key expired sent a re-announce that landed
+    /// after a new process had taken the id over, and took it back (the new one stopped).
+    #[tokio::test]
+    async fn a_late_reannounce_never_overwrites_another_processs_key() {
+        let nats = cachecast_testkit::nats().await;
+        let client = async_nats::connect(nats.url()).await.expect("client");
+        let store = async_nats::jetstream::new(client)
+            .create_key_value(kv::Config {
+                bucket: "presence-test".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("bucket");
+        let key = "dev.twin";
+        // Absent: the re-announce writes it.
+        reannounce(&store, key, &presence("mine"))
+            .await
+            .expect("an absent key is announced");
+        store.delete(key).await.expect("delete");
+        // Taken by another process between the look and the write: refused.
+        store.put(key, presence("theirs")).await.expect("theirs");
+        assert!(reannounce(&store, key, &presence("mine")).await.is_err());
+        let entry = store.entry(key).await.expect("read").expect("a key");
+        let holder = Presence::from_bytes(&entry.value).expect("presence");
+        assert_eq!(holder.instance, "theirs");
+    }
 }

@@ -10,8 +10,26 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts `size` servers routed to each other, each with its own store.
+    /// Starts `size` servers routed to each other, each with its own store. The route ports
+    /// are picked free beforehand, so another process may take one first: then the whole
+    /// cluster is started again on new ports (five tries).
     pub async fn start(size: usize) -> NatsCluster {
+        let mut tries = 5;
+        loop {
+            match Self::try_start(size).await {
+                Ok(cluster) => return cluster,
+                Err(error) if tries > 1 => {
+                    tries -= 1;
+                    eprintln!(
+                        "a cluster node did not start ({error}); starting the cluster again on other ports"
+                    );
+                }
+                Err(error) => panic!("a cluster node did not start: {error}"),
+            }
+        }
+    }
+
+    async fn try_start(size: usize) -> Result<NatsCluster, cachecast_nats_server::Error> {
         let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let routes = cluster_ports
             .iter()
@@ -32,18 +50,16 @@ impl NatsCluster {
                 // proxy must not fail over around it to an address the cluster advertised.
                 "--no_advertise".to_owned(),
             ];
-            NatsServer::builder(nats_binary())
-                .port(free_port())
-                .args(args)
-                .start()
+            // The client port is the server's pick (port 0): only the routes' are fixed.
+            NatsServer::builder(nats_binary()).args(args).start()
         });
-        // Started together: a clustered server waits for its routes before it is ready.
+        // Started together: a clustered server waits for its routes before it is ready. The
+        // nodes that did start are stopped when dropped.
         let nodes = futures::future::join_all(starts)
             .await
             .into_iter()
-            .map(|node| node.unwrap_or_else(|e| panic!("a cluster node did not start: {e}")))
-            .collect();
-        NatsCluster { nodes }
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(NatsCluster { nodes })
     }
 
     /// Every node's client URL, comma-separated, for a client that fails over.
