@@ -390,7 +390,7 @@ impl<B: CacheBackend> Agent<B> {
             let progress = self.progress.clone();
             progress.record(last_sequence, pending, 0);
             progress.handled_up_to(last_sequence);
-            let stream_created_ns = point.stream.created_ns;
+            let mut stream_created_ns = point.stream.created_ns;
             // Registered before the cache is flushed or caught up: from here on publishers
             // expect it, so no request can be answered without it while a PDP refills it.
             let mut registered = None;
@@ -432,9 +432,29 @@ impl<B: CacheBackend> Agent<B> {
             // unattended, in order (publishers still waiting for them get their acks).
             if point.resume_after.is_some() && pending > 0 {
                 tracing::info!(pending, "applying the events published while the cache was unattended");
+                // How long nothing may come before the agent asks whether what it waits for is
+                // still there.
+                let quiet = (self.config.heartbeat * 4).max(Duration::from_secs(1));
+                let mut gone = None;
                 let mut remaining = pending;
                 while remaining > 0 {
-                    match events.next().await {
+                    let Ok(next) = tokio::time::timeout(quiet, events.next()).await else {
+                        // The events it waits for may have expired, or the stream been deleted,
+                        // since the consumer counted them: they would never come (soak seeds
+                        // 55, 87 and 99 waited for good).
+                        let mut fresh = stream.clone();
+                        match fresh.info().await {
+                            Ok(info) => {
+                                gone = missed_events(last_sequence, stream_created_ns, StreamState::of(info));
+                                if gone.is_some() {
+                                    break;
+                                }
+                            }
+                            Err(err) => tracing::warn!(error = %err, "could not read the stream while catching up; waiting on"),
+                        }
+                        continue;
+                    };
+                    match next {
                         Some(Ok(message)) => {
                             let Ok(info) = message.info() else { continue };
                             let (sequence, left) = (info.stream_sequence, info.pending);
@@ -451,7 +471,28 @@ impl<B: CacheBackend> Agent<B> {
                         None => return Err(AgentError::ConsumerEnded),
                     }
                 }
-                tracing::info!(after = last_sequence, "caught up");
+                if let Some(gap) = gone {
+                    // As a start without a position: a consumer from the stream's end first,
+                    // then the flush, which covers every event up to there.
+                    tracing::warn!(reason = gap.reason(), after = last_sequence, "events to catch up on are gone from the stream; flushing instead");
+                    metrics::counter!("cachecast_agent_gaps_total", "env" => self.env.to_string(), "reason" => gap.reason())
+                        .increment(1);
+                    let (consumer, state) = retry("create the event consumer", || async {
+                        let mut fresh = stream.clone();
+                        let state = StreamState::of(fresh.info().await.map_err(|e| e.to_string())?);
+                        let consumer = consume(&stream, &self.env, &self.id, state.last_sequence).await?;
+                        Ok::<_, String>((consumer, state))
+                    })
+                    .await;
+                    retry("flush the cache", || self.flush(gap.reason())).await;
+                    events = consumer.events;
+                    last_sequence = consumer.starts_after;
+                    stream_created_ns = state.created_ns;
+                    progress.record(last_sequence, consumer.pending, 0);
+                    progress.handled_up_to(last_sequence);
+                } else {
+                    tracing::info!(after = last_sequence, "caught up");
+                }
             }
             // Stored before the agent is visible: one killed right after it announced itself
             // must leave a position behind, or the next agent flushes instead of catching up

@@ -62,7 +62,9 @@ impl Server {
                 stopped,
             ))
         });
-        let router = http::router(publisher, verifier, config.clone()).merge(admin);
+        let (router, peers) = http::router(publisher, verifier, config.clone());
+        let router = router.merge(admin);
+        let peers = tokio::spawn(peers);
         let delay = config.shutdown_delay;
         let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
         let http_shutdown = async move {
@@ -99,6 +101,9 @@ impl Server {
                 _ => {}
             }
         }
+        // Nothing is served any more: no status to tell other replicas about.
+        peers.abort();
+        peers.await.ok();
         cachecast_bus::flush(&client, config.max_timeout.min(Duration::from_secs(5))).await;
         served
     }

@@ -56,8 +56,14 @@ struct Api {
     requests: Arc<requests::Requests>,
 }
 
-/// The API's routes.
-pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Router {
+/// The API's routes, and the work that answers other replicas asking about this one's
+/// asynchronous requests (a status `GET` may reach any replica): the caller runs it next to
+/// the routes and stops it with them.
+pub fn router(
+    publisher: Publisher,
+    verifier: Verifier,
+    config: ApiConfig,
+) -> (Router, impl Future<Output = ()> + Send + 'static) {
     let api = Arc::new(Api {
         publisher,
         verifier,
@@ -71,11 +77,11 @@ pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Ro
         ),
         config,
     });
-    tokio::spawn(requests::answer_peers(
+    let peers = requests::answer_peers(
         api.publisher.client().clone(),
         Arc::downgrade(&api.requests),
-    ));
-    Router::new()
+    );
+    let routes = Router::new()
         .route(
             "/api/1.0/runtime/caches/response/{env_id}/invalidate",
             post(invalidate_response),
@@ -114,7 +120,8 @@ pub fn router(publisher: Publisher, verifier: Verifier, config: ApiConfig) -> Ro
                 ),
             )
         })
-        .with_state(api)
+        .with_state(api);
+    (routes, peers)
 }
 
 /// Serves `router` on `listener` within the API's connection limits until `shutdown` resolves,
