@@ -229,11 +229,17 @@ struct Caches {
 }
 
 impl Caches {
-    /// What every cache holds now.
+    /// What every cache serves now (a memory cache whose agent cannot vouch for it serves
+    /// nothing, whatever it still holds).
     async fn read(&mut self) -> Contents {
         let mut contents = Contents::new();
         for (id, cache) in &self.memory {
-            contents.insert(id.clone(), cache.cache.keys().into_iter().collect());
+            let served = if cache.cache.is_serving() {
+                cache.cache.keys().into_iter().collect()
+            } else {
+                Default::default()
+            };
+            contents.insert(id.clone(), served);
         }
         for (id, view) in &mut self.redis {
             contents.insert(id.clone(), view.keys().await.into_iter().collect());

@@ -226,3 +226,72 @@ async fn a_lost_publish_ack_is_retried_without_doubling_the_event() {
     assert_eq!(stream.info().await.expect("info").state.messages, 1);
     agent.stop().await;
 }
+
+/// Soak seed 453: a memory agent cut off whose flushes fail. Publishers answer `200` without
+/// it, so its cache must serve nothing it still holds, and must not serve again, once back,
+/// until a flush has succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_cache_whose_flush_fails_serves_nothing_until_a_flush_succeeds() {
+    let stack = Stack::start().await;
+    let proxy = cachecast_e2e::TcpProxy::start(stack.nats.port()).await;
+    let cache = cachecast_e2e::FaultyCache::default();
+    let heartbeat = Duration::from_millis(200);
+    let config = cachecast_agent::AgentConfig {
+        heartbeat,
+        ..cachecast_agent::AgentConfig::default()
+    };
+    let agent = stack
+        .agent_builder("dev", "failing")
+        .via(&proxy.nats_url())
+        .config(config)
+        .start(cache.clone())
+        .await;
+    stack.wait_for_agents("dev", 1).await;
+    cache
+        .cache
+        .insert("k", "s1", "u1", bytes::Bytes::from_static(b"permit"));
+    cache.set_mode(cachecast_e2e::EvictionMode::Failing);
+
+    proxy.cut();
+    // Publishers stop expecting it, and a request is answered without it.
+    stack.wait_for_agents("dev", 0).await;
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s1"}"#, "?timeout=500ms")
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body["_nodes"]["total"], 0, "{}", answer.body);
+    assert!(
+        cache.cache.contains("k"),
+        "the flush failed: the entry is still held"
+    );
+    assert_eq!(
+        cache.cache.get("k"),
+        None,
+        "but a suspended cache serves nothing"
+    );
+
+    // Back, its flushes still failing: it stays suspended, however many heartbeats pass.
+    proxy.restore();
+    stack.wait_for_agents("dev", 1).await;
+    let flushes = cache.evictions_started();
+    eventually(
+        "the agent tries to flush again",
+        Duration::from_secs(5),
+        || std::future::ready(cache.evictions_started() >= flushes + 3),
+    )
+    .await;
+    assert_eq!(
+        cache.cache.get("k"),
+        None,
+        "served again before a flush succeeded"
+    );
+
+    // A flush succeeds: the cache is empty, and serves (and caches) again a heartbeat later.
+    cache.set_mode(cachecast_e2e::EvictionMode::Normal);
+    eventually("the cache serves again", Duration::from_secs(5), || {
+        std::future::ready(cache.cache.is_serving())
+    })
+    .await;
+    assert!(!cache.cache.contains("k"));
+    agent.stop().await;
+}

@@ -471,6 +471,18 @@ impl<B: CacheBackend> Agent<B> {
                         None => return Err(AgentError::ConsumerEnded),
                     }
                 }
+                if gone.is_none() {
+                    // The consumer skips an event that expired while later ones still came: if
+                    // the stream no longer holds every event since the stored position, one of
+                    // this environment's may be among them. Flushing is the safe side.
+                    let resumed_from = point.resume_after.unwrap_or(last_sequence);
+                    let state = retry("read the stream after catching up", || async {
+                        let mut fresh = stream.clone();
+                        fresh.info().await.map(StreamState::of).map_err(|e| e.to_string())
+                    })
+                    .await;
+                    gone = missed_events(resumed_from, stream_created_ns, state);
+                }
                 if let Some(gap) = gone {
                     // As a start without a position: a consumer from the stream's end first,
                     // then the flush, which covers every event up to there.

@@ -429,11 +429,13 @@ const FRESHNESS_CHECK: Duration = Duration::from_millis(250);
 
 /// While presence writes fail, publishers stop expecting this agent three heartbeats after its
 /// last one, and answer without it, but the agent cannot hear their events: so after two
-/// heartbeats without a successful write it stops the cache from caching and flushes it, and
-/// again every heartbeat while the outage lasts; it serves again a heartbeat after presence is
-/// fresh. For a cache in the agent's
-/// process only: a persistent cache stays registered, so publishers keep expecting it (and
-/// answer `424 unattended`) however long its agent is cut off.
+/// heartbeats without a successful write it suspends the cache (it caches and serves nothing)
+/// and flushes it, and again every heartbeat while the outage lasts. Once presence is fresh it
+/// serves again a heartbeat after a flush that succeeded since the outage began: a cache whose
+/// flush fails stays suspended, flushed every heartbeat, until one succeeds (soak seed 453: a
+/// failing cache served again what a `200` answered without it had invalidated). For a cache
+/// in the agent's process only: a persistent cache stays registered, so publishers keep
+/// expecting it (and answer `424 unattended`) however long its agent is cut off.
 pub(crate) async fn flush_while_presence_stale<B: CacheBackend>(
     flusher: Flusher<B>,
     last_write: Arc<std::sync::Mutex<Instant>>,
@@ -441,7 +443,10 @@ pub(crate) async fn flush_while_presence_stale<B: CacheBackend>(
 ) {
     let period = (heartbeat / 8).clamp(Duration::from_millis(5), FRESHNESS_CHECK);
     let mut ticker = tokio::time::interval(period);
+    // Set while suspended for an outage: when to flush next.
     let mut next_flush: Option<Instant> = None;
+    // Whether a flush succeeded since the outage began.
+    let mut clean = false;
     // Back from an outage, the cache serves a heartbeat after presence is fresh: by then
     // publishers have seen it and wait for this agent's acks again. Serving as soon as a write
     // succeeded let a fill in between outlive a `200` answered without it (the fault schedule
@@ -454,7 +459,17 @@ pub(crate) async fn flush_while_presence_stale<B: CacheBackend>(
             .unwrap_or_else(|p| p.into_inner())
             .elapsed();
         if since < heartbeat * 2 {
-            if next_flush.take().is_some() {
+            if let Some(at) = next_flush {
+                if !clean {
+                    if Instant::now() >= at {
+                        clean = flush_counted(&flusher).await;
+                        next_flush = Some(Instant::now() + heartbeat);
+                    }
+                    if !clean {
+                        continue;
+                    }
+                }
+                next_flush = None;
                 tracing::info!(
                     "presence is refreshed again: the cache serves again in a heartbeat, once publishers expect this agent"
                 );
@@ -473,14 +488,24 @@ pub(crate) async fn flush_while_presence_stale<B: CacheBackend>(
         if next_flush.is_none() {
             tracing::warn!(
                 ?since,
-                "presence is not being refreshed: publishers will stop expecting this agent; the cache caches nothing until it is back"
+                "presence is not being refreshed: publishers will stop expecting this agent; the cache caches and serves nothing until it is back"
             );
             flusher.suspend(Suspender::StalePresence, true);
+            clean = false;
         }
-        if let Err(err) = flusher.flush("disconnected").await {
-            tracing::warn!(%err, "could not flush while disconnected");
-        }
+        clean = flush_counted(&flusher).await || clean;
         next_flush = Some(Instant::now() + heartbeat);
+    }
+}
+
+/// One flush of a cut-off cache; whether it succeeded.
+async fn flush_counted<B: CacheBackend>(flusher: &Flusher<B>) -> bool {
+    match flusher.flush("disconnected").await {
+        Ok(_) => true,
+        Err(err) => {
+            tracing::warn!(%err, "could not flush while disconnected; the cache stays suspended until a flush succeeds");
+            false
+        }
     }
 }
 

@@ -42,8 +42,9 @@ struct Index {
     identities: HashMap<String, HashMap<String, Bytes>>,
     /// The keyed caches served, by name; entries by id.
     keyed: BTreeMap<CacheName, HashMap<String, Bytes>>,
-    /// Set while its agent cannot vouch for it (cut off, lagging): nothing is cached, so
-    /// nothing is served that an invalidation it cannot hear should have removed.
+    /// Set while its agent cannot vouch for it (cut off, lagging, stopped): nothing is cached
+    /// and nothing is served, so nothing is served that an invalidation it cannot hear should
+    /// have removed, even when its flush fails (soak seed 453).
     suspended: bool,
 }
 
@@ -90,9 +91,18 @@ impl MemoryCache {
         true
     }
 
-    /// The cached value of `key`, if any.
+    /// The cached value of `key`, if any; nothing while the cache does not serve.
     pub fn get(&self, key: &str) -> Option<Bytes> {
-        self.lock().entries.get(key).map(|e| e.value.clone())
+        let index = self.lock();
+        if index.suspended {
+            return None;
+        }
+        index.entries.get(key).map(|e| e.value.clone())
+    }
+
+    /// Whether the cache serves now: not while its agent cannot vouch for it.
+    pub fn is_serving(&self) -> bool {
+        !self.lock().suspended
     }
 
     /// True if `key` is cached.
@@ -137,9 +147,13 @@ impl MemoryCache {
         true
     }
 
-    /// The cached attributes of `identity_id` of `template`, if any.
+    /// The cached attributes of `identity_id` of `template`, if any; nothing while the cache
+    /// does not serve.
     pub fn get_identity(&self, template: &str, identity_id: &str) -> Option<Bytes> {
         let index = self.lock();
+        if index.suspended {
+            return None;
+        }
         index.identities.get(template)?.get(identity_id).cloned()
     }
 
@@ -166,9 +180,14 @@ impl MemoryCache {
         index.evictions == ticket.0 && index.store_keyed(cache, id, value)
     }
 
-    /// The value cached under `id` in the keyed cache `cache`, if any.
+    /// The value cached under `id` in the keyed cache `cache`, if any; nothing while the cache
+    /// does not serve.
     pub fn get_keyed(&self, cache: &str, id: &str) -> Option<Bytes> {
-        self.lock().keyed.get(cache)?.get(id).cloned()
+        let index = self.lock();
+        if index.suspended {
+            return None;
+        }
+        index.keyed.get(cache)?.get(id).cloned()
     }
 
     /// How many entries the keyed cache `cache` holds (0 if it is not served).
