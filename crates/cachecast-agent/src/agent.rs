@@ -430,7 +430,7 @@ impl<B: CacheBackend> Agent<B> {
             self.backend.set_serving(true);
             // Catch up before saying it is live: the events published while the cache was
             // unattended, in order (publishers still waiting for them get their acks).
-            if point.resume_after.is_some() && pending > 0 {
+            if let Some(resumed_from) = point.resume_after.filter(|_| pending > 0) {
                 tracing::info!(pending, "applying the events published while the cache was unattended");
                 // How long nothing may come before the agent asks whether what it waits for is
                 // still there.
@@ -475,7 +475,6 @@ impl<B: CacheBackend> Agent<B> {
                     // The consumer skips an event that expired while later ones still came: if
                     // the stream no longer holds every event since the stored position, one of
                     // this environment's may be among them. Flushing is the safe side.
-                    let resumed_from = point.resume_after.unwrap_or(last_sequence);
                     let state = retry("read the stream after catching up", || async {
                         let mut fresh = stream.clone();
                         fresh.info().await.map(StreamState::of).map_err(|e| e.to_string())
