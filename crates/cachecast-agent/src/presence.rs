@@ -293,7 +293,12 @@ async fn reannounce(store: &kv::Store, key: &str, value: &bytes::Bytes) -> Resul
 /// refreshed in each of two windows of one and a half of that process's heartbeats. A key left
 /// by a crashed process is not refreshed, so a restart with the same id waits that long, then
 /// goes on. Two windows, because one write can land late: the last one a process sent before
-/// it was paused or killed, held up by a server still recovering after a restart.
+/// it was paused or killed, held up by a server still recovering after a restart. Only a
+/// newer revision counts as a write: in a cluster every replica answers a direct get, and one
+/// that lags answers an older revision (the likely cause of soak seed 3: a new agent refused
+/// its id on a cluster while the old process was paused). A
+/// lagging read can only make this check let the new process in, which the old one then
+/// notices at its next heartbeat (its revision-checked write fails) and stops.
 async fn held_by_another(
     store: &kv::Store,
     key: &str,
@@ -323,7 +328,7 @@ async fn held_by_another(
     for _ in 0..2 {
         tokio::time::sleep(window).await;
         match read(key).await? {
-            Some((now, _)) if now != revision => revision = now,
+            Some((now, _)) if now > revision => revision = now,
             _ => return Ok(false),
         }
     }
