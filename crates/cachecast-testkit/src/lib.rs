@@ -27,7 +27,7 @@ pub use child::ChildProcess;
 pub use cluster::NatsCluster;
 pub use nix::sys::signal::Signal;
 pub use proxy::TcpProxy;
-pub use redis::{RedisServer, redis};
+pub use redis::{RedisCluster, RedisServer, redis};
 
 /// The root of the cachecast workspace (where the top-level `Cargo.toml` is).
 pub fn workspace_root() -> PathBuf {

@@ -226,6 +226,98 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Cluster of redis-server children on 127.0.0.1, made with `redis-cli --cluster
+/// create`. Dropping it kills every node.
+#[derive(Debug)]
+pub struct RedisCluster {
+    /// Masters first, then replicas (as `redis-cli --cluster create` assigns them).
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `masters` masters with `replicas` replicas each, joins them into a cluster that
+    /// serves all 16384 slots, and waits (at most 30 s) until every node says so. `DEBUG` is
+    /// allowed, so a test can make a replica differ from its master (`DEBUG POPULATE`).
+    ///
+    /// Panics if redis-server or redis-cli is missing or the cluster does not form.
+    pub async fn start(masters: usize, replicas: usize) -> RedisCluster {
+        let redis_cli = find_on_path("redis-cli").unwrap_or_else(|| {
+            panic!("redis-cli not found: apt-get install redis-tools (scripts/test does this)")
+        });
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-node-timeout",
+            "1000",
+            "--enable-debug-command",
+            "local",
+        ];
+        let mut nodes = Vec::new();
+        for _ in 0..masters * (1 + replicas) {
+            nodes.push(RedisServer::start_with(&args).await);
+        }
+        let mut create = Command::new(&redis_cli);
+        create.args(["--cluster", "create"]);
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port()));
+        }
+        create.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
+        let output = create
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("could not run {}: {e}", redis_cli.display()));
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cluster = RedisCluster { nodes };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in &cluster.nodes {
+            loop {
+                let info = cluster.cli(node.port(), &["CLUSTER", "INFO"]).await;
+                let replication = cluster.cli(node.port(), &["INFO", "replication"]).await;
+                let joined = info.contains("cluster_state:ok")
+                    && info.contains(&format!("cluster_known_nodes:{}", cluster.nodes.len()));
+                let synced = !replication.contains("role:slave")
+                    || replication.contains("master_link_status:up");
+                if joined && synced {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the Redis Cluster did not form within 30 s; node {} says:\n{info}{replication}",
+                    node.port()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        cluster
+    }
+
+    /// `redis://127.0.0.1:<port>` of the first node (a master).
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    /// Runs `redis-cli -p <port> <args>` and returns what it printed. Panics if it fails.
+    pub async fn cli(&self, port: u16, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("could not run redis-cli: {e}"));
+        assert!(
+            output.status.success(),
+            "redis-cli -p {port} {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
 /// PING in RESP over a raw TCP connection; `Ok` only for `+PONG`.
 async fn ping(port: u16) -> io::Result<()> {
     let exchange = async {

@@ -119,6 +119,10 @@ pub enum BackendError {
     /// start rather than confirm evictions it cannot make everywhere.
     #[error("{0}")]
     Unsupported(String),
+    /// A Redis Cluster that cannot confirm an eviction now: a master failing, a slot without
+    /// a master, or a topology that kept changing during the eviction.
+    #[error("the Redis Cluster cannot confirm the eviction: {0}")]
+    ClusterUnsettled(String),
     /// A failure of a backend outside this crate.
     #[error("{0}")]
     Custom(#[source] Box<dyn std::error::Error + Send + Sync>),

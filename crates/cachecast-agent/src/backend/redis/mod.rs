@@ -6,21 +6,32 @@
 //! An eviction turns the selector into keys: a template whose every part is known names one
 //! key, removed with `UNLINK` at once; otherwise the open parts become `*` and a `SCAN MATCH`
 //! finds the keys, removed with batched `UNLINK`: never `KEYS`, so Redis keeps serving.
+//!
+//! A Redis Cluster is found at the first connection (`redis_mode:cluster`) and then served
+//! through every master (`cluster.rs`).
+
+mod cluster;
+mod template;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cachecast_proto::{CacheId, CacheName, EnvId, IdentitySelector, ResponseSelector};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
+use self::cluster::Cluster;
+use self::template::{IDENTITY_VARS, KEYED_VARS, KeyTemplate, Keys, RESPONSE_VARS};
 use super::{BackendError, CacheBackend, Continuity, Position};
 
 /// Settings of the Redis backend.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port[/db]`. Its password never appears in `--print-config`.
+    /// `redis://[:password@]host:port[/db]`: a standalone Redis, or any node of a Redis Cluster
+    /// (found at the first connection; evictions then run on every master). Its password
+    /// never appears in `--print-config`.
     #[serde(serialize_with = "cachecast_bus::serialize_redacted_url")]
     pub url: String,
     /// Key layout of cached PDP responses.
@@ -55,7 +66,12 @@ impl Default for RedisConfig {
 /// Evicts PDP responses from Redis.
 #[derive(Clone)]
 pub struct RedisBackend {
+    /// To the configured node: the cache itself, or a cluster's seed.
     conn: ConnectionManager,
+    /// What the configured node turned out to be, at the first connection.
+    mode: Arc<tokio::sync::OnceCell<Mode>>,
+    client: redis::Client,
+    manager_config: ConnectionManagerConfig,
     /// Derived from the URL: `redis-<host>-<port>-db<n>`.
     cache_id: CacheId,
     templates: Templates,
@@ -125,7 +141,7 @@ impl RedisBackend {
             .set_response_timeout(Some(config.command_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())?;
         let (host, port, path) = super::url_location(&config.url).unwrap_or(("unknown", None, ""));
         let db = path.trim_start_matches('/');
         let db = if db.is_empty() { "0" } else { db };
@@ -133,6 +149,9 @@ impl RedisBackend {
             super::cache_id_for("redis", host, &[port.unwrap_or("6379"), &format!("db{db}")]);
         Ok(Self {
             conn,
+            mode: Arc::default(),
+            client,
+            manager_config,
             cache_id,
             templates,
             scan_count: config.scan_count.max(1),
@@ -140,8 +159,38 @@ impl RedisBackend {
         })
     }
 
+    /// What the configured Redis is: asked once, at the first command that reaches it.
+    async fn mode(&self) -> Result<&Mode, BackendError> {
+        self.mode
+            .get_or_try_init(|| async {
+                let mut conn = self.conn.clone();
+                let info: String = redis::cmd("INFO")
+                    .arg("server")
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(match redis_mode(&info)? {
+                    RedisMode::Standalone => Mode::Standalone,
+                    RedisMode::Cluster => {
+                        tracing::info!(
+                            "redis.url names a Redis Cluster node: evicting on every master"
+                        );
+                        Mode::Cluster(Arc::new(Cluster::new(
+                            self.client.get_connection_info().clone(),
+                            self.manager_config.clone(),
+                            self.scan_count,
+                            self.unlink_batch,
+                        )?))
+                    }
+                })
+            })
+            .await
+    }
+
     /// Removes every key in `keys`: exact keys in batched `UNLINK`s, patterns by `SCAN`.
     async fn evict_keys(&self, keys: Vec<Keys>) -> Result<u64, BackendError> {
+        if let Mode::Cluster(cluster) = self.mode().await? {
+            return cluster.evict(&keys).await;
+        }
         let mut removed = 0;
         let mut exact = Vec::new();
         for keys in keys {
@@ -252,16 +301,34 @@ impl CacheBackend for RedisBackend {
         cache: &CacheId,
         position: Position,
     ) -> Result<(), BackendError> {
-        let mut conn = self.conn.clone();
-        let () = redis::cmd("SET")
-            .arg(position_key(env, cache))
-            .arg(position.encode())
-            .query_async(&mut conn)
-            .await?;
-        Ok(())
+        let key = position_key(env, cache);
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg(position.encode());
+        match self.mode().await? {
+            Mode::Cluster(cluster) => cluster.on_key(&key, &set).await,
+            Mode::Standalone => Ok(set.query_async(&mut self.conn.clone()).await?),
+        }
     }
 
     async fn continuity(&self, env: &EnvId, cache: &CacheId) -> Result<Continuity, BackendError> {
+        if let Mode::Cluster(cluster) = self.mode().await? {
+            let run_ids = cluster.run_ids().await?;
+            let get = |key: String| {
+                let mut get = redis::cmd("GET");
+                get.arg(key);
+                get
+            };
+            let marked: Option<String> = cluster
+                .on_key(&run_id_key(cache), &get(run_id_key(cache)))
+                .await?;
+            let position: Option<String> = cluster
+                .on_key(&position_key(env, cache), &get(position_key(env, cache)))
+                .await?;
+            return Ok(Continuity {
+                position: position.as_deref().and_then(Position::decode),
+                restarted: marked.as_deref() != Some(run_ids.as_str()),
+            });
+        }
         let mut conn = self.conn.clone();
         let (info, marked, position): (String, Option<String>, Option<String>) = redis::pipe()
             .cmd("INFO")
@@ -279,6 +346,11 @@ impl CacheBackend for RedisBackend {
     }
 
     async fn mark_continuous(&self, cache: &CacheId) -> Result<(), BackendError> {
+        if let Mode::Cluster(cluster) = self.mode().await? {
+            let mut set = redis::cmd("SET");
+            set.arg(run_id_key(cache)).arg(cluster.run_ids().await?);
+            return cluster.on_key(&run_id_key(cache), &set).await;
+        }
         let mut conn = self.conn.clone();
         let info: String = redis::cmd("INFO")
             .arg("server")
@@ -293,37 +365,45 @@ impl CacheBackend for RedisBackend {
     }
 
     async fn check(&self) -> Result<(), BackendError> {
+        if let Mode::Cluster(cluster) = self.mode().await? {
+            // Ready only while an eviction could be confirmed on every master.
+            return cluster.topology().await.map(|_| ());
+        }
         let mut conn = self.conn.clone();
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
         Ok(())
     }
 
     async fn supported(&self) -> Result<(), BackendError> {
-        let mut conn = self.conn.clone();
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await?;
-        refuse_mode(&info)
+        self.mode().await.map(|_| ())
     }
 }
 
-/// Refuses every Redis but a standalone one, from its `INFO server`: one connection's `SCAN`
-/// sees one master of a cluster, so an eviction there would be confirmed while other masters
-/// still hold the keys; a Sentinel holds no cache.
-fn refuse_mode(info: &str) -> Result<(), BackendError> {
+/// How the configured Redis serves the cache.
+#[derive(Debug)]
+enum Mode {
+    Standalone,
+    Cluster(Arc<Cluster>),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RedisMode {
+    Standalone,
+    Cluster,
+}
+
+/// The mode in `INFO server`. A Sentinel holds no cache, so it is refused.
+fn redis_mode(info: &str) -> Result<RedisMode, BackendError> {
     let mode = info
         .lines()
         .find_map(|l| l.strip_prefix("redis_mode:"))
         .map(str::trim)
         .unwrap_or("standalone");
     match mode {
-        "standalone" => Ok(()),
-        "cluster" => Err(BackendError::Unsupported(
-            "redis.url points at a Redis Cluster node (redis_mode:cluster): this agent evicts through one node, so it would confirm evictions while other masters still hold the keys; point redis.url at a standalone Redis until cluster support lands".into(),
-        )),
+        "standalone" => Ok(RedisMode::Standalone),
+        "cluster" => Ok(RedisMode::Cluster),
         other => Err(BackendError::Unsupported(format!(
-            "redis.url points at a Redis in mode {other:?}, not a standalone server holding the cache; point it at the Redis the PDP caches in"
+            "redis.url points at a Redis in mode {other:?}, not a server holding the cache; point it at the Redis (or a node of the Redis Cluster) the PDP caches in"
         ))),
     }
 }
@@ -352,238 +432,26 @@ fn run_id(info: &str) -> Result<&str, BackendError> {
         ))
 }
 
-/// A parsed key template over a fixed set of placeholders.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct KeyTemplate {
-    parts: Vec<Part>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Literal(String),
-    /// The placeholder at this index of the template's placeholder list.
-    Var(usize),
-}
-
-/// The placeholders of each kind of template, in the order their values are passed.
-const RESPONSE_VARS: &[&str] = &["env", "scopeClientId", "identityId"];
-const IDENTITY_VARS: &[&str] = &["env", "identityTemplate", "identityId"];
-const KEYED_VARS: &[&str] = &["env", "id"];
-
-/// What one rendered template addresses: one key, or every key a `SCAN MATCH` pattern finds.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum Keys {
-    Exact(String),
-    Pattern(String),
-}
-
-impl KeyTemplate {
-    /// Parses `template` (the setting `setting`) over the placeholders `vars`.
-    fn parse(setting: &str, template: &str, vars: &[&str]) -> Result<Self, BackendError> {
-        let bad = |why: &str| {
-            let names: Vec<String> = vars.iter().map(|v| format!("{{{v}}}")).collect();
-            BackendError::Setting(format!(
-                "{setting} {template:?} {why}; placeholders are {}",
-                names.join(", ")
-            ))
-        };
-        let mut parts = Vec::new();
-        let mut rest = template;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(Part::Literal(rest[..open].to_owned()));
-            }
-            let close = rest[open..]
-                .find('}')
-                .ok_or_else(|| bad("has an unclosed '{'"))?;
-            let name = &rest[open + 1..open + close];
-            let index = vars
-                .iter()
-                .position(|v| *v == name)
-                .ok_or_else(|| bad(&format!("has an unknown placeholder {{{name}}}")))?;
-            parts.push(Part::Var(index));
-            rest = &rest[open + close + 1..];
-        }
-        if !rest.is_empty() {
-            parts.push(Part::Literal(rest.to_owned()));
-        }
-        if parts.is_empty() {
-            return Err(bad("is empty"));
-        }
-        Ok(Self { parts })
-    }
-
-    /// The keys the template addresses with `values` (by placeholder index; `None` is open
-    /// and matches anything). Values are glob-escaped, so an id matches only itself.
-    fn render(&self, values: &[Option<&str>]) -> Keys {
-        let mut pattern = String::new();
-        let mut literal = String::new();
-        let mut exact = true;
-        for part in &self.parts {
-            match part {
-                Part::Literal(text) => {
-                    exact &= !text.contains(['*', '?', '[']);
-                    pattern.push_str(text);
-                    literal.push_str(text);
-                }
-                Part::Var(index) => match values.get(*index).copied().flatten() {
-                    Some(value) => {
-                        escape_glob(value, &mut pattern);
-                        literal.push_str(value);
-                    }
-                    None => {
-                        exact = false;
-                        pattern.push('*');
-                    }
-                },
-            }
-        }
-        if exact {
-            Keys::Exact(literal)
-        } else {
-            Keys::Pattern(pattern)
-        }
-    }
-
-    /// What covers everything `selector` matches in the response cache of `env`.
-    fn response_keys(&self, env: &EnvId, selector: &ResponseSelector) -> Vec<Keys> {
-        let identity = selector.identity_id.as_deref();
-        let mut keys: Vec<Keys> = if selector.scope_client_ids.is_empty() {
-            vec![self.render(&[Some(env.as_str()), None, identity])]
-        } else {
-            selector
-                .scope_client_ids
-                .iter()
-                .map(|scope| self.render(&[Some(env.as_str()), Some(scope), identity]))
-                .collect()
-        };
-        keys.sort();
-        keys.dedup();
-        keys
-    }
-}
-
-/// Escapes Redis glob metacharacters, so an id matches only itself.
-fn escape_glob(value: &str, out: &mut String) {
-    for c in value.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn env() -> EnvId {
-        EnvId::new("dev").expect("valid")
-    }
-
-    fn response_template() -> KeyTemplate {
-        KeyTemplate::parse(
-            "redis.key_template",
-            &RedisConfig::default().key_template,
-            RESPONSE_VARS,
-        )
-        .expect("default parses")
-    }
-
-    fn patterns(keys: &[&str]) -> Vec<Keys> {
-        keys.iter()
-            .map(|k| Keys::Pattern((*k).to_owned()))
-            .collect()
-    }
-
     #[test]
-    fn only_a_standalone_redis_is_served() {
-        assert!(
-            refuse_mode("# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n").is_ok()
+    fn a_standalone_redis_or_a_cluster_is_served() {
+        let mode = |info: &str| redis_mode(info).map_err(|e| e.to_string());
+        assert_eq!(
+            mode("# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n"),
+            Ok(RedisMode::Standalone)
         );
-        assert!(
-            refuse_mode("redis_version:2.8\r\n").is_ok(),
+        assert_eq!(
+            mode("redis_version:2.8\r\n"),
+            Ok(RedisMode::Standalone),
             "before redis_mode existed"
         );
+        assert_eq!(mode("redis_mode:cluster\r\n"), Ok(RedisMode::Cluster));
         assert!(matches!(
-            refuse_mode("redis_mode:cluster\r\n"),
-            Err(BackendError::Unsupported(reason)) if reason.contains("Cluster")
+            redis_mode("redis_mode:sentinel\r\n"),
+            Err(BackendError::Unsupported(reason)) if reason.contains("sentinel")
         ));
-        assert!(matches!(
-            refuse_mode("redis_mode:sentinel\r\n"),
-            Err(BackendError::Unsupported(_))
-        ));
-    }
-
-    #[test]
-    fn open_parts_become_wildcards() {
-        let t = response_template();
-        let all = ResponseSelector::default();
-        assert_eq!(t.response_keys(&env(), &all), patterns(&["pdp:dev:*:*:*"]));
-        let scoped = ResponseSelector {
-            scope_client_ids: vec!["s2".into(), "s1".into(), "s1".into()],
-            identity_id: Some("alice".into()),
-        };
-        assert_eq!(
-            t.response_keys(&env(), &scoped),
-            patterns(&["pdp:dev:s1:alice:*", "pdp:dev:s2:alice:*"])
-        );
-    }
-
-    #[test]
-    fn a_fully_known_key_is_exact_and_not_escaped() {
-        let t = KeyTemplate::parse(
-            "t",
-            "id:{env}:{identityTemplate}:{identityId}",
-            IDENTITY_VARS,
-        )
-        .expect("parses");
-        assert_eq!(
-            t.render(&[Some("dev"), Some("User"), Some("a*b")]),
-            Keys::Exact("id:dev:User:a*b".into())
-        );
-        assert_eq!(
-            t.render(&[Some("dev"), None, Some("a*b")]),
-            Keys::Pattern(r"id:dev:*:a\*b".into())
-        );
-    }
-
-    #[test]
-    fn ids_cannot_smuggle_glob_patterns() {
-        let t = response_template();
-        let sel = ResponseSelector {
-            scope_client_ids: vec![],
-            identity_id: Some("a*[b]?\\".into()),
-        };
-        assert_eq!(
-            t.response_keys(&env(), &sel),
-            patterns(&[r"pdp:dev:*:a\*\[b\]\?\\:*"])
-        );
-    }
-
-    #[test]
-    fn bad_templates_name_the_problem() {
-        for (template, why) in [
-            ("pdp:{tenant}:*", "unknown placeholder {tenant}"),
-            ("pdp:{env", "unclosed"),
-            ("", "empty"),
-        ] {
-            let err = KeyTemplate::parse("redis.key_template", template, RESPONSE_VARS)
-                .expect_err(template)
-                .to_string();
-            assert!(err.contains(why), "{err}");
-            assert!(err.contains("redis.key_template"), "{err}");
-        }
-        let err = KeyTemplate::parse(
-            "redis.keyed_caches.apikeys",
-            "k:{scopeClientId}",
-            KEYED_VARS,
-        )
-        .expect_err("keyed templates have no scope")
-        .to_string();
-        assert!(
-            err.contains("redis.keyed_caches.apikeys") && err.contains("{id}"),
-            "{err}"
-        );
     }
 }
