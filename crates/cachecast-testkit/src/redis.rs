@@ -41,6 +41,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Passed to every start (a cluster node's settings, say).
     extra_args: Vec<String>,
+    /// A sentinel's configuration file (sentinels rewrite it), in `dir`.
+    sentinel_conf: Option<PathBuf>,
 }
 
 impl RedisServer {
@@ -55,19 +57,35 @@ impl RedisServer {
     /// Like [`RedisServer::start`], with more `redis-server` arguments (for a cluster node:
     /// `--cluster-enabled yes`; its `nodes.conf` goes to the server's own directory).
     pub async fn start_with(args: &[&str]) -> RedisServer {
+        Self::start_in(temp_dir(), args, None).await
+    }
+
+    /// Starts a Redis Sentinel (the same binary, `--sentinel`) that watches the master on
+    /// 127.0.0.1:`master_port` as `name`, alone (quorum 1), and calls it down after 1 s.
+    pub async fn start_sentinel(name: &str, master_port: u16) -> RedisServer {
+        let dir = temp_dir();
+        let conf = dir.path().join("sentinel.conf");
+        let text = format!(
+            "sentinel monitor {name} 127.0.0.1 {master_port} 1\n\
+             sentinel down-after-milliseconds {name} 1000\n\
+             sentinel failover-timeout {name} 10000\n"
+        );
+        fs::write(&conf, text)
+            .unwrap_or_else(|error| panic!("could not write {}: {error}", conf.display()));
+        Self::start_in(dir, &[], Some(conf)).await
+    }
+
+    async fn start_in(dir: TempDir, args: &[&str], sentinel_conf: Option<PathBuf>) -> RedisServer {
         let binary = find_on_path("redis-server").unwrap_or_else(|| {
             panic!("redis-server not found: apt-get install redis-server (scripts/test does this)")
         });
-        let dir = tempfile::Builder::new()
-            .prefix("cachecast-redis-")
-            .tempdir()
-            .unwrap_or_else(|error| panic!("could not create a temporary directory: {error}"));
         let mut server = RedisServer {
             binary,
             port: 0,
             dir,
             child: None,
             extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
+            sentinel_conf,
         };
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
@@ -170,6 +188,9 @@ impl RedisServer {
         let (stdout, stderr) = (open_log()?, open_log()?);
         let port = self.port.to_string();
         let mut command = Command::new(&self.binary);
+        if let Some(conf) = &self.sentinel_conf {
+            command.arg(conf).arg("--sentinel");
+        }
         command
             .args(["--bind", "127.0.0.1", "--port", &port])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
@@ -224,6 +245,13 @@ impl Drop for RedisServer {
             cachecast_nats_server::kill_and_reap(child);
         }
     }
+}
+
+fn temp_dir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("cachecast-redis-")
+        .tempdir()
+        .unwrap_or_else(|error| panic!("could not create a temporary directory: {error}"))
 }
 
 /// A Redis Cluster of redis-server children on 127.0.0.1, made with `redis-cli --cluster

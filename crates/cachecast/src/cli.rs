@@ -119,9 +119,18 @@ pub(crate) struct AgentArgs {
     /// Redis or callback address; agents sharing one cache share its id.
     #[arg(long, value_name = "ID")]
     pub(crate) cache_id: Option<cachecast_proto::CacheId>,
-    /// Redis URL for the redis backend (redis.url).
+    /// Redis URL for the redis backend (redis.url): a standalone Redis or any node of a Redis
+    /// Cluster (found at start; evictions then run on every master).
     #[arg(long, value_name = "URL")]
     pub(crate) redis_url: Option<String>,
+    /// A sentinel (host:port) that names the master holding the cache; repeat for each
+    /// (redis.sentinels). The agent then follows that master, and --redis-url gives only its
+    /// password and database.
+    #[arg(long = "redis-sentinel", value_name = "HOST:PORT")]
+    pub(crate) redis_sentinels: Vec<String>,
+    /// The name the sentinels know the master by (redis.sentinel_master, default mymaster).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) redis_sentinel_master: Option<String>,
     /// Redis key template over {env}, {scopeClientId}, {identityId} (redis.key_template).
     #[arg(long, value_name = "TEMPLATE")]
     pub(crate) key_template: Option<String>,
@@ -350,6 +359,11 @@ impl Cli {
                     }),
                 );
                 o.set("redis.url", a.redis_url.clone());
+                o.set(
+                    "redis.sentinels",
+                    (!a.redis_sentinels.is_empty()).then(|| a.redis_sentinels.clone()),
+                );
+                o.set("redis.sentinel_master", a.redis_sentinel_master.clone());
                 o.set("redis.key_template", a.key_template.clone());
                 o.set("http.url", a.callback_url.clone());
                 o.set("agent.admin_listen", a.admin_listen.clone());

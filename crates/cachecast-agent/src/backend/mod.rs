@@ -123,6 +123,9 @@ pub enum BackendError {
     /// a master, or a topology that kept changing during the eviction.
     #[error("the Redis Cluster cannot confirm the eviction: {0}")]
     ClusterUnsettled(String),
+    /// No sentinel in `redis.sentinels` answered.
+    #[error("no sentinel answered ({0}); check redis.sentinels and that the sentinels run")]
+    SentinelsUnreachable(String),
     /// A failure of a backend outside this crate.
     #[error("{0}")]
     Custom(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -8,9 +8,11 @@
 //! finds the keys, removed with batched `UNLINK`: never `KEYS`, so Redis keeps serving.
 //!
 //! A Redis Cluster is found at the first connection (`redis_mode:cluster`) and then served
-//! through every master (`cluster.rs`).
+//! through every master (`cluster.rs`). With `redis.sentinels` set, the agent follows the
+//! master the sentinels name (`sentinel.rs`).
 
 mod cluster;
+mod sentinel;
 mod template;
 
 use std::collections::BTreeMap;
@@ -22,6 +24,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
 use self::cluster::Cluster;
+use self::sentinel::Sentinel;
 use self::template::{IDENTITY_VARS, KEYED_VARS, KeyTemplate, Keys, RESPONSE_VARS};
 use super::{BackendError, CacheBackend, Continuity, Position};
 
@@ -47,6 +50,12 @@ pub struct RedisConfig {
     /// How long one Redis command may take.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// Sentinels (`host:port` each) that name the master holding the cache. When set, the
+    /// agent follows the master they name (a failover flushes the cache), and `url` gives
+    /// only the master's password and database.
+    pub sentinels: Vec<String>,
+    /// The name the sentinels know the master by (their `sentinel monitor` line).
+    pub sentinel_master: String,
 }
 
 impl Default for RedisConfig {
@@ -59,6 +68,8 @@ impl Default for RedisConfig {
             scan_count: 1000,
             unlink_batch: 500,
             command_timeout: Duration::from_secs(2),
+            sentinels: Vec::new(),
+            sentinel_master: "mymaster".into(),
         }
     }
 }
@@ -70,6 +81,8 @@ pub struct RedisBackend {
     conn: ConnectionManager,
     /// What the configured node turned out to be, at the first connection.
     mode: Arc<tokio::sync::OnceCell<Mode>>,
+    /// Set with `redis.sentinels`.
+    sentinel: Option<Arc<Sentinel>>,
     client: redis::Client,
     manager_config: ConnectionManagerConfig,
     /// Derived from the URL: `redis-<host>-<port>-db<n>`.
@@ -144,12 +157,28 @@ impl RedisBackend {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())?;
         let (host, port, path) = super::url_location(&config.url).unwrap_or(("unknown", None, ""));
         let db = path.trim_start_matches('/');
-        let db = if db.is_empty() { "0" } else { db };
-        let cache_id =
-            super::cache_id_for("redis", host, &[port.unwrap_or("6379"), &format!("db{db}")]);
+        let db = format!("db{}", if db.is_empty() { "0" } else { db });
+        let (cache_id, sentinel) = if config.sentinels.is_empty() {
+            let id = super::cache_id_for("redis", host, &[port.unwrap_or("6379"), &db]);
+            (id, None)
+        } else {
+            let sentinel = Sentinel::new(
+                &config.sentinels,
+                &config.sentinel_master,
+                client.get_connection_info().clone(),
+                manager_config.clone(),
+            )?;
+            // Named after the first sentinel in a fixed order, so agents listing the same
+            // sentinels in another order still name one cache.
+            let first = config.sentinels.iter().min().map_or("", String::as_str);
+            let (host, port) = first.rsplit_once(':').unwrap_or((first, ""));
+            let id = super::cache_id_for("redis", host, &[port, &config.sentinel_master, &db]);
+            (id, Some(Arc::new(sentinel)))
+        };
         Ok(Self {
             conn,
             mode: Arc::default(),
+            sentinel,
             client,
             manager_config,
             cache_id,
@@ -163,6 +192,9 @@ impl RedisBackend {
     async fn mode(&self) -> Result<&Mode, BackendError> {
         self.mode
             .get_or_try_init(|| async {
+                if let Some(sentinel) = &self.sentinel {
+                    return Ok(Mode::Sentinel(sentinel.clone()));
+                }
                 let mut conn = self.conn.clone();
                 let info: String = redis::cmd("INFO")
                     .arg("server")
@@ -186,20 +218,32 @@ impl RedisBackend {
             .await
     }
 
+    /// Where commands go now: one node (the configured Redis, or the master the sentinels
+    /// name), or the masters of a cluster.
+    async fn target(&self) -> Result<Target, BackendError> {
+        Ok(match self.mode().await? {
+            Mode::Standalone => Target::Node(self.conn.clone()),
+            Mode::Sentinel(sentinel) => Target::Node(sentinel.master().await?),
+            Mode::Cluster(cluster) => Target::Cluster(cluster.clone()),
+        })
+    }
+
     /// Removes every key in `keys`: exact keys in batched `UNLINK`s, patterns by `SCAN`.
     async fn evict_keys(&self, keys: Vec<Keys>) -> Result<u64, BackendError> {
-        if let Mode::Cluster(cluster) = self.mode().await? {
-            return cluster.evict(&keys).await;
-        }
+        let mut conn = match self.target().await? {
+            Target::Cluster(cluster) => return cluster.evict(&keys).await,
+            Target::Node(conn) => conn,
+        };
         let mut removed = 0;
         let mut exact = Vec::new();
         for keys in keys {
             match keys {
                 Keys::Exact(key) => exact.push(key),
-                Keys::Pattern(pattern) => removed += self.evict_pattern(&pattern).await?,
+                Keys::Pattern(pattern) => {
+                    removed += self.evict_pattern(&mut conn, &pattern).await?
+                }
             }
         }
-        let mut conn = self.conn.clone();
         for batch in exact.chunks(self.unlink_batch) {
             let n: u64 = redis::cmd("UNLINK")
                 .arg(batch)
@@ -210,8 +254,11 @@ impl RedisBackend {
         Ok(removed)
     }
 
-    async fn evict_pattern(&self, pattern: &str) -> Result<u64, BackendError> {
-        let mut conn = self.conn.clone();
+    async fn evict_pattern(
+        &self,
+        conn: &mut ConnectionManager,
+        pattern: &str,
+    ) -> Result<u64, BackendError> {
         let mut cursor: u64 = 0;
         let mut removed = 0u64;
         loop {
@@ -222,13 +269,10 @@ impl RedisBackend {
                 .arg(pattern)
                 .arg("COUNT")
                 .arg(self.scan_count)
-                .query_async(&mut conn)
+                .query_async(conn)
                 .await?;
             for batch in keys.chunks(self.unlink_batch) {
-                let n: u64 = redis::cmd("UNLINK")
-                    .arg(batch)
-                    .query_async(&mut conn)
-                    .await?;
+                let n: u64 = redis::cmd("UNLINK").arg(batch).query_async(conn).await?;
                 removed += n;
             }
             if next == 0 {
@@ -304,32 +348,34 @@ impl CacheBackend for RedisBackend {
         let key = position_key(env, cache);
         let mut set = redis::cmd("SET");
         set.arg(&key).arg(position.encode());
-        match self.mode().await? {
-            Mode::Cluster(cluster) => cluster.on_key(&key, &set).await,
-            Mode::Standalone => Ok(set.query_async(&mut self.conn.clone()).await?),
+        match self.target().await? {
+            Target::Cluster(cluster) => cluster.on_key(&key, &set).await,
+            Target::Node(mut conn) => Ok(set.query_async(&mut conn).await?),
         }
     }
 
     async fn continuity(&self, env: &EnvId, cache: &CacheId) -> Result<Continuity, BackendError> {
-        if let Mode::Cluster(cluster) = self.mode().await? {
-            let run_ids = cluster.run_ids().await?;
-            let get = |key: String| {
-                let mut get = redis::cmd("GET");
-                get.arg(key);
-                get
-            };
-            let marked: Option<String> = cluster
-                .on_key(&run_id_key(cache), &get(run_id_key(cache)))
-                .await?;
-            let position: Option<String> = cluster
-                .on_key(&position_key(env, cache), &get(position_key(env, cache)))
-                .await?;
-            return Ok(Continuity {
-                position: position.as_deref().and_then(Position::decode),
-                restarted: marked.as_deref() != Some(run_ids.as_str()),
-            });
-        }
-        let mut conn = self.conn.clone();
+        let mut conn = match self.target().await? {
+            Target::Node(conn) => conn,
+            Target::Cluster(cluster) => {
+                let run_ids = cluster.run_ids().await?;
+                let get = |key: String| {
+                    let mut get = redis::cmd("GET");
+                    get.arg(key);
+                    get
+                };
+                let marked: Option<String> = cluster
+                    .on_key(&run_id_key(cache), &get(run_id_key(cache)))
+                    .await?;
+                let position: Option<String> = cluster
+                    .on_key(&position_key(env, cache), &get(position_key(env, cache)))
+                    .await?;
+                return Ok(Continuity {
+                    position: position.as_deref().and_then(Position::decode),
+                    restarted: marked.as_deref() != Some(run_ids.as_str()),
+                });
+            }
+        };
         let (info, marked, position): (String, Option<String>, Option<String>) = redis::pipe()
             .cmd("INFO")
             .arg("server")
@@ -346,12 +392,14 @@ impl CacheBackend for RedisBackend {
     }
 
     async fn mark_continuous(&self, cache: &CacheId) -> Result<(), BackendError> {
-        if let Mode::Cluster(cluster) = self.mode().await? {
-            let mut set = redis::cmd("SET");
-            set.arg(run_id_key(cache)).arg(cluster.run_ids().await?);
-            return cluster.on_key(&run_id_key(cache), &set).await;
-        }
-        let mut conn = self.conn.clone();
+        let mut conn = match self.target().await? {
+            Target::Node(conn) => conn,
+            Target::Cluster(cluster) => {
+                let mut set = redis::cmd("SET");
+                set.arg(run_id_key(cache)).arg(cluster.run_ids().await?);
+                return cluster.on_key(&run_id_key(cache), &set).await;
+            }
+        };
         let info: String = redis::cmd("INFO")
             .arg("server")
             .query_async(&mut conn)
@@ -365,17 +413,18 @@ impl CacheBackend for RedisBackend {
     }
 
     async fn check(&self) -> Result<(), BackendError> {
-        if let Mode::Cluster(cluster) = self.mode().await? {
+        let mut conn = match self.target().await? {
+            Target::Node(conn) => conn,
             // Ready only while an eviction could be confirmed on every master.
-            return cluster.topology().await.map(|_| ());
-        }
-        let mut conn = self.conn.clone();
+            Target::Cluster(cluster) => return cluster.topology().await.map(|_| ()),
+        };
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
         Ok(())
     }
 
     async fn supported(&self) -> Result<(), BackendError> {
-        self.mode().await.map(|_| ())
+        // Behind Sentinel, this asks the sentinels for the master by its name.
+        self.target().await.map(|_| ())
     }
 }
 
@@ -383,6 +432,13 @@ impl CacheBackend for RedisBackend {
 #[derive(Debug)]
 enum Mode {
     Standalone,
+    Sentinel(Arc<Sentinel>),
+    Cluster(Arc<Cluster>),
+}
+
+/// Where the commands of one operation go.
+enum Target {
+    Node(ConnectionManager),
     Cluster(Arc<Cluster>),
 }
 
