@@ -22,7 +22,7 @@ mod watch;
 pub use agent::{Agent, AgentProbe, RunningAgent};
 pub use backend::{
     BackendError, CacheBackend, Continuity, FillTicket, HttpBackend, HttpConfig, MemoryCache,
-    Position, RedisBackend, RedisConfig,
+    Position, RedisBackend, RedisConfig, redis_key_slot,
 };
 pub use cachecast_kube::{Kube, KubernetesConfig, PodRef};
 pub use config::{AgentConfig, AgentError, BackendKind, CacheLifetime, OnStart};

@@ -49,6 +49,9 @@ struct Cli {
         default_value = "latency,memory,redis,steady-memory,positions"
     )]
     parts: Vec<Part>,
+    /// Keyspace sizes of the Redis part, ascending (one Redis, then a 3-master cluster).
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000,10000000")]
+    redis_keys: Vec<usize>,
     /// Confirmed invalidations the steady-memory part sends without scraping `/metrics`.
     #[arg(long, default_value_t = 500_000)]
     steady_requests: u64,
@@ -319,10 +322,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     if cli.parts.contains(&Part::Redis) {
         eprintln!("redis");
+        let runs = if cli.quick { 1 } else { 3 };
         let redis = cachecast_testkit::redis().await;
-        let (ours, floor) =
-            redis_eviction::measure(&redis.url(), if cli.quick { 3 } else { 7 }).await?;
-        report.redis(ours, floor);
+        report.redis(
+            redis_eviction::measure("one Redis", &redis.url(), &cli.redis_keys, runs).await?,
+        );
+        drop(redis);
+        let cluster = cachecast_testkit::RedisCluster::start(3, 0).await;
+        report.redis(
+            redis_eviction::measure("3-master cluster", &cluster.url(), &cli.redis_keys, runs)
+                .await?,
+        );
     }
 
     let text = report.render();

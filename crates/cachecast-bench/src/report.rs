@@ -26,7 +26,7 @@ pub(crate) struct Report {
     concurrency: usize,
     latency: Vec<LatencyRow>,
     memory: Vec<(String, u64, Option<u64>)>,
-    redis: Option<(Duration, Duration)>,
+    redis: Vec<crate::redis_eviction::RedisRow>,
     steady: Option<crate::steady_memory::SteadyMemory>,
     positions: Vec<crate::position_candidates::CandidateRow>,
 }
@@ -52,7 +52,7 @@ impl Report {
             concurrency,
             latency: Vec::new(),
             memory: Vec::new(),
-            redis: None,
+            redis: Vec::new(),
             steady: None,
             positions: Vec::new(),
         }
@@ -74,8 +74,8 @@ impl Report {
         self.memory.push((what.to_owned(), rss, per_agent));
     }
 
-    pub(crate) fn redis(&mut self, ours: Duration, floor: Duration) {
-        self.redis = Some((ours, floor));
+    pub(crate) fn redis(&mut self, rows: Vec<crate::redis_eviction::RedisRow>) {
+        self.redis.extend(rows);
     }
 
     pub(crate) fn position_candidate(&mut self, row: crate::position_candidates::CandidateRow) {
@@ -201,28 +201,56 @@ impl Report {
                 );
             }
         }
-        if let Some((ours, floor)) = self.redis {
-            let _ = writeln!(
-                out,
-                "\nEvicting one scope's {} entries from a Redis holding {} keys (median of the runs).\n",
-                crate::redis_eviction::PER_SCOPE,
-                crate::redis_eviction::PER_SCOPE * crate::redis_eviction::SCOPES
-            );
-            let _ = writeln!(out, "| what | ms | / floor |");
-            let _ = writeln!(out, "|---|---:|---:|");
-            let _ = writeln!(
-                out,
-                "| plain `SCAN MATCH` + `UNLINK` loop (floor) | {} | 1.00x |",
-                ms(floor)
-            );
-            let _ = writeln!(
-                out,
-                "| cachecast Redis backend | {} | {:.2}x |",
-                ms(ours),
-                ours.as_secs_f64() / floor.as_secs_f64()
-            );
+        if !self.redis.is_empty() {
+            self.render_redis(&mut out);
         }
         out
+    }
+}
+
+impl Report {
+    /// Scope eviction by keyspace size, and what the largest costs against the default
+    /// `agent.evict_timeout`.
+    fn render_redis(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "\nEvicting one scope's {} entries as the keyspace grows (median of the runs). Floor: a plain `SCAN MATCH` (COUNT 1000) + `UNLINK` loop, on every master at once in the cluster.\n",
+            crate::redis_eviction::PER_SCOPE
+        );
+        let _ = writeln!(
+            out,
+            "| Redis | keys | backend `SCAN COUNT` | backend ms | floor ms | / floor | backend ms per million keys |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+        for row in &self.redis {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {:.2}x | {:.0} |",
+                row.topology,
+                row.keys,
+                row.scan_count,
+                ms(row.ours),
+                ms(row.floor),
+                row.ours.as_secs_f64() / row.floor.as_secs_f64(),
+                row.ours.as_secs_f64() * 1e3 / (row.keys as f64 / 1e6)
+            );
+        }
+        let timeout = cachecast_agent::AgentConfig::default().evict_timeout;
+        let _ = writeln!(
+            out,
+            "\n`agent.evict_timeout` defaults to {timeout:?}. Largest keyspace measured, per topology and `SCAN COUNT`:"
+        );
+        let largest = self.redis.iter().map(|r| r.keys).max().unwrap_or(0);
+        for row in self.redis.iter().filter(|r| r.keys == largest) {
+            let _ = writeln!(
+                out,
+                "- {}, COUNT {}: {:.1} s, {:.0}% of the timeout",
+                row.topology,
+                row.scan_count,
+                row.ours.as_secs_f64(),
+                100.0 * row.ours.as_secs_f64() / timeout.as_secs_f64()
+            );
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use cachecast_proto::{CacheId, CacheName, EnvId, IdentitySelector, ResponseSelec
 
 pub use self::http::{HttpBackend, HttpConfig};
 pub use self::memory::{FillTicket, MemoryCache};
-pub use self::redis::{RedisBackend, RedisConfig};
+pub use self::redis::{RedisBackend, RedisConfig, key_slot as redis_key_slot};
 
 /// A cache id from where a cache is: `<kind>-<host>-<port>[-<rest>]`, each character that
 /// is not allowed in an id turned into `-`. A loopback host names a different cache on every

@@ -575,7 +575,7 @@ fn parse_slot(text: &str) -> Result<u16, String> {
 
 /// The hash slot of `key`: CRC16 (XMODEM) of the key, or of its hash tag (what is between the
 /// first `{` and the next `}`, if not empty), modulo 16384.
-pub(super) fn slot_of(key: &[u8]) -> u16 {
+pub fn slot_of(key: &[u8]) -> u16 {
     let tag = key.iter().position(|&b| b == b'{').and_then(|open| {
         let rest = &key[open + 1..];
         let close = rest.iter().position(|&b| b == b'}')?;

@@ -24,6 +24,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
 use self::cluster::Cluster;
+pub use self::cluster::slot_of as key_slot;
 use self::sentinel::Sentinel;
 use self::template::{IDENTITY_VARS, KEYED_VARS, KeyTemplate, Keys, RESPONSE_VARS};
 use super::{BackendError, CacheBackend, Continuity, Position};
