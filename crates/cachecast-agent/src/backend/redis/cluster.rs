@@ -339,16 +339,8 @@ impl Cluster {
         if let Some(conn) = nodes.get(addr) {
             return Ok(conn.clone());
         }
-        let (host, port) = addr
-            .rsplit_once(':')
-            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+        let conn = super::connect_to(&self.seed, addr, &self.config)?
             .ok_or_else(|| unsettled(format!("a node has the address {addr:?}")))?;
-        let info = self
-            .seed
-            .clone()
-            .set_addr(ConnectionAddr::Tcp(host.to_owned(), port));
-        let client = redis::Client::open(info)?;
-        let conn = ConnectionManager::new_lazy_with_config(client, self.config.clone())?;
         nodes.insert(addr.to_owned(), conn.clone());
         Ok(conn)
     }

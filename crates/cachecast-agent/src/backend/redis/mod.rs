@@ -429,6 +429,33 @@ impl CacheBackend for RedisBackend {
     }
 }
 
+/// A lazy connection to the node at `addr` (`host:port`) with the password and database of
+/// `info` (the configured URL's); `None` if `addr` is not `host:port`.
+fn connect_to(
+    info: &redis::ConnectionInfo,
+    addr: &str,
+    config: &ConnectionManagerConfig,
+) -> Result<Option<ConnectionManager>, BackendError> {
+    let Some((host, port)) = host_port(addr) else {
+        return Ok(None);
+    };
+    let info = info
+        .clone()
+        .set_addr(redis::ConnectionAddr::Tcp(host.to_owned(), port));
+    let client = redis::Client::open(info)?;
+    Ok(Some(ConnectionManager::new_lazy_with_config(
+        client,
+        config.clone(),
+    )?))
+}
+
+/// `host:port` (the host may be an IPv6 address, bracketed or not).
+fn host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then_some((host, port.parse().ok()?))
+}
+
 /// How the configured Redis serves the cache.
 #[derive(Debug)]
 enum Mode {

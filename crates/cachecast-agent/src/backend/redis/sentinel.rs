@@ -41,7 +41,7 @@ impl Sentinel {
         let sentinels = sentinels
             .iter()
             .map(|addr| {
-                let (host, port) = host_port(addr).ok_or_else(|| {
+                let (host, port) = super::host_port(addr).ok_or_else(|| {
                     BackendError::Setting(format!(
                         "redis.sentinels has {addr:?}; give each sentinel as host:port"
                     ))
@@ -70,16 +70,10 @@ impl Sentinel {
             return Ok(conn.clone());
         }
         tracing::info!(master = %addr, name = %self.master_name, "the sentinels name this node master");
-        let (host, port) = host_port(&addr).ok_or(BackendError::Protocol(
-            "a sentinel named the master at an address that is not host:port",
-        ))?;
-        let info = self
-            .master_info
-            .clone()
-            .set_addr(ConnectionAddr::Tcp(host.to_owned(), port));
-        let conn = ConnectionManager::new_lazy_with_config(
-            redis::Client::open(info)?,
-            self.config.clone(),
+        let conn = super::connect_to(&self.master_info, &addr, &self.config)?.ok_or(
+            BackendError::Protocol(
+                "a sentinel named the master at an address that is not host:port",
+            ),
         )?;
         *master = Some((addr, conn.clone()));
         Ok(conn)
@@ -109,16 +103,9 @@ impl Sentinel {
     }
 }
 
-/// `host:port` (the host may be an IPv6 address).
-fn host_port(addr: &str) -> Option<(&str, u16)> {
-    let (host, port) = addr.rsplit_once(':')?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (!host.is_empty()).then_some((host, port.parse().ok()?))
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::super::host_port;
 
     #[test]
     fn sentinels_are_host_and_port() {
