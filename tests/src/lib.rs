@@ -48,7 +48,7 @@ pub fn env_id(env: &str) -> EnvId {
 
 /// A token for `envs` with both rights, signed with `secret`, valid for an hour.
 pub fn token(secret: &str, envs: &[&str]) -> String {
-    token_with_rights(secret, envs, &[Right::Scoped, Right::Flush])
+    token_with_rights(secret, envs, &[Right::Scoped, Right::Flush, Right::Read])
 }
 
 /// A token for `envs` holding only `rights`, signed with `secret`, valid for an hour.

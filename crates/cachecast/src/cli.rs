@@ -265,9 +265,10 @@ pub(crate) struct TokenArgs {
     /// The token's subject (sub claim).
     #[arg(long, default_value = "cachecast-cli")]
     pub(crate) subject: String,
-    /// A right the token holds (repeat for both): `scoped` (invalidate scopes and
-    /// identities; auth.scoped_right, purge_select) or `flush` (a whole environment;
-    /// auth.flush_right, purge_all). Default: both.
+    /// A right the token holds (repeat for several): `scoped` (invalidate scopes and
+    /// identities; auth.scoped_right, purge_select), `flush` (a whole environment;
+    /// auth.flush_right, purge_all) or `read` (list the caches and agents; auth.read_right,
+    /// read). Default: all three.
     #[arg(long = "right", value_enum)]
     pub(crate) rights: Vec<RightArg>,
     /// Sign RS256 / ES256 with this PEM private key instead of HS256 with auth.hs256_secret.
@@ -285,6 +286,8 @@ pub(crate) enum RightArg {
     Scoped,
     /// Flush a whole environment.
     Flush,
+    /// Read an environment's caches and agents.
+    Read,
 }
 
 #[derive(Debug, Args)]

@@ -10,6 +10,7 @@
 
 pub mod answer;
 pub(crate) mod envelope;
+pub mod inventory;
 pub(crate) mod limits;
 pub(crate) mod parse;
 mod refusal;
@@ -23,6 +24,7 @@ pub use self::answer::{
     AcceptedBody, AgentResult, NodeFailure, NodeInfo, NodesSummary, OutcomeBody, Progress,
     RequestStatusBody, outcome_body,
 };
+pub use self::inventory::{AgentView, CacheView, InventoryBody};
 pub use self::refusal::{Class, ErrorBody, Refusal};
 
 /// The `[api]` configuration section.

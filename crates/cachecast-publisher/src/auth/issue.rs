@@ -17,19 +17,20 @@ pub struct TokenSpec {
     pub subject: String,
     /// Environments (`*` for all).
     pub envs: Vec<String>,
-    /// Rights, named in the token as `auth.scoped_right` / `auth.flush_right` say.
+    /// Rights, named in the token as `auth.scoped_right` / `auth.flush_right` /
+    /// `auth.read_right` say.
     pub rights: Vec<Right>,
     /// How long it is valid.
     pub ttl: Duration,
 }
 
 impl TokenSpec {
-    /// A token for `envs` with both rights (scoped invalidations and flushes).
+    /// A token for `envs` with every right (scoped invalidations, flushes, reading).
     pub fn full(subject: impl Into<String>, envs: &[String], ttl: Duration) -> Self {
         Self {
             subject: subject.into(),
             envs: envs.to_vec(),
-            rights: vec![Right::Scoped, Right::Flush],
+            rights: vec![Right::Scoped, Right::Flush, Right::Read],
             ttl,
         }
     }

@@ -63,6 +63,8 @@ pub struct AuthConfig {
     pub scoped_right: String,
     /// The right to flush a whole environment (a body of `{}`).
     pub flush_right: String,
+    /// The right to read an environment's caches and agents (the inventory).
+    pub read_right: String,
     /// Clock skew tolerated on `exp` and `nbf`.
     #[serde(with = "humantime_serde")]
     pub leeway: Duration,
@@ -90,6 +92,7 @@ impl Default for AuthConfig {
             rights_claim: "rights".into(),
             scoped_right: "purge_select".into(),
             flush_right: "purge_all".into(),
+            read_right: "read".into(),
             leeway: Duration::from_secs(5),
             jwks_timeout: Duration::from_secs(5),
             jwks_max_age: Duration::from_secs(600),

@@ -7,7 +7,9 @@
 //! `purge_select`, and can then never empty a cache by mistake.
 //!
 //! Every endpoint calls [`Grant::authorize`] with the environment and the [`Reach`] of its
-//! request, after parsing the body and before publishing anything.
+//! request, after parsing the body and before publishing anything. Reading an environment's
+//! caches and agents needs a third right, `auth.read_right` (`read`), checked by
+//! [`Grant::authorize_read`].
 
 use serde_json::{Map, Value};
 
@@ -42,13 +44,15 @@ impl Reach {
 }
 
 /// A right a token can hold; its name in tokens is configured (`auth.scoped_right`,
-/// `auth.flush_right`).
+/// `auth.flush_right`, `auth.read_right`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Right {
     /// Invalidate part of a cache.
     Scoped,
     /// Flush a whole environment.
     Flush,
+    /// Read an environment's caches and agents.
+    Read,
 }
 
 impl Right {
@@ -57,6 +61,7 @@ impl Right {
         match self {
             Right::Scoped => &config.scoped_right,
             Right::Flush => &config.flush_right,
+            Right::Read => &config.read_right,
         }
     }
 }
@@ -71,6 +76,15 @@ pub enum Forbidden {
     #[error("{}", right_message(*reach, right, claim))]
     Right {
         reach: Reach,
+        /// The right's name in tokens.
+        right: String,
+        /// The claim that should hold it.
+        claim: String,
+    },
+    #[error(
+        "reading an environment's caches and agents needs the right {right}, which the token lacks (claim {claim}); ask for a token with {right}"
+    )]
+    Read {
         /// The right's name in tokens.
         right: String,
         /// The claim that should hold it.
@@ -97,6 +111,7 @@ pub struct Grant {
     envs: Vec<String>,
     scoped: bool,
     flush: bool,
+    read: bool,
     names: Names,
 }
 
@@ -106,6 +121,7 @@ struct Names {
     rights_claim: String,
     scoped: String,
     flush: String,
+    read: String,
 }
 
 /// A claim as a list of strings: an array of strings, or one space-separated string (the
@@ -133,11 +149,13 @@ impl Grant {
             envs: string_list(claims.get(&config.envs_claim)),
             scoped: rights.contains(&config.scoped_right),
             flush: rights.contains(&config.flush_right),
+            read: rights.contains(&config.read_right),
             names: Names {
                 envs_claim: config.envs_claim.clone(),
                 rights_claim: config.rights_claim.clone(),
                 scoped: config.scoped_right.clone(),
                 flush: config.flush_right.clone(),
+                read: config.read_right.clone(),
             },
         }
     }
@@ -152,7 +170,25 @@ impl Grant {
         match right {
             Right::Scoped => self.scoped,
             Right::Flush => self.flush,
+            Right::Read => self.read,
         }
+    }
+
+    /// May this token read `env`'s caches and agents?
+    pub fn authorize_read(&self, env: &str) -> Result<(), Forbidden> {
+        if !self.allows(env) {
+            return Err(Forbidden::Environment {
+                env: env.to_owned(),
+                claim: self.names.envs_claim.clone(),
+            });
+        }
+        if !self.read {
+            return Err(Forbidden::Read {
+                right: self.names.read.clone(),
+                claim: self.names.rights_claim.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// The rights check every endpoint makes: may this token evict `reach` of `env`?
@@ -168,6 +204,7 @@ impl Grant {
             let name = match right {
                 Right::Scoped => &self.names.scoped,
                 Right::Flush => &self.names.flush,
+                Right::Read => &self.names.read,
             };
             return Err(Forbidden::Right {
                 reach,

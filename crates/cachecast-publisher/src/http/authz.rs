@@ -43,6 +43,11 @@ pub(crate) fn environment(grant: &Grant, env: &str) -> Result<(), Refusal> {
     grant.authorize(env, Reach::Scoped).map_err(forbidden)
 }
 
+/// `403` unless the token may read `env`'s caches and agents.
+pub(crate) fn authorize_read(grant: &Grant, env: &str) -> Result<(), Refusal> {
+    grant.authorize_read(env).map_err(forbidden)
+}
+
 /// The rights check: `403` naming the missing right, or the environment.
 pub fn authorize(grant: &Grant, env: &str, reach: Reach) -> Result<(), Refusal> {
     grant.authorize(env, reach).map_err(forbidden)
@@ -51,7 +56,7 @@ pub fn authorize(grant: &Grant, env: &str, reach: Reach) -> Result<(), Refusal> 
 fn forbidden(err: Forbidden) -> Refusal {
     let code = match err {
         Forbidden::Environment { .. } => "forbidden_environment",
-        Forbidden::Right { .. } => "missing_right",
+        Forbidden::Right { .. } | Forbidden::Read { .. } => "missing_right",
     };
     Refusal::new(Class::Forbidden, code, err.to_string())
 }

@@ -39,7 +39,7 @@ pub use self::authz::authorize;
 pub use self::openapi::openapi_json;
 
 use crate::api::answer::{AcceptedBody, RequestStatusBody};
-use crate::api::{ApiConfig, Class, ErrorBody, Refusal, limits, parse};
+use crate::api::{ApiConfig, Class, ErrorBody, InventoryBody, Refusal, limits, parse};
 use crate::auth::{Reach, Verifier};
 use crate::publisher::{InvalidationRequest, Publisher};
 
@@ -99,6 +99,7 @@ pub fn router(
             "/api/1.0/runtime/caches/{env_id}/{cache_id}",
             axum::routing::delete(forget_cache),
         )
+        .route("/api/1.0/runtime/caches/{env_id}", get(inventory))
         .route("/openapi.json", get(openapi::serve))
         .fallback(|headers: HeaderMap| async move {
             refuse(
@@ -116,7 +117,7 @@ pub fn router(
                 Refusal::new(
                     Class::MethodNotAllowed,
                     "method_not_allowed",
-                    "use POST for invalidations and GET for request status; see /openapi.json",
+                    "use POST for invalidations, GET for request status and an environment's caches, DELETE to forget a cache; see /openapi.json",
                 ),
             )
         })
@@ -316,6 +317,59 @@ async fn request_status(
     };
     match answer {
         Ok(status) => response::with_request_id(axum::Json(status).into_response(), &request_id),
+        Err(err) => err.with_request_id(&request_id).into_response(),
+    }
+}
+
+/// Lists an environment's persistent caches and live agents: each cache's state (attended,
+/// lagging, or unattended and since when), how far it and each agent are in the stream, and
+/// what they serve. Needs the read right.
+#[utoipa::path(
+    get,
+    path = "/api/1.0/runtime/caches/{envId}",
+    tag = "caches",
+    params(openapi::EnvPath),
+    responses(
+        (status = 200, description = "The environment's caches and agents", body = InventoryBody),
+        (status = 400, description = "Bad environment id", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token lacks the environment or the read right", body = ErrorBody),
+        (status = 429, description = "Too many requests for this token", body = ErrorBody),
+        (status = 503, description = "This publisher's view of the agents and caches is not complete, or the token's keys could not be fetched: retry", body = ErrorBody),
+    )
+)]
+async fn inventory(
+    State(api): State<Arc<Api>>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let request_id = match parse::request_id(request_id_header(&headers)) {
+        Ok(id) => id,
+        Err(err) => return err.into_response(),
+    };
+    let env = path.map(|Path(p)| p).unwrap_or_default();
+    let answer = async {
+        let grant = authz::authenticate(&api.verifier, &api.limiter, &headers).await?;
+        let env = EnvId::new(env.as_str())
+            .map_err(|err| Refusal::bad_request("invalid_env_id", err.to_string()))?;
+        authz::authorize_read(&grant, env.as_str())?;
+        api.publisher.readiness().map_err(|why| {
+            Refusal::new(
+                Class::Unavailable,
+                "not_ready",
+                format!("{why}; retry shortly"),
+            )
+            .retry_after(1)
+        })?;
+        Ok::<_, Refusal>(InventoryBody::new(
+            &env,
+            &api.publisher.caches(&env),
+            &api.publisher.live_agents(&env),
+        ))
+    }
+    .await;
+    match answer {
+        Ok(body) => response::with_request_id(axum::Json(body).into_response(), &request_id),
         Err(err) => err.with_request_id(&request_id).into_response(),
     }
 }

@@ -178,10 +178,14 @@ pub(super) enum InvalidationAnswers {
         super::invalidate_identity,
         super::clear_keyed,
         super::request_status,
+        super::inventory,
         super::forget_cache
     ),
     components(schemas(
         super::ForgottenBody,
+        crate::api::InventoryBody,
+        crate::api::CacheView,
+        crate::api::AgentView,
         ResponseInvalidation,
         IdentityInvalidation,
         OutcomeBody,

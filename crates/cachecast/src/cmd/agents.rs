@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use cachecast_publisher::api::AgentView;
+
 use crate::cli::AgentsArgs;
 use crate::config::Config;
 
@@ -9,22 +11,8 @@ pub(crate) async fn run(config: Config, args: AgentsArgs) -> anyhow::Result<Exit
     let publisher = super::publisher_once(&config.bus()).await?;
     let agents = publisher.live_agents(&args.env);
     if args.json {
-        let list: Vec<_> = agents
-            .iter()
-            .map(|a| {
-                serde_json::json!({
-                    "id": a.id.as_str(),
-                    "backend": a.backend,
-                    "version": a.version,
-                    "lastSeenMs": a.last_seen.as_millis() as u64,
-                    "cacheId": a.cache_id.as_ref().map(|c| c.as_str()),
-                    "appliedSequence": a.progress.applied_sequence,
-                    "lagEvents": a.progress.lag_events,
-                    "lagMs": a.progress.lag.as_millis() as u64,
-                    "lagging": a.lagging,
-                })
-            })
-            .collect();
+        // The agents of the API's inventory (GET /api/1.0/runtime/caches/{envId}).
+        let list: Vec<AgentView> = agents.iter().map(AgentView::from).collect();
         println!(
             "{}",
             serde_json::json!({ "envId": args.env.as_str(), "agents": list })

@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use cachecast_publisher::api::CacheView;
+
 use crate::cli::{CachesAction, CachesArgs};
 use crate::config::Config;
 
@@ -23,29 +25,8 @@ pub(crate) async fn run(config: Config, args: CachesArgs) -> anyhow::Result<Exit
     };
     let caches = publisher.caches(&env);
     if args.json {
-        let list: Vec<_> = caches
-            .iter()
-            .map(|c| {
-                serde_json::json!({
-                    "id": c.id.as_str(),
-                    "backend": c.backend,
-                    "state": match (c.attended_by.is_empty(), &c.lagging) {
-                        (true, _) => "unattended",
-                        (false, Some(_)) => "lagging",
-                        (false, None) => "attended",
-                    },
-                    "lagging": c.lagging,
-                    "attendedBy": c.attended_by.iter().map(|a| a.as_str()).collect::<Vec<_>>(),
-                    "unattendedForMs": c.unattended_for.map(|d| d.as_millis() as u64),
-                    "keyedCaches": c.keyed_caches,
-                    "registeredBy": c.registered_by,
-                    "registeredAtUnixMs": c.registered_at_unix_ms,
-                    "appliedSequence": c.progress.map(|p| p.applied_sequence),
-                    "lagEvents": c.progress.map(|p| p.lag_events),
-                    "lagMs": c.progress.map(|p| p.lag.as_millis() as u64),
-                })
-            })
-            .collect();
+        // The caches of the API's inventory (GET /api/1.0/runtime/caches/{envId}).
+        let list: Vec<CacheView> = caches.iter().map(CacheView::from).collect();
         println!(
             "{}",
             serde_json::json!({ "envId": env.as_str(), "caches": list })

@@ -31,7 +31,7 @@ pub(crate) fn run(config: &Config, args: &TokenArgs) -> anyhow::Result<ExitCode>
         },
     };
     let rights = if args.rights.is_empty() {
-        vec![Right::Scoped, Right::Flush]
+        vec![Right::Scoped, Right::Flush, Right::Read]
     } else {
         let mut rights: Vec<Right> = args
             .rights
@@ -39,6 +39,7 @@ pub(crate) fn run(config: &Config, args: &TokenArgs) -> anyhow::Result<ExitCode>
             .map(|r| match r {
                 RightArg::Scoped => Right::Scoped,
                 RightArg::Flush => Right::Flush,
+                RightArg::Read => Right::Read,
             })
             .collect();
         rights.dedup();
