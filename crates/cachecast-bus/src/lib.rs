@@ -42,15 +42,15 @@ pub enum BusError {
         source: async_nats::ConnectError,
     },
     #[error(
-        "JetStream stream {name:?} is not available: {reason}; is JetStream enabled on the server (`nats-server -js`)?"
+        "JetStream stream {name:?} is not available: {reason}; check that JetStream is enabled (`nats-server -js`) and, in a cluster, that most of its servers are up (after losing a node it elects a new leader within seconds: retry)"
     )]
     Stream { name: String, reason: String },
     #[error(
-        "presence bucket {name:?} is not available: {reason}; is JetStream enabled on the server (`nats-server -js`)?"
+        "presence bucket {name:?} is not available: {reason}; check that JetStream is enabled (`nats-server -js`) and, in a cluster, that most of its servers are up (after losing a node it elects a new leader within seconds: retry)"
     )]
     Presence { name: String, reason: String },
     #[error(
-        "caches bucket {name:?} is not available: {reason}; is JetStream enabled on the server (`nats-server -js`)?"
+        "caches bucket {name:?} is not available: {reason}; check that JetStream is enabled (`nats-server -js`) and, in a cluster, that most of its servers are up (after losing a node it elects a new leader within seconds: retry)"
     )]
     Caches { name: String, reason: String },
     #[error("invalid NATS settings: {0}")]
