@@ -107,6 +107,7 @@ async fn invalidations_survive_losing_one_node_at_a_time() {
                 }),
                 request_id: scope.clone(),
                 timeout,
+                caller: None,
             })
             .await;
         assert!(
@@ -231,6 +232,7 @@ async fn a_frozen_presence_leader_never_lets_a_publisher_confirm_without_live_ag
                 }),
                 request_id: scope.clone(),
                 timeout: Duration::from_secs(2),
+                caller: None,
             })
             .await;
         match result {

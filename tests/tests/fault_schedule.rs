@@ -1239,6 +1239,7 @@ async fn send(
             }),
             request_id: request.id.clone(),
             timeout: REQUEST_TIMEOUT,
+            caller: None,
         })
         .await;
     (result, caches.read().await)

@@ -115,6 +115,7 @@ async fn events_that_expired_while_an_agent_was_paused_mean_a_flush() {
             }),
             request_id: format!("paused-{n}"),
             timeout: Duration::from_millis(100),
+            caller: None,
         };
         drop(stack.publisher.begin(request).await.expect("published"));
     }

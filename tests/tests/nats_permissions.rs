@@ -321,6 +321,34 @@ async fn publisher_and_agents_work_with_their_users() {
             break;
         }
     }
+    // The audit trail, written and read with the API's user: the NATS caller is named by its
+    // reply subject (below its own inbox prefix), the HTTP caller by its token's subject.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = stack
+            .get_as(&["dev"], "/api/1.0/runtime/invalidations/dev")
+            .await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let callers: Vec<&str> = page.body["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["caller"].as_str())
+            .collect();
+        if callers
+            .iter()
+            .any(|c| c.starts_with("nats-reply:_INBOX.caller.dev."))
+            && callers.contains(&"e2e")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the audit trail lacks the service's and the API's requests: {}",
+            page.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     dev.stop().await;
     prod.stop().await;
     stack.wait_for_agents("dev", 0).await;
@@ -566,6 +594,7 @@ async fn a_forged_ack_from_another_agent_of_the_environment_never_reaches_the_pu
             target: cachecast_proto::Target::Response(Default::default()),
             request_id: "forged-ack".into(),
             timeout: Duration::from_secs(3),
+            caller: None,
         })
         .await
         .expect("published");

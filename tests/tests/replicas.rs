@@ -75,6 +75,7 @@ async fn two_publisher_replicas_answer_alternating_requests() {
                     target: Target::Response(ResponseSelector::default()),
                     request_id: format!("round-{round}"),
                     timeout: Duration::from_secs(5),
+                    caller: None,
                 })
                 .await
                 .expect("published");

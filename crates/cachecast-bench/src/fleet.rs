@@ -81,6 +81,7 @@ pub(crate) async fn library_round(publisher: &Publisher, env: &EnvId) {
         target: Target::Response(ResponseSelector::default()),
         request_id: "bench".into(),
         timeout: Duration::from_secs(30),
+        caller: None,
     };
     match publisher.invalidate(request).await {
         Ok(outcome) if outcome.confirmed() => {}

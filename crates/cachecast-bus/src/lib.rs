@@ -243,6 +243,27 @@ impl Default for StreamConfig {
     }
 }
 
+/// The audit trail: a record of every invalidation and its outcome, kept `max_age`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    pub stream: String,
+    pub replicas: usize,
+    /// How long records are kept.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            stream: "CACHECAST_AUDIT".into(),
+            replicas: 1,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
 /// The presence bucket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -298,6 +319,7 @@ pub struct BusConfig {
     pub stream: StreamConfig,
     pub presence: PresenceConfig,
     pub caches: CachesConfig,
+    pub audit: AuditConfig,
 }
 
 /// How often the client pings the server; two unanswered pings mean a reconnect.
@@ -435,6 +457,28 @@ pub async fn ensure_stream(
         }
     }
     Ok(stream)
+}
+
+/// Creates the audit stream, or opens it if it exists.
+pub async fn ensure_audit_stream(
+    js: &JetStream,
+    config: &AuditConfig,
+) -> Result<stream::Stream, BusError> {
+    let wanted = stream::Config {
+        name: config.stream.clone(),
+        description: Some("cachecast audit trail: one record per invalidation".into()),
+        subjects: vec![cachecast_proto::Subjects::ALL_AUDIT.into()],
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        max_age: config.max_age,
+        ..Default::default()
+    };
+    js.get_or_create_stream(wanted)
+        .await
+        .map_err(|err| BusError::Stream {
+            name: config.stream.clone(),
+            reason: err.to_string(),
+        })
 }
 
 /// Opens the invalidation stream, which a publisher must have created.

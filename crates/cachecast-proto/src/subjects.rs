@@ -67,6 +67,14 @@ impl Subjects {
         EnvId::new(env).ok()
     }
 
+    /// What the audit stream captures: every environment's records.
+    pub const ALL_AUDIT: &'static str = "cachecast.audit.v1.*";
+
+    /// Where a publisher records the invalidations of `env` and their outcomes.
+    pub fn audit(env: &EnvId) -> String {
+        format!("cachecast.audit.v1.{env}")
+    }
+
     /// The presence key of one agent.
     pub fn presence_key(env: &EnvId, agent: &AgentId) -> String {
         format!("{env}.{agent}")

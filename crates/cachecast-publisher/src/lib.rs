@@ -9,6 +9,7 @@
 //! addressed to its own id and each keeping its own view of live agents.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod http;
 mod membership;

@@ -98,6 +98,8 @@ pub struct InvalidationRequest {
     pub request_id: String,
     /// How long to wait for acknowledgements, counted from the start of the call.
     pub timeout: Duration,
+    /// Who asked (a token's `sub`, a NATS caller), for the audit trail.
+    pub caller: Option<String>,
 }
 
 /// A received ack and when it arrived.
@@ -128,6 +130,8 @@ struct Inner {
     caches: async_nats::jetstream::kv::Store,
     /// The presence bucket, asked directly about agents the view holds as gone.
     presence: async_nats::jetstream::kv::Store,
+    /// The audit stream; none when it could not be created (the trail is off).
+    audit: Option<async_nats::jetstream::stream::Stream>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -191,6 +195,14 @@ impl Publisher {
         let store = cachecast_bus::ensure_presence_bucket(&js, &bus.presence).await?;
         let caches = cachecast_bus::ensure_caches_bucket(&js, &bus.caches).await?;
         tracing::debug!("the presence and caches buckets are there");
+        // The audit trail must not stop invalidations: without it, they go on unrecorded.
+        let audit = match cachecast_bus::ensure_audit_stream(&js, &bus.audit).await {
+            Ok(stream) => Some(stream),
+            Err(err) => {
+                tracing::warn!(error = %err, "the audit trail is off: invalidations are not recorded");
+                None
+            }
+        };
         let id = cachecast_proto::new_publisher_id();
         let acks = client
             .subscribe(Subjects::acks_for_publisher(&id))
@@ -235,6 +247,7 @@ impl Publisher {
                 log_limit: LogLimiter::new(REJECT_LOG_INTERVAL),
                 caches,
                 presence,
+                audit,
                 tasks: followers.into_iter().chain([demux]).collect(),
             }
         });
@@ -266,6 +279,19 @@ impl Publisher {
             return Err("the view of live agents is not complete yet".into());
         }
         Ok(())
+    }
+
+    /// Up to `limit` audit records of `env` older than audit sequence `before`, newest first.
+    pub async fn invalidations(
+        &self,
+        env: &EnvId,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<crate::audit::AuditPage, String> {
+        let mut stream = self.inner.audit.clone().ok_or(
+            "the audit trail is off: this publisher could not create the audit stream (see its log; check its NATS permissions for audit.stream)",
+        )?;
+        crate::audit::page(&mut stream, env, limit, before).await
     }
 
     /// The agents live in `env` now.
@@ -376,6 +402,25 @@ impl Publisher {
     /// Publishes one invalidation and returns at once with the acks still to come: for
     /// callers that show progress ([`InFlight::next_ack`]) or answer before the outcome.
     pub async fn begin(&self, request: InvalidationRequest) -> Result<InFlight, PublishError> {
+        let audit = self.inner.audit.as_ref().map(|_| {
+            let (env, id) = (request.env.clone(), request.request_id.clone());
+            (env, id, request.caller.clone(), request.target.clone())
+        });
+        let begun = self.begin_publishing(request).await;
+        if let (Err(err @ PublishError::Unavailable(_)), Some((env, id, caller, target))) =
+            (&begun, audit)
+        {
+            let record =
+                crate::audit::unavailable(&env, &id, caller.as_deref(), &target, err.to_string());
+            crate::audit::write(&self.inner.js, record);
+        }
+        begun
+    }
+
+    async fn begin_publishing(
+        &self,
+        request: InvalidationRequest,
+    ) -> Result<InFlight, PublishError> {
         crate::validate::request_id(&request.request_id).map_err(PublishError::Invalid)?;
         crate::validate::target(&request.target).map_err(PublishError::Invalid)?;
         let started = Instant::now();
@@ -461,6 +506,9 @@ impl Publisher {
             persistent: nodes.persistent,
             request_id: request.request_id,
             env: request.env,
+            caller: request.caller,
+            target: request.target,
+            audit: inner.audit.as_ref().map(|_| inner.js.clone()),
             event_id,
             sequence,
             started,
@@ -542,6 +590,10 @@ struct Nodes {
 pub struct InFlight {
     request_id: String,
     env: EnvId,
+    caller: Option<String>,
+    target: Target,
+    /// Where the outcome is recorded, when the audit trail is on.
+    audit: Option<JetStream>,
     event_id: String,
     sequence: u64,
     started: Instant,
@@ -705,14 +757,19 @@ impl InFlight {
             .increment(1);
         metrics::histogram!("cachecast_invalidation_seconds", "env" => env, "outcome" => result)
             .record(took.as_secs_f64());
-        Outcome {
+        let outcome = Outcome {
             request_id: self.request_id,
             event_id: self.event_id,
             env: self.env,
             sequence: self.sequence,
             agents,
             took,
+        };
+        if let Some(js) = &self.audit {
+            let record = crate::audit::answered(&outcome, self.caller.as_deref(), &self.target);
+            crate::audit::write(js, record);
         }
+        outcome
     }
 }
 

@@ -270,6 +270,12 @@ async fn invalidate(
             target: parsed.target,
             request_id: request_id.clone(),
             timeout: parsed.timeout,
+            // NATS tells a service nothing of its caller but where to reply, and callers'
+            // inbox prefixes are theirs (deploy/nats/accounts.conf gives each its own).
+            caller: message
+                .reply
+                .as_ref()
+                .map(|reply| format!("nats-reply:{reply}")),
         })
         .await
         .map_err(|err| Refusal::from(err).with_request_id(&request_id))?;

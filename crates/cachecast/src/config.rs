@@ -7,7 +7,9 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use cachecast_agent::{AgentConfig, HttpConfig, KubernetesConfig, RedisConfig};
-use cachecast_bus::{BusConfig, CachesConfig, NatsConfig, PresenceConfig, StreamConfig};
+use cachecast_bus::{
+    AuditConfig, BusConfig, CachesConfig, NatsConfig, PresenceConfig, StreamConfig,
+};
 use cachecast_publisher::api::ApiConfig;
 use cachecast_publisher::auth::AuthConfig;
 use figment::Figment;
@@ -22,6 +24,7 @@ pub(crate) struct Config {
     pub(crate) stream: StreamConfig,
     pub(crate) presence: PresenceConfig,
     pub(crate) caches: CachesConfig,
+    pub(crate) audit: AuditConfig,
     pub(crate) api: ApiConfig,
     pub(crate) auth: AuthConfig,
     pub(crate) agent: AgentConfig,
@@ -38,6 +41,7 @@ impl Config {
             stream: self.stream.clone(),
             presence: self.presence.clone(),
             caches: self.caches.clone(),
+            audit: self.audit.clone(),
         }
     }
 

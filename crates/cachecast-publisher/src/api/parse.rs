@@ -74,6 +74,53 @@ pub(crate) fn query(query: Option<&str>, config: &ApiConfig) -> Result<Query, Re
     Ok(parsed)
 }
 
+/// The query of an audit trail page: `limit` (1 to 500, default 50) and `before` (an audit
+/// sequence: records older than it).
+pub(crate) fn audit_query(query: Option<&str>) -> Result<(usize, Option<u64>), Refusal> {
+    let (mut limit, mut before) = (50, None);
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "limit" => {
+                limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=crate::audit::MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        Refusal::bad_request(
+                            "invalid_parameter",
+                            format!(
+                                "limit must be a number from 1 to {}, not {value:?}",
+                                crate::audit::MAX_PAGE
+                            ),
+                        )
+                    })?;
+            }
+            "before" => {
+                before = Some(value.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    Refusal::bad_request(
+                        "invalid_parameter",
+                        format!("before must be a record's auditSequence (a positive number), not {value:?}"),
+                    )
+                })?);
+            }
+            other => {
+                return Err(Refusal::bad_request(
+                    "unknown_parameter",
+                    format!(
+                        "unknown query parameter {other:?}; the parameters are limit and before"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok((limit, before))
+}
+
 /// A timeout like `5s` or `500ms`, above zero and at most `api.max_timeout`.
 pub(crate) fn timeout(value: &str, config: &ApiConfig) -> Result<Duration, Refusal> {
     let timeout = humantime::parse_duration(value).map_err(|_| {
@@ -296,6 +343,27 @@ fn wrong_type(name: &str, expected: &str) -> Refusal {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn audit_pages_take_a_limit_and_a_cursor() {
+        use super::audit_query;
+        assert_eq!(audit_query(None).ok(), Some((50, None)));
+        assert_eq!(
+            audit_query(Some("limit=5&before=42")).ok(),
+            Some((5, Some(42)))
+        );
+        for bad in [
+            "limit=0",
+            "limit=501",
+            "limit=x",
+            "before=0",
+            "before=-1",
+            "page=2",
+        ] {
+            let err = audit_query(Some(bad)).expect_err(bad);
+            assert_eq!(err.class, super::Class::BadRequest, "{bad}");
+        }
+    }
+
     use super::*;
 
     /// What a parser gives for one input: the selector (as debug text, sorted and deduplicated

@@ -100,6 +100,7 @@ pub fn router(
             axum::routing::delete(forget_cache),
         )
         .route("/api/1.0/runtime/caches/{env_id}", get(inventory))
+        .route("/api/1.0/runtime/invalidations/{env_id}", get(invalidations))
         .route("/openapi.json", get(openapi::serve))
         .fallback(|headers: HeaderMap| async move {
             refuse(
@@ -374,6 +375,59 @@ async fn inventory(
     }
 }
 
+/// Pages through the environment's audit trail, newest first: each invalidation's caller (the
+/// token's `sub`), target, request and event ids, stream sequence and outcome, with each cache
+/// that did not confirm and why. Records are kept `audit.max_age`. Needs the read right.
+#[utoipa::path(
+    get,
+    path = "/api/1.0/runtime/invalidations/{envId}",
+    tag = "audit",
+    params(openapi::EnvPath, openapi::AuditQuery),
+    responses(
+        (status = 200, description = "A page of records, newest first", body = crate::audit::AuditPage),
+        (status = 400, description = "Bad environment id or query", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token lacks the environment or the read right", body = ErrorBody),
+        (status = 429, description = "Too many requests for this token", body = ErrorBody),
+        (status = 503, description = "The audit trail cannot be read now, or the token's keys could not be fetched: retry", body = ErrorBody),
+    )
+)]
+async fn invalidations(
+    State(api): State<Arc<Api>>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let request_id = match parse::request_id(request_id_header(&headers)) {
+        Ok(id) => id,
+        Err(err) => return err.into_response(),
+    };
+    let env = path.map(|Path(p)| p).unwrap_or_default();
+    let answer = async {
+        let grant = authz::authenticate(&api.verifier, &api.limiter, &headers).await?;
+        let env = EnvId::new(env.as_str())
+            .map_err(|err| Refusal::bad_request("invalid_env_id", err.to_string()))?;
+        authz::authorize_read(&grant, env.as_str())?;
+        let (limit, before) = parse::audit_query(query.as_deref())?;
+        api.publisher
+            .invalidations(&env, limit, before)
+            .await
+            .map_err(|why| {
+                Refusal::new(
+                    Class::Unavailable,
+                    "audit_unavailable",
+                    format!("{why}; retry shortly"),
+                )
+                .retry_after(1)
+            })
+    }
+    .await;
+    match answer {
+        Ok(body) => response::with_request_id(axum::Json(body).into_response(), &request_id),
+        Err(err) => err.with_request_id(&request_id).into_response(),
+    }
+}
+
 /// The answer to forgetting a persistent cache.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -502,6 +556,7 @@ impl Api {
             target,
             request_id: call.request_id,
             timeout: query.timeout,
+            caller: grant.subject.clone(),
         };
         let in_flight = self.publisher.begin(request).await.map_err(Refusal::from)?;
         if !query.wait_for_completion {

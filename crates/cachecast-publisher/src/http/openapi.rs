@@ -72,6 +72,19 @@ pub(super) struct EnvPath {
     envId: String,
 }
 
+/// The query of an audit trail page.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub(super) struct AuditQuery {
+    /// How many records, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<u32>,
+    /// Only records older than this `auditSequence` (the previous page's `nextBefore`).
+    #[param(minimum = 1)]
+    before: Option<u64>,
+}
+
 /// The path of a keyed-cache clear.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
@@ -179,6 +192,7 @@ pub(super) enum InvalidationAnswers {
         super::clear_keyed,
         super::request_status,
         super::inventory,
+        super::invalidations,
         super::forget_cache
     ),
     components(schemas(
@@ -186,6 +200,9 @@ pub(super) enum InvalidationAnswers {
         crate::api::InventoryBody,
         crate::api::CacheView,
         crate::api::AgentView,
+        crate::audit::AuditPage,
+        crate::audit::AuditRecord,
+        crate::audit::AuditFailure,
         ResponseInvalidation,
         IdentityInvalidation,
         OutcomeBody,

@@ -41,6 +41,10 @@ pub(crate) async fn run(config: Config, args: InvalidateArgs) -> anyhow::Result<
             .clone()
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         timeout: args.timeout,
+        caller: Some(format!(
+            "cli:{}",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+        )),
     };
     let mut in_flight = match publisher.begin(request).await {
         Ok(in_flight) => in_flight,
