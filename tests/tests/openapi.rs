@@ -29,7 +29,7 @@ async fn every_documented_operation_is_served() {
         doc["openapi"]
     );
     let paths = doc["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 7, "{:?}", paths.keys());
+    assert_eq!(paths.len(), 8, "{:?}", paths.keys());
     for (path, operations) in paths {
         let concrete = path
             .replace("{envId}", "dev")

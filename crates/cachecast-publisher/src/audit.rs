@@ -6,6 +6,7 @@
 //! Records are written after the answer is known, without delaying it: a record that cannot be
 //! written is logged, not retried. Pages are read newest first, by the audit stream's sequence.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
+use crate::api::answer::{AgentResult, agent_result};
 use crate::outcome::Outcome;
 
 /// One invalidation as the audit trail keeps it.
@@ -44,6 +46,9 @@ pub struct AuditRecord {
     pub successful: usize,
     /// Each cache that did not confirm.
     pub failures: Vec<AuditFailure>,
+    /// Every expected cache by node id: what it answered and when, as in the answer.
+    #[serde(default)]
+    pub agents: BTreeMap<String, AgentResult>,
 }
 
 /// A cache that did not confirm.
@@ -116,6 +121,11 @@ pub(crate) fn answered(outcome: &Outcome, caller: Option<&str>, target: &Target)
         expected: outcome.agents.len(),
         successful: outcome.successful(),
         failures,
+        agents: outcome
+            .agents
+            .iter()
+            .map(|(id, o)| (id.to_string(), agent_result(Some(o))))
+            .collect(),
     }
 }
 
@@ -145,6 +155,7 @@ pub(crate) fn unavailable(
             kind: "unavailable".into(),
             reason,
         }],
+        agents: BTreeMap::new(),
     }
 }
 

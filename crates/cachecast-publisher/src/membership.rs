@@ -204,6 +204,25 @@ impl Membership {
         self.caches.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Every environment with a live agent or a registered cache, sorted.
+    pub(crate) fn environments(&self) -> Vec<EnvId> {
+        let mut envs: Vec<EnvId> = self
+            .lock()
+            .iter()
+            .filter(|(_, members)| !members.is_empty())
+            .map(|(env, _)| env.clone())
+            .collect();
+        envs.extend(
+            self.lock_caches()
+                .iter()
+                .filter(|(_, caches)| !caches.is_empty())
+                .map(|(env, _)| env.clone()),
+        );
+        envs.sort();
+        envs.dedup();
+        envs
+    }
+
     /// Every persistent cache unattended for longer than `limit` (counting from when this
     /// view began if it never saw an agent attend it), and the number of unattended caches
     /// per environment, for the gauge.

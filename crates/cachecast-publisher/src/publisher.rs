@@ -294,6 +294,11 @@ impl Publisher {
         crate::audit::page(&mut stream, env, limit, before).await
     }
 
+    /// Every environment with a live agent or a registered persistent cache.
+    pub fn environments(&self) -> Vec<EnvId> {
+        self.inner.membership.environments()
+    }
+
     /// The agents live in `env` now.
     pub fn live_agents(&self, env: &EnvId) -> Vec<LiveAgent> {
         self.inner.membership.live(env)

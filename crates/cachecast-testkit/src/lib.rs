@@ -111,7 +111,7 @@ pub fn cachecast_bin() -> PathBuf {
 }
 
 /// The first executable called `name` on `PATH`.
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .filter(|dir| !dir.as_os_str().is_empty())
         .map(|dir| dir.join(name))

@@ -174,6 +174,23 @@ impl Grant {
         }
     }
 
+    /// The environments among `envs` this token may read: none without the read right.
+    pub fn readable<'a>(
+        &self,
+        envs: &'a [cachecast_proto::EnvId],
+    ) -> Result<Vec<&'a cachecast_proto::EnvId>, Forbidden> {
+        if !self.read {
+            return Err(Forbidden::Read {
+                right: self.names.read.clone(),
+                claim: self.names.rights_claim.clone(),
+            });
+        }
+        Ok(envs
+            .iter()
+            .filter(|env| self.allows(env.as_str()))
+            .collect())
+    }
+
     /// May this token read `env`'s caches and agents?
     pub fn authorize_read(&self, env: &str) -> Result<(), Forbidden> {
         if !self.allows(env) {

@@ -48,6 +48,14 @@ pub(crate) fn authorize_read(grant: &Grant, env: &str) -> Result<(), Refusal> {
     grant.authorize_read(env).map_err(forbidden)
 }
 
+/// The environments among `envs` the token may read; `403` without the read right.
+pub(crate) fn readable<'a>(
+    grant: &Grant,
+    envs: &'a [cachecast_proto::EnvId],
+) -> Result<Vec<&'a cachecast_proto::EnvId>, Refusal> {
+    grant.readable(envs).map_err(forbidden)
+}
+
 /// The rights check: `403` naming the missing right, or the environment.
 pub fn authorize(grant: &Grant, env: &str, reach: Reach) -> Result<(), Refusal> {
     grant.authorize(env, reach).map_err(forbidden)

@@ -19,6 +19,7 @@ mod openapi;
 pub mod rate_limit;
 mod requests;
 mod response;
+mod ui;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -100,8 +101,10 @@ pub fn router(
             axum::routing::delete(forget_cache),
         )
         .route("/api/1.0/runtime/caches/{env_id}", get(inventory))
+        .route("/api/1.0/runtime/environments", get(environments))
         .route("/api/1.0/runtime/invalidations/{env_id}", get(invalidations))
         .route("/openapi.json", get(openapi::serve))
+        .merge(ui::routes())
         .fallback(|headers: HeaderMap| async move {
             refuse(
                 &headers,
@@ -373,6 +376,54 @@ async fn inventory(
         Ok(body) => response::with_request_id(axum::Json(body).into_response(), &request_id),
         Err(err) => err.with_request_id(&request_id).into_response(),
     }
+}
+
+/// The environments this publisher knows (a live agent or a registered cache) that the token
+/// may read. Needs the read right.
+#[utoipa::path(
+    get,
+    path = "/api/1.0/runtime/environments",
+    tag = "caches",
+    responses(
+        (status = 200, description = "The environments", body = EnvironmentsBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The token lacks the read right", body = ErrorBody),
+        (status = 429, description = "Too many requests for this token", body = ErrorBody),
+        (status = 503, description = "This publisher's view is not complete, or the token's keys could not be fetched: retry", body = ErrorBody),
+    )
+)]
+async fn environments(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    let request_id = match parse::request_id(request_id_header(&headers)) {
+        Ok(id) => id,
+        Err(err) => return err.into_response(),
+    };
+    let answer = async {
+        let grant = authz::authenticate(&api.verifier, &api.limiter, &headers).await?;
+        api.publisher.readiness().map_err(|why| {
+            Refusal::new(
+                Class::Unavailable,
+                "not_ready",
+                format!("{why}; retry shortly"),
+            )
+            .retry_after(1)
+        })?;
+        let known = api.publisher.environments();
+        let readable = authz::readable(&grant, &known)?;
+        Ok::<_, Refusal>(EnvironmentsBody {
+            environments: readable.into_iter().map(ToString::to_string).collect(),
+        })
+    }
+    .await;
+    match answer {
+        Ok(body) => response::with_request_id(axum::Json(body).into_response(), &request_id),
+        Err(err) => err.with_request_id(&request_id).into_response(),
+    }
+}
+
+/// The environments a token may read.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EnvironmentsBody {
+    pub environments: Vec<String>,
 }
 
 /// Pages through the environment's audit trail, newest first: each invalidation's caller (the

@@ -192,11 +192,13 @@ pub(super) enum InvalidationAnswers {
         super::clear_keyed,
         super::request_status,
         super::inventory,
+        super::environments,
         super::invalidations,
         super::forget_cache
     ),
     components(schemas(
         super::ForgottenBody,
+        super::EnvironmentsBody,
         crate::api::InventoryBody,
         crate::api::CacheView,
         crate::api::AgentView,
