@@ -155,6 +155,33 @@ impl Stack {
         (cache, handle)
     }
 
+    /// A Redis cache registered in `env` as `cache_id` by an agent that then left: unattended,
+    /// so every request of `env` expects it. It lives as long as the returned server.
+    pub async fn left_redis_cache(
+        &self,
+        env: &str,
+        cache_id: &str,
+    ) -> cachecast_testkit::RedisServer {
+        let live = self.publisher.live_agents(&env_id(env)).len();
+        let redis = cachecast_testkit::redis().await;
+        let backend = cachecast_agent::RedisBackend::new(&cachecast_agent::RedisConfig {
+            url: redis.url(),
+            ..cachecast_agent::RedisConfig::default()
+        })
+        .expect("redis backend");
+        let agent = self
+            .agent_builder(env, &format!("{cache_id}-agent"))
+            .config(AgentConfig {
+                cache_id: Some(cachecast_proto::CacheId::new(cache_id).expect("valid cache id")),
+                ..AgentConfig::default()
+            })
+            .start(backend)
+            .await;
+        agent.stop().await;
+        self.wait_for_agents(env, live).await;
+        redis
+    }
+
     /// Waits until the publisher sees exactly `count` live agents in `env`.
     pub async fn wait_for_agents(&self, env: &str, count: usize) {
         assert!(

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use cachecast_agent::{RedisBackend, RedisConfig};
 use cachecast_e2e::{Answer, Stack};
 use serde_json::Value;
 
@@ -58,22 +57,7 @@ async fn every_invalidation_leaves_a_record_paged_newest_first() {
     let other = invalidate(&stack, "prod", "prod-1", "{}").await;
     assert_eq!(other.status, 200, "{}", other.body);
     // A Redis cache registered, then left: the next request answers 424 naming it.
-    let redis = cachecast_testkit::redis().await;
-    let backend = RedisBackend::new(&RedisConfig {
-        url: redis.url(),
-        ..RedisConfig::default()
-    })
-    .expect("redis backend");
-    let r1 = stack
-        .agent_builder("dev", "r1")
-        .config(cachecast_agent::AgentConfig {
-            cache_id: Some(cachecast_proto::CacheId::new("left-redis").expect("valid")),
-            ..cachecast_agent::AgentConfig::default()
-        })
-        .start(backend)
-        .await;
-    r1.stop().await;
-    stack.wait_for_agents("dev", 1).await;
+    let _redis = stack.left_redis_cache("dev", "left-redis").await;
     let failed = invalidate(
         &stack,
         "dev",

@@ -3,7 +3,6 @@
 //! invalidation made during the test with its outcome, and an unattended cache. A screenshot
 //! lands in target/status-page.png for people to look at.
 
-use cachecast_agent::{RedisBackend, RedisConfig};
 use cachecast_e2e::Stack;
 use cachecast_testkit::workspace_root;
 
@@ -18,26 +17,12 @@ async fn the_status_page_shows_agents_caches_and_the_last_invalidations() {
     let _m1 = stack.memory_agent("dev", "m1").await;
     stack.wait_for_agents("dev", 1).await;
     for _ in 0..3 {
-        let confirmed = stack.invalidate("dev", r#"{"scopeClientId":"s0"}"#, "").await;
+        let confirmed = stack
+            .invalidate("dev", r#"{"scopeClientId":"s0"}"#, "")
+            .await;
         assert_eq!(confirmed.status, 200, "{}", confirmed.body);
     }
-    // A Redis cache registered, then left by its agent: unattended.
-    let redis = cachecast_testkit::redis().await;
-    let backend = RedisBackend::new(&RedisConfig {
-        url: redis.url(),
-        ..RedisConfig::default()
-    })
-    .expect("redis backend");
-    let r1 = stack
-        .agent_builder("dev", "r1")
-        .config(cachecast_agent::AgentConfig {
-            cache_id: Some(cachecast_proto::CacheId::new("left-redis").expect("valid")),
-            ..cachecast_agent::AgentConfig::default()
-        })
-        .start(backend)
-        .await;
-    r1.stop().await;
-    stack.wait_for_agents("dev", 1).await;
+    let _redis = stack.left_redis_cache("dev", "left-redis").await;
     let token = stack.token(&["dev"]);
     let answer = stack
         .post(
@@ -70,5 +55,9 @@ async fn the_status_page_shows_agents_caches_and_the_last_invalidations() {
         String::from_utf8_lossy(&output.stderr),
         String::from_utf8_lossy(&output.stdout)
     );
-    assert!(screenshot.is_file(), "a screenshot at {}", screenshot.display());
+    assert!(
+        screenshot.is_file(),
+        "a screenshot at {}",
+        screenshot.display()
+    );
 }

@@ -347,35 +347,18 @@ async fn inventory(
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let request_id = match parse::request_id(request_id_header(&headers)) {
-        Ok(id) => id,
-        Err(err) => return err.into_response(),
-    };
     let env = path.map(|Path(p)| p).unwrap_or_default();
-    let answer = async {
-        let grant = authz::authenticate(&api.verifier, &api.limiter, &headers).await?;
-        let env = EnvId::new(env.as_str())
-            .map_err(|err| Refusal::bad_request("invalid_env_id", err.to_string()))?;
+    answer_json(&api, &headers, async |grant| {
+        let env = env_id(&env)?;
         authz::authorize_read(&grant, env.as_str())?;
-        api.publisher.readiness().map_err(|why| {
-            Refusal::new(
-                Class::Unavailable,
-                "not_ready",
-                format!("{why}; retry shortly"),
-            )
-            .retry_after(1)
-        })?;
-        Ok::<_, Refusal>(InventoryBody::new(
+        ready(&api)?;
+        Ok(InventoryBody::new(
             &env,
             &api.publisher.caches(&env),
             &api.publisher.live_agents(&env),
         ))
-    }
-    .await;
-    match answer {
-        Ok(body) => response::with_request_id(axum::Json(body).into_response(), &request_id),
-        Err(err) => err.with_request_id(&request_id).into_response(),
-    }
+    })
+    .await
 }
 
 /// The environments this publisher knows (a live agent or a registered cache) that the token
@@ -393,31 +376,15 @@ async fn inventory(
     )
 )]
 async fn environments(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
-    let request_id = match parse::request_id(request_id_header(&headers)) {
-        Ok(id) => id,
-        Err(err) => return err.into_response(),
-    };
-    let answer = async {
-        let grant = authz::authenticate(&api.verifier, &api.limiter, &headers).await?;
-        api.publisher.readiness().map_err(|why| {
-            Refusal::new(
-                Class::Unavailable,
-                "not_ready",
-                format!("{why}; retry shortly"),
-            )
-            .retry_after(1)
-        })?;
+    answer_json(&api, &headers, async |grant| {
+        ready(&api)?;
         let known = api.publisher.environments();
         let readable = authz::readable(&grant, &known)?;
-        Ok::<_, Refusal>(EnvironmentsBody {
+        Ok(EnvironmentsBody {
             environments: readable.into_iter().map(ToString::to_string).collect(),
         })
-    }
-    .await;
-    match answer {
-        Ok(body) => response::with_request_id(axum::Json(body).into_response(), &request_id),
-        Err(err) => err.with_request_id(&request_id).into_response(),
-    }
+    })
+    .await
 }
 
 /// The environments a token may read.
@@ -449,15 +416,9 @@ async fn invalidations(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let request_id = match parse::request_id(request_id_header(&headers)) {
-        Ok(id) => id,
-        Err(err) => return err.into_response(),
-    };
     let env = path.map(|Path(p)| p).unwrap_or_default();
-    let answer = async {
-        let grant = authz::authenticate(&api.verifier, &api.limiter, &headers).await?;
-        let env = EnvId::new(env.as_str())
-            .map_err(|err| Refusal::bad_request("invalid_env_id", err.to_string()))?;
+    answer_json(&api, &headers, async |grant| {
+        let env = env_id(&env)?;
         authz::authorize_read(&grant, env.as_str())?;
         let (limit, before) = parse::audit_query(query.as_deref())?;
         api.publisher
@@ -471,12 +432,47 @@ async fn invalidations(
                 )
                 .retry_after(1)
             })
-    }
-    .await;
-    match answer {
+    })
+    .await
+}
+
+/// The shape of every endpoint that answers JSON from a verified token (all but the
+/// invalidations themselves): the request id, authentication, then `answer`, rendered with the
+/// request id.
+async fn answer_json<T: Serialize>(
+    api: &Api,
+    headers: &HeaderMap,
+    answer: impl AsyncFnOnce(crate::auth::Grant) -> Result<T, Refusal>,
+) -> Response {
+    let request_id = match parse::request_id(request_id_header(headers)) {
+        Ok(id) => id,
+        Err(err) => return err.into_response(),
+    };
+    let answered = match authz::authenticate(&api.verifier, &api.limiter, headers).await {
+        Ok(grant) => answer(grant).await,
+        Err(err) => Err(err),
+    };
+    match answered {
         Ok(body) => response::with_request_id(axum::Json(body).into_response(), &request_id),
         Err(err) => err.with_request_id(&request_id).into_response(),
     }
+}
+
+/// An environment id from a path.
+fn env_id(env: &str) -> Result<EnvId, Refusal> {
+    EnvId::new(env).map_err(|err| Refusal::bad_request("invalid_env_id", err.to_string()))
+}
+
+/// `503` while this publisher's view of the agents and caches is not complete.
+fn ready(api: &Api) -> Result<(), Refusal> {
+    api.publisher.readiness().map_err(|why| {
+        Refusal::new(
+            Class::Unavailable,
+            "not_ready",
+            format!("{why}; retry shortly"),
+        )
+        .retry_after(1)
+    })
 }
 
 /// The answer to forgetting a persistent cache.
@@ -512,15 +508,9 @@ async fn forget_cache(
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let request_id = match parse::request_id(request_id_header(&headers)) {
-        Ok(id) => id,
-        Err(err) => return err.into_response(),
-    };
     let (env, cache) = path.map(|Path(p)| p).unwrap_or_default();
-    let answer = async {
-        let grant = authz::authenticate(&api.verifier, &api.limiter, &headers).await?;
-        let env = EnvId::new(env.as_str())
-            .map_err(|err| Refusal::bad_request("invalid_env_id", err.to_string()))?;
+    answer_json(&api, &headers, async |grant| {
+        let env = env_id(&env)?;
         let cache = cachecast_proto::CacheId::new(cache.as_str())
             .map_err(|err| Refusal::bad_request("invalid_cache_id", err.to_string()))?;
         authorize(&grant, env.as_str(), Reach::Flush)?;
@@ -537,12 +527,8 @@ async fn forget_cache(
             )),
             Err(err) => Err(Refusal::from(err)),
         }
-    }
-    .await;
-    match answer {
-        Ok(body) => response::with_request_id(axum::Json(body).into_response(), &request_id),
-        Err(err) => err.with_request_id(&request_id).into_response(),
-    }
+    })
+    .await
 }
 
 impl Api {
