@@ -16,6 +16,23 @@ pub use self::http::{HttpBackend, HttpConfig};
 pub use self::memory::{FillTicket, MemoryCache};
 pub use self::redis::{RedisBackend, RedisConfig, key_slot as redis_key_slot};
 
+/// Every response, identity and keyed-cache entry of `env`: the whole of a flush.
+pub(crate) async fn evict_everything<B: CacheBackend + ?Sized>(
+    backend: &B,
+    env: &EnvId,
+) -> Result<u64, BackendError> {
+    let mut removed = backend
+        .evict_responses(env, &ResponseSelector::default())
+        .await?;
+    removed += backend
+        .evict_identities(env, &IdentitySelector::default())
+        .await?;
+    for cache in backend.keyed_caches() {
+        removed += backend.evict_keyed(env, &cache, None).await?;
+    }
+    Ok(removed)
+}
+
 /// A cache id from where a cache is: `<kind>-<host>-<port>[-<rest>]`, each character that
 /// is not allowed in an id turned into `-`. A loopback host names a different cache on every
 /// machine, so the machine's host name goes first then.
@@ -119,10 +136,11 @@ pub enum BackendError {
     /// start rather than confirm evictions it cannot make everywhere.
     #[error("{0}")]
     Unsupported(String),
-    /// A Redis Cluster that cannot confirm an eviction now: a master failing, a slot without
-    /// a master, or a topology that kept changing during the eviction.
-    #[error("the Redis Cluster cannot confirm the eviction: {0}")]
-    ClusterUnsettled(String),
+    /// A Redis Cluster or Sentinel group that cannot confirm an eviction now: a master failing,
+    /// a slot without a master, sentinels that disagree, or a topology or master that changed
+    /// during the eviction.
+    #[error("Redis cannot confirm the eviction now: {0}")]
+    RedisUnsettled(String),
     /// No sentinel in `redis.sentinels` answered.
     #[error("no sentinel answered ({0}); check redis.sentinels and that the sentinels run")]
     SentinelsUnreachable(String),
@@ -189,18 +207,7 @@ pub trait CacheBackend: Send + Sync + 'static {
     /// Empties every cache of `env` this backend holds: responses, identities and each keyed
     /// cache. What an agent does on start, after a gap, and after a failed eviction.
     fn flush(&self, env: &EnvId) -> impl Future<Output = Result<u64, BackendError>> + Send {
-        async move {
-            let mut removed = self
-                .evict_responses(env, &ResponseSelector::default())
-                .await?;
-            removed += self
-                .evict_identities(env, &IdentitySelector::default())
-                .await?;
-            for cache in self.keyed_caches() {
-                removed += self.evict_keyed(env, &cache, None).await?;
-            }
-            Ok(removed)
-        }
+        evict_everything(self, env)
     }
 
     /// Refuses a cache this backend cannot evict from completely (`BackendError::Unsupported`);

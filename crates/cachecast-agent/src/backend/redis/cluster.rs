@@ -185,6 +185,11 @@ impl Cluster {
             }
             let replies: Vec<redis::RedisResult<redis::Value>> =
                 pipe.ignore_errors().query_async(&mut conn).await?;
+            if replies.len() != unlinks.len() {
+                return Err(BackendError::Protocol(
+                    "a pipeline of UNLINKs got another number of replies",
+                ));
+            }
             for (unlink, reply) in unlinks.into_iter().zip(replies) {
                 let Some((slot, keys)) = unlink else {
                     reply?;
@@ -257,7 +262,10 @@ impl Cluster {
             Err(err) => err,
         };
         let Some((to, ask)) = redirect_of(&err) else {
-            return Err(err.into());
+            // The owner may be gone (a failover): read the map again and try once more.
+            let topology = self.topology().await?;
+            let owner = topology.owner(slot_of(key.as_bytes()))?.addr.clone();
+            return Ok(cmd.query_async(&mut self.node(&owner)?).await?);
         };
         let mut pipe = redis::pipe();
         if ask {
@@ -318,6 +326,20 @@ impl Cluster {
                 .map(|master| self.cluster_nodes(&master.addr)),
         )
         .await?;
+        // The map is one node's view, which gossip may not have brought up to date (a slot
+        // given to another master, a failover): every master must say it serves what the map
+        // says, or the topology is changing and the eviction waits for it to settle.
+        for ((id, master), view) in map.masters.iter().zip(&views) {
+            let agrees = view.myself.as_ref().is_some_and(|(own_id, own)| {
+                own_id == id && own.slots == master.slots && own.config_epoch == master.config_epoch
+            });
+            if !agrees {
+                return Err(unsettled(format!(
+                    "master {id} ({}) does not itself say it serves what the map from {} says",
+                    master.addr, self.seed_addr
+                )));
+            }
+        }
         let topology = Topology::new(map.masters, views.into_iter().flat_map(|v| v.migrations))
             .map_err(unsettled)?;
         let topology = Arc::new(topology);
@@ -347,7 +369,7 @@ impl Cluster {
 }
 
 fn unsettled(why: String) -> BackendError {
-    BackendError::ClusterUnsettled(why)
+    BackendError::RedisUnsettled(format!("the cluster: {why}"))
 }
 
 /// Whether a reply sends the command elsewhere: the slot moved, is moving (`ASK`), or only
@@ -401,15 +423,6 @@ impl Topology {
         migrations: impl IntoIterator<Item = (u16, String, String)>,
     ) -> Result<Self, String> {
         let migrations: BTreeSet<(u16, String, String)> = migrations.into_iter().collect();
-        // A master with no slots serves nothing (a failed master a replica replaced, before it
-        // is marked failing, say), unless a slot is moving to or from it.
-        let mut masters = masters;
-        masters.retain(|id, master| {
-            !master.slots.is_empty()
-                || migrations
-                    .iter()
-                    .any(|(_, from, to)| from == id || to == id)
-        });
         let mut covered = vec![false; usize::from(SLOTS)];
         for master in masters.values() {
             for &(start, end) in &master.slots {
@@ -494,6 +507,8 @@ struct NodesView {
     masters: BTreeMap<String, Master>,
     /// The node's own migrations: `(slot, from, to)`.
     migrations: Vec<(u16, String, String)>,
+    /// The node itself, when it is a master: its id and what it says it serves.
+    myself: Option<(String, Master)>,
 }
 
 /// Parses `CLUSTER NODES`: `<id> <ip:port@cport[,hostname]> <flags> <master> <ping-sent>
@@ -523,8 +538,8 @@ fn parse_nodes(text: &str) -> Result<NodesView, String> {
             ));
         }
         let addr = address.split(['@', ',']).next().unwrap_or_default();
-        if addr.is_empty() || addr.starts_with(':') {
-            return Err(format!("master {id} has no address yet"));
+        if super::host_port(addr).is_none_or(|(_, port)| port == 0) {
+            return Err(format!("master {id} has no address yet ({address})"));
         }
         let config_epoch = epoch
             .parse()
@@ -546,14 +561,15 @@ fn parse_nodes(text: &str) -> Result<NodesView, String> {
                 ranges.push((parse_slot(start)?, parse_slot(end)?));
             }
         }
-        view.masters.insert(
-            (*id).to_owned(),
-            Master {
-                addr: addr.to_owned(),
-                config_epoch,
-                slots: ranges,
-            },
-        );
+        let master = Master {
+            addr: addr.to_owned(),
+            config_epoch,
+            slots: ranges,
+        };
+        if flags.contains(&"myself") {
+            view.myself = Some(((*id).to_owned(), master.clone()));
+        }
+        view.masters.insert((*id).to_owned(), master);
     }
     Ok(view)
 }
@@ -679,6 +695,37 @@ e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0
             "{NODES}aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa 127.0.0.1:30009@31009 master,fail - 0 0 1 disconnected\n"
         );
         assert_eq!(topology(&old).expect("parses").masters.len(), 3);
+    }
+
+    #[test]
+    fn a_target_reports_its_import_and_itself() {
+        let target = NODES
+            .replace("myself,master - 0 0 1 connected 0-5460 [93->-292f8b365bb7edb5e285caf0b7e6ddc7265d2f4f]", "master - 0 0 1 connected 0-5460")
+            .replace(
+                "127.0.0.1:30003@31003 master - 0 1426238318243 3 connected 10923-16383",
+                "127.0.0.1:30003@31003 myself,master - 0 1426238318243 3 connected 10923-16383 [93-<-e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca]",
+            );
+        let view = parse_nodes(&target).expect("parses");
+        assert_eq!(
+            view.migrations,
+            [(
+                93,
+                "e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca".to_owned(),
+                "292f8b365bb7edb5e285caf0b7e6ddc7265d2f4f".to_owned()
+            )]
+        );
+        let (id, own) = view.myself.expect("a master reports itself");
+        assert_eq!(id, "292f8b365bb7edb5e285caf0b7e6ddc7265d2f4f");
+        assert_eq!(own.slots, [(10923, 16383)]);
+    }
+
+    #[test]
+    fn addresses_may_be_ipv6_but_not_unknown() {
+        let v6 = NODES.replace("127.0.0.1:30002@31002,node2", "::1:30002@31002");
+        let t = topology(&v6).expect("an IPv6 address");
+        assert_eq!(t.owner(5461).expect("owned").addr, "::1:30002");
+        let unknown = NODES.replace("127.0.0.1:30002@31002,node2", ":0@0");
+        assert!(topology(&unknown).is_err());
     }
 
     #[test]

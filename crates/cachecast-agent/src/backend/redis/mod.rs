@@ -16,7 +16,7 @@ mod sentinel;
 mod template;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cachecast_proto::{CacheId, CacheName, EnvId, IdentitySelector, ResponseSelector};
@@ -84,6 +84,8 @@ pub struct RedisBackend {
     mode: Arc<tokio::sync::OnceCell<Mode>>,
     /// Set with `redis.sentinels`.
     sentinel: Option<Arc<Sentinel>>,
+    /// What the last flush cleared (see [`RedisBackend::fingerprint`]), for the marker.
+    flushed: Arc<Mutex<Option<String>>>,
     client: redis::Client,
     manager_config: ConnectionManagerConfig,
     /// Derived from the URL: `redis-<host>-<port>-db<n>`.
@@ -180,6 +182,7 @@ impl RedisBackend {
             conn,
             mode: Arc::default(),
             sentinel,
+            flushed: Arc::default(),
             client,
             manager_config,
             cache_id,
@@ -204,6 +207,11 @@ impl RedisBackend {
                 Ok(match redis_mode(&info)? {
                     RedisMode::Standalone => Mode::Standalone,
                     RedisMode::Cluster => {
+                        if self.client.get_connection_info().redis_settings().db() != 0 {
+                            return Err(BackendError::Unsupported(
+                                "redis.url names a database other than 0 on a Redis Cluster, which has only database 0: remove the /N from redis.url".into(),
+                            ));
+                        }
                         tracing::info!(
                             "redis.url names a Redis Cluster node: evicting on every master"
                         );
@@ -224,16 +232,20 @@ impl RedisBackend {
     async fn target(&self) -> Result<Target, BackendError> {
         Ok(match self.mode().await? {
             Mode::Standalone => Target::Node(self.conn.clone()),
-            Mode::Sentinel(sentinel) => Target::Node(sentinel.master().await?),
+            Mode::Sentinel(sentinel) => Target::Node(sentinel.master().await?.1),
             Mode::Cluster(cluster) => Target::Cluster(cluster.clone()),
         })
     }
 
     /// Removes every key in `keys`: exact keys in batched `UNLINK`s, patterns by `SCAN`.
     async fn evict_keys(&self, keys: Vec<Keys>) -> Result<u64, BackendError> {
-        let mut conn = match self.target().await? {
-            Target::Cluster(cluster) => return cluster.evict(&keys).await,
-            Target::Node(conn) => conn,
+        let (mut conn, sentinel) = match self.mode().await? {
+            Mode::Cluster(cluster) => return cluster.evict(&keys).await,
+            Mode::Standalone => (self.conn.clone(), None),
+            Mode::Sentinel(sentinel) => {
+                let (master, conn) = sentinel.master().await?;
+                (conn, Some((sentinel, master)))
+            }
         };
         let mut removed = 0;
         let mut exact = Vec::new();
@@ -252,7 +264,32 @@ impl RedisBackend {
                 .await?;
             removed += n;
         }
+        // Behind Sentinel, a failover during the eviction may have made another node master,
+        // one that never saw it.
+        if let Some((sentinel, before)) = sentinel {
+            let after = sentinel.master_addr().await?;
+            if after != before {
+                return Err(BackendError::RedisUnsettled(format!(
+                    "the master changed from {before} to {after} during the eviction"
+                )));
+            }
+        }
         Ok(removed)
+    }
+
+    /// Which processes hold the cache now: the `run_id` of the Redis (or of the master the
+    /// sentinels name), or every master's node id and `run_id` in a cluster.
+    async fn fingerprint(&self) -> Result<String, BackendError> {
+        match self.target().await? {
+            Target::Cluster(cluster) => cluster.run_ids().await,
+            Target::Node(mut conn) => {
+                let info: String = redis::cmd("INFO")
+                    .arg("server")
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(run_id(&info)?.to_owned())
+            }
+        }
     }
 
     async fn evict_pattern(
@@ -392,25 +429,31 @@ impl CacheBackend for RedisBackend {
         })
     }
 
+    async fn flush(&self, env: &EnvId) -> Result<u64, BackendError> {
+        // What a flush clears is what ran when it began: a master that took over meanwhile (a
+        // failover) is then marked as not flushed, and the next check flushes it.
+        let before = self.fingerprint().await?;
+        let removed = super::evict_everything(self, env).await?;
+        *self.flushed.lock().unwrap_or_else(PoisonError::into_inner) = Some(before);
+        Ok(removed)
+    }
+
     async fn mark_continuous(&self, cache: &CacheId) -> Result<(), BackendError> {
-        let mut conn = match self.target().await? {
-            Target::Node(conn) => conn,
-            Target::Cluster(cluster) => {
-                let mut set = redis::cmd("SET");
-                set.arg(run_id_key(cache)).arg(cluster.run_ids().await?);
-                return cluster.on_key(&run_id_key(cache), &set).await;
-            }
+        let flushed = self
+            .flushed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let marker = match flushed {
+            Some(marker) => marker,
+            None => self.fingerprint().await?,
         };
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await?;
-        let () = redis::cmd("SET")
-            .arg(run_id_key(cache))
-            .arg(run_id(&info)?)
-            .query_async(&mut conn)
-            .await?;
-        Ok(())
+        let mut set = redis::cmd("SET");
+        set.arg(run_id_key(cache)).arg(marker);
+        match self.target().await? {
+            Target::Cluster(cluster) => cluster.on_key(&run_id_key(cache), &set).await,
+            Target::Node(mut conn) => Ok(set.query_async(&mut conn).await?),
+        }
     }
 
     async fn check(&self) -> Result<(), BackendError> {
