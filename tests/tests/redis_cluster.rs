@@ -481,3 +481,115 @@ async fn a_failover_to_a_replica_that_lagged_is_flushed_before_the_next_200() {
         "another environment's key stays: {left:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_migrating_while_a_scope_is_evicted_are_all_gone_after_the_200() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let stack = Stack::start().await;
+    let _agent = agent_on(&stack, &cluster).await;
+    let mut pdp = Pdp::new(&cluster);
+
+    // Scope s1 in the slot of `{t}` (which migrates) and elsewhere; scope s2 in the same slot
+    // stays.
+    let tagged: Vec<String> = (0..1500).map(|n| format!("{{t}}u{n}")).collect();
+    let tagged: Vec<&str> = tagged.iter().map(String::as_str).collect();
+    let plain: Vec<String> = (0..1500).map(|n| format!("u{n}")).collect();
+    let plain: Vec<&str> = plain.iter().map(String::as_str).collect();
+    let mut keys = responses(&["s1", "s2"], &tagged);
+    keys.extend(responses(&["s1"], &plain));
+    pdp.set(&keys).await;
+
+    let slot: String = cluster
+        .cli(cluster.nodes[0].port(), &["CLUSTER", "KEYSLOT", "{t}"])
+        .await
+        .trim()
+        .to_owned();
+    let masters = master_ids(&cluster, cluster.nodes[0].port()).await;
+    let mut from = None;
+    for port in masters.keys() {
+        if pdp.keys_on(*port).await.iter().any(|k| k.contains("{t}")) {
+            from = Some(*port);
+        }
+    }
+    let from = from.expect("a master holds the tagged slot");
+    let to = *masters
+        .keys()
+        .find(|p| **p != from)
+        .expect("another master");
+    cluster
+        .cli(
+            to,
+            &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &masters[&from]],
+        )
+        .await;
+    cluster
+        .cli(
+            from,
+            &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &masters[&to]],
+        )
+        .await;
+
+    // The migration moves the slot's keys 20 at a time while the request runs.
+    let moved = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let answered = std::sync::Arc::new(tokio::sync::Notify::new());
+    let migrator = {
+        let (moved, answered) = (moved.clone(), answered.clone());
+        let mut conn = pdp.conn(from).await;
+        tokio::spawn(async move {
+            loop {
+                let batch: Vec<String> = redis::cmd("CLUSTER")
+                    .arg("GETKEYSINSLOT")
+                    .arg(slot_number(&slot))
+                    .arg(20)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("GETKEYSINSLOT");
+                if batch.is_empty() {
+                    return;
+                }
+                let () = redis::cmd("MIGRATE")
+                    .arg("127.0.0.1")
+                    .arg(to)
+                    .arg("")
+                    .arg(0)
+                    .arg(5000)
+                    .arg("KEYS")
+                    .arg(&batch)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_else(|e| panic!("MIGRATE: {e}"));
+                moved.fetch_add(batch.len(), std::sync::atomic::Ordering::SeqCst);
+                if tokio::time::timeout(std::time::Duration::ZERO, answered.notified())
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+        })
+    };
+    let answer = stack
+        .post_as("dev", RESPONSES, r#"{"scopeClientId":"s1"}"#)
+        .await;
+    let moved_by_then = moved.load(std::sync::atomic::Ordering::SeqCst);
+    answered.notify_one();
+    migrator.await.expect("the migration task");
+    confirmed(&answer, "scope s1 while its keys migrate");
+    assert!(moved_by_then > 0, "the migration ran while the request did");
+
+    let mut left = BTreeSet::new();
+    for port in masters.keys() {
+        left.extend(pdp.keys_on(*port).await);
+    }
+    let s1_left: Vec<&String> = left
+        .iter()
+        .filter(|k| k.starts_with("pdp:dev:s1:"))
+        .collect();
+    assert!(s1_left.is_empty(), "a 200 left scope s1 keys: {s1_left:?}");
+    let s2 = left.iter().filter(|k| k.starts_with("pdp:dev:s2:")).count();
+    assert_eq!(s2, tagged.len(), "scope s2 stays, wherever it moved");
+}
+
+fn slot_number(slot: &str) -> u16 {
+    slot.parse().expect("a slot number")
+}
