@@ -24,6 +24,9 @@ use crate::backend::BackendError;
 const SLOTS: u16 = 16384;
 /// Passes an eviction makes while the topology keeps changing under it, before it fails.
 const PASSES: usize = 5;
+/// How often, and how far apart, disagreeing views are read again before they count.
+const SETTLE_TRIES: usize = 20;
+const SETTLE_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The masters of one Redis Cluster, reached from a seed node.
 pub(super) struct Cluster {
@@ -297,6 +300,25 @@ impl Cluster {
     /// Reads the topology: the slot map from the seed (or a master known before, if the
     /// seed does not answer), and each master's own migrations (a node reports only its own).
     pub(super) async fn topology(&self) -> Result<Arc<Topology>, BackendError> {
+        // Gossip brings the nodes' views together within moments of a failover or a slot
+        // handed over: a view that disagrees is read again for a while before it counts.
+        let mut tries = 0;
+        loop {
+            match self.read_topology().await {
+                Ok(topology) => return Ok(topology),
+                Err(Reading::Failed(err)) => return Err(err),
+                Err(Reading::Disagree(why)) if tries < SETTLE_TRIES => {
+                    tracing::debug!(%why, "the cluster's views disagree; reading them again");
+                    tries += 1;
+                    tokio::time::sleep(SETTLE_PAUSE).await;
+                }
+                Err(Reading::Disagree(why)) => return Err(unsettled(why)),
+            }
+        }
+    }
+
+    /// One reading of the topology.
+    async fn read_topology(&self) -> Result<Arc<Topology>, Reading> {
         let mut candidates = vec![self.seed_addr.clone()];
         if let Some(last) = self
             .last
@@ -318,7 +340,9 @@ impl Cluster {
             }
         }
         let Some(map) = map else {
-            return Err(failure.unwrap_or_else(|| unsettled("no node answered".into())));
+            return Err(failure
+                .unwrap_or_else(|| unsettled("no node answered".into()))
+                .into());
         };
         let views = try_join_all(
             map.masters
@@ -334,14 +358,14 @@ impl Cluster {
                 own_id == id && own.slots == master.slots && own.config_epoch == master.config_epoch
             });
             if !agrees {
-                return Err(unsettled(format!(
+                return Err(Reading::Disagree(format!(
                     "master {id} ({}) does not itself say it serves what the map from {} says",
                     master.addr, self.seed_addr
                 )));
             }
         }
         let topology = Topology::new(map.masters, views.into_iter().flat_map(|v| v.migrations))
-            .map_err(unsettled)?;
+            .map_err(|why| Reading::Failed(unsettled(why)))?;
         let topology = Arc::new(topology);
         *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(topology.clone());
         Ok(topology)
@@ -365,6 +389,19 @@ impl Cluster {
             .ok_or_else(|| unsettled(format!("a node has the address {addr:?}")))?;
         nodes.insert(addr.to_owned(), conn.clone());
         Ok(conn)
+    }
+}
+
+/// Why one reading of the topology gave none.
+enum Reading {
+    /// The masters' own views disagree with the map: it is changing.
+    Disagree(String),
+    Failed(BackendError),
+}
+
+impl From<BackendError> for Reading {
+    fn from(err: BackendError) -> Self {
+        Self::Failed(err)
     }
 }
 
