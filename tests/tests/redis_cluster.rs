@@ -258,30 +258,13 @@ async fn a_slot_caught_mid_migration_is_evicted_on_both_sides() {
     keys.extend(tagged.iter().map(|i| format!("pdp-identity:dev:User:{i}")));
     pdp.set(&keys).await;
 
-    let slot: String = cluster
-        .cli(cluster.nodes[0].port(), &["CLUSTER", "KEYSLOT", "{t}"])
-        .await
-        .trim()
-        .to_owned();
-    let masters = master_ids(&cluster, cluster.nodes[0].port()).await;
-    let mut from = None;
-    for port in masters.keys() {
-        if pdp.keys_on(*port).await.iter().any(|k| k.contains("{t}")) {
-            from = Some(*port);
-        }
-    }
-    let from = from.expect("a master holds the tagged slot");
-    let to = *masters
-        .keys()
-        .find(|p| **p != from)
-        .expect("another master");
-    let (from_id, to_id) = (masters[&from].clone(), masters[&to].clone());
-    cluster
-        .cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])
-        .await;
-    cluster
-        .cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])
-        .await;
+    let Migration {
+        slot,
+        from,
+        to,
+        masters,
+    } = start_migration(&cluster, &mut pdp).await;
+    let to_id = masters[&to].clone();
     // Half the slot's keys move: the slot now lives on both masters.
     let mut slot_keys: Vec<String> = pdp
         .keys_on(from)
@@ -499,35 +482,12 @@ async fn keys_migrating_while_a_scope_is_evicted_are_all_gone_after_the_200() {
     keys.extend(responses(&["s1"], &plain));
     pdp.set(&keys).await;
 
-    let slot: String = cluster
-        .cli(cluster.nodes[0].port(), &["CLUSTER", "KEYSLOT", "{t}"])
-        .await
-        .trim()
-        .to_owned();
-    let masters = master_ids(&cluster, cluster.nodes[0].port()).await;
-    let mut from = None;
-    for port in masters.keys() {
-        if pdp.keys_on(*port).await.iter().any(|k| k.contains("{t}")) {
-            from = Some(*port);
-        }
-    }
-    let from = from.expect("a master holds the tagged slot");
-    let to = *masters
-        .keys()
-        .find(|p| **p != from)
-        .expect("another master");
-    cluster
-        .cli(
-            to,
-            &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &masters[&from]],
-        )
-        .await;
-    cluster
-        .cli(
-            from,
-            &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &masters[&to]],
-        )
-        .await;
+    let Migration {
+        slot,
+        from,
+        to,
+        masters,
+    } = start_migration(&cluster, &mut pdp).await;
 
     // The migration moves the slot's keys 20 at a time while the request runs.
     let moved = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -588,6 +548,56 @@ async fn keys_migrating_while_a_scope_is_evicted_are_all_gone_after_the_200() {
     assert!(s1_left.is_empty(), "a 200 left scope s1 keys: {s1_left:?}");
     let s2 = left.iter().filter(|k| k.starts_with("pdp:dev:s2:")).count();
     assert_eq!(s2, tagged.len(), "scope s2 stays, wherever it moved");
+}
+
+/// A slot set migrating between two masters.
+struct Migration {
+    slot: String,
+    /// Ports.
+    from: u16,
+    to: u16,
+    /// Every master's node id by port.
+    masters: BTreeMap<u16, String>,
+}
+
+/// Sets the slot of the hash tag `{t}` migrating from the master that holds its keys to
+/// another one (`IMPORTING` on the target, then `MIGRATING` on the source).
+async fn start_migration(cluster: &RedisCluster, pdp: &mut Pdp<'_>) -> Migration {
+    let slot: String = cluster
+        .cli(cluster.nodes[0].port(), &["CLUSTER", "KEYSLOT", "{t}"])
+        .await
+        .trim()
+        .to_owned();
+    let masters = master_ids(cluster, cluster.nodes[0].port()).await;
+    let mut from = None;
+    for port in masters.keys() {
+        if pdp.keys_on(*port).await.iter().any(|k| k.contains("{t}")) {
+            from = Some(*port);
+        }
+    }
+    let from = from.expect("a master holds the tagged slot");
+    let to = *masters
+        .keys()
+        .find(|p| **p != from)
+        .expect("another master");
+    cluster
+        .cli(
+            to,
+            &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &masters[&from]],
+        )
+        .await;
+    cluster
+        .cli(
+            from,
+            &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &masters[&to]],
+        )
+        .await;
+    Migration {
+        slot,
+        from,
+        to,
+        masters,
+    }
 }
 
 fn slot_number(slot: &str) -> u16 {
