@@ -41,12 +41,7 @@ pub(crate) fn query(query: Option<&str>, config: &ApiConfig) -> Result<Query, Re
         timeout: config.default_timeout,
         wait_for_completion: true,
     };
-    for pair in query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for (name, value) in query_pairs(query) {
         match name {
             "timeout" => parsed.timeout = timeout(value, config)?,
             "wait_for_completion" => {
@@ -61,14 +56,7 @@ pub(crate) fn query(query: Option<&str>, config: &ApiConfig) -> Result<Query, Re
                     }
                 }
             }
-            other => {
-                return Err(Refusal::bad_request(
-                    "unknown_parameter",
-                    format!(
-                        "unknown query parameter {other:?}; the parameters are timeout and wait_for_completion"
-                    ),
-                ));
-            }
+            other => return Err(unknown_parameter(other, "timeout and wait_for_completion")),
         }
     }
     Ok(parsed)
@@ -78,12 +66,7 @@ pub(crate) fn query(query: Option<&str>, config: &ApiConfig) -> Result<Query, Re
 /// sequence: records older than it).
 pub(crate) fn audit_query(query: Option<&str>) -> Result<(usize, Option<u64>), Refusal> {
     let (mut limit, mut before) = (50, None);
-    for pair in query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for (name, value) in query_pairs(query) {
         match name {
             "limit" => {
                 limit = value
@@ -108,17 +91,26 @@ pub(crate) fn audit_query(query: Option<&str>) -> Result<(usize, Option<u64>), R
                     )
                 })?);
             }
-            other => {
-                return Err(Refusal::bad_request(
-                    "unknown_parameter",
-                    format!(
-                        "unknown query parameter {other:?}; the parameters are limit and before"
-                    ),
-                ));
-            }
+            other => return Err(unknown_parameter(other, "limit and before")),
         }
     }
     Ok((limit, before))
+}
+
+/// The `name=value` pairs of a query string (`name` alone has the value `""`).
+fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
+fn unknown_parameter(name: &str, known: &str) -> Refusal {
+    Refusal::bad_request(
+        "unknown_parameter",
+        format!("unknown query parameter {name:?}; the parameters are {known}"),
+    )
 }
 
 /// A timeout like `5s` or `500ms`, above zero and at most `api.max_timeout`.
