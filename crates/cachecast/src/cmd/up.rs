@@ -144,6 +144,8 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
         args.env
     );
     println!();
+    println!("The status page: http://{addr}/ui/ (paste the token above: it holds the read right)");
+    println!();
     println!("Press Ctrl-C to stop.");
 
     shutdown.wait().await;
