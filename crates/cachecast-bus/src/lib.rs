@@ -94,6 +94,14 @@ pub struct NatsConfig {
     /// own prefix and allow it to subscribe only to `<prefix>.>`, so no user can read the
     /// replies (JetStream deliveries included) meant for another (see deploy/nats/).
     pub inbox_prefix: String,
+    /// The JetStream domain of the servers that hold the stream and the buckets, for a process
+    /// that reaches them through a leaf node (a site's agents): its JetStream requests go to
+    /// `$JS.<domain>.API`. Unset: the JetStream of the server it connects to (or of its cluster).
+    pub jetstream_domain: Option<String>,
+    /// How often the client pings its server; two unanswered pings mean a reconnect. A
+    /// half-open connection (a WAN link that died without a close) goes unnoticed this long.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
 }
 
 impl Default for NatsConfig {
@@ -113,6 +121,8 @@ impl Default for NatsConfig {
             tls_key_file: None,
             require_tls: false,
             inbox_prefix: DEFAULT_INBOX_PREFIX.into(),
+            jetstream_domain: None,
+            ping_interval: Duration::from_secs(10),
         }
     }
 }
@@ -167,6 +177,16 @@ impl NatsConfig {
                 "nats.inbox_prefix {:?} is not a subject prefix: use dot-separated tokens without spaces or wildcards, like _INBOX.agent-dev-1",
                 self.inbox_prefix
             ));
+        }
+        if let Some(domain) = &self.jetstream_domain
+            && (!valid_token(domain) || domain.contains('.'))
+        {
+            return bad(format!(
+                "nats.jetstream_domain {domain:?} is not a JetStream domain: use one token without dots, spaces or wildcards, as the hub's `jetstream {{ domain: ... }}` names it"
+            ));
+        }
+        if self.ping_interval.is_zero() {
+            return bad("nats.ping_interval must be above zero (10s is the default)".into());
         }
         for (key, path) in [
             ("nats.creds_file", &self.creds_file),
@@ -322,9 +342,6 @@ pub struct BusConfig {
     pub audit: AuditConfig,
 }
 
-/// How often the client pings the server; two unanswered pings mean a reconnect.
-const PING_INTERVAL: Duration = Duration::from_secs(10);
-
 /// Connects to NATS. Returns at once even when no server is up: the client keeps trying in
 /// the background, so a process can start before NATS and survive NATS restarts.
 pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Client, BusError> {
@@ -340,7 +357,7 @@ pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Client, B
         .max_reconnects(None)
         // A frozen server (paused, partitioned without a close) answers no ping: with the
         // client's 60 s default it went unnoticed for minutes.
-        .ping_interval(PING_INTERVAL)
+        .ping_interval(config.ping_interval)
         .reconnect_delay_callback(move |attempts| {
             (Duration::from_millis(50) * attempts.min(20) as u32).min(max_delay)
         })
@@ -389,11 +406,17 @@ pub async fn flush(client: &Client, timeout: Duration) {
     }
 }
 
-/// A JetStream context whose requests (and publish acknowledgements) are bounded.
+/// A JetStream context whose requests (and publish acknowledgements) are bounded, in
+/// `nats.jetstream_domain` when one is set (KV puts included: the client prefixes them too).
 pub fn jetstream(client: Client, config: &NatsConfig) -> JetStream {
-    let mut js = jetstream::new(client);
-    js.set_timeout(config.request_timeout);
-    js
+    let api_prefix = match &config.jetstream_domain {
+        Some(domain) => format!("$JS.{domain}.API"),
+        None => "$JS.API".to_owned(),
+    };
+    jetstream::ContextBuilder::new()
+        .api_prefix(api_prefix)
+        .timeout(config.request_timeout)
+        .build(client)
 }
 
 /// Creates the invalidation stream, or opens it if it exists.
@@ -490,7 +513,9 @@ pub async fn open_stream(
         .await
         .map_err(|err| BusError::Stream {
             name: config.name.clone(),
-            reason: format!("{err} (start `cachecast serve` once to create it)"),
+            reason: format!(
+                "{err} (start `cachecast serve` once to create it; a process at a site behind a leaf node sets nats.jetstream_domain to the hub's JetStream domain)"
+            ),
         })
 }
 
@@ -566,6 +591,8 @@ pub async fn open_presence_bucket(
         .await
         .map_err(|err| BusError::Presence {
             name: config.bucket.clone(),
-            reason: format!("{err} (start `cachecast serve` once to create it)"),
+            reason: format!(
+                "{err} (start `cachecast serve` once to create it; a process at a site behind a leaf node sets nats.jetstream_domain to the hub's JetStream domain)"
+            ),
         })
 }

@@ -12,6 +12,7 @@ mod child;
 mod cluster;
 pub mod jwt;
 pub mod keys;
+mod leaf;
 mod proxy;
 mod redis;
 pub mod tls;
@@ -25,6 +26,7 @@ use std::{
 pub use cachecast_nats_server::{NatsServer, NatsServerOptions};
 pub use child::ChildProcess;
 pub use cluster::NatsCluster;
+pub use leaf::{LEAF_PING_INTERVAL, LeafHub, LeafSite};
 pub use nix::sys::signal::Signal;
 pub use proxy::TcpProxy;
 pub use redis::{RedisCluster, RedisServer, redis};

@@ -4,13 +4,19 @@
 //! A cut is a clean close: both sides learn at once. A black hole is a partition: connections
 //! stay open and bytes stop flowing both ways, so each side learns only from its own timeouts;
 //! restored, what was held back flows on.
+//!
+//! With a latency, every byte reaches the other side that much later in each direction (a WAN
+//! link): bytes are timestamped when read and written when due, so the delay does not limit
+//! throughput.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// What the proxy does with traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +39,11 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Starts forwarding a free local port to `target_port` on 127.0.0.1.
     pub async fn start(target_port: u16) -> TcpProxy {
+        Self::with_latency(target_port, Duration::ZERO).await
+    }
+
+    /// Like [`TcpProxy::start`], each direction delayed by `one_way` (a round trip is twice it).
+    pub async fn with_latency(target_port: u16, one_way: Duration) -> TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("could not bind the proxy: {e}"));
@@ -47,6 +58,7 @@ impl TcpProxy {
                     continue;
                 }
                 tokio::spawn(async move {
+                    tokio::time::sleep(one_way).await; // the connect's way there
                     if forwarding(&mut state).await.is_err() {
                         return; // cut while held in the black hole
                     }
@@ -56,14 +68,19 @@ impl TcpProxy {
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
                     tokio::select! {
-                        _ = pump(client_read, server_write, state.clone()) => {}
-                        _ = pump(server_read, client_write, state.clone()) => {}
+                        _ = pump(client_read, server_write, state.clone(), one_way) => {}
+                        _ = pump(server_read, client_write, state.clone(), one_way) => {}
                         _ = state.wait_for(|mode| *mode == Mode::Cut) => {}
                     }
                 });
             }
         });
         TcpProxy { addr, mode, task }
+    }
+
+    /// The proxy's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
     }
 
     /// `nats://127.0.0.1:<proxy port>`.
@@ -95,25 +112,44 @@ async fn forwarding(state: &mut watch::Receiver<Mode>) -> Result<(), ()> {
     }
 }
 
-/// Copies one direction, holding bytes back while the proxy is a black hole.
+/// Copies one direction, `latency` late, holding bytes back while the proxy is a black hole.
 async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
-    mut state: watch::Receiver<Mode>,
+    state: watch::Receiver<Mode>,
+    latency: Duration,
 ) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        if forwarding(&mut state).await.is_err() {
-            return;
+    let (due_tx, mut due_rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let mut read_state = state.clone();
+    let read = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            if forwarding(&mut read_state).await.is_err() {
+                return;
+            }
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if due_tx
+                .send((Instant::now() + latency, buf[..n].to_vec()))
+                .is_err()
+            {
+                return;
+            }
         }
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if forwarding(&mut state).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
-            return;
+    };
+    let mut write_state = state;
+    let write = async move {
+        while let Some((due, bytes)) = due_rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if forwarding(&mut write_state).await.is_err() || to.write_all(&bytes).await.is_err() {
+                return;
+            }
         }
-    }
+    };
+    // The reader ends at the sender's close; the writer then delivers what is still due.
+    tokio::join!(read, write);
 }
 
 impl Drop for TcpProxy {
