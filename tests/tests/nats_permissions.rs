@@ -35,6 +35,7 @@ async fn server() -> NatsServer {
         .env("NATS_CACHECAST_AGENT_DEV_2_PASSWORD", DEV_2_PASSWORD)
         .env("NATS_CACHECAST_AGENT_PROD_1_PASSWORD", PROD_1_PASSWORD)
         .env("NATS_CACHECAST_CALLER_DEV_PASSWORD", CALLER_DEV_PASSWORD)
+        .env("NATS_CACHECAST_SITE_A_PASSWORD", "site-a-pw-for-tests")
         .start()
         .await
         .unwrap_or_else(|e| panic!("nats-server did not start with deploy/nats/accounts.conf: {e}"))

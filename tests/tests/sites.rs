@@ -194,3 +194,176 @@ async fn a_cut_site_is_named_until_it_has_flushed_or_caught_up_and_the_other_sit
     assert!(stale.is_empty(), "stale after the 200: {stale:?}");
     a_redis_agent.stop().await;
 }
+
+const SITE_A_LEAF_PASSWORD: &str = "site-a-pw-for-tests";
+const SITE_A_AGENT_PASSWORD: &str = "site-a-agent-1-pw-for-tests";
+const API_PASSWORD: &str = "api-pw-for-tests";
+
+/// A committed file of deploy/nats/ copied (with accounts.conf, which it may include) into a
+/// temporary directory, with `replacements` made: the addresses a test must move to free ports.
+fn committed(name: &str, replacements: &[(&str, String)]) -> (tempfile::TempDir, String) {
+    let deploy = cachecast_testkit::workspace_root().join("deploy/nats");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut text = std::fs::read_to_string(deploy.join(name)).expect("committed configuration");
+    for (from, to) in replacements {
+        assert!(text.contains(from), "{name} no longer has {from:?}");
+        text = text.replace(from, to);
+    }
+    std::fs::write(dir.path().join(name), text).expect("write the configuration");
+    std::fs::copy(
+        deploy.join("accounts.conf"),
+        dir.path().join("accounts.conf"),
+    )
+    .expect("copy accounts.conf");
+    let path = dir.path().join(name).display().to_string();
+    (dir, path)
+}
+
+/// The committed hub (deploy/nats/hub.conf with accounts.conf) and site A
+/// (deploy/nats/site-a.conf), linked through a proxy: the API and a site agent work end to end
+/// with their least-privilege users, and the link carries site A's environment only, even for a
+/// site user allowed everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_committed_hub_and_site_configurations_carry_only_the_sites_environment() {
+    cachecast_e2e::init_logs();
+    let binary = cachecast_testkit::nats_binary();
+    let free = cachecast_testkit::free_port;
+    let leaf_port = free();
+    let (_hub_dir, hub_conf) = committed(
+        "hub.conf",
+        &[
+            ("0.0.0.0:7422", format!("127.0.0.1:{leaf_port}")),
+            // The test server's own store (-sd).
+            ("  store_dir: /data/jetstream\n", String::new()),
+            ("0.0.0.0:8222", format!("127.0.0.1:{}", free())),
+        ],
+    );
+    let mut hub_server = cachecast_testkit::NatsServer::builder(&binary).args(["-c", &hub_conf]);
+    for (name, password) in [
+        ("NATS_SYS_PASSWORD", "sys-pw-for-tests"),
+        ("NATS_CACHECAST_API_PASSWORD", API_PASSWORD),
+        ("NATS_CACHECAST_AGENT_DEV_1_PASSWORD", "unused-1"),
+        ("NATS_CACHECAST_AGENT_DEV_2_PASSWORD", "unused-2"),
+        ("NATS_CACHECAST_AGENT_PROD_1_PASSWORD", "unused-3"),
+        ("NATS_CACHECAST_CALLER_DEV_PASSWORD", "unused-4"),
+        ("NATS_CACHECAST_SITE_A_PASSWORD", SITE_A_LEAF_PASSWORD),
+    ] {
+        hub_server = hub_server.env(name, password);
+    }
+    let hub_server = hub_server
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("the hub did not start with deploy/nats/hub.conf: {e}"));
+    let link = cachecast_testkit::TcpProxy::with_latency(leaf_port, WAN).await;
+    // A site user allowed everything at the site: what the link carries must not depend on it.
+    let (_site_dir, site_conf) = committed(
+        "site-a.conf",
+        &[
+            ("0.0.0.0:8222", format!("127.0.0.1:{}", free())),
+            ("  store_dir: /data/jetstream\n", String::new()),
+            (
+                "    users = [\n",
+                "    users = [\n      { user: site-a-anything, password: anything }\n".into(),
+            ),
+        ],
+    );
+    let site = cachecast_testkit::NatsServer::builder(&binary)
+        .args(["-c", &site_conf])
+        .env(
+            "CACHECAST_HUB_LEAF_URL",
+            format!(
+                "nats-leaf://cachecast-site-a:{SITE_A_LEAF_PASSWORD}@127.0.0.1:{}",
+                link.port()
+            ),
+        )
+        .env("NATS_SITE_A_AGENT_1_PASSWORD", SITE_A_AGENT_PASSWORD)
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("site A did not start with deploy/nats/site-a.conf: {e}"));
+
+    let stack = Stack::builder()
+        .nats(hub_server)
+        .bus(|bus| {
+            bus.nats.user = Some("cachecast-api".into());
+            bus.nats.password = Some(cachecast_bus::Secret::new(API_PASSWORD));
+            bus.nats.inbox_prefix = "_INBOX.api".into();
+        })
+        .start()
+        .await;
+    let mut agent_bus = stack.bus.clone();
+    agent_bus.nats.url = site.url();
+    agent_bus.nats.user = Some("site-a-dev-agent-1".into());
+    agent_bus.nats.password = Some(cachecast_bus::Secret::new(SITE_A_AGENT_PASSWORD));
+    agent_bus.nats.inbox_prefix = "_INBOX.site-a.dev-agent-1".into();
+    agent_bus.nats.jetstream_domain = Some(HUB_DOMAIN.into());
+    let cache = MemoryCache::new();
+    let agent = stack
+        .agent_builder("dev", "dev-agent-1")
+        .bus(&agent_bus)
+        .start(cache.clone())
+        .await;
+    stack.wait_for_agents("dev", 1).await;
+    cache.insert("k", "s1", "u1", bytes::Bytes::from_static(b"permit"));
+    let answer = stack.invalidate("dev", "{}", "?timeout=5s").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(applied(&answer, "dev-agent-1"), "{}", answer.body);
+    assert!(!cache.contains("k"));
+
+    // The site user allowed everything at the site: prod's JetStream requests go nowhere,
+    // dev's are answered; events and the API's replies never reach the site.
+    let anything = async_nats::ConnectOptions::with_user_and_password(
+        "site-a-anything".into(),
+        "anything".into(),
+    )
+    .custom_inbox_prefix("_INBOX.site-a.anything")
+    .request_timeout(Some(Duration::from_secs(2)))
+    .connect(site.url())
+    .await
+    .expect("the site's wide user connects");
+    let mut events = anything
+        .subscribe("cachecast.v1.*.inval")
+        .await
+        .expect("sub");
+    let mut api_replies = anything.subscribe("_INBOX.api.>").await.expect("sub");
+    let create = |env: &str| {
+        let subject =
+            format!("$JS.hub.API.CONSUMER.CREATE.CACHECAST.probe_{env}.cachecast.v1.{env}.inval");
+        let body = serde_json::json!({
+            "stream_name": "CACHECAST",
+            "config": { "name": format!("probe_{env}"), "filter_subject": format!("cachecast.v1.{env}.inval") }
+        });
+        anything.request(subject, body.to_string().into())
+    };
+    let dev = create("dev")
+        .await
+        .expect("dev's consumer create is carried and answered");
+    assert!(
+        String::from_utf8_lossy(&dev.payload).contains("\"created\""),
+        "{:?}",
+        dev.payload
+    );
+    let prod = create("prod").await;
+    assert!(
+        prod.is_err(),
+        "prod's consumer create crossed the link: {prod:?}"
+    );
+    let answer = stack.invalidate("prod", "{}", "").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let answer = stack.invalidate("dev", "{}", "?timeout=5s").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    // A round trip through the link after those: anything bound for the site has arrived.
+    create("dev")
+        .await
+        .expect("dev's consumer create is answered");
+    use futures::FutureExt as _;
+    use futures::StreamExt as _;
+    assert!(
+        events.next().now_or_never().is_none(),
+        "an event reached the site"
+    );
+    assert!(
+        api_replies.next().now_or_never().is_none(),
+        "an API reply reached the site"
+    );
+    agent.stop().await;
+}
