@@ -20,8 +20,8 @@ pub use processes::{
     RedisCache, cachecast, cachecast_with_env, logged_addr, redis_agent, start_serve,
 };
 pub use stack::{
-    AgentHandle, Answer, JOIN_TIMEOUT, Replica, Stack, TEST_SECRET, answer, init_logs,
-    test_api_config,
+    AgentHandle, Answer, JOIN_TIMEOUT, Replica, Stack, TEST_SECRET, answer, init_logs, start_agent,
+    start_publisher, test_api_config,
 };
 
 /// Checks `condition` every 20 ms until it holds; fails the test after `within`. For states

@@ -295,53 +295,78 @@ impl AgentBuilder<'_> {
 
     /// Starts the agent and waits until it is live.
     pub async fn start<B: CacheBackend>(self, backend: B) -> AgentHandle {
-        let AgentBuilder {
-            env,
-            id,
-            config,
-            bus,
-        } = self;
-        let bus = &bus;
-        let client = cachecast_bus::connect(&bus.nats, id)
+        start_agent(&self.bus, self.env, self.id, self.config, backend).await
+    }
+}
+
+/// Starts an in-process agent `id` of `env` on `bus` and waits until it is live (on any NATS:
+/// a cluster's, a site's).
+pub async fn start_agent<B: CacheBackend>(
+    bus: &BusConfig,
+    env: &str,
+    id: &str,
+    config: AgentConfig,
+    backend: B,
+) -> AgentHandle {
+    let client = cachecast_bus::connect(&bus.nats, id)
+        .await
+        .expect("agent NATS client");
+    // A persistent cache (Redis, HTTP) is reported under its cache id: in tests, the agent's
+    // id unless the test names another, so answers read the same for every backend.
+    let mut config = config;
+    if config.cache_id.is_none() {
+        config.cache_id = Some(cachecast_proto::CacheId::new(id).expect("valid cache id"));
+    }
+    let agent = Agent::new(
+        client,
+        bus,
+        (env_id(env), AgentId::new(id).expect("valid agent id")),
+        config,
+        backend,
+    );
+    let probe = agent.probe();
+    let running = tokio::time::timeout(JOIN_TIMEOUT, agent.start())
+        .await
+        .expect("agent starts in time")
+        .expect("agent starts");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        if let Err(err) = running
+            .run(async {
+                stopped.await.ok();
+            })
             .await
-            .expect("agent NATS client");
-        // A persistent cache (Redis, HTTP) is reported under its cache id: in tests, the
-        // agent's id unless the test names another, so answers read the same for every backend.
-        let mut config = config;
-        if config.cache_id.is_none() {
-            config.cache_id = Some(cachecast_proto::CacheId::new(id).expect("valid cache id"));
+        {
+            eprintln!("a test agent stopped by itself: {err}");
         }
-        let agent = Agent::new(
-            client,
-            bus,
-            (env_id(env), AgentId::new(id).expect("valid agent id")),
-            config,
-            backend,
-        );
-        let probe = agent.probe();
-        let running = tokio::time::timeout(JOIN_TIMEOUT, agent.start())
+    });
+    AgentHandle {
+        stop,
+        task,
+        ready: Box::new(move || {
+            let probe = probe.clone();
+            Box::pin(async move { probe.ready().await })
+        }),
+    }
+}
+
+/// A publisher on `bus`, whose NATS may be a cluster that elects its JetStream leaders after
+/// it is up: the first start is retried for a minute.
+pub async fn start_publisher(bus: &BusConfig, name: &str) -> Publisher {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let client = cachecast_bus::connect(&bus.nats, name)
             .await
-            .expect("agent starts in time")
-            .expect("agent starts");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            if let Err(err) = running
-                .run(async {
-                    stopped.await.ok();
-                })
-                .await
-            {
-                eprintln!("a test agent stopped by itself: {err}");
-            }
-        });
-        AgentHandle {
-            stop,
-            task,
-            ready: Box::new(move || {
-                let probe = probe.clone();
-                Box::pin(async move { probe.ready().await })
-            }),
+            .expect("publisher NATS client");
+        match Publisher::start(client, bus).await {
+            Ok(publisher) => return publisher,
+            Err(err) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "no publisher on {}: {err}",
+                bus.nats.url
+            ),
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

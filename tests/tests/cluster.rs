@@ -6,64 +6,24 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use cachecast_agent::{Agent, AgentConfig};
+use cachecast_agent::AgentConfig;
 use cachecast_bus::BusConfig;
-use cachecast_e2e::{Recorder, env_id, eventually};
-use cachecast_proto::{AgentId, ResponseSelector, Target};
-use cachecast_publisher::{InvalidationRequest, PublishError, Publisher};
+use cachecast_e2e::{AgentHandle, Recorder, env_id, eventually, start_agent, start_publisher};
+use cachecast_proto::{ResponseSelector, Target};
+use cachecast_publisher::{InvalidationRequest, PublishError};
 use cachecast_testkit::NatsCluster;
 
-/// A publisher on the cluster. The cluster elects its JetStream leaders after it is up: the
-/// first start is retried for a minute.
-async fn start_publisher(bus: &BusConfig) -> Publisher {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let client = cachecast_bus::connect(&bus.nats, "cluster-publisher")
-            .await
-            .expect("client");
-        match Publisher::start(client, bus).await {
-            Ok(publisher) => return publisher,
-            Err(err) => assert!(
-                Instant::now() < deadline,
-                "no publisher on the cluster: {err}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// Two running agents `agent-0` and `agent-1` of `env`, recording what they apply, and what
-/// stops each.
-async fn start_agents(
-    bus: &BusConfig,
-    env: &cachecast_proto::EnvId,
-) -> (Vec<Recorder>, Vec<tokio::sync::oneshot::Sender<()>>) {
+/// Two running agents `agent-0` and `agent-1` of `env`, recording what they apply.
+async fn start_agents(bus: &BusConfig, env: &str) -> (Vec<Recorder>, Vec<AgentHandle>) {
     let mut recorders = Vec::new();
-    let mut stops = Vec::new();
+    let mut agents = Vec::new();
     for n in 0..2 {
         let recorder = Recorder::default();
-        let client = cachecast_bus::connect(&bus.nats, &format!("agent-{n}"))
-            .await
-            .expect("client");
-        let agent = Agent::new(
-            client,
-            bus,
-            (env.clone(), AgentId::new(format!("agent-{n}")).expect("id")),
-            AgentConfig::default(),
-            recorder.clone(),
-        );
-        let running = tokio::time::timeout(Duration::from_secs(60), agent.start())
-            .await
-            .expect("the agent starts in time")
-            .expect("the agent starts");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        stops.push(stop);
-        tokio::spawn(running.run(async {
-            stopped.await.ok();
-        }));
+        let id = format!("agent-{n}");
+        agents.push(start_agent(bus, env, &id, AgentConfig::default(), recorder.clone()).await);
         recorders.push(recorder);
     }
-    (recorders, stops)
+    (recorders, agents)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,9 +33,9 @@ async fn invalidations_survive_losing_one_node_at_a_time() {
     bus.nats.url = cluster.urls();
     bus.stream.replicas = 3;
     bus.presence.replicas = 3;
-    let publisher = start_publisher(&bus).await;
+    let publisher = start_publisher(&bus, "cluster-publisher").await;
     let env = env_id("dev");
-    let (recorders, stops) = start_agents(&bus, &env).await;
+    let (recorders, agents) = start_agents(&bus, "dev").await;
     assert!(
         publisher
             .wait_for_live_agents(&env, 2, Duration::from_secs(30))
@@ -162,8 +122,8 @@ async fn invalidations_survive_losing_one_node_at_a_time() {
         )
         .await;
     }
-    for stop in stops {
-        stop.send(()).ok();
+    for agent in agents {
+        agent.stop().await;
     }
 }
 
@@ -180,7 +140,7 @@ async fn a_frozen_presence_leader_never_lets_a_publisher_confirm_without_live_ag
     bus.nats.url = cluster.urls();
     bus.stream.replicas = 3;
     bus.presence.replicas = 3;
-    let publisher = start_publisher(&bus).await;
+    let publisher = start_publisher(&bus, "cluster-publisher").await;
     // The presence bucket's leader: the node the watch's consumer lives on.
     let observer = cachecast_bus::connect(&bus.nats, "observer")
         .await
@@ -208,7 +168,7 @@ async fn a_frozen_presence_leader_never_lets_a_publisher_confirm_without_live_ag
         .collect::<Vec<_>>()
         .join(",");
     let env = env_id("dev");
-    let (recorders, stops) = start_agents(&agent_bus, &env).await;
+    let (recorders, agents) = start_agents(&agent_bus, "dev").await;
     assert!(
         publisher
             .wait_for_live_agents(&env, 2, Duration::from_secs(30))
@@ -255,7 +215,7 @@ async fn a_frozen_presence_leader_never_lets_a_publisher_confirm_without_live_ag
     }
     cluster.nodes[frozen].resume().expect("resume the leader");
     eprintln!("while frozen: {confirmed} confirmed, {unavailable} unavailable of {i}");
-    for stop in stops {
-        stop.send(()).ok();
+    for agent in agents {
+        agent.stop().await;
     }
 }

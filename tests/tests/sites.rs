@@ -9,12 +9,19 @@
 //! back, the first `200` that counts the Redis cache finds nothing stale in it. Each checked in
 //! the caches themselves.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cachecast_agent::{AgentConfig, MemoryCache, RedisBackend, RedisConfig};
 use cachecast_bus::BusConfig;
-use cachecast_e2e::{Answer, RedisCache, Stack, env_id, eventually};
-use cachecast_testkit::{LeafHub, LeafSite};
+use cachecast_e2e::{Answer, RedisCache, Stack, env_id, eventually, start_agent, start_publisher};
+use cachecast_proto::{AgentId, ResponseSelector, Target};
+use cachecast_publisher::InvalidationRequest;
+use cachecast_testkit::{LeafHub, LeafSite, NatsCluster};
+use futures::StreamExt as _;
+
+fn agent_id(id: &str) -> AgentId {
+    AgentId::new(id).expect("valid agent id")
+}
 
 /// One way across a site's WAN link (a round trip is twice it).
 const WAN: Duration = Duration::from_millis(40);
@@ -64,8 +71,8 @@ fn applied(answer: &Answer, id: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_site_is_named_until_it_has_flushed_or_caught_up_and_the_other_site_keeps_its_200s() {
     let hub = LeafHub::start(HUB_DOMAIN).await;
-    let site_a = LeafSite::start("site-a", &hub, WAN).await;
-    let site_b = LeafSite::start("site-b", &hub, WAN).await;
+    let site_a = LeafSite::start("site-a", &hub.address, WAN).await;
+    let site_b = LeafSite::start("site-b", &hub.address, WAN).await;
     let LeafHub { server, .. } = hub;
     let stack = Stack::builder()
         .nats(server)
@@ -124,7 +131,7 @@ async fn a_cut_site_is_named_until_it_has_flushed_or_caught_up_and_the_other_sit
 
     // Site A's link is cut. Its agents stay connected to their own server: they see no
     // disconnect, only requests that nothing answers.
-    site_a.link.cut();
+    site_a.cut_link();
     let answer = stack
         .invalidate("dev", r#"{"scopeClientId":"s2"}"#, "?timeout=2s")
         .await;
@@ -163,8 +170,8 @@ async fn a_cut_site_is_named_until_it_has_flushed_or_caught_up_and_the_other_sit
 
     // The link returns: site A attends its caches again, and its first 200 vouches for a
     // Redis that holds nothing invalidated while it was cut off.
-    site_a.link.restore();
-    site_a.wait_linked(HUB_DOMAIN).await;
+    site_a.restore_link();
+    site_a.wait_linked().await;
     stack.wait_for_agents("dev", 3).await;
     eventually(
         "site A's agents vouch for their caches again",
@@ -356,7 +363,6 @@ async fn the_committed_hub_and_site_configurations_carry_only_the_sites_environm
         .await
         .expect("dev's consumer create is answered");
     use futures::FutureExt as _;
-    use futures::StreamExt as _;
     assert!(
         events.next().now_or_never().is_none(),
         "an event reached the site"
@@ -365,5 +371,110 @@ async fn the_committed_hub_and_site_configurations_carry_only_the_sites_environm
         api_replies.next().now_or_never().is_none(),
         "an API reply reached the site"
     );
+    agent.stop().await;
+}
+
+/// A hub node lost while a site is linked. The site's agent stays connected to its own server
+/// and sees no disconnect; its event consumer (R1) lived on the lost node and is gone with it.
+/// The agent must notice by itself (the consumer's idle heartbeats stop) and replace it: the
+/// next requests name it until then, and the first `200` that counts it finds its cache applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_agent_replaces_the_consumer_it_lost_with_a_hub_node() {
+    cachecast_e2e::init_logs();
+    let mut hub = NatsCluster::start_hub(3, HUB_DOMAIN).await;
+    let address = hub.hub_address().expect("a hub").clone();
+    let mut bus = BusConfig::default();
+    bus.nats.url = hub.urls();
+    bus.stream.replicas = 3;
+    bus.presence.replicas = 3;
+    bus.caches.replicas = 3;
+    bus.audit.replicas = 3;
+    let publisher = start_publisher(&bus, "hub-publisher").await;
+    let site = LeafSite::start("site-a", &address, WAN).await;
+    let mut site_bus = bus.clone();
+    site_bus.nats.url = site.server.url();
+    site_bus.nats.jetstream_domain = Some(HUB_DOMAIN.into());
+    site_bus.nats.inbox_prefix = "_INBOX.site-a".into();
+    let cache = MemoryCache::new();
+    let agent = start_agent(&site_bus, "dev", "a-memory", agent_config(), cache.clone()).await;
+    assert!(
+        publisher
+            .wait_for_live_agents(&env_id("dev"), 1, Duration::from_secs(30))
+            .await
+    );
+    let invalidate = |scope: String| {
+        let publisher = publisher.clone();
+        async move {
+            publisher
+                .invalidate(InvalidationRequest {
+                    env: env_id("dev"),
+                    target: Target::Response(ResponseSelector {
+                        scope_client_ids: vec![scope.clone()],
+                        identity_id: None,
+                    }),
+                    request_id: scope,
+                    timeout: Duration::from_secs(2),
+                    caller: None,
+                })
+                .await
+        }
+    };
+    let outcome = invalidate("before".into()).await.expect("published");
+    assert!(outcome.confirmed(), "{outcome:?}");
+
+    // The node that holds the agent's consumer.
+    let observer = cachecast_bus::connect(&bus.nats, "observer")
+        .await
+        .expect("observer");
+    let stream = cachecast_bus::jetstream(observer, &bus.nats)
+        .get_stream("CACHECAST")
+        .await
+        .expect("the stream");
+    let mut consumers = stream.consumers();
+    let mut holder = None;
+    while let Some(info) = consumers.next().await {
+        let info = info.expect("consumer info");
+        if info.name.starts_with("a-memory_") {
+            holder = info.cluster.and_then(|cluster| cluster.leader);
+        }
+    }
+    let holder = holder.expect("the agent's consumer and its server");
+    let lost: usize = holder
+        .trim_start_matches('n')
+        .parse()
+        .expect("a node named n<N>");
+    hub.nodes[lost].kill().await;
+    let killed = Instant::now();
+
+    // Until the agent has replaced its consumer, requests name it (or cannot be published
+    // while the stream elects a leader); then a 200 counts it, and its cache applied it. Every
+    // 200 on the way finds the entry gone.
+    let mut n = 0;
+    let recovered = loop {
+        n += 1;
+        let scope = format!("after-{n}");
+        cache.insert(&scope, &scope, "u1", bytes::Bytes::from_static(b"permit"));
+        match invalidate(scope.clone()).await {
+            Ok(outcome) if outcome.confirmed() => {
+                // A 200 without the agent (its presence lapsed while the bucket moved) is
+                // right only because its cache flushed and caches nothing meanwhile.
+                assert!(
+                    !cache.contains(&scope),
+                    "a 200 while the cache held {scope}"
+                );
+                if outcome.agents.contains_key(&agent_id("a-memory")) {
+                    break killed.elapsed();
+                }
+            }
+            Ok(_) => {}
+            // Not published (a 503): the stream is electing a leader. Asked again shortly.
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "the site's agent did not recover from losing its consumer's node within 60 s"
+        );
+    };
+    eprintln!("the site's agent confirmed again {recovered:?} after its consumer's node was lost");
     agent.stop().await;
 }

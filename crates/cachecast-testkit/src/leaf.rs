@@ -6,7 +6,7 @@
 //! would: a client there that forgot `nats.jetstream_domain` would reach that one, not the hub's,
 //! so a test fails if the domain is not used.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tempfile::TempDir;
@@ -16,24 +16,38 @@ use crate::{NatsServer, TcpProxy, free_port, nats_binary};
 /// How often the leaf link is pinged: a black-holed link is noticed in two pings.
 pub const LEAF_PING_INTERVAL: Duration = Duration::from_secs(2);
 
+/// Where sites connect to a hub: its JetStream domain and every node's leaf-node port.
+#[derive(Debug, Clone)]
+pub struct HubAddress {
+    pub domain: String,
+    pub leaf_ports: Vec<u16>,
+}
+
+/// The settings that make a server a hub node: a JetStream domain, and a leaf-node port that
+/// advertises no address (a site must reconnect through its link, never around it).
+pub(crate) fn hub_settings(domain: &str, leaf_port: u16) -> String {
+    format!(
+        "jetstream {{ domain: {domain} }}\nleafnodes {{ listen: \"127.0.0.1:{leaf_port}\", no_advertise: true }}\n"
+    )
+}
+
 /// The hub: one nats-server with JetStream domain `domain`, accepting leaf connections.
 #[derive(Debug)]
 pub struct LeafHub {
     pub server: NatsServer,
-    pub domain: String,
-    leaf_port: u16,
+    pub address: HubAddress,
     _config: TempDir,
 }
 
 impl LeafHub {
-    /// Starts the hub, its leaf-node port picked free beforehand (five tries if taken). It
-    /// advertises no leaf-node address: a site must reconnect through its link, never around it.
+    /// Starts the hub, its leaf-node port picked free beforehand (five tries if taken).
     pub async fn start(domain: &str) -> LeafHub {
         let mut last_error = None;
         for _ in 0..5 {
             let leaf_port = free_port();
             let (dir, config) = config_file(&format!(
-                "server_name: hub\njetstream {{ domain: {domain} }}\nleafnodes {{ listen: \"127.0.0.1:{leaf_port}\", no_advertise: true }}\n"
+                "server_name: hub\n{}",
+                hub_settings(domain, leaf_port)
             ));
             match NatsServer::builder(nats_binary())
                 .args(["-c".to_owned(), config.display().to_string()])
@@ -43,8 +57,10 @@ impl LeafHub {
                 Ok(server) => {
                     return LeafHub {
                         server,
-                        domain: domain.to_owned(),
-                        leaf_port,
+                        address: HubAddress {
+                            domain: domain.to_owned(),
+                            leaf_ports: vec![leaf_port],
+                        },
                         _config: dir,
                     };
                 }
@@ -53,31 +69,34 @@ impl LeafHub {
         }
         panic!("the hub nats-server did not start: {last_error:?}")
     }
-
-    /// The port sites connect their leaf nodes to.
-    pub fn leaf_port(&self) -> u16 {
-        self.leaf_port
-    }
 }
 
-/// A site: its own nats-server (JetStream domain `<name>`), a leaf node of the hub through
-/// `link`, a proxy delaying each direction by the latency it was started with.
+/// A site: its own nats-server (JetStream domain `<name>`), a leaf node of the hub through its
+/// link: one proxy per hub node, each delaying each direction by the latency it was started with.
 #[derive(Debug)]
 pub struct LeafSite {
     pub server: NatsServer,
-    pub link: TcpProxy,
+    links: Vec<TcpProxy>,
+    hub_domain: String,
     _config: TempDir,
 }
 
 impl LeafSite {
-    /// Starts site `name` linked to `hub` with `one_way` latency each direction, and waits until
-    /// a client of the site reaches the hub's JetStream.
-    pub async fn start(name: &str, hub: &LeafHub, one_way: Duration) -> LeafSite {
-        let link = TcpProxy::with_latency(hub.leaf_port(), one_way).await;
+    /// Starts site `name` linked to the hub at `hub` with `one_way` latency each direction, and
+    /// waits until a client of the site reaches the hub's JetStream.
+    pub async fn start(name: &str, hub: &HubAddress, one_way: Duration) -> LeafSite {
+        let mut links = Vec::new();
+        for port in &hub.leaf_ports {
+            links.push(TcpProxy::with_latency(*port, one_way).await);
+        }
+        let urls = links
+            .iter()
+            .map(|link| format!("\"nats://127.0.0.1:{}\"", link.port()))
+            .collect::<Vec<_>>()
+            .join(", ");
         let ping = LEAF_PING_INTERVAL.as_secs();
         let (dir, config) = config_file(&format!(
-            "server_name: {name}\nping_interval: \"{ping}s\"\nping_max: 2\njetstream {{ domain: {name} }}\nleafnodes {{\n  reconnect: \"1s\"\n  remotes: [ {{ url: \"nats://127.0.0.1:{}\" }} ]\n}}\n",
-            link.port()
+            "server_name: {name}\nping_interval: \"{ping}s\"\nping_max: 2\njetstream {{ domain: {name} }}\nleafnodes {{\n  reconnect: \"1s\"\n  remotes: [ {{ urls: [ {urls} ] }} ]\n}}\n"
         ));
         let server = NatsServer::builder(nats_binary())
             .args(["-c".to_owned(), config.display().to_string()])
@@ -86,16 +105,28 @@ impl LeafSite {
             .unwrap_or_else(|error| panic!("site {name}'s nats-server did not start: {error}"));
         let site = LeafSite {
             server,
-            link,
+            links,
+            hub_domain: hub.domain.clone(),
             _config: dir,
         };
-        site.wait_linked(&hub.domain).await;
+        site.wait_linked().await;
         site
+    }
+
+    /// Cuts the site's link to the hub: its leaf connection drops and cannot come back.
+    pub fn cut_link(&self) {
+        self.links.iter().for_each(TcpProxy::cut);
+    }
+
+    /// Lets the site's link carry traffic again.
+    pub fn restore_link(&self) {
+        self.links.iter().for_each(TcpProxy::restore);
     }
 
     /// Waits (up to 30 s) until a client of this site gets an answer from the hub's JetStream
     /// (`$JS.<domain>.API.INFO`): the leaf connection is up and carries requests.
-    pub async fn wait_linked(&self, hub_domain: &str) {
+    pub async fn wait_linked(&self) {
+        let hub_domain = &self.hub_domain;
         let client = async_nats::connect(self.server.url())
             .await
             .unwrap_or_else(|error| panic!("could not connect to the site's server: {error}"));
@@ -107,7 +138,12 @@ impl LeafSite {
                 client.request(subject.clone(), "".into()),
             )
             .await;
-            if let Ok(Ok(_)) = answer {
+            // A site server with a JetStream of its own answers for an unreachable domain
+            // too, with an error: only an account info is the hub's answer.
+            if let Ok(Ok(message)) = &answer
+                && String::from_utf8_lossy(&message.payload).contains("account_info_response")
+                && !String::from_utf8_lossy(&message.payload).contains("\"error\"")
+            {
                 return;
             }
             assert!(
@@ -127,8 +163,14 @@ fn config_file(text: &str) -> (TempDir, PathBuf) {
         .prefix("cachecast-leaf-")
         .tempdir()
         .unwrap_or_else(|error| panic!("could not create a temporary directory: {error}"));
-    let path = dir.path().join("nats-server.conf");
+    let path = write_config(dir.path(), "nats-server.conf", text);
+    (dir, path)
+}
+
+/// Writes the server configuration file `name` in `dir`.
+pub(crate) fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
     std::fs::write(&path, text)
         .unwrap_or_else(|error| panic!("could not write {}: {error}", path.display()));
-    (dir, path)
+    path
 }
