@@ -451,7 +451,10 @@ def check_nats_configs(nats_server):
                 shutil.copy(conf, Path(tmp) / conf.name)
                 target = Path(tmp) / "server.conf"
                 target.write_text(f"listen: 127.0.0.1:-1\ninclude ./{conf.name}\n", encoding="utf-8")
-            # Variables the file takes from the server's environment.
+            # Variables the file (and what it includes, relative to it) takes from the server's
+            # environment.
+            for include in re.findall(r"^\s*include\s+\"?\./([^\s\"]+)", text, re.MULTILINE):
+                text += "\n" + (conf.parent / include).read_text(encoding="utf-8")
             defined = set(re.findall(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*[=:]", text, re.MULTILINE))
             env = {**os.environ, **{v: "placeholder" for v in re.findall(r"(?<!\")\$([A-Za-z_][A-Za-z0-9_]*)", text) if v not in defined}}
             result = subprocess.run([nats_server, "-t", "-c", str(target)], env=env, capture_output=True, text=True, timeout=60)

@@ -325,7 +325,8 @@ pub async fn start_agent<B: CacheBackend>(
         backend,
     );
     let probe = agent.probe();
-    let running = tokio::time::timeout(JOIN_TIMEOUT, agent.start())
+    // Generous: on a cluster that is still electing its JetStream leaders, a start waits.
+    let running = tokio::time::timeout(Duration::from_secs(60), agent.start())
         .await
         .expect("agent starts in time")
         .expect("agent starts");

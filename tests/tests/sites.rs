@@ -109,7 +109,16 @@ async fn a_cut_site_is_named_until_it_has_flushed_or_caught_up_and_the_other_sit
         .config(agent_config())
         .start(b_memory.clone())
         .await;
+    // An environment whose caches are all at site B.
+    let b_shop = MemoryCache::new();
+    let _b_shop_agent = stack
+        .agent_builder("shop", "b-shop")
+        .bus(&bus_b)
+        .config(agent_config())
+        .start(b_shop.clone())
+        .await;
     stack.wait_for_agents("dev", 3).await;
+    stack.wait_for_agents("shop", 1).await;
 
     // Both sites confirm across their links.
     let seed = |cache: &MemoryCache| {
@@ -145,6 +154,11 @@ async fn a_cut_site_is_named_until_it_has_flushed_or_caught_up_and_the_other_sit
     );
     assert!(applied(&answer, "b-memory"), "{}", answer.body);
     assert!(!b_memory.contains("k2"), "the other site applied it");
+    // Site B's own environment does not notice.
+    b_shop.insert("k", "s1", "u1", bytes::Bytes::from_static(b"permit"));
+    let answer = stack.invalidate("shop", "{}", "?timeout=2s").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(!b_shop.contains("k"));
 
     // Once site A's presence expires, publishers stop expecting its memory cache, which must
     // have flushed by then; its Redis cache stays expected, unattended; site B answers 200.
@@ -167,6 +181,40 @@ async fn a_cut_site_is_named_until_it_has_flushed_or_caught_up_and_the_other_sit
         answer.body
     );
     assert!(applied(&answer, "b-memory"), "{}", answer.body);
+    let answer = stack.invalidate("shop", "{}", "?timeout=2s").await;
+    assert_eq!(
+        answer.status, 200,
+        "site B's own environment: {}",
+        answer.body
+    );
+
+    // The hub deletes the cut agents' event consumers once nothing pulls from them (their
+    // inactive threshold, 30 s): when the link returns, the agents must make new ones.
+    let observer = cachecast_bus::jetstream(
+        cachecast_bus::connect(&stack.bus.nats, "observer")
+            .await
+            .expect("observer"),
+        &stack.bus.nats,
+    );
+    eventually(
+        "the hub deletes site A's event consumers",
+        Duration::from_secs(60),
+        || {
+            let observer = observer.clone();
+            async move {
+                let Ok(stream) = observer.get_stream("CACHECAST").await else {
+                    return false;
+                };
+                let names: Vec<String> = stream
+                    .consumer_names()
+                    .filter_map(|name| async move { name.ok() })
+                    .collect()
+                    .await;
+                !names.iter().any(|name| name.starts_with("a-"))
+            }
+        },
+    )
+    .await;
 
     // The link returns: site A attends its caches again, and its first 200 vouches for a
     // Redis that holds nothing invalidated while it was cut off.
@@ -192,11 +240,7 @@ async fn a_cut_site_is_named_until_it_has_flushed_or_caught_up_and_the_other_sit
         .keys()
         .await
         .into_iter()
-        .filter(|key| {
-            ["s2", "s3", "s4"]
-                .iter()
-                .any(|s| key.contains(&format!(":{s}:")))
-        })
+        .filter(|key| ["s2", "s4"].iter().any(|s| key.contains(&format!(":{s}:"))))
         .collect();
     assert!(stale.is_empty(), "stale after the 200: {stale:?}");
     a_redis_agent.stop().await;
@@ -354,6 +398,46 @@ async fn the_committed_hub_and_site_configurations_carry_only_the_sites_environm
         prod.is_err(),
         "prod's consumer create crossed the link: {prod:?}"
     );
+    // Nor does prod's presence, its last event, or an ack as a prod agent.
+    let presence = |env: &str| {
+        anything.request(
+            format!("$JS.hub.API.$KV.cachecast-agents.{env}.intruder"),
+            "x".into(),
+        )
+    };
+    let dev_presence = presence("dev").await;
+    assert!(
+        dev_presence.is_ok(),
+        "dev's presence write is carried: {dev_presence:?}"
+    );
+    assert!(
+        presence("prod").await.is_err(),
+        "prod's presence write crossed the link"
+    );
+    let prod_last = anything
+        .request(
+            "$JS.hub.API.DIRECT.GET.CACHECAST.cachecast.v1.prod.inval",
+            "".into(),
+        )
+        .await;
+    assert!(prod_last.is_err(), "prod's last event crossed the link");
+    let hub_api = async_nats::ConnectOptions::with_user_and_password(
+        "cachecast-api".into(),
+        API_PASSWORD.into(),
+    )
+    .custom_inbox_prefix("_INBOX.api")
+    .connect(stack.nats.url())
+    .await
+    .expect("the API user connects to the hub");
+    let mut prod_acks = hub_api
+        .subscribe("cachecast.v1.prod.ack.>")
+        .await
+        .expect("sub");
+    hub_api.flush().await.expect("flush");
+    anything
+        .publish("cachecast.v1.prod.ack.e.1.prod-agent-1", "forged".into())
+        .await
+        .expect("publish");
     let answer = stack.invalidate("prod", "{}", "").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     let answer = stack.invalidate("dev", "{}", "?timeout=5s").await;
@@ -362,7 +446,12 @@ async fn the_committed_hub_and_site_configurations_carry_only_the_sites_environm
     create("dev")
         .await
         .expect("dev's consumer create is answered");
+    hub_api.flush().await.expect("flush");
     use futures::FutureExt as _;
+    assert!(
+        prod_acks.next().now_or_never().is_none(),
+        "a prod ack crossed the link"
+    );
     assert!(
         events.next().now_or_never().is_none(),
         "an event reached the site"
@@ -466,7 +555,14 @@ async fn a_site_agent_replaces_the_consumer_it_lost_with_a_hub_node() {
                     break killed.elapsed();
                 }
             }
-            Ok(_) => {}
+            // A 424 names the agent, whose event consumer is gone.
+            Ok(outcome) => assert!(
+                outcome
+                    .agents
+                    .get(&agent_id("a-memory"))
+                    .is_some_and(|agent| !agent.is_applied()),
+                "a 424 that does not name the agent: {outcome:?}"
+            ),
             // Not published (a 503): the stream is electing a leader. Asked again shortly.
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }

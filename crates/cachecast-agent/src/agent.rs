@@ -344,6 +344,29 @@ impl<B: CacheBackend> Agent<B> {
         }
     }
 
+    /// Measures the round trip to the stream's servers (the fastest of three stream infos: a
+    /// site reaches them across its WAN link) and warns of each setting it leaves too little
+    /// room for (see [`AgentConfig::round_trip_margins`]).
+    async fn check_round_trip(&self, stream: &stream::Stream) {
+        let mut fastest: Option<Duration> = None;
+        for _ in 0..3 {
+            let mut stream = stream.clone();
+            let sent = Instant::now();
+            if stream.info().await.is_ok() {
+                fastest = Some(fastest.map_or(sent.elapsed(), |f| f.min(sent.elapsed())));
+            }
+        }
+        let Some(round_trip) = fastest else {
+            return;
+        };
+        metrics::gauge!("cachecast_agent_stream_round_trip_seconds", "env" => self.env.to_string())
+            .set(round_trip.as_secs_f64());
+        tracing::info!(?round_trip, "round trip to the stream's servers");
+        for problem in self.config.round_trip_margins(&self.bus.nats, round_trip) {
+            tracing::warn!("{problem} (see the README, \"Sites across a WAN\")");
+        }
+    }
+
     /// Starts the agent in the order its guarantee needs: consumer, then registration of a
     /// persistent cache, then flush (or, with a usable stored position, the events it missed),
     /// then presence. Transient failures (NATS or the
@@ -365,6 +388,7 @@ impl<B: CacheBackend> Agent<B> {
                 cachecast_bus::open_presence_bucket(&self.js, &self.bus.presence)
             })
             .await;
+            self.check_round_trip(&stream).await;
             let (point, consumer) = retry("create the event consumer", || async {
                 let mut fresh = stream.clone();
                 let info = fresh.info().await.map_err(|e| e.to_string())?.clone();

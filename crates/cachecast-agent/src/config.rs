@@ -184,6 +184,38 @@ impl AgentConfig {
         Ok(())
     }
 
+    /// What the measured round trip to the stream's servers (`round_trip`, a WAN link to a hub
+    /// included) leaves too little room for, each naming the setting to raise. Empty when every
+    /// margin holds.
+    ///
+    /// - `nats.request_timeout`: every JetStream request (a pull, a presence write, a direct get)
+    ///   takes a round trip plus the servers' own work (an R3 write waits for a replica); four
+    ///   round trips leave room for that.
+    /// - `agent.heartbeat`: the agent counts a presence write from when it was sent and
+    ///   suspends its cache two heartbeats after the last acknowledged one, so a heartbeat must
+    ///   hold the write's round trip with room to spare, or a slow link looks like an outage.
+    pub fn round_trip_margins(
+        &self,
+        nats: &cachecast_bus::NatsConfig,
+        round_trip: Duration,
+    ) -> Vec<String> {
+        let mut short = Vec::new();
+        let needed = round_trip * 4;
+        if nats.request_timeout < needed {
+            short.push(format!(
+                "nats.request_timeout is {:?}, less than four round trips to the stream ({needed:?}): JetStream requests will time out; raise it to at least {needed:?}",
+                nats.request_timeout
+            ));
+        }
+        if self.heartbeat < needed {
+            short.push(format!(
+                "agent.heartbeat is {:?}, less than four round trips to the stream ({needed:?}): presence writes may not be acknowledged in time and the agent would suspend its cache on a slow link; raise it (and presence.max_age with it) to at least {needed:?}",
+                self.heartbeat
+            ));
+        }
+        short
+    }
+
     /// The configured agent id, or a new default one.
     pub fn id_or_default(&self) -> AgentId {
         self.id.clone().unwrap_or_else(default_agent_id)
@@ -254,4 +286,46 @@ pub(crate) fn host_name() -> String {
         .unwrap_or_default()
         .trim()
         .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_must_fit_four_times_in_requests_and_heartbeats() {
+        let agent = AgentConfig::default(); // heartbeat 2 s
+        let nats = cachecast_bus::NatsConfig::default(); // request_timeout 1 s
+        // A 50 ms site: every margin holds.
+        assert!(
+            agent
+                .round_trip_margins(&nats, Duration::from_millis(50))
+                .is_empty()
+        );
+        // A 300 ms site: requests are too short, heartbeats still fit.
+        let short = agent.round_trip_margins(&nats, Duration::from_millis(300));
+        assert_eq!(short.len(), 1, "{short:?}");
+        assert!(short[0].starts_with("nats.request_timeout"), "{short:?}");
+        assert!(short[0].contains("1s"), "{short:?}");
+        // A 600 ms link: both, each naming its setting.
+        let short = agent.round_trip_margins(&nats, Duration::from_millis(600));
+        assert_eq!(short.len(), 2, "{short:?}");
+        assert!(short[1].starts_with("agent.heartbeat"), "{short:?}");
+        // The settings the README gives 200 ms sites keep the margins up to 500 ms.
+        let nats = cachecast_bus::NatsConfig {
+            request_timeout: Duration::from_secs(2),
+            ..cachecast_bus::NatsConfig::default()
+        };
+        assert!(
+            agent
+                .round_trip_margins(&nats, Duration::from_millis(500))
+                .is_empty()
+        );
+        assert_eq!(
+            agent
+                .round_trip_margins(&nats, Duration::from_millis(501))
+                .len(),
+            2
+        );
+    }
 }

@@ -37,6 +37,10 @@ impl Replies {
                 let Some(replies) = weak.upgrade() else {
                     return;
                 };
+                // A status (503: nobody subscribed yet) is the server's answer, not a reply.
+                if message.status.is_some() {
+                    continue;
+                }
                 let round = message
                     .subject
                     .rsplit('.')
@@ -124,6 +128,27 @@ pub(crate) async fn core_responders(fleet: &[Client]) -> anyhow::Result<Responde
     Ok(Responders(tasks))
 }
 
+/// Waits (30 s at most) until a core message from `client` reaches a responder: the interest
+/// of subscribers behind a leaf node reaches the hub a link's latency after they subscribed.
+pub(crate) async fn await_core_interest(client: &Client) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.request(CORE_SUBJECT, bytes::Bytes::new()),
+        )
+        .await;
+        if let Ok(Ok(_)) = answer {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the core responders' interest did not reach the requester's server within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One core round: publish, collect one reply per fleet connection.
 pub(crate) async fn core_round(client: &Client, replies: &Replies, n: usize) {
     let (id, reply, rx) = replies.round();
@@ -147,11 +172,15 @@ pub(crate) async fn durable_stream(js: &jetstream::Context) -> anyhow::Result<()
     Ok(())
 }
 
-/// Every fleet connection consumes the floor stream with an ordered consumer and replies.
-pub(crate) async fn durable_consumers(fleet: &[Client]) -> anyhow::Result<Responders> {
+/// Every fleet connection consumes the floor stream with an ordered consumer and replies,
+/// reaching JetStream as `nats` says (through a leaf node's domain, at a site).
+pub(crate) async fn durable_consumers(
+    fleet: &[Client],
+    nats: &cachecast_bus::NatsConfig,
+) -> anyhow::Result<Responders> {
     let mut tasks = Vec::new();
     for client in fleet {
-        let js = jetstream::new(client.clone());
+        let js = cachecast_bus::jetstream(client.clone(), nats);
         let stream = js.get_stream("BENCHFLOOR").await?;
         let consumer = stream
             .create_consumer(pull::OrderedConfig {

@@ -11,6 +11,7 @@ mod memory;
 mod position_candidates;
 mod redis_eviction;
 mod report;
+mod sites;
 mod stats;
 mod steady_memory;
 
@@ -46,7 +47,7 @@ struct Cli {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "latency,memory,redis,steady-memory,positions"
+        default_value = "latency,memory,redis,steady-memory,positions,sites"
     )]
     parts: Vec<Part>,
     /// Keyspace sizes of the Redis part, ascending (one Redis, then a 3-master cluster).
@@ -67,6 +68,9 @@ enum Part {
     SteadyMemory,
     /// Where a persistent cache's position lives: the two candidates at 1 000 and 10 000 caches.
     Positions,
+    /// Agents at a site behind a leaf node, 40 ms each way from the hub (sizes from --agents, up
+    /// to 100).
+    Sites,
 }
 
 /// Roles the benchmark runs itself in, as child processes whose memory it measures.
@@ -117,15 +121,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         (2000, Duration::from_secs(10), Duration::from_secs(3))
     };
 
-    let requester = cachecast_bus::connect(&bus.nats, "bench-requester").await?;
-    let js = async_nats::jetstream::new(requester.clone());
-    floors::durable_stream(&js).await?;
-    let replies = floors::Replies::start(&requester, "bench.replies").await?;
-    let publisher = Publisher::start(
-        cachecast_bus::connect(&bus.nats, "bench-publisher").await?,
-        &bus,
-    )
-    .await?;
+    let floors = Floors::start(&bus, "bench").await?;
     let sizes = if cli.parts.contains(&Part::Latency) {
         cli.agents.clone()
     } else {
@@ -139,17 +135,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     if !sizes.is_empty() {
         let empty = fleet::Http::empty().await?;
-        measure(
-            &mut report,
-            "HTTP round trip alone",
-            0,
-            &settings,
-            move || {
+        report.latency(
+            measure("HTTP round trip alone", 0, &settings, move || {
                 let empty = empty.clone();
                 async move { empty.round().await }
-            },
-        )
-        .await;
+            })
+            .await,
+        );
     }
     for (round, &n) in sizes.iter().enumerate() {
         eprintln!("fleet of {n}");
@@ -158,55 +150,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fleet.push(cachecast_bus::connect(&bus.nats, &format!("bench-fleet-{i}")).await?);
         }
 
-        let responders = floors::core_responders(&fleet).await?;
-        let (r, rs) = (requester.clone(), replies.clone());
-        measure(&mut report, "core floor", n, &settings, move || {
-            let (r, rs) = (r.clone(), rs.clone());
-            async move { floors::core_round(&r, &rs, n).await }
-        })
-        .await;
-        drop(responders);
-
-        let consumers = floors::durable_consumers(&fleet).await?;
-        let (j, rs) = (js.clone(), replies.clone());
-        measure(&mut report, "durable floor", n, &settings, move || {
-            let (j, rs) = (j.clone(), rs.clone());
-            async move { floors::durable_round(&j, &rs, n).await }
-        })
-        .await;
-        drop(consumers);
-
         // Each fleet gets an environment of its own, so no agent of one size counts in the next.
         let env = EnvId::new(format!("bench-{round}"))?;
-        let agents = fleet::Agents::start(&fleet, &bus, &env, &publisher).await?;
-        let (p, e) = (publisher.clone(), env.clone());
-        measure(&mut report, "cachecast library", n, &settings, move || {
-            let (p, e) = (p.clone(), e.clone());
-            async move { fleet::library_round(&p, &e).await }
-        })
-        .await;
-
+        let (rows, agents) = floors.and_library(&fleet, &bus, &env, &settings).await?;
+        rows.into_iter().for_each(|row| report.latency(row));
+        let publisher = &floors.publisher;
         let http = fleet::Http::start(publisher.clone(), &env).await?;
-        measure(&mut report, "cachecast HTTP", n, &settings, move || {
-            let http = http.clone();
-            async move { http.round().await }
-        })
-        .await;
+        report.latency(
+            measure("cachecast HTTP", n, &settings, move || {
+                let http = http.clone();
+                async move { http.round().await }
+            })
+            .await,
+        );
 
         let service = fleet::Service::start(publisher.clone(), &bus, &env).await?;
-        measure(
-            &mut report,
-            "cachecast NATS service",
-            n,
-            &settings,
-            move || {
+        report.latency(
+            measure("cachecast NATS service", n, &settings, move || {
                 let service = service.clone();
                 async move { service.round().await }
-            },
-        )
-        .await;
+            })
+            .await,
+        );
         agents.stop().await;
         drop(fleet);
+    }
+
+    if cli.parts.contains(&Part::Sites) {
+        let sizes: Vec<usize> = cli.agents.iter().copied().filter(|&n| n <= 100).collect();
+        sites::measure_sites(&mut report, &sizes, &settings).await?;
     }
 
     if cli.parts.contains(&Part::Memory) {
@@ -345,6 +317,83 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the floors and the library are measured from: a requester with its JetStream context
+/// and reply router, and a publisher, all on the same NATS.
+struct Floors {
+    requester: async_nats::Client,
+    js: cachecast_bus::JetStream,
+    replies: std::sync::Arc<floors::Replies>,
+    publisher: Publisher,
+}
+
+impl Floors {
+    async fn start(bus: &BusConfig, name: &str) -> anyhow::Result<Self> {
+        let requester = cachecast_bus::connect(&bus.nats, &format!("{name}-requester")).await?;
+        // The requester is where the stream is: the floor's own context, as in bare async-nats.
+        let js = async_nats::jetstream::new(requester.clone());
+        floors::durable_stream(&js).await?;
+        let replies = floors::Replies::start(&requester, "bench.replies").await?;
+        let publisher = Publisher::start(
+            cachecast_bus::connect(&bus.nats, &format!("{name}-publisher")).await?,
+            bus,
+        )
+        .await?;
+        Ok(Self {
+            requester,
+            js,
+            replies,
+            publisher,
+        })
+    }
+
+    /// The core and durable floors with `fleet` answering, then cachecast with an agent on each
+    /// of `fleet`'s connections (on `agent_bus`) in `env`, through the library. The agents are
+    /// returned running, for more measures.
+    async fn and_library(
+        &self,
+        fleet: &[async_nats::Client],
+        agent_bus: &BusConfig,
+        env: &EnvId,
+        settings: &Settings,
+    ) -> anyhow::Result<(Vec<LatencyRow>, fleet::Agents)> {
+        let n = fleet.len();
+        let mut rows = Vec::new();
+        let responders = floors::core_responders(fleet).await?;
+        floors::await_core_interest(&self.requester).await?;
+        let (r, rs) = (self.requester.clone(), self.replies.clone());
+        rows.push(
+            measure("core floor", n, settings, move || {
+                let (r, rs) = (r.clone(), rs.clone());
+                async move { floors::core_round(&r, &rs, n).await }
+            })
+            .await,
+        );
+        drop(responders);
+
+        let consumers = floors::durable_consumers(fleet, &agent_bus.nats).await?;
+        let (j, rs) = (self.js.clone(), self.replies.clone());
+        rows.push(
+            measure("durable floor", n, settings, move || {
+                let (j, rs) = (j.clone(), rs.clone());
+                async move { floors::durable_round(&j, &rs, n).await }
+            })
+            .await,
+        );
+        drop(consumers);
+
+        let agents = fleet::Agents::start(fleet, agent_bus, env, &self.publisher).await?;
+        let (p, e) = (self.publisher.clone(), env.clone());
+        rows.push(
+            measure("cachecast library", n, settings, move || {
+                let (p, e) = (p.clone(), e.clone());
+                async move { fleet::library_round(&p, &e).await }
+            })
+            .await,
+        );
+        Ok((rows, agents))
+    }
+}
+
 /// How long each measure runs.
 #[derive(Debug)]
 struct Settings {
@@ -356,23 +405,25 @@ struct Settings {
 
 /// Latency at concurrency 1, then throughput at the configured concurrency, of one operation.
 async fn measure<F, Fut>(
-    report: &mut Report,
     what: &'static str,
     agents: usize,
     settings: &Settings,
     op: F,
-) where
+) -> LatencyRow
+where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let latency = stats::latency(settings.iterations, settings.budget, op.clone()).await;
     let ops = stats::throughput(settings.concurrency, settings.window, op).await;
-    report.latency(LatencyRow {
+    let row = LatencyRow {
         what,
         agents,
         latency,
         ops,
-    });
+    };
+    row.print();
+    row
 }
 
 fn args(list: &[&str]) -> Vec<String> {

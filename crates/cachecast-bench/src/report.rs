@@ -20,6 +20,20 @@ pub(crate) struct LatencyRow {
     pub(crate) ops: f64,
 }
 
+impl LatencyRow {
+    /// One line on stderr while the benchmark runs.
+    pub(crate) fn print(&self) {
+        eprintln!(
+            "  {:<18} N={:<5} p50 {} ms  p99 {} ms  {:.0}/s",
+            self.what,
+            self.agents,
+            ms(self.latency.p50),
+            ms(self.latency.p99),
+            self.ops
+        );
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Report {
     header: String,
@@ -29,6 +43,7 @@ pub(crate) struct Report {
     redis: Vec<crate::redis_eviction::RedisRow>,
     steady: Option<crate::steady_memory::SteadyMemory>,
     positions: Vec<crate::position_candidates::CandidateRow>,
+    sites: Option<(Duration, Vec<LatencyRow>)>,
 }
 
 impl Report {
@@ -55,19 +70,17 @@ impl Report {
             redis: Vec::new(),
             steady: None,
             positions: Vec::new(),
+            sites: None,
         }
     }
 
     pub(crate) fn latency(&mut self, row: LatencyRow) {
-        eprintln!(
-            "  {:<18} N={:<5} p50 {} ms  p99 {} ms  {:.0}/s",
-            row.what,
-            row.agents,
-            ms(row.latency.p50),
-            ms(row.latency.p99),
-            row.ops
-        );
         self.latency.push(row);
+    }
+
+    /// The rows of agents at a site, `round_trip` away from the hub.
+    pub(crate) fn sites(&mut self, round_trip: Duration, rows: Vec<LatencyRow>) {
+        self.sites = Some((round_trip, rows));
     }
 
     pub(crate) fn memory(&mut self, what: &str, rss: u64, per_agent: Option<u64>) {
@@ -122,10 +135,6 @@ impl Report {
                 .latency
                 .iter()
                 .find(|r| r.what == "durable floor" && r.agents == row.agents);
-            let ratio = |a: Duration, b: Option<Duration>| match b {
-                Some(b) if !b.is_zero() => format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64()),
-                _ => "-".into(),
-            };
             let _ = writeln!(
                 out,
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
@@ -201,10 +210,55 @@ impl Report {
                 );
             }
         }
+        if let Some((round_trip, rows)) = &self.sites {
+            render_sites(&mut out, *round_trip, rows);
+        }
         if !self.redis.is_empty() {
             self.render_redis(&mut out);
         }
         out
+    }
+}
+
+/// Agents at a site: each row next to the durable floor across the same link, and to one round
+/// trip (the physical limit of a confirmation).
+fn render_sites(out: &mut String, round_trip: Duration, rows: &[LatencyRow]) {
+    let _ = writeln!(
+        out,
+        "\nAgents at a site behind a leaf node, the link {} ms each way ({} ms round trip); the publisher, the stream and the requester at the hub. Latency at concurrency 1 (ms), its p50 next to the durable floor across the same link and to one round trip, and confirmed invalidations per second.\n",
+        round_trip.as_millis() / 2,
+        round_trip.as_millis()
+    );
+    let _ = writeln!(
+        out,
+        "| what | N | samples | p50 | p99 | p50 / durable | p50 / round trip | per second |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for row in rows {
+        let floor = rows
+            .iter()
+            .find(|r| r.what == "durable floor" && r.agents == row.agents)
+            .map(|f| f.latency.p50);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {:.2}x | {:.0} |",
+            row.what,
+            row.agents,
+            row.latency.samples,
+            ms(row.latency.p50),
+            ms(row.latency.p99),
+            ratio(row.latency.p50, floor),
+            row.latency.p50.as_secs_f64() / round_trip.as_secs_f64(),
+            row.ops
+        );
+    }
+}
+
+/// `a / b` as `1.23x`, or `-` without a `b`.
+fn ratio(a: Duration, b: Option<Duration>) -> String {
+    match b {
+        Some(b) if !b.is_zero() => format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64()),
+        _ => "-".into(),
     }
 }
 

@@ -98,8 +98,9 @@ pub struct NatsConfig {
     /// that reaches them through a leaf node (a site's agents): its JetStream requests go to
     /// `$JS.<domain>.API`. Unset: the JetStream of the server it connects to (or of its cluster).
     pub jetstream_domain: Option<String>,
-    /// How often the client pings its server; two unanswered pings mean a reconnect. A
-    /// half-open connection (a WAN link that died without a close) goes unnoticed this long.
+    /// How often the client pings its server; the client reconnects when a third ping finds two
+    /// still unanswered, so a half-open connection (a WAN link that died without a close) goes
+    /// unnoticed two to three times this long.
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
 }

@@ -78,7 +78,7 @@ impl NatsCluster {
             .collect::<Vec<_>>()
             .join(",");
         let starts = cluster_ports.iter().enumerate().map(|(n, port)| {
-            let args = vec![
+            let mut args = vec![
                 "--server_name".to_owned(),
                 format!("n{n}"),
                 "--cluster_name".to_owned(),
@@ -91,7 +91,6 @@ impl NatsCluster {
                 // proxy must not fail over around it to an address the cluster advertised.
                 "--no_advertise".to_owned(),
             ];
-            let mut args = args;
             if let Some((_, dir)) = &hub {
                 args.push("-c".to_owned());
                 args.push(dir.path().join(format!("n{n}.conf")).display().to_string());

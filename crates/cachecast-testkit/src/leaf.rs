@@ -1,6 +1,6 @@
 //! Sites behind NATS leaf nodes: a hub whose JetStream has a domain, and site servers that
-//! connect out to it, each through its own [`TcpProxy`] (the site's WAN link, which a test can
-//! delay, cut and black-hole).
+//! connect out to it through [`TcpProxy`]s (the site's WAN link, which a test can delay and
+//! cut).
 //!
 //! Every site server runs a JetStream of its own (domain `<site>`), as a site with local streams
 //! would: a client there that forgot `nats.jetstream_domain` would reach that one, not the hub's,
@@ -13,8 +13,9 @@ use tempfile::TempDir;
 
 use crate::{NatsServer, TcpProxy, free_port, nats_binary};
 
-/// How often the leaf link is pinged: a black-holed link is noticed in two pings.
-pub const LEAF_PING_INTERVAL: Duration = Duration::from_secs(2);
+/// How often hub and sites ping their connections (the leaf link included): a link that dies
+/// without a close is noticed within a few pings.
+const PING_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Where sites connect to a hub: its JetStream domain and every node's leaf-node port.
 #[derive(Debug, Clone)]
@@ -27,7 +28,8 @@ pub struct HubAddress {
 /// advertises no address (a site must reconnect through its link, never around it).
 pub(crate) fn hub_settings(domain: &str, leaf_port: u16) -> String {
     format!(
-        "jetstream {{ domain: {domain} }}\nleafnodes {{ listen: \"127.0.0.1:{leaf_port}\", no_advertise: true }}\n"
+        "ping_interval: \"{}s\"\nping_max: 2\njetstream {{ domain: {domain} }}\nleafnodes {{ listen: \"127.0.0.1:{leaf_port}\", no_advertise: true }}\n",
+        PING_INTERVAL.as_secs()
     )
 }
 
@@ -94,7 +96,7 @@ impl LeafSite {
             .map(|link| format!("\"nats://127.0.0.1:{}\"", link.port()))
             .collect::<Vec<_>>()
             .join(", ");
-        let ping = LEAF_PING_INTERVAL.as_secs();
+        let ping = PING_INTERVAL.as_secs();
         let (dir, config) = config_file(&format!(
             "server_name: {name}\nping_interval: \"{ping}s\"\nping_max: 2\njetstream {{ domain: {name} }}\nleafnodes {{\n  reconnect: \"1s\"\n  remotes: [ {{ urls: [ {urls} ] }} ]\n}}\n"
         ));

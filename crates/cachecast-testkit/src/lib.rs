@@ -26,7 +26,7 @@ use std::{
 pub use cachecast_nats_server::{NatsServer, NatsServerOptions};
 pub use child::ChildProcess;
 pub use cluster::NatsCluster;
-pub use leaf::{HubAddress, LEAF_PING_INTERVAL, LeafHub, LeafSite};
+pub use leaf::{HubAddress, LeafHub, LeafSite};
 pub use nix::sys::signal::Signal;
 pub use proxy::TcpProxy;
 pub use redis::{RedisCluster, RedisServer, redis};

@@ -6,8 +6,7 @@
 //! restored, what was held back flows on.
 //!
 //! With a latency, every byte reaches the other side that much later in each direction (a WAN
-//! link): bytes are timestamped when read and written when due, so the delay does not limit
-//! throughput.
+//! link), and so does the connection itself.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -58,13 +57,19 @@ impl TcpProxy {
                     continue;
                 }
                 tokio::spawn(async move {
-                    tokio::time::sleep(one_way).await; // the connect's way there
+                    if !one_way.is_zero() {
+                        tokio::time::sleep(one_way).await; // the connect's way there
+                    }
                     if forwarding(&mut state).await.is_err() {
                         return; // cut while held in the black hole
                     }
                     let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)).await else {
                         return;
                     };
+                    // As NATS sets on its own sockets: without it, a small write waits for the
+                    // peer's delayed ack (40 ms) whenever one is still unacknowledged.
+                    client.set_nodelay(true).ok();
+                    server.set_nodelay(true).ok();
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
                     tokio::select! {
@@ -112,14 +117,45 @@ async fn forwarding(state: &mut watch::Receiver<Mode>) -> Result<(), ()> {
     }
 }
 
-/// Copies one direction, `latency` late, holding bytes back while the proxy is a black hole.
+/// Copies one direction, holding bytes back while the proxy is a black hole; with a latency,
+/// each read reaches the other side that much later.
 async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    mut state: watch::Receiver<Mode>,
+    latency: Duration,
+) {
+    if !latency.is_zero() {
+        return pump_late(from, to, state, latency).await;
+    }
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if forwarding(&mut state).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if forwarding(&mut state).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads in flight on a delayed link: as many as a real link's buffers would hold before the
+/// sender has to wait (a peer that stops reading stops the sender, as without a latency).
+const IN_FLIGHT: usize = 64;
+
+/// [`pump`] with a latency: bytes are timestamped when read and written when due, so the delay
+/// does not limit throughput. What was read before the sender closed is still delivered.
+async fn pump_late(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     state: watch::Receiver<Mode>,
     latency: Duration,
 ) {
-    let (due_tx, mut due_rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let (due_tx, mut due_rx) = mpsc::channel::<(Instant, Vec<u8>)>(IN_FLIGHT);
     let mut read_state = state.clone();
     let read = async move {
         let mut buf = vec![0u8; 16 * 1024];
@@ -131,10 +167,8 @@ async fn pump(
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if due_tx
-                .send((Instant::now() + latency, buf[..n].to_vec()))
-                .is_err()
-            {
+            let due = Instant::now() + latency;
+            if due_tx.send((due, buf[..n].to_vec())).await.is_err() {
                 return;
             }
         }
@@ -148,7 +182,6 @@ async fn pump(
             }
         }
     };
-    // The reader ends at the sender's close; the writer then delivers what is still due.
     tokio::join!(read, write);
 }
 
