@@ -15,6 +15,19 @@ use cachecast_publisher::{InvalidationRequest, Publisher};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// `n` NATS connections, named `<name>-<i>`: a fleet's, one per agent (or floor responder).
+pub(crate) async fn connect(
+    nats: &cachecast_bus::NatsConfig,
+    name: &str,
+    n: usize,
+) -> anyhow::Result<Vec<Client>> {
+    let mut fleet = Vec::with_capacity(n);
+    for i in 0..n {
+        fleet.push(cachecast_bus::connect(nats, &format!("{name}-{i}")).await?);
+    }
+    Ok(fleet)
+}
+
 /// Running agents; stopped (leaving presence) by [`Agents::stop`].
 #[derive(Debug)]
 pub(crate) struct Agents {

@@ -145,10 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     for (round, &n) in sizes.iter().enumerate() {
         eprintln!("fleet of {n}");
-        let mut fleet = Vec::with_capacity(n);
-        for i in 0..n {
-            fleet.push(cachecast_bus::connect(&bus.nats, &format!("bench-fleet-{i}")).await?);
-        }
+        let fleet = fleet::connect(&bus.nats, "bench-fleet", n).await?;
 
         // Each fleet gets an environment of its own, so no agent of one size counts in the next.
         let env = EnvId::new(format!("bench-{round}"))?;

@@ -32,10 +32,7 @@ pub(crate) async fn measure_sites(
     let mut rows: Vec<LatencyRow> = Vec::new();
     for (round, &n) in sizes.iter().enumerate() {
         eprintln!("sites: fleet of {n} at the site");
-        let mut fleet = Vec::with_capacity(n);
-        for i in 0..n {
-            fleet.push(cachecast_bus::connect(&site_bus.nats, &format!("site-fleet-{i}")).await?);
-        }
+        let fleet = crate::fleet::connect(&site_bus.nats, "site-fleet", n).await?;
         let env = EnvId::new(format!("bench-site-{round}"))?;
         let (measured, agents) = floors
             .and_library(&fleet, &site_bus, &env, settings)
