@@ -138,8 +138,11 @@ async fn a_cut_site_is_named_until_it_has_flushed_or_caught_up_and_the_other_sit
     assert!(!a_memory.contains("k1") && !b_memory.contains("k1"));
     assert_eq!(a_redis.keys().await, ["pdp:dev:s2:u1:a", "pdp:dev:s3:u1:a"]);
 
-    // Site A's link is cut. Its agents stay connected to their own server: they see no
-    // disconnect, only requests that nothing answers.
+    // Site A's link is cut. Its clients stay connected to their own server: they see no
+    // disconnect, only JetStream requests that nothing answers.
+    let site_a_client = async_nats::connect(site_a.server.url())
+        .await
+        .expect("a client of site A");
     site_a.cut_link();
     let answer = stack
         .invalidate("dev", r#"{"scopeClientId":"s2"}"#, "?timeout=2s")
@@ -154,6 +157,18 @@ async fn a_cut_site_is_named_until_it_has_flushed_or_caught_up_and_the_other_sit
     );
     assert!(applied(&answer, "b-memory"), "{}", answer.body);
     assert!(!b_memory.contains("k2"), "the other site applied it");
+    assert_eq!(
+        site_a_client.connection_state(),
+        async_nats::connection::State::Connected
+    );
+    let unanswered = site_a_client
+        .request(format!("$JS.{HUB_DOMAIN}.API.INFO"), "".into())
+        .await
+        .map(|message| message.payload);
+    assert!(
+        matches!(&unanswered, Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders),
+        "a request to the hub's JetStream from the cut site: {unanswered:?}"
+    );
     // Site B's own environment does not notice.
     b_shop.insert("k", "s1", "u1", bytes::Bytes::from_static(b"permit"));
     let answer = stack.invalidate("shop", "{}", "?timeout=2s").await;
