@@ -478,6 +478,84 @@ async fn the_committed_hub_and_site_configurations_carry_only_the_sites_environm
     agent.stop().await;
 }
 
+/// A site's link dies half-open: nothing is closed, bytes stop. Only pings tell the servers
+/// (the testkit's 2 s, two unanswered), after which the site's clients get no responders, as
+/// for a cut. Meanwhile, and after, the promise holds: the site's cache is named while its
+/// presence lives, and has flushed by the time publishers stop expecting it; when the link
+/// comes back it confirms again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_site_link_is_noticed_by_pings_and_the_sites_cache_flushes_in_time() {
+    let hub = LeafHub::start(HUB_DOMAIN).await;
+    let site = LeafSite::start("site-a", &hub.address, WAN).await;
+    let LeafHub { server, .. } = hub;
+    let stack = Stack::builder()
+        .nats(server)
+        .bus(|bus| bus.presence.max_age = PRESENCE_MAX_AGE)
+        .start()
+        .await;
+    let cache = MemoryCache::new();
+    let _agent = stack
+        .agent_builder("dev", "a-memory")
+        .bus(&site_bus(&stack, &site, "site-a"))
+        .config(agent_config())
+        .start(cache.clone())
+        .await;
+    stack.wait_for_agents("dev", 1).await;
+    let answer = stack.invalidate("dev", "{}", "?timeout=5s").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+
+    let site_client = async_nats::connect(site.server.url())
+        .await
+        .expect("a client of the site");
+    cache.insert("k", "s1", "u1", bytes::Bytes::from_static(b"permit"));
+    site.black_hole_link();
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s1"}"#, "?timeout=2s")
+        .await;
+    assert_eq!(answer.status, 424, "{}", answer.body);
+    assert_eq!(answer.failed_agents(), ["a-memory"], "{}", answer.body);
+    // The site's server notices by pings and drops the link: requests fail fast again, with no
+    // responders, instead of waiting out their timeout.
+    eventually(
+        "the site's server drops the half-open link",
+        Duration::from_secs(30),
+        || {
+            let site_client = site_client.clone();
+            async move {
+                let answer = site_client
+                    .request(format!("$JS.{HUB_DOMAIN}.API.INFO"), "".into())
+                    .await;
+                matches!(answer, Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders)
+            }
+        },
+    )
+    .await;
+    stack.wait_for_agents("dev", 0).await;
+    assert!(
+        !cache.contains("k"),
+        "the half-open site's cache still held an invalidated entry when publishers stopped expecting it"
+    );
+
+    site.restore_link();
+    site.wait_linked().await;
+    eventually(
+        "the site's agent vouches for its cache again",
+        Duration::from_secs(30),
+        || {
+            let live = stack.publisher.live_agents(&env_id("dev"));
+            std::future::ready(live.len() == 1 && live[0].lagging.is_none())
+        },
+    )
+    .await;
+    cache.insert("k", "s1", "u1", bytes::Bytes::from_static(b"permit"));
+    let answer = stack
+        .invalidate("dev", r#"{"scopeClientId":"s1"}"#, "?timeout=5s")
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(applied(&answer, "a-memory"), "{}", answer.body);
+    assert!(!cache.contains("k"));
+}
+
 /// A hub node lost while a site is linked. The site's agent stays connected to its own server
 /// and sees no disconnect; its event consumer (R1) lived on the lost node and is gone with it.
 /// The agent must notice by itself (the consumer's idle heartbeats stop) and replace it: the

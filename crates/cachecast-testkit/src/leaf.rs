@@ -1,6 +1,6 @@
 //! Sites behind NATS leaf nodes: a hub whose JetStream has a domain, and site servers that
-//! connect out to it through [`TcpProxy`]s (the site's WAN link, which a test can delay and
-//! cut).
+//! connect out to it through [`TcpProxy`]s (the site's WAN link, which a test can delay, cut
+//! and black-hole).
 //!
 //! Every site server runs a JetStream of its own (domain `<site>`), as a site with local streams
 //! would: a client there that forgot `nats.jetstream_domain` would reach that one, not the hub's,
@@ -118,6 +118,12 @@ impl LeafSite {
     /// Cuts the site's link to the hub: its leaf connection drops and cannot come back.
     pub fn cut_link(&self) {
         self.links.iter().for_each(TcpProxy::cut);
+    }
+
+    /// Stops the site's link without closing it (a WAN link that died half-open): only pings
+    /// tell either end.
+    pub fn black_hole_link(&self) {
+        self.links.iter().for_each(TcpProxy::black_hole);
     }
 
     /// Lets the site's link carry traffic again.
