@@ -11,9 +11,11 @@
 
 use std::time::{Duration, Instant};
 
-use cachecast_agent::{AgentConfig, MemoryCache, RedisBackend, RedisConfig};
+use cachecast_agent::{AgentConfig, CacheBackend, MemoryCache, RedisBackend, RedisConfig};
 use cachecast_bus::BusConfig;
-use cachecast_e2e::{Answer, RedisCache, Stack, env_id, eventually, start_agent, start_publisher};
+use cachecast_e2e::{
+    AgentHandle, Answer, RedisCache, Stack, env_id, eventually, start_agent, start_publisher,
+};
 use cachecast_proto::{AgentId, ResponseSelector, Target};
 use cachecast_publisher::InvalidationRequest;
 use cachecast_testkit::{LeafHub, LeafSite, NatsCluster};
@@ -40,11 +42,28 @@ fn site_bus(stack: &Stack, site: &LeafSite, name: &str) -> BusConfig {
     bus
 }
 
-fn agent_config() -> AgentConfig {
+fn heartbeat_every_second() -> AgentConfig {
     AgentConfig {
         heartbeat: HEARTBEAT,
         ..AgentConfig::default()
     }
+}
+
+/// Starts agent `id` of `env` on `bus` (a site's, from [`site_bus`]), heartbeating every
+/// [`HEARTBEAT`], and waits until it is live.
+async fn site_agent<B: CacheBackend>(
+    stack: &Stack,
+    bus: &BusConfig,
+    env: &str,
+    id: &str,
+    backend: B,
+) -> AgentHandle {
+    stack
+        .agent_builder(env, id)
+        .bus(bus)
+        .config(heartbeat_every_second())
+        .start(backend)
+        .await
 }
 
 /// The failures of an answer: node id and type, sorted.
@@ -83,12 +102,7 @@ async fn a_cut_site_is_named_until_it_has_flushed_or_caught_up_and_the_other_sit
     let bus_a = site_bus(&stack, &site_a, "site-a");
     let bus_b = site_bus(&stack, &site_b, "site-b");
     let a_memory = MemoryCache::new();
-    let _a_memory_agent = stack
-        .agent_builder("dev", "a-memory")
-        .bus(&bus_a)
-        .config(agent_config())
-        .start(a_memory.clone())
-        .await;
+    let _a_memory_agent = site_agent(&stack, &bus_a, "dev", "a-memory", a_memory.clone()).await;
     let redis = cachecast_testkit::redis().await;
     let mut a_redis = RedisCache::open(&redis.url()).await;
     let backend = RedisBackend::new(&RedisConfig {
@@ -96,27 +110,12 @@ async fn a_cut_site_is_named_until_it_has_flushed_or_caught_up_and_the_other_sit
         ..RedisConfig::default()
     })
     .expect("redis backend");
-    let a_redis_agent = stack
-        .agent_builder("dev", "a-redis")
-        .bus(&bus_a)
-        .config(agent_config())
-        .start(backend)
-        .await;
+    let a_redis_agent = site_agent(&stack, &bus_a, "dev", "a-redis", backend).await;
     let b_memory = MemoryCache::new();
-    let _b_memory_agent = stack
-        .agent_builder("dev", "b-memory")
-        .bus(&bus_b)
-        .config(agent_config())
-        .start(b_memory.clone())
-        .await;
+    let _b_memory_agent = site_agent(&stack, &bus_b, "dev", "b-memory", b_memory.clone()).await;
     // An environment whose caches are all at site B.
     let b_shop = MemoryCache::new();
-    let _b_shop_agent = stack
-        .agent_builder("shop", "b-shop")
-        .bus(&bus_b)
-        .config(agent_config())
-        .start(b_shop.clone())
-        .await;
+    let _b_shop_agent = site_agent(&stack, &bus_b, "shop", "b-shop", b_shop.clone()).await;
     stack.wait_for_agents("dev", 3).await;
     stack.wait_for_agents("shop", 1).await;
 
@@ -494,12 +493,14 @@ async fn a_half_open_site_link_is_noticed_by_pings_and_the_sites_cache_flushes_i
         .start()
         .await;
     let cache = MemoryCache::new();
-    let _agent = stack
-        .agent_builder("dev", "a-memory")
-        .bus(&site_bus(&stack, &site, "site-a"))
-        .config(agent_config())
-        .start(cache.clone())
-        .await;
+    let _agent = site_agent(
+        &stack,
+        &site_bus(&stack, &site, "site-a"),
+        "dev",
+        "a-memory",
+        cache.clone(),
+    )
+    .await;
     stack.wait_for_agents("dev", 1).await;
     let answer = stack.invalidate("dev", "{}", "?timeout=5s").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
@@ -578,7 +579,14 @@ async fn a_site_agent_replaces_the_consumer_it_lost_with_a_hub_node() {
     site_bus.nats.jetstream_domain = Some(HUB_DOMAIN.into());
     site_bus.nats.inbox_prefix = "_INBOX.site-a".into();
     let cache = MemoryCache::new();
-    let agent = start_agent(&site_bus, "dev", "a-memory", agent_config(), cache.clone()).await;
+    let agent = start_agent(
+        &site_bus,
+        "dev",
+        "a-memory",
+        heartbeat_every_second(),
+        cache.clone(),
+    )
+    .await;
     assert!(
         publisher
             .wait_for_live_agents(&env_id("dev"), 1, Duration::from_secs(30))
