@@ -407,8 +407,14 @@ async fn an_agent_reads_and_writes_only_its_own_environment() {
         .publish_refused("$KV.cachecast-agents.prod.prod-agent-1")
         .await;
 
-    // It cannot read events except through a consumer filtered to its environment.
-    let mut direct = agent.subscribe_refused("cachecast.v1.dev.inval").await;
+    // It reads events through a consumer filtered to its environment, or as they are published
+    // (the fast path): its own environment's only.
+    let mut own_events = agent
+        .client
+        .subscribe("cachecast.v1.dev.inval")
+        .await
+        .expect("an agent may take its environment's events as they are published");
+    let mut direct = agent.subscribe_refused("cachecast.v1.prod.inval").await;
     let mut everything = agent.subscribe_refused("cachecast.v1.>").await;
     // Nor the replies meant for other users.
     let mut others = agent.subscribe_refused("_INBOX.>").await;
@@ -508,6 +514,19 @@ async fn an_agent_reads_and_writes_only_its_own_environment() {
     for subscription in [&mut direct, &mut everything, &mut others, &mut api_inbox] {
         nothing_on(subscription);
     }
+    // dev's event came as published, with the reply subject where the stream acknowledged it
+    // to the API: the agent cannot forge that acknowledgement.
+    let event = own_events
+        .next()
+        .now_or_never()
+        .flatten()
+        .expect("dev's event reached the agent's own subscription");
+    assert_eq!(event.subject.as_str(), "cachecast.v1.dev.inval");
+    let reply = event
+        .reply
+        .expect("a published event carries its reply subject");
+    agent.publish_refused(reply.as_str()).await;
+    nothing_on(&mut own_events);
     nothing_on(&mut prod_acks);
     assert_eq!(stored(&api, "CACHECAST").await, events_before + 2);
     assert_eq!(stored(&api, "KV_cachecast-agents").await, presence_before);

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream;
 use cachecast_bus::{WIRE_VERSION, WIRE_VERSION_HEADER};
 use cachecast_proto::{Invalidation, Wire};
 
 use crate::agent::Agent;
 use crate::backend::CacheBackend;
+use crate::fast_path::Delivery;
 
 /// At most one warning per kind of refused event in this interval (the rest are counted).
 pub(crate) const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -35,13 +35,20 @@ impl<B: CacheBackend> Agent<B> {
     }
 
     /// The event in `message`, if it is one this agent may apply: a wire version it speaks,
-    /// decodable, addressed to its environment, with a well-formed ack subject.
+    /// decodable, addressed to its environment, with a well-formed ack subject. A refusal is
+    /// reported for the stream's delivery only: the fast path's copy of the same message
+    /// comes too and is refused the same way, and counting it twice would mislead.
     pub(crate) fn admit(
         &self,
-        message: &jetstream::Message,
-        sequence: u64,
+        message: &async_nats::Message,
+        delivery: Delivery,
     ) -> Option<Invalidation> {
         let subject = message.subject.as_str();
+        let reject = |reason: &'static str, detail: &str| {
+            if let Delivery::Stored { sequence, .. } = delivery {
+                self.reject(reason, sequence, subject, detail);
+            }
+        };
         if let Some(version) = message
             .headers
             .as_ref()
@@ -52,13 +59,13 @@ impl<B: CacheBackend> Agent<B> {
                 "wire version {:?}, this agent speaks {WIRE_VERSION}: upgrade it",
                 version.as_str()
             );
-            self.reject("unknown_version", sequence, subject, &detail);
+            reject("unknown_version", &detail);
             return None;
         }
         let event = match Invalidation::from_bytes(&message.payload) {
             Ok(event) => event,
             Err(err) => {
-                self.reject(err.reason(), sequence, subject, &err.to_string());
+                reject(err.reason(), &err.to_string());
                 return None;
             }
         };
@@ -67,7 +74,7 @@ impl<B: CacheBackend> Agent<B> {
                 "addressed to environment {:?}, ack subject {:?}",
                 event.env, event.ack_subject
             );
-            self.reject("wrong_env", sequence, subject, &detail);
+            reject("wrong_env", &detail);
             return None;
         }
         // The ack subject ends `<publisherId>.<eventId>`, and names this event.
@@ -83,7 +90,7 @@ impl<B: CacheBackend> Agent<B> {
                 "event id {:?}, ack subject {:?}",
                 event.event_id, event.ack_subject
             );
-            self.reject("invalid", sequence, subject, &detail);
+            reject("invalid", &detail);
             return None;
         }
         Some(event)

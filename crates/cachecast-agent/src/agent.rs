@@ -21,6 +21,7 @@ use crate::admission::REJECT_LOG_INTERVAL;
 use crate::backend::{BackendError, CacheBackend};
 use crate::config::{AgentConfig, AgentError, OnStart};
 use crate::consumer::{Consumer, StreamState, consume, missed_events};
+use crate::fast_path::{Acknowledged, Delivery};
 use crate::presence::{AnnounceError, Announcement, Heartbeat, Progress};
 use crate::watch::{Flusher, Gap, ProgressCheck, Signal, Tracker};
 
@@ -66,6 +67,9 @@ struct EventMetrics {
     failed: metrics::Counter,
     evicted: metrics::Counter,
     eviction_seconds: metrics::Histogram,
+    /// Acknowledged events by the path that brought them first.
+    via_fast_path: metrics::Counter,
+    via_stream: metrics::Counter,
 }
 
 impl EventMetrics {
@@ -75,7 +79,9 @@ impl EventMetrics {
             applied: metrics::counter!("cachecast_agent_events_total", "env" => env.clone(), "outcome" => "applied"),
             failed: metrics::counter!("cachecast_agent_events_total", "env" => env.clone(), "outcome" => "failed"),
             evicted: metrics::counter!("cachecast_agent_evicted_entries_total", "env" => env.clone()),
-            eviction_seconds: metrics::histogram!("cachecast_agent_eviction_seconds", "env" => env),
+            eviction_seconds: metrics::histogram!("cachecast_agent_eviction_seconds", "env" => env.clone()),
+            via_fast_path: metrics::counter!("cachecast_agent_acked_events_total", "env" => env.clone(), "path" => "fast"),
+            via_stream: metrics::counter!("cachecast_agent_acked_events_total", "env" => env, "path" => "stream"),
         }
     }
 }
@@ -125,6 +131,10 @@ pub struct RunningAgent<B> {
     agent: Agent<B>,
     stream: stream::Stream,
     events: pull::Ordered,
+    /// The fast path: the environment's events as they are published (none when off).
+    fast: Option<async_nats::Subscriber>,
+    /// The events acknowledged lately, on either path.
+    acknowledged: Acknowledged,
     /// The stream sequence of the last event handled; the consumer resumes after it.
     last_sequence: u64,
     /// Which stream `last_sequence` counts in (its creation time).
@@ -415,6 +425,7 @@ impl<B: CacheBackend> Agent<B> {
             progress.record(last_sequence, pending, 0);
             progress.handled_up_to(last_sequence);
             let mut stream_created_ns = point.stream.created_ns;
+            let mut acknowledged = Acknowledged::default();
             // Registered before the cache is flushed or caught up: from here on publishers
             // expect it, so no request can be answered without it while a PDP refills it.
             let mut registered = None;
@@ -484,7 +495,8 @@ impl<B: CacheBackend> Agent<B> {
                             let (sequence, left) = (info.stream_sequence, info.pending);
                             progress.record(sequence, left, unix_ms(info.published.unix_timestamp_nanos()));
                             if sequence > last_sequence {
-                                self.handle(message, sequence, stream_created_ns).await;
+                                let delivery = Delivery::Stored { sequence, stream_created_ns };
+                                self.handle(&message, delivery, &mut acknowledged).await;
                                 last_sequence = sequence;
                                 progress.handled_up_to(sequence);
                                 self.remember_position(sequence, stream_created_ns).await;
@@ -533,6 +545,20 @@ impl<B: CacheBackend> Agent<B> {
             // must leave a position behind, or the next agent flushes instead of catching up
             // and the requests waiting for the events in between get no ack.
             self.remember_position(last_sequence, stream_created_ns).await;
+            // The fast path opens before publishers see the agent, so that they wait for no
+            // event it could have had at once. Every event from here on comes through the
+            // consumer too.
+            let fast = if self.config.fast_path {
+                match self.client.subscribe(Subjects::events(&self.env)).await {
+                    Ok(subscriber) => Some(subscriber),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not open the fast path; every event comes through the stream");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
             let announcement = Announcement {
                 backend: self.backend.kind(),
                 keyed_caches: &self.keyed_caches,
@@ -602,6 +628,8 @@ impl<B: CacheBackend> Agent<B> {
                 agent: self,
                 stream,
                 events,
+                fast,
+                acknowledged,
                 last_sequence,
                 stream_created_ns,
                 heartbeat,
@@ -684,8 +712,11 @@ impl<B: CacheBackend> RunningAgent<B> {
                             resumed_at = now;
                         }
                     }
-                    next = self.events.next() => match next {
-                        Some(Ok(message)) => {
+                    next = next_event(&mut self.events, &mut self.fast) => match next {
+                        Next::Fast(message) => {
+                            self.agent.handle(&message, Delivery::Fast, &mut self.acknowledged).await;
+                        }
+                        Next::Stored(Some(Ok(message))) => {
                             let sequence = match message.info() {
                                 Ok(info) => {
                                     self.progress.record(info.stream_sequence, info.pending, unix_ms(info.published.unix_timestamp_nanos()));
@@ -700,15 +731,16 @@ impl<B: CacheBackend> RunningAgent<B> {
                                 tracing::debug!(sequence, "skipping an event already handled");
                                 continue;
                             }
-                            self.agent.handle(message, sequence, self.stream_created_ns).await;
+                            let delivery = Delivery::Stored { sequence, stream_created_ns: self.stream_created_ns };
+                            self.agent.handle(&message, delivery, &mut self.acknowledged).await;
                             self.last_sequence = sequence;
                             self.progress.handled_up_to(sequence);
                             self.agent.remember_position(sequence, self.stream_created_ns).await;
                         }
-                        Some(Err(err)) => {
+                        Next::Stored(Some(Err(err))) => {
                             tracing::warn!(error = %err, "event consumer error; it recovers by itself");
                         }
-                        None => {
+                        Next::Stored(None) => {
                             tracing::error!("event consumer ended; stopping the agent");
                             ended = Err(AgentError::ConsumerEnded);
                             break;
@@ -850,10 +882,19 @@ impl<B: CacheBackend> RunningAgent<B> {
 }
 
 impl<B: CacheBackend> Agent<B> {
-    async fn handle(&self, message: jetstream::Message, sequence: u64, stream_created_ns: i128) {
-        let Some(event) = self.admit(&message, sequence) else {
+    /// Applies and acknowledges one event, unless it was acknowledged already on the other
+    /// path: then the stream's delivery only checks that a persistent cache did not restart
+    /// since (its position moves on after this).
+    async fn handle(
+        &self,
+        message: &async_nats::Message,
+        delivery: Delivery,
+        acknowledged: &mut Acknowledged,
+    ) {
+        let Some(event) = self.admit(message, delivery) else {
             return;
         };
+        let sequence = delivery.sequence();
         // Every agent of the environment receives a keyed cache's events, but publishers expect
         // only the agents that announced that cache: the others have nothing to evict and
         // nobody waits for their ack (a failure here would only flush a cache for nothing).
@@ -866,34 +907,48 @@ impl<B: CacheBackend> Agent<B> {
             tracing::debug!(sequence, cache = %selector.cache, "not serving this keyed cache: nothing to evict");
             return;
         }
+        if acknowledged.contains(&event.event_id) {
+            if let Delivery::Stored { .. } = delivery {
+                tracing::debug!(sequence, event_id = %event.event_id, "applied from the fast path already");
+                self.notice_restart().await;
+                if let Err(err) = self.repair().await {
+                    tracing::warn!(%err, "the cache is still dirty");
+                }
+            }
+            return;
+        }
+        acknowledged.insert(&event.event_id);
         let request_id = message
             .headers
             .as_ref()
             .and_then(|h| h.get(REQUEST_ID_HEADER))
             .map(|v| v.as_str().to_owned())
             .unwrap_or_else(|| event.request_id.clone());
-        let span = tracing::info_span!("event", request_id = %request_id, event_id = %event.event_id, sequence);
+        let span = tracing::info_span!("event", request_id = %request_id, event_id = %event.event_id, sequence, path = delivery.path());
         cachecast_bus::trace_context::adopt_parent(&span, message.headers.as_ref());
         async {
             tracing::debug!("applying the eviction");
             let started = std::time::Instant::now();
-            let (status, evicted, error) =
-                match self.apply(&event, sequence, stream_created_ns).await {
-                    Ok(evicted) => {
-                        tracing::info!(evicted, "eviction applied");
-                        self.metrics.applied.increment(1);
-                        self.metrics.evicted.increment(evicted);
-                        (AckStatus::Applied, evicted, String::new())
-                    }
-                    Err(reason) => {
-                        tracing::warn!(%reason, "eviction failed");
-                        self.metrics.failed.increment(1);
-                        (AckStatus::Failed, 0, reason)
-                    }
-                };
+            let (status, evicted, error) = match self.apply(&event, delivery).await {
+                Ok(evicted) => {
+                    tracing::info!(evicted, "eviction applied");
+                    self.metrics.applied.increment(1);
+                    self.metrics.evicted.increment(evicted);
+                    (AckStatus::Applied, evicted, String::new())
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, "eviction failed");
+                    self.metrics.failed.increment(1);
+                    (AckStatus::Failed, 0, reason)
+                }
+            };
             self.metrics
                 .eviction_seconds
                 .record(started.elapsed().as_secs_f64());
+            match delivery {
+                Delivery::Fast => self.metrics.via_fast_path.increment(1),
+                Delivery::Stored { .. } => self.metrics.via_stream.increment(1),
+            }
             let ack = Ack {
                 event_id: event.event_id.clone(),
                 agent_id: self.id.to_string(),
@@ -956,17 +1011,12 @@ impl<B: CacheBackend> Agent<B> {
         Ok(())
     }
 
-    /// Applies one event, at `sequence` of the stream created at `stream_created_ns`. A
-    /// failure marks the cache dirty until a flush succeeds; so does a persistent cache that
-    /// restarted since it was last known to hold nothing stale. A persistent cache whose
-    /// stored position is already past the event had it applied by another of its agents
-    /// (positions are stored only after applying, in order): it is not evicted again.
-    async fn apply(
-        &self,
-        event: &Invalidation,
-        sequence: u64,
-        stream_created_ns: i128,
-    ) -> Result<u64, String> {
+    /// Applies one event. A failure marks the cache dirty until a flush succeeds; so does a
+    /// persistent cache that restarted since it was last known to hold nothing stale. A
+    /// persistent cache whose stored position is already past a stored event had it applied
+    /// by another of its agents (positions are stored only after applying, in order): it is
+    /// not evicted again. The fast path's copy has no position yet, so it is always evicted.
+    async fn apply(&self, event: &Invalidation, delivery: Delivery) -> Result<u64, String> {
         if let Some(cache) = &self.cache {
             match self.backend.continuity(&self.env, cache).await {
                 Ok(continuity) if continuity.restarted => {
@@ -974,14 +1024,17 @@ impl<B: CacheBackend> Agent<B> {
                     self.set_dirty(Some("cache_restarted"));
                 }
                 Ok(continuity) => {
-                    let applied = continuity.position.is_some_and(|p| {
-                        p.stream_created_ns == stream_created_ns && p.sequence >= sequence
-                    });
-                    if applied && self.dirty().is_none() {
-                        tracing::debug!(
+                    let applied = match delivery {
+                        Delivery::Fast => false,
+                        Delivery::Stored {
                             sequence,
-                            "already applied to this cache by another of its agents"
-                        );
+                            stream_created_ns,
+                        } => continuity.position.is_some_and(|p| {
+                            p.stream_created_ns == stream_created_ns && p.sequence >= sequence
+                        }),
+                    };
+                    if applied && self.dirty().is_none() {
+                        tracing::debug!("already applied to this cache by another of its agents");
                         metrics::counter!("cachecast_agent_events_applied_elsewhere_total", "env" => self.env.to_string())
                             .increment(1);
                         return Ok(0);
@@ -1043,6 +1096,36 @@ impl<B: CacheBackend> Agent<B> {
                 self.config.evict_timeout
             )),
         }
+    }
+}
+
+/// What the event loop takes next: from the consumer, or from the fast path.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "moved once per event and matched at once; a box would allocate per event"
+)]
+enum Next {
+    Stored(Option<Result<jetstream::Message, jetstream::consumer::pull::OrderedError>>),
+    Fast(async_nats::Message),
+}
+
+/// The next event from either path, neither preferred: when both are ready the choice is
+/// random, so a busy fast path cannot starve the consumer, whose progress is the record.
+/// Without a fast path (off, or its subscription ended), the consumer only.
+async fn next_event(events: &mut pull::Ordered, fast: &mut Option<async_nats::Subscriber>) -> Next {
+    let Some(subscriber) = fast else {
+        return Next::Stored(events.next().await);
+    };
+    tokio::select! {
+        next = events.next() => Next::Stored(next),
+        message = subscriber.next() => match message {
+            Some(message) => Next::Fast(message),
+            None => {
+                tracing::warn!("the fast path's subscription ended; every event comes through the stream");
+                *fast = None;
+                Next::Stored(events.next().await)
+            }
+        },
     }
 }
 

@@ -48,6 +48,12 @@ pub struct AgentConfig {
     /// The keyed caches of the memory backend (the Redis backend names its own in
     /// `redis.keyed_caches`).
     pub keyed_caches: Vec<CacheName>,
+    /// Also apply each event as NATS delivers it to the environment's subject, before the
+    /// stream stores and dispatches it: confirmations come at about core-NATS latency. The
+    /// event consumer stays the record and applies whatever the fast path missed. Needs the
+    /// agent's NATS user to be allowed to subscribe to `cachecast.v1.<env>.inval`; without
+    /// that, or with `false`, every event comes through the consumer.
+    pub fast_path: bool,
 }
 
 /// What an agent does with its cache when it starts.
@@ -115,6 +121,7 @@ impl Default for AgentConfig {
             admin_listen: None,
             on_start: OnStart::default(),
             keyed_caches: Vec::new(),
+            fast_path: true,
         }
     }
 }

@@ -16,6 +16,7 @@ mod agent;
 pub mod backend;
 mod config;
 mod consumer;
+mod fast_path;
 mod presence;
 mod watch;
 
