@@ -36,12 +36,14 @@ pub(crate) struct Agents {
 }
 
 impl Agents {
-    /// Starts one agent per fleet connection in `env` and waits until `publisher` sees them.
+    /// Starts one agent per fleet connection in `env` (with `agent.fast_path` as given) and
+    /// waits until `publisher` sees them.
     pub(crate) async fn start(
         fleet: &[Client],
         bus: &BusConfig,
         env: &EnvId,
         publisher: &Publisher,
+        fast_path: bool,
     ) -> anyhow::Result<Self> {
         let mut stops = Vec::new();
         let mut tasks = Vec::new();
@@ -50,7 +52,10 @@ impl Agents {
                 client.clone(),
                 bus,
                 (env.clone(), AgentId::new(format!("bench-{n}"))?),
-                AgentConfig::default(),
+                AgentConfig {
+                    fast_path,
+                    ..AgentConfig::default()
+                },
                 MemoryCache::new(),
             );
             let running = agent.start().await?;

@@ -378,7 +378,22 @@ impl Floors {
         );
         drop(consumers);
 
-        let agents = fleet::Agents::start(fleet, agent_bus, env, &self.publisher).await?;
+        // The same agents without the fast path (in an environment of their own): only the
+        // consumer brings events, as before the fast path.
+        let stream_only = EnvId::new(format!("{env}-stream"))?;
+        let agents =
+            fleet::Agents::start(fleet, agent_bus, &stream_only, &self.publisher, false).await?;
+        let (p, e) = (self.publisher.clone(), stream_only.clone());
+        rows.push(
+            measure("cachecast library, stream only", n, settings, move || {
+                let (p, e) = (p.clone(), e.clone());
+                async move { fleet::library_round(&p, &e).await }
+            })
+            .await,
+        );
+        agents.stop().await;
+
+        let agents = fleet::Agents::start(fleet, agent_bus, env, &self.publisher, true).await?;
         let (p, e) = (self.publisher.clone(), env.clone());
         rows.push(
             measure("cachecast library", n, settings, move || {

@@ -571,13 +571,34 @@ impl Publisher {
                 {
                     return Err(Unavailable::Publish(err).into());
                 }
-                // Timed out: the caller's overall bound ends the retries.
-                _ => tracing::warn!(
-                    event_id = %event.event_id,
-                    "publish not acknowledged within {attempt_budget:?}; retrying with the same event id"
-                ),
+                // Timed out: the caller's overall bound ends the retries. A missing stream
+                // looks like this too while agents take the subject's events on their fast
+                // path: their subscriptions are interest, so no "no responders" comes back.
+                _ => {
+                    tracing::warn!(
+                        event_id = %event.event_id,
+                        "publish not acknowledged within {attempt_budget:?}; retrying with the same event id"
+                    );
+                    if !recreated && stream_missing(&inner.js, &inner.stream.name).await {
+                        tracing::warn!(stream = %inner.stream.name, "invalidation stream missing; creating it again");
+                        cachecast_bus::ensure_stream(&inner.js, &inner.stream)
+                            .await
+                            .map_err(Unavailable::Stream)?;
+                        recreated = true;
+                    }
+                }
             }
         }
+    }
+}
+
+/// Whether the server says the stream `name` does not exist (not: could not be asked).
+async fn stream_missing(js: &JetStream, name: &str) -> bool {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    match js.get_stream(name).await {
+        Err(err) => matches!(err.kind(), GetStreamErrorKind::JetStream(e)
+            if e.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND),
+        Ok(_) => false,
     }
 }
 
