@@ -46,12 +46,16 @@ impl std::fmt::Debug for RedisCache {
 }
 
 impl RedisCache {
-    /// Connects to the Redis at `url`.
+    /// Connects to the Redis at `url`. Its commands may take 10 s, not the client's default
+    /// 500 ms: a `SAVE` (an fsync) on a machine busy with three fault schedules took longer,
+    /// and a test's look into the cache must not fail for that.
     pub async fn open(url: &str) -> Self {
         let client = redis::Client::open(url).expect("Redis URL");
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(std::time::Duration::from_secs(10)));
         Self(
             client
-                .get_multiplexed_async_connection()
+                .get_multiplexed_async_connection_with_config(&config)
                 .await
                 .expect("Redis connection"),
         )
