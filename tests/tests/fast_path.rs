@@ -1,4 +1,4 @@
-//! The fast path (`agent.fast_path`): agents apply an event as NATS delivers it to the
+//! The fast path (`agent.fast_path = true`; off by default): agents apply an event as NATS delivers it to the
 //! environment's subject, before the stream dispatches it, and the consumer stays the
 //! backstop. Each test looks into the cache, and at the acks on the wire: an ack from the fast
 //! path reports stream sequence 0, one from the stream the event's sequence.
@@ -87,7 +87,15 @@ fn drain(acks: &mut async_nats::Subscriber) -> Vec<Ack> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_applied_from_the_fast_path_and_acknowledged_once() {
     let (stack, _) = stack_with_monitor().await;
-    let (cache, agent) = stack.memory_agent("dev", "a1").await;
+    let cache = MemoryCache::new();
+    let agent = stack
+        .agent_builder("dev", "a1")
+        .config(AgentConfig {
+            fast_path: true,
+            ..AgentConfig::default()
+        })
+        .start(cache.clone())
+        .await;
     stack.wait_for_agents("dev", 1).await;
     let observer = cachecast_bus::connect(&stack.bus.nats, "observer")
         .await
@@ -156,6 +164,7 @@ async fn an_event_the_fast_path_missed_is_applied_from_the_stream() {
     // stale-presence flush empties it.
     let config = AgentConfig {
         heartbeat: Duration::from_secs(10),
+        fast_path: true,
         ..AgentConfig::default()
     };
     let agent = stack

@@ -257,6 +257,8 @@ struct StaleCache {
 
 struct World {
     seed: u64,
+    /// Odd seeds run every agent with `agent.fast_path`, even seeds without.
+    fast_path: bool,
     rng: StdRng,
     stack: Stack,
     /// The cluster's other nodes (none for a single server). The memory agents' links go to
@@ -291,6 +293,12 @@ struct World {
     violations: Vec<String>,
 }
 
+/// Whether the agents of schedule `seed` take the fast path: on odd seeds, so every few
+/// schedules cover both.
+fn fast_path(seed: u64) -> bool {
+    seed % 2 == 1
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fault_schedule_keeps_every_promise() {
     let seed = match std::env::var("CACHECAST_FAULT_SEED").as_deref() {
@@ -307,8 +315,9 @@ async fn a_fault_schedule_keeps_every_promise() {
     } else {
         "one server"
     };
+    let fast_path = if fast_path(seed) { "on" } else { "off" };
     eprintln!(
-        "fault schedule: seed {seed} (CACHECAST_FAULT_SEED={seed} replays it), on {world_kind}"
+        "fault schedule: seed {seed} (CACHECAST_FAULT_SEED={seed} replays it), on {world_kind}, agents' fast path {fast_path}"
     );
     let mut world = World::start(seed, clustered).await;
     let mut plan = asked.clone();
@@ -352,6 +361,7 @@ impl World {
             .await;
         let config = AgentConfig {
             heartbeat: HEARTBEAT,
+            fast_path: fast_path(seed),
             ..AgentConfig::default()
         };
         let mut memory = Vec::new();
@@ -386,6 +396,7 @@ impl World {
         }
         let mut world = World {
             seed,
+            fast_path: fast_path(seed),
             rng: StdRng::seed_from_u64(seed),
             stack,
             nodes,
@@ -735,6 +746,7 @@ impl World {
         let presence = format!("{}ms", PRESENCE_MAX_AGE.as_millis());
         let stream = format!("{}ms", STREAM_MAX_AGE.as_millis());
         let replicas = self.stack.bus.stream.replicas.to_string();
+        let fast_path = self.fast_path.to_string();
         let redis = &mut self.redis[slot];
         let agent = redis_agent(
             &self.stack.bus.nats.url,
@@ -747,6 +759,7 @@ impl World {
                 ("CACHECAST_STREAM__REPLICAS", &replicas),
                 ("CACHECAST_PRESENCE__REPLICAS", &replicas),
                 ("CACHECAST_CACHES__REPLICAS", &replicas),
+                ("CACHECAST_AGENT__FAST_PATH", &fast_path),
             ],
         )
         .await;

@@ -190,8 +190,8 @@ async fn an_agent_whose_consumer_stalls_stops_vouching_flushes_and_recovers() {
     let mut agent_bus = stack.bus.clone();
     as_user(&mut agent_bus, AGENT_USER);
     let cache = MemoryCache::new();
-    // Without the fast path: this is about the consumer, the agent's record. (With it, the
-    // event below would be applied and confirmed as published.)
+    // Without the fast path (the default): this is about the consumer, the agent's record.
+    // (With it, the event below would be applied and confirmed as published.)
     let config_1s = AgentConfig {
         heartbeat: Duration::from_secs(1),
         fast_path: false,

@@ -49,10 +49,11 @@ pub struct AgentConfig {
     /// `redis.keyed_caches`).
     pub keyed_caches: Vec<CacheName>,
     /// Also apply each event as NATS delivers it to the environment's subject, before the
-    /// stream stores and dispatches it: confirmations come at about core-NATS latency. The
-    /// event consumer stays the record and applies whatever the fast path missed. Needs the
-    /// agent's NATS user to be allowed to subscribe to `cachecast.v1.<env>.inval`; without
-    /// that, or with `false`, every event comes through the consumer.
+    /// stream stores and dispatches it. The event consumer stays the record and applies
+    /// whatever the fast path missed. Off by default: every agent then receives each event
+    /// twice, and on the benchmark's machine that cost more than it saved from 10 agents up
+    /// (docs/BENCHMARKS.md, "The fast path"). Needs the agent's NATS user to be allowed to
+    /// subscribe to `cachecast.v1.<env>.inval`.
     pub fast_path: bool,
 }
 
@@ -121,7 +122,7 @@ impl Default for AgentConfig {
             admin_listen: None,
             on_start: OnStart::default(),
             keyed_caches: Vec::new(),
-            fast_path: true,
+            fast_path: false,
         }
     }
 }

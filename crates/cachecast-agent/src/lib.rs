@@ -2,8 +2,8 @@
 //!
 //! An agent runs next to one cache (as a sidecar, or embedded in the service that owns the
 //! cache) for one environment. It consumes the environment's invalidation events from
-//! JetStream in order (and, on its fast path, takes each one as it is published, before the
-//! stream dispatches it), evicts through a [`CacheBackend`], and acknowledges each event once to
+//! JetStream in order (and, with its fast path on, takes each one as it is published, before
+//! the stream dispatches it), evicts through a [`CacheBackend`], and acknowledges each event once to
 //! the publisher that sent it. It acknowledges only what it applied; a failed eviction is
 //! reported as a failure with its reason.
 //!
