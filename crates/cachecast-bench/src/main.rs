@@ -378,14 +378,13 @@ impl Floors {
         );
         drop(consumers);
 
-        // The same agents without the fast path (in an environment of their own): only the
-        // consumer brings events, as before the fast path.
-        let stream_only = EnvId::new(format!("{env}-stream"))?;
-        let agents =
-            fleet::Agents::start(fleet, agent_bus, &stream_only, &self.publisher, false).await?;
-        let (p, e) = (self.publisher.clone(), stream_only.clone());
+        // The same agents with `agent.fast_path` (in an environment of their own), then the
+        // default agents, which the other ways in are measured with.
+        let fast = EnvId::new(format!("{env}-fast"))?;
+        let agents = fleet::Agents::start(fleet, agent_bus, &fast, &self.publisher, true).await?;
+        let (p, e) = (self.publisher.clone(), fast.clone());
         rows.push(
-            measure("cachecast library, stream only", n, settings, move || {
+            measure("cachecast library, fast path", n, settings, move || {
                 let (p, e) = (p.clone(), e.clone());
                 async move { fleet::library_round(&p, &e).await }
             })
@@ -393,7 +392,7 @@ impl Floors {
         );
         agents.stop().await;
 
-        let agents = fleet::Agents::start(fleet, agent_bus, env, &self.publisher, true).await?;
+        let agents = fleet::Agents::start(fleet, agent_bus, env, &self.publisher, false).await?;
         let (p, e) = (self.publisher.clone(), env.clone());
         rows.push(
             measure("cachecast library", n, settings, move || {
