@@ -380,27 +380,20 @@ impl Floors {
 
         // The same agents with `agent.fast_path` (in an environment of their own), then the
         // default agents, which the other ways in are measured with.
-        let fast = EnvId::new(format!("{env}-fast"))?;
-        let agents = fleet::Agents::start(fleet, agent_bus, &fast, &self.publisher, true).await?;
-        let (p, e) = (self.publisher.clone(), fast.clone());
-        rows.push(
-            measure("cachecast library, fast path", n, settings, move || {
-                let (p, e) = (p.clone(), e.clone());
+        let library = |label: &'static str, env: EnvId| {
+            let p = self.publisher.clone();
+            measure(label, n, settings, move || {
+                let (p, e) = (p.clone(), env.clone());
                 async move { fleet::library_round(&p, &e).await }
             })
-            .await,
-        );
+        };
+        let fast = EnvId::new(format!("{env}-fast"))?;
+        let agents = fleet::Agents::start(fleet, agent_bus, &fast, &self.publisher, true).await?;
+        rows.push(library("cachecast library, fast path", fast).await);
         agents.stop().await;
 
         let agents = fleet::Agents::start(fleet, agent_bus, env, &self.publisher, false).await?;
-        let (p, e) = (self.publisher.clone(), env.clone());
-        rows.push(
-            measure("cachecast library", n, settings, move || {
-                let (p, e) = (p.clone(), e.clone());
-                async move { fleet::library_round(&p, &e).await }
-            })
-            .await,
-        );
+        rows.push(library("cachecast library", env.clone()).await);
         Ok((rows, agents))
     }
 }
