@@ -87,17 +87,23 @@ fn applied(answer: &Answer, id: &str) -> bool {
     answer.body["agents"][id]["status"] == "applied"
 }
 
+/// The API and its publisher on the hub's server (its sites started first: they need the hub's
+/// address).
+async fn hub_stack(hub: LeafHub) -> Stack {
+    let LeafHub { server, .. } = hub;
+    Stack::builder()
+        .nats(server)
+        .bus(|bus| bus.presence.max_age = PRESENCE_MAX_AGE)
+        .start()
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_site_is_named_until_it_has_flushed_or_caught_up_and_the_other_site_keeps_its_200s() {
     let hub = LeafHub::start(HUB_DOMAIN).await;
     let site_a = LeafSite::start("site-a", &hub.address, WAN).await;
     let site_b = LeafSite::start("site-b", &hub.address, WAN).await;
-    let LeafHub { server, .. } = hub;
-    let stack = Stack::builder()
-        .nats(server)
-        .bus(|bus| bus.presence.max_age = PRESENCE_MAX_AGE)
-        .start()
-        .await;
+    let stack = hub_stack(hub).await;
 
     let bus_a = site_bus(&stack, &site_a, "site-a");
     let bus_b = site_bus(&stack, &site_b, "site-b");
@@ -486,12 +492,7 @@ async fn the_committed_hub_and_site_configurations_carry_only_the_sites_environm
 async fn a_half_open_site_link_is_noticed_by_pings_and_the_sites_cache_flushes_in_time() {
     let hub = LeafHub::start(HUB_DOMAIN).await;
     let site = LeafSite::start("site-a", &hub.address, WAN).await;
-    let LeafHub { server, .. } = hub;
-    let stack = Stack::builder()
-        .nats(server)
-        .bus(|bus| bus.presence.max_age = PRESENCE_MAX_AGE)
-        .start()
-        .await;
+    let stack = hub_stack(hub).await;
     let cache = MemoryCache::new();
     let _agent = site_agent(
         &stack,

@@ -552,19 +552,15 @@ impl Publisher {
                 .send_publish(subject.clone(), message.clone())
                 .await
                 .map_err(Unavailable::Publish)?;
-            match tokio::time::timeout(attempt_budget, sent).await {
+            let missing = match tokio::time::timeout(attempt_budget, sent).await {
                 Ok(Ok(ack)) => return Ok(ack.sequence),
+                // The stream is gone (a server that lost its store).
                 Ok(Err(err))
                     if err.kind()
                         == async_nats::jetstream::context::PublishErrorKind::StreamNotFound
                         && !recreated =>
                 {
-                    // The stream is gone (a server that lost its store): create it again.
-                    tracing::warn!(stream = %inner.stream.name, "invalidation stream missing; creating it again");
-                    cachecast_bus::ensure_stream(&inner.js, &inner.stream)
-                        .await
-                        .map_err(Unavailable::Stream)?;
-                    recreated = true;
+                    true
                 }
                 Ok(Err(err))
                     if err.kind() != async_nats::jetstream::context::PublishErrorKind::TimedOut =>
@@ -579,14 +575,15 @@ impl Publisher {
                         event_id = %event.event_id,
                         "publish not acknowledged within {attempt_budget:?}; retrying with the same event id"
                     );
-                    if !recreated && stream_missing(&inner.js, &inner.stream.name).await {
-                        tracing::warn!(stream = %inner.stream.name, "invalidation stream missing; creating it again");
-                        cachecast_bus::ensure_stream(&inner.js, &inner.stream)
-                            .await
-                            .map_err(Unavailable::Stream)?;
-                        recreated = true;
-                    }
+                    !recreated && stream_missing(&inner.js, &inner.stream.name).await
                 }
+            };
+            if missing {
+                tracing::warn!(stream = %inner.stream.name, "invalidation stream missing; creating it again");
+                cachecast_bus::ensure_stream(&inner.js, &inner.stream)
+                    .await
+                    .map_err(Unavailable::Stream)?;
+                recreated = true;
             }
         }
     }
