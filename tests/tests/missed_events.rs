@@ -190,11 +190,13 @@ async fn an_agent_whose_consumer_stalls_stops_vouching_flushes_and_recovers() {
     let mut agent_bus = stack.bus.clone();
     as_user(&mut agent_bus, AGENT_USER);
     let cache = MemoryCache::new();
-    // Without the fast path (the default): this is about the consumer, the agent's record.
-    // (With it, the event below would be applied and confirmed as published.)
+    // Without the fast path (the default) or live copies: this is about the consumer, the
+    // agent's record. (With either, the event below would be applied and confirmed as
+    // published; tests/tests/live_copies.rs covers live copies that do not come.)
     let config_1s = AgentConfig {
         heartbeat: Duration::from_secs(1),
         fast_path: false,
+        live_events: false,
         ..AgentConfig::default()
     };
     let agent = stack

@@ -1,5 +1,5 @@
-//! The agent: start-up (consumer, registration, flush or catch-up, presence), the event loop,
-//! and acknowledgements.
+//! The agent: start-up (live copies and consumer, registration, flush or catch-up, presence),
+//! the event loop, and acknowledgements.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +22,7 @@ use crate::backend::{BackendError, CacheBackend};
 use crate::config::{AgentConfig, AgentError, OnStart};
 use crate::consumer::{Consumer, StreamState, consume, missed_events};
 use crate::fast_path::{Acknowledged, Delivery};
+use crate::live::{LiveCopy, Place};
 use crate::presence::{AnnounceError, Announcement, Heartbeat, Progress};
 use crate::watch::{Flusher, Gap, ProgressCheck, Signal, Tracker};
 
@@ -130,7 +131,21 @@ impl<B: CacheBackend> AgentProbe<B> {
 pub struct RunningAgent<B> {
     agent: Agent<B>,
     stream: stream::Stream,
-    events: pull::Ordered,
+    /// The consumer: while it catches up, or for every event without live copies.
+    events: Option<pull::Ordered>,
+    /// The stream's live copies of the environment's events (none when off).
+    live: Option<async_nats::Subscriber>,
+    /// Whether the stream republishes events as live copies (as of the last look at it).
+    live_copies: bool,
+    /// Where the last consumer started after: a live copy at or below it is not one the
+    /// consumer delivered already (see [`crate::live::place`]).
+    caught_up_from: u64,
+    /// A catch-up that could not begin (the stream unreadable): tried again on each check.
+    catch_up_due: bool,
+    /// Whether any live copy arrived yet.
+    live_arrived: bool,
+    /// When the loop last handled a stored event.
+    last_handled_at: Instant,
     /// The fast path: the environment's events as they are published (none when off).
     fast: Option<async_nats::Subscriber>,
     /// The events acknowledged lately, on either path.
@@ -399,6 +414,23 @@ impl<B: CacheBackend> Agent<B> {
             })
             .await;
             self.check_round_trip(&stream).await;
+            // Subscribed before the consumer is created: every event stored from then on comes
+            // live, every one before it through the consumer, so none falls in between.
+            let live_copies = cachecast_bus::republishes_live(&stream.cached_info().config);
+            let live = match (self.config.live_events, live_copies) {
+                (false, _) => None,
+                (true, false) => {
+                    tracing::warn!(stream = %self.bus.stream.name, "the stream does not republish events as live copies (a publisher turns that on when it may update the stream): a consumer delivers every event");
+                    None
+                }
+                (true, true) => match self.client.subscribe(Subjects::live(&self.env)).await {
+                    Ok(subscriber) => Some(subscriber),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not subscribe to the live copies; a consumer delivers every event");
+                        None
+                    }
+                },
+            };
             let (point, consumer) = retry("create the event consumer", || async {
                 let mut fresh = stream.clone();
                 let info = fresh.info().await.map_err(|e| e.to_string())?.clone();
@@ -421,6 +453,9 @@ impl<B: CacheBackend> Agent<B> {
                 starts_after,
             } = consumer;
             let mut last_sequence = point.resume_after.unwrap_or(starts_after);
+            let mut caught_up_from = starts_after;
+            // Events the consumer still holds for the agent, as of its last count.
+            let mut left_in_consumer = pending;
             let progress = self.progress.clone();
             progress.record(last_sequence, pending, 0);
             progress.handled_up_to(last_sequence);
@@ -502,6 +537,7 @@ impl<B: CacheBackend> Agent<B> {
                                 self.remember_position(sequence, stream_created_ns).await;
                             }
                             remaining = left;
+                            left_in_consumer = left;
                         }
                         Some(Err(err)) => tracing::warn!(error = %err, "event consumer error while catching up; it recovers by itself"),
                         None => return Err(AgentError::ConsumerEnded),
@@ -534,6 +570,8 @@ impl<B: CacheBackend> Agent<B> {
                     retry("flush the cache", || self.flush(gap.reason())).await;
                     events = consumer.events;
                     last_sequence = consumer.starts_after;
+                    caught_up_from = consumer.starts_after;
+                    left_in_consumer = consumer.pending;
                     stream_created_ns = state.created_ns;
                     progress.record(last_sequence, consumer.pending, 0);
                     progress.handled_up_to(last_sequence);
@@ -624,10 +662,19 @@ impl<B: CacheBackend> Agent<B> {
                     .instrument(tracing::Span::current()),
                 ));
             }
+            // Caught up: from here on the live copies bring every event.
+            let on_live_copies = live.is_some() && live_copies;
+            let events = (left_in_consumer > 0 || !on_live_copies).then_some(events);
             let running = RunningAgent {
                 agent: self,
                 stream,
                 events,
+                live,
+                live_copies,
+                caught_up_from,
+                catch_up_due: false,
+                live_arrived: false,
+                last_handled_at: Instant::now(),
                 fast,
                 acknowledged,
                 last_sequence,
@@ -684,13 +731,26 @@ impl<B: CacheBackend> RunningAgent<B> {
                         });
                         break;
                     }
-                    Some(signal) = self.signals.recv() => {
-                        let forced = match signal {
-                            Signal::Gap(gap) => Some(gap),
-                            Signal::Stalled => None,
-                        };
-                        self.resume(forced).await;
-                    }
+                    Some(signal) = self.signals.recv() => match signal {
+                        Signal::Gap(gap) => {
+                            self.resume(Some(gap)).await;
+                        }
+                        Signal::Stalled => {
+                            self.resume(None).await;
+                        }
+                        // A live copy may have been lost with none after it to show it: catch up.
+                        // Not while a consumer delivers, nor while copies are being handled (a
+                        // backlog; a lost one among them breaks the chain of the next).
+                        Signal::Behind if self.events.is_none() && self.last_handled_at.elapsed() >= self.agent.config.heartbeat => {
+                            if !self.live_arrived && self.live.take().is_some() {
+                                tracing::warn!(subject = %Subjects::live(&self.agent.env), "no live copy of this environment's events ever arrived (may its NATS user subscribe to the subject? does the leaf link carry it?): a consumer delivers every event from now on");
+                            } else {
+                                tracing::info!(handled = self.last_sequence, "the stream holds an event this agent has not seen live; catching up");
+                            }
+                            self.catch_up_due = !self.resume(None).await;
+                        }
+                        Signal::Behind => {}
+                    },
                     _ = connection_check.tick() => {
                         if Instant::now() >= next_restart_check {
                             self.agent.notice_restart().await;
@@ -702,6 +762,9 @@ impl<B: CacheBackend> RunningAgent<B> {
                             }
                             next_repair = Instant::now() + REPAIR_INTERVAL;
                         }
+                        if self.catch_up_due {
+                            self.catch_up_due = !self.resume(None).await;
+                        }
                         let now = connects();
                         // Reconnected, however briefly: the server may have restarted and lost
                         // the consumer, so resume right after the last event handled.
@@ -712,30 +775,56 @@ impl<B: CacheBackend> RunningAgent<B> {
                             resumed_at = now;
                         }
                     }
-                    next = next_event(&mut self.events, &mut self.fast) => match next {
+                    next = next_event(&mut self.events, &mut self.live, &mut self.fast) => match next {
                         Next::Fast(message) => {
                             self.agent.handle(&message, Delivery::Fast, &mut self.acknowledged).await;
                         }
                         Next::Stored(Some(Ok(message))) => {
-                            let sequence = match message.info() {
+                            let (sequence, pending) = match message.info() {
                                 Ok(info) => {
                                     self.progress.record(info.stream_sequence, info.pending, unix_ms(info.published.unix_timestamp_nanos()));
-                                    info.stream_sequence
+                                    (info.stream_sequence, info.pending)
                                 }
                                 Err(err) => {
                                     self.agent.reject("no_metadata", 0, &message.subject, &err.to_string());
                                     continue;
                                 }
                             };
+                            if pending == 0 && self.on_live_copies() {
+                                // Everything stored so far is delivered; the rest comes live.
+                                self.events = None;
+                                tracing::debug!(sequence, "caught up: taking the live copies again");
+                            }
                             if sequence <= self.last_sequence {
                                 tracing::debug!(sequence, "skipping an event already handled");
                                 continue;
                             }
-                            let delivery = Delivery::Stored { sequence, stream_created_ns: self.stream_created_ns };
-                            self.agent.handle(&message, delivery, &mut self.acknowledged).await;
-                            self.last_sequence = sequence;
-                            self.progress.handled_up_to(sequence);
-                            self.agent.remember_position(sequence, self.stream_created_ns).await;
+                            self.handle_stored(&message, sequence).await;
+                        }
+                        Next::Live(Some(message)) => {
+                            self.live_arrived = true;
+                            let Some(copy) = LiveCopy::of(&message) else {
+                                self.agent.reject("no_metadata", 0, &message.subject, "a live copy without its stream sequence");
+                                continue;
+                            };
+                            match crate::live::place(copy, self.last_sequence, self.caught_up_from) {
+                                Place::Next => {
+                                    self.progress.record(copy.sequence, 0, copy.stored_ms);
+                                    self.handle_stored(&message, copy.sequence).await;
+                                }
+                                Place::Handled => {
+                                    tracing::debug!(sequence = copy.sequence, "skipping a live copy already handled");
+                                }
+                                Place::CatchUp => {
+                                    tracing::info!(sequence = copy.sequence, previous = copy.previous, handled = self.last_sequence, "a live copy does not follow the last event handled; catching up from the stream");
+                                    self.catch_up_due = !self.resume(None).await;
+                                }
+                            }
+                        }
+                        Next::Live(None) => {
+                            tracing::warn!("the live copies' subscription ended; a consumer delivers every event");
+                            self.live = None;
+                            self.catch_up_due = !self.resume(None).await;
                         }
                         Next::Stored(Some(Err(err))) => {
                             tracing::warn!(error = %err, "event consumer error; it recovers by itself");
@@ -815,28 +904,70 @@ async fn forget_if_pod_deleted(registered: Option<Registered>, kube: Option<cach
 }
 
 impl<B: CacheBackend> RunningAgent<B> {
-    /// Replaces the consumer with one that starts right after the last handled event.
-    /// If the stream no longer holds every event since then (retention dropped some, it was
-    /// created anew), or the progress check found such a gap (`forced`), the agent cannot
-    /// prove it saw them all: it starts at the stream's end and flushes instead.
-    /// Returns false if that failed (it is tried again on the next check).
+    /// Whether the live copies bring events whenever no consumer is catching up.
+    fn on_live_copies(&self) -> bool {
+        self.live.is_some() && self.live_copies
+    }
+
+    /// Applies and acknowledges the stored event at `sequence` (from the consumer or a live
+    /// copy), then moves the position on to it.
+    async fn handle_stored(&mut self, message: &async_nats::Message, sequence: u64) {
+        let delivery = Delivery::Stored {
+            sequence,
+            stream_created_ns: self.stream_created_ns,
+        };
+        self.agent
+            .handle(message, delivery, &mut self.acknowledged)
+            .await;
+        self.last_sequence = sequence;
+        self.last_handled_at = Instant::now();
+        self.progress.handled_up_to(sequence);
+        self.agent
+            .remember_position(sequence, self.stream_created_ns)
+            .await;
+    }
+
+    /// Replaces the consumer with one that starts right after the last handled event (or
+    /// the progress check's scan position, past it when the environment had no events since).
+    /// On live copies, that consumer only catches up: it is dropped once it delivered what
+    /// the stream held. If the stream no longer holds every event since then (retention
+    /// dropped some, it was created anew), or the progress check found such a gap (`forced`),
+    /// the agent cannot prove it saw them all: it starts at the stream's end and flushes
+    /// instead. Returns false if that failed (it is tried again on the next check).
     async fn resume(&mut self, forced: Option<Gap>) -> bool {
-        let stream = match self.stream.info().await {
-            Ok(info) => StreamState::of(info),
+        let (stream, live_copies) = match self.stream.info().await {
+            Ok(info) => (
+                StreamState::of(info),
+                cachecast_bus::republishes_live(&info.config),
+            ),
             Err(err) => {
                 tracing::warn!(error = %err, "could not read the stream to resume; retrying");
                 return false;
             }
         };
-        let gap = forced.or(missed_events(
-            self.last_sequence,
-            self.stream_created_ns,
-            stream,
-        ));
+        if self.live.is_some() && live_copies != self.live_copies {
+            tracing::warn!(
+                live_copies,
+                "the stream's live copies were turned on or off: {}",
+                if live_copies {
+                    "taking them once caught up"
+                } else {
+                    "a consumer delivers every event"
+                }
+            );
+        }
+        self.live_copies = live_copies;
+        let scanned = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .scanned_in(self.stream_created_ns);
+        let position = self.last_sequence.max(scanned.unwrap_or(0));
+        let gap = forced.or(missed_events(position, self.stream_created_ns, stream));
         let after = if gap.is_some() {
             stream.last_sequence
         } else {
-            self.last_sequence
+            position
         };
         let consumer = match consume(&self.stream, &self.agent.env, &self.agent.id, after).await {
             Ok(consumer) => consumer,
@@ -847,7 +978,8 @@ impl<B: CacheBackend> RunningAgent<B> {
         };
         // The server moved the start past events it no longer holds: missed too.
         let gap = gap.or((consumer.starts_after > after).then_some(Gap::Retention));
-        self.events = consumer.events;
+        self.caught_up_from = after.max(consumer.starts_after);
+        self.events = (consumer.pending > 0 || !self.on_live_copies()).then_some(consumer.events);
         if let Some(gap) = gap {
             metrics::counter!("cachecast_agent_gaps_total", "env" => self.agent.env.to_string(), "reason" => gap.reason())
                 .increment(1);
@@ -875,7 +1007,7 @@ impl<B: CacheBackend> RunningAgent<B> {
             }
             self.agent.remember_position(after, stream.created_ns).await;
         } else {
-            tracing::info!(after, "reconnected; event consumer resumed");
+            tracing::info!(after, pending = consumer.pending, "event consumer resumed");
         }
         true
     }
@@ -1099,31 +1231,50 @@ impl<B: CacheBackend> Agent<B> {
     }
 }
 
-/// What the event loop takes next: from the consumer, or from the fast path.
+/// What the event loop takes next: from the consumer, a live copy, or the fast path.
 #[expect(
     clippy::large_enum_variant,
     reason = "moved once per event and matched at once; a box would allocate per event"
 )]
 enum Next {
     Stored(Option<Result<jetstream::Message, jetstream::consumer::pull::OrderedError>>),
+    Live(Option<async_nats::Message>),
     Fast(async_nats::Message),
 }
 
+/// The next stored event: from the consumer while there is one (live copies wait in their
+/// subscription meanwhile, and those it delivered too are skipped after), else a live copy.
+async fn next_stored(
+    events: &mut Option<pull::Ordered>,
+    live: &mut Option<async_nats::Subscriber>,
+) -> Next {
+    match (events, live) {
+        (Some(events), _) => Next::Stored(events.next().await),
+        (None, Some(live)) => Next::Live(live.next().await),
+        // Neither: a catch-up that could not begin; the loop's checks start it again.
+        (None, None) => std::future::pending().await,
+    }
+}
+
 /// The next event from either path, neither preferred: when both are ready the choice is
-/// random, so a busy fast path cannot starve the consumer, whose progress is the record.
-/// Without a fast path (off, or its subscription ended), the consumer only.
-async fn next_event(events: &mut pull::Ordered, fast: &mut Option<async_nats::Subscriber>) -> Next {
+/// random, so a busy fast path cannot starve the stored events, whose progress is the record.
+/// Without a fast path (off, or its subscription ended), the stored events only.
+async fn next_event(
+    events: &mut Option<pull::Ordered>,
+    live: &mut Option<async_nats::Subscriber>,
+    fast: &mut Option<async_nats::Subscriber>,
+) -> Next {
     let Some(subscriber) = fast else {
-        return Next::Stored(events.next().await);
+        return next_stored(events, live).await;
     };
     tokio::select! {
-        next = events.next() => Next::Stored(next),
+        next = next_stored(events, live) => next,
         message = subscriber.next() => match message {
             Some(message) => Next::Fast(message),
             None => {
                 tracing::warn!("the fast path's subscription ended; every event comes through the stream");
                 *fast = None;
-                Next::Stored(events.next().await)
+                next_stored(events, live).await
             }
         },
     }

@@ -55,6 +55,14 @@ pub struct AgentConfig {
     /// (docs/BENCHMARKS.md, "The fast path"). Needs the agent's NATS user to be allowed to
     /// subscribe to `cachecast.v1.<env>.inval`.
     pub fast_path: bool,
+    /// Take events from the stream's live copies (`cachecast.v1.<env>.live`, one message per
+    /// event once it is stored, numbered and chained to the environment's previous event),
+    /// and create a consumer only to catch up: at start, after a reconnect, or when the chain
+    /// shows a missed event. Off, or when the stream does not republish (a publisher that
+    /// may not update it), a consumer delivers every event. Needs the agent's NATS user to
+    /// be allowed to subscribe to `cachecast.v1.<env>.live` (and, at a site, the leaf link
+    /// to carry it).
+    pub live_events: bool,
 }
 
 /// What an agent does with its cache when it starts.
@@ -123,6 +131,7 @@ impl Default for AgentConfig {
             on_start: OnStart::default(),
             keyed_caches: Vec::new(),
             fast_path: false,
+            live_events: true,
         }
     }
 }

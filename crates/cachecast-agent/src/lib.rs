@@ -1,9 +1,10 @@
 //! The cachecast agent.
 //!
 //! An agent runs next to one cache (as a sidecar, or embedded in the service that owns the
-//! cache) for one environment. It consumes the environment's invalidation events from
-//! JetStream in order (and, with its fast path on, takes each one as it is published, before
-//! the stream dispatches it), evicts through a [`CacheBackend`], and acknowledges each event once to
+//! cache) for one environment. It takes the environment's invalidation events in stream order:
+//! the stream's live copy of each as it stores it, with a consumer only to catch up (or a
+//! consumer for every event, where the stream does not republish); with its fast path on, it
+//! also takes each one as it is published, before the stream stores it. It evicts through a [`CacheBackend`], and acknowledges each event once to
 //! the publisher that sent it. It acknowledges only what it applied; a failed eviction is
 //! reported as a failure with its reason.
 //!
@@ -18,6 +19,7 @@ pub mod backend;
 mod config;
 mod consumer;
 mod fast_path;
+mod live;
 mod presence;
 mod watch;
 

@@ -50,6 +50,9 @@ pub(crate) enum Signal {
     Gap(Gap),
     /// The consumer delivers nothing: recreate it after the last event handled.
     Stalled,
+    /// An event the agent has not handled has been in the stream since the last look: on
+    /// live copies, one may have been lost with no later one to show it.
+    Behind,
 }
 
 /// One look at the stream.
@@ -170,6 +173,16 @@ impl Tracker {
     /// Whether the last look found an event of the environment the loop had not handled.
     pub(crate) fn is_behind(&self) -> bool {
         self.behind.is_some()
+    }
+
+    /// How long the loop has not handled an event a look found, if it has not.
+    pub(crate) fn behind_for(&self, now: Instant) -> Option<Duration> {
+        self.behind.map(|b| now.saturating_duration_since(b.at))
+    }
+
+    /// The scan position, if it counts in the stream created at `created_ns`.
+    pub(crate) fn scanned_in(&self, created_ns: i128) -> Option<u64> {
+        (self.created_ns == created_ns).then_some(self.scanned)
     }
 
     /// How long the agent has been behind an event it knew of (zero while it keeps up), or
@@ -334,6 +347,15 @@ impl<B: CacheBackend> ProgressCheck<B> {
                 }
             }
             let now = Instant::now();
+            // Live copies come at once: an event still unhandled a look later was lost, or
+            // waits behind a slow eviction (the loop then ignores this).
+            if self
+                .lock()
+                .behind_for(now)
+                .is_some_and(|behind| behind >= self.interval)
+            {
+                self.signals.try_send(Signal::Behind).ok();
+            }
             let lag = self.lock().lag(now);
             lag_seconds.set(lag.as_secs_f64());
             let behind = self.lock().is_behind();

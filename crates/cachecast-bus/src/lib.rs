@@ -438,6 +438,7 @@ pub async fn ensure_stream(
         // Agents check their progress with a direct get of their environment's last event,
         // on a subject that carries the environment (so it can be permitted per environment).
         allow_direct: true,
+        republish: Some(live_republish()),
         ..Default::default()
     };
     let mut stream = js
@@ -447,22 +448,25 @@ pub async fn ensure_stream(
             name: config.name.clone(),
             reason: err.to_string(),
         })?;
-    // A stream created by an older version lacks direct gets: turn them on (nothing else in
-    // its configuration changes), or say how to.
+    // A stream created by an older version lacks direct gets or live copies: turn them on
+    // (nothing else in its configuration changes), or say how to.
     if let Ok(info) = stream.info().await
-        && !info.config.allow_direct
+        && (!info.config.allow_direct || !republishes_live(&info.config))
     {
         let mut updated = info.config.clone();
         updated.allow_direct = true;
+        updated.republish = Some(live_republish());
         match js.update_stream(updated).await {
             Ok(_) => {
-                tracing::info!(stream = %config.name, "direct gets turned on for agents' progress checks")
+                tracing::info!(stream = %config.name, "direct gets (agents' progress checks) and live copies (agents' events) turned on")
             }
             Err(err) => tracing::warn!(
                 stream = %config.name,
                 error = %err,
-                "the stream does not allow direct gets, which agents need to check their progress (they would report `lagging`); turn them on: nats stream edit {} --allow-direct",
-                config.name
+                "the stream lacks direct gets (agents' progress checks: without them agents report `lagging`) or live copies (agents then keep a consumer each); turn them on: nats stream edit {} --allow-direct --republish-source '{}' --republish-destination '{}'",
+                config.name,
+                cachecast_proto::Subjects::ALL_EVENTS,
+                cachecast_proto::Subjects::LIVE_TEMPLATE,
             ),
         }
     }
@@ -481,6 +485,22 @@ pub async fn ensure_stream(
         }
     }
     Ok(stream)
+}
+
+/// The stream's copy of each event as it stores it, for the agents of its environment: one
+/// message per event, with its sequence and the sequence of the environment's previous event
+/// (`Nats-Sequence`, `Nats-Last-Sequence`).
+fn live_republish() -> stream::Republish {
+    stream::Republish {
+        source: cachecast_proto::Subjects::ALL_EVENTS.into(),
+        destination: cachecast_proto::Subjects::LIVE_TEMPLATE.into(),
+        headers_only: false,
+    }
+}
+
+/// Whether a stream so configured sends agents the live copies of their events.
+pub fn republishes_live(config: &stream::Config) -> bool {
+    config.republish.as_ref() == Some(&live_republish())
 }
 
 /// Creates the audit stream, or opens it if it exists.

@@ -1,6 +1,7 @@
 //! NATS subject names and presence keys.
 //!
-//! Events: `cachecast.v1.<env>.inval`. Acks:
+//! Events: `cachecast.v1.<env>.inval`; the stream's copy of each as it stores it (republish):
+//! `cachecast.v1.<env>.live`. Acks:
 //! `cachecast.v1.<env>.ack.<publisherId>.<eventId>.<agentId>`.
 //! Service requests: `cachecast.svc.v1.<env>.invalidate`.
 //! Presence: key `<env>.<agentId>` in the presence bucket. Registration of a persistent cache:
@@ -22,6 +23,15 @@ impl Subjects {
     /// The event subject of one environment.
     pub fn events(env: &EnvId) -> String {
         format!("{PREFIX}.{env}.inval")
+    }
+
+    /// Where the stream republishes each event of every environment once it stored it, as a
+    /// template of its `republish` destination (`{{wildcard(1)}}` is the environment).
+    pub const LIVE_TEMPLATE: &'static str = "cachecast.v1.{{wildcard(1)}}.live";
+
+    /// Where agents of one environment receive its events as the stream stores them.
+    pub fn live(env: &EnvId) -> String {
+        format!("{PREFIX}.{env}.live")
     }
 
     /// Where the agents of `env` acknowledge one event of one publisher.
