@@ -257,8 +257,8 @@ struct StaleCache {
 
 struct World {
     seed: u64,
-    /// Odd seeds run every agent with `agent.fast_path`, even seeds without.
-    fast_path: bool,
+    /// How every agent of the schedule takes its events (by seed).
+    delivery: Delivery,
     rng: StdRng,
     stack: Stack,
     /// The cluster's other nodes (none for a single server). The memory agents' links go to
@@ -293,10 +293,32 @@ struct World {
     violations: Vec<String>,
 }
 
-/// Whether the agents of schedule `seed` take the fast path: on odd seeds, so every few
-/// schedules cover both.
-fn fast_path(seed: u64) -> bool {
-    seed % 2 == 1
+/// How the agents of a schedule take their events: every three seeds cover all three.
+#[derive(Debug, Clone, Copy)]
+struct Delivery {
+    /// `agent.live_events`: the stream's live copies, a consumer to catch up.
+    live_events: bool,
+    /// `agent.fast_path`: each event as published too.
+    fast_path: bool,
+}
+
+impl Delivery {
+    fn of(seed: u64) -> Self {
+        match seed % 3 {
+            0 => Self {
+                live_events: true,
+                fast_path: false,
+            },
+            1 => Self {
+                live_events: true,
+                fast_path: true,
+            },
+            _ => Self {
+                live_events: false,
+                fast_path: false,
+            },
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,9 +337,9 @@ async fn a_fault_schedule_keeps_every_promise() {
     } else {
         "one server"
     };
-    let fast_path = if fast_path(seed) { "on" } else { "off" };
     eprintln!(
-        "fault schedule: seed {seed} (CACHECAST_FAULT_SEED={seed} replays it), on {world_kind}, agents' fast path {fast_path}"
+        "fault schedule: seed {seed} (CACHECAST_FAULT_SEED={seed} replays it), on {world_kind}, agents taking events as {:?}",
+        Delivery::of(seed)
     );
     let mut world = World::start(seed, clustered).await;
     let mut plan = asked.clone();
@@ -359,9 +381,11 @@ impl World {
             })
             .start()
             .await;
+        let delivery = Delivery::of(seed);
         let config = AgentConfig {
             heartbeat: HEARTBEAT,
-            fast_path: fast_path(seed),
+            fast_path: delivery.fast_path,
+            live_events: delivery.live_events,
             ..AgentConfig::default()
         };
         let mut memory = Vec::new();
@@ -396,7 +420,7 @@ impl World {
         }
         let mut world = World {
             seed,
-            fast_path: fast_path(seed),
+            delivery,
             rng: StdRng::seed_from_u64(seed),
             stack,
             nodes,
@@ -746,7 +770,8 @@ impl World {
         let presence = format!("{}ms", PRESENCE_MAX_AGE.as_millis());
         let stream = format!("{}ms", STREAM_MAX_AGE.as_millis());
         let replicas = self.stack.bus.stream.replicas.to_string();
-        let fast_path = self.fast_path.to_string();
+        let fast_path = self.delivery.fast_path.to_string();
+        let live_events = self.delivery.live_events.to_string();
         let redis = &mut self.redis[slot];
         let agent = redis_agent(
             &self.stack.bus.nats.url,
@@ -760,6 +785,7 @@ impl World {
                 ("CACHECAST_PRESENCE__REPLICAS", &replicas),
                 ("CACHECAST_CACHES__REPLICAS", &replicas),
                 ("CACHECAST_AGENT__FAST_PATH", &fast_path),
+                ("CACHECAST_AGENT__LIVE_EVENTS", &live_events),
             ],
         )
         .await;

@@ -560,6 +560,8 @@ async fn a_half_open_site_link_is_noticed_by_pings_and_the_sites_cache_flushes_i
 
 /// A hub node lost while a site is linked. The site's agent stays connected to its own server
 /// and sees no disconnect; its event consumer (R1) lived on the lost node and is gone with it.
+/// (An agent taking live copies keeps no consumer once caught up: this one takes every event
+/// from its consumer, `agent.live_events = false`.)
 /// The agent must notice by itself (the consumer's idle heartbeats stop) and replace it: the
 /// next requests name it until then, and the first `200` that counts it finds its cache applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -584,7 +586,10 @@ async fn a_site_agent_replaces_the_consumer_it_lost_with_a_hub_node() {
         &site_bus,
         "dev",
         "a-memory",
-        heartbeat_every_second(),
+        AgentConfig {
+            live_events: false,
+            ..heartbeat_every_second()
+        },
         cache.clone(),
     )
     .await;
