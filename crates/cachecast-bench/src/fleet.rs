@@ -36,14 +36,14 @@ pub(crate) struct Agents {
 }
 
 impl Agents {
-    /// Starts one agent per fleet connection in `env` (with `agent.fast_path` as given) and
+    /// Starts one agent per fleet connection in `env` (configured as `config` says) and
     /// waits until `publisher` sees them.
     pub(crate) async fn start(
         fleet: &[Client],
         bus: &BusConfig,
         env: &EnvId,
         publisher: &Publisher,
-        fast_path: bool,
+        config: &AgentConfig,
     ) -> anyhow::Result<Self> {
         let mut stops = Vec::new();
         let mut tasks = Vec::new();
@@ -52,10 +52,7 @@ impl Agents {
                 client.clone(),
                 bus,
                 (env.clone(), AgentId::new(format!("bench-{n}"))?),
-                AgentConfig {
-                    fast_path,
-                    ..AgentConfig::default()
-                },
+                config.clone(),
                 MemoryCache::new(),
             );
             let running = agent.start().await?;

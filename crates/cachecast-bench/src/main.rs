@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use cachecast_agent::AgentConfig;
 use cachecast_bus::BusConfig;
 use cachecast_proto::EnvId;
 use cachecast_publisher::Publisher;
@@ -378,8 +379,9 @@ impl Floors {
         );
         drop(consumers);
 
-        // The same agents with `agent.fast_path` (in an environment of their own), then the
-        // default agents, which the other ways in are measured with.
+        // The same agents taking every event from a consumer (`agent.live_events = false`),
+        // then with `agent.fast_path`, each in an environment of its own; then the default
+        // agents (live copies), which the other ways in are measured with.
         let library = |label: &'static str, env: EnvId| {
             let p = self.publisher.clone();
             measure(label, n, settings, move || {
@@ -387,12 +389,40 @@ impl Floors {
                 async move { fleet::library_round(&p, &e).await }
             })
         };
-        let fast = EnvId::new(format!("{env}-fast"))?;
-        let agents = fleet::Agents::start(fleet, agent_bus, &fast, &self.publisher, true).await?;
-        rows.push(library("cachecast library, fast path", fast).await);
-        agents.stop().await;
+        let variants = [
+            (
+                "cachecast library, consumers",
+                "consumers",
+                AgentConfig {
+                    live_events: false,
+                    ..AgentConfig::default()
+                },
+            ),
+            (
+                "cachecast library, fast path",
+                "fast",
+                AgentConfig {
+                    fast_path: true,
+                    ..AgentConfig::default()
+                },
+            ),
+        ];
+        for (label, suffix, config) in variants {
+            let variant = EnvId::new(format!("{env}-{suffix}"))?;
+            let agents =
+                fleet::Agents::start(fleet, agent_bus, &variant, &self.publisher, &config).await?;
+            rows.push(library(label, variant).await);
+            agents.stop().await;
+        }
 
-        let agents = fleet::Agents::start(fleet, agent_bus, env, &self.publisher, false).await?;
+        let agents = fleet::Agents::start(
+            fleet,
+            agent_bus,
+            env,
+            &self.publisher,
+            &AgentConfig::default(),
+        )
+        .await?;
         rows.push(library("cachecast library", env.clone()).await);
         Ok((rows, agents))
     }
