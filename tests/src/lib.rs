@@ -6,6 +6,7 @@
 mod backends;
 pub mod history;
 mod processes;
+pub mod scopes;
 mod stack;
 
 use std::time::Duration;

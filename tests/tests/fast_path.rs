@@ -6,11 +6,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bytes::Bytes;
 use cachecast_agent::{AgentConfig, MemoryCache};
+use cachecast_e2e::scopes::{all_applied, fill_scope, scope_request};
 use cachecast_e2e::{NatsServer, Stack, TcpProxy, env_id, eventually};
 use cachecast_proto::{Ack, AckStatus, Wire};
-use cachecast_publisher::{InvalidationRequest, Outcome};
 use futures::{FutureExt as _, StreamExt as _};
 
 /// A stack whose server has a monitoring port, to see which subscriptions the server holds.
@@ -47,32 +46,6 @@ async fn subscribers(monitor: u16, subject: &str) -> usize {
                 .is_some_and(|subs| subs.iter().any(|s| s == subject))
         })
         .count()
-}
-
-fn scope_request(scope: &str, timeout: Duration) -> InvalidationRequest {
-    InvalidationRequest {
-        env: env_id("dev"),
-        target: cachecast_proto::Target::Response(cachecast_proto::ResponseSelector {
-            scope_client_ids: vec![scope.into()],
-            identity_id: None,
-        }),
-        request_id: format!("fast-path-{scope}"),
-        timeout,
-        caller: None,
-    }
-}
-
-fn fill(cache: &MemoryCache, scope: &str) {
-    cache.insert(
-        &format!("{scope}/k"),
-        scope,
-        "u1",
-        Bytes::from_static(b"permit"),
-    );
-}
-
-fn confirmed(outcome: &Outcome) -> bool {
-    !outcome.agents.is_empty() && outcome.agents.values().all(|a| a.is_applied())
 }
 
 /// A client that sees every ack of environment `dev` from now on, and its subscription.
@@ -115,13 +88,13 @@ async fn events_are_applied_from_the_fast_path_and_acknowledged_once() {
     let mut last = 0;
     for n in 0..10 {
         let scope = format!("s{n}");
-        fill(&cache, &scope);
+        fill_scope(&cache, &scope);
         let outcome = stack
             .publisher
             .invalidate(scope_request(&scope, Duration::from_secs(10)))
             .await
             .expect("published");
-        assert!(confirmed(&outcome), "{outcome:?}");
+        assert!(all_applied(&outcome), "{outcome:?}");
         assert!(!cache.contains(&format!("{scope}/k")), "{scope} survived");
         last = outcome.sequence;
     }
@@ -187,8 +160,8 @@ async fn an_event_the_fast_path_missed_is_applied_from_the_stream() {
         "the agent takes the fast path"
     );
     let (observer, mut acks) = ack_observer(&stack).await;
-    fill(&cache, "s1");
-    fill(&cache, "s2");
+    fill_scope(&cache, "s1");
+    fill_scope(&cache, "s2");
 
     proxy.cut();
     eventually(
@@ -207,7 +180,7 @@ async fn an_event_the_fast_path_missed_is_applied_from_the_stream() {
     proxy.restore();
     while in_flight.next_ack().await.is_some() {}
     let outcome = in_flight.finish();
-    assert!(confirmed(&outcome), "{outcome:?}");
+    assert!(all_applied(&outcome), "{outcome:?}");
     assert!(!cache.contains("s1/k"), "the invalidated entry survived");
     assert!(
         cache.contains("s2/k"),

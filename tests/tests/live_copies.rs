@@ -6,38 +6,11 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use cachecast_agent::{AgentConfig, MemoryCache};
-use cachecast_e2e::{Stack, env_id};
-use cachecast_proto::{ResponseSelector, Target};
-use cachecast_publisher::{InvalidationRequest, Outcome};
+use cachecast_e2e::Stack;
+use cachecast_e2e::scopes::{all_applied, fill_scope, scope_request};
+use cachecast_publisher::Outcome;
 use futures::StreamExt as _;
-
-fn scope_request(scope: &str, timeout: Duration) -> InvalidationRequest {
-    InvalidationRequest {
-        env: env_id("dev"),
-        target: Target::Response(ResponseSelector {
-            scope_client_ids: vec![scope.into()],
-            identity_id: None,
-        }),
-        request_id: format!("live-{scope}"),
-        timeout,
-        caller: None,
-    }
-}
-
-fn fill(cache: &MemoryCache, scope: &str) {
-    cache.insert(
-        &format!("{scope}/k"),
-        scope,
-        "u1",
-        Bytes::from_static(b"permit"),
-    );
-}
-
-fn confirmed(outcome: &Outcome) -> bool {
-    !outcome.agents.is_empty() && outcome.agents.values().all(|a| a.is_applied())
-}
 
 async fn jetstream(stack: &Stack) -> cachecast_bus::JetStream {
     let client = cachecast_bus::connect(&stack.bus.nats, "operator")
@@ -80,13 +53,13 @@ async fn events_arrive_as_live_copies_not_through_a_consumer() {
     let mut first = None;
     for n in 0..5 {
         let scope = format!("s{n}");
-        fill(&cache, &scope);
+        fill_scope(&cache, &scope);
         let outcome = stack
             .publisher
             .invalidate(scope_request(&scope, Duration::from_secs(10)))
             .await
             .expect("published");
-        assert!(confirmed(&outcome), "{outcome:?}");
+        assert!(all_applied(&outcome), "{outcome:?}");
         assert!(!cache.contains(&format!("{scope}/k")), "{scope} survived");
         first.get_or_insert(outcome.sequence);
     }
@@ -131,7 +104,7 @@ async fn a_copy_missing_from_the_chain_is_caught_up_from_the_stream() {
         .config
         .clone();
     for scope in ["lost", "next", "bystander"] {
-        fill(&cache, scope);
+        fill_scope(&cache, scope);
     }
 
     set_live_copies(&stack, false, &original).await;
@@ -146,9 +119,9 @@ async fn a_copy_missing_from_the_chain_is_caught_up_from_the_stream() {
         .invalidate(scope_request("next", Duration::from_secs(10)))
         .await
         .expect("published");
-    assert!(confirmed(&next), "{next:?}");
+    assert!(all_applied(&next), "{next:?}");
     let lost = finish(lost).await;
-    assert!(confirmed(&lost), "the event without a copy: {lost:?}");
+    assert!(all_applied(&lost), "the event without a copy: {lost:?}");
     assert!(
         !cache.contains("lost/k"),
         "the event without a copy was not applied"
@@ -185,8 +158,8 @@ async fn a_last_copy_lost_is_caught_up_by_the_progress_check() {
         .expect("info")
         .config
         .clone();
-    fill(&cache, "lost");
-    fill(&cache, "bystander");
+    fill_scope(&cache, "lost");
+    fill_scope(&cache, "bystander");
 
     set_live_copies(&stack, false, &original).await;
     let lost = stack
@@ -196,7 +169,7 @@ async fn a_last_copy_lost_is_caught_up_by_the_progress_check() {
         .expect("stored");
     set_live_copies(&stack, true, &original).await;
     let lost = finish(lost).await;
-    assert!(confirmed(&lost), "the event without a copy: {lost:?}");
+    assert!(all_applied(&lost), "the event without a copy: {lost:?}");
     assert!(
         !cache.contains("lost/k"),
         "the event without a copy was not applied"
@@ -258,16 +231,16 @@ async fn an_agent_refused_the_live_copies_takes_events_from_a_consumer() {
         .start(cache.clone())
         .await;
     stack.wait_for_agents("dev", 1).await;
-    fill(&cache, "bystander");
+    fill_scope(&cache, "bystander");
     for n in 0..3 {
         let scope = format!("s{n}");
-        fill(&cache, &scope);
+        fill_scope(&cache, &scope);
         let outcome = stack
             .publisher
             .invalidate(scope_request(&scope, Duration::from_secs(10)))
             .await
             .expect("published");
-        assert!(confirmed(&outcome), "{outcome:?}");
+        assert!(all_applied(&outcome), "{outcome:?}");
         assert!(!cache.contains(&format!("{scope}/k")), "{scope} survived");
     }
     assert!(cache.contains("bystander/k"), "the agent flushed instead");
