@@ -137,9 +137,11 @@ pub struct RunningAgent<B> {
     live: Option<async_nats::Subscriber>,
     /// Whether the stream republishes events as live copies (as of the last look at it).
     live_copies: bool,
-    /// Where the last consumer started after: a live copy at or below it is not one the
-    /// consumer delivered already (see [`crate::live::place`]).
-    caught_up_from: u64,
+    /// When the stream stored the last event handled (or, after a flush at the stream's end,
+    /// its last message then), in Unix nanoseconds by the server's clock: a live copy at or
+    /// below the position stored later belongs to a stream numbered anew
+    /// ([`crate::live::place`]).
+    handled_stored_ns: i128,
     /// A catch-up that could not begin (the stream unreadable): tried again on each check.
     catch_up_due: bool,
     /// Whether any live copy arrived yet.
@@ -453,7 +455,7 @@ impl<B: CacheBackend> Agent<B> {
                 starts_after,
             } = consumer;
             let mut last_sequence = point.resume_after.unwrap_or(starts_after);
-            let mut caught_up_from = starts_after;
+            let mut handled_stored_ns = point.stream.last_stored_ns;
             // Events the consumer still holds for the agent, as of its last count.
             let mut left_in_consumer = pending;
             let progress = self.progress.clone();
@@ -528,11 +530,13 @@ impl<B: CacheBackend> Agent<B> {
                         Some(Ok(message)) => {
                             let Ok(info) = message.info() else { continue };
                             let (sequence, left) = (info.stream_sequence, info.pending);
+                            let stored_ns = info.published.unix_timestamp_nanos();
                             progress.record(sequence, left, unix_ms(info.published.unix_timestamp_nanos()));
                             if sequence > last_sequence {
                                 let delivery = Delivery::Stored { sequence, stream_created_ns };
                                 self.handle(&message, delivery, &mut acknowledged).await;
                                 last_sequence = sequence;
+                                handled_stored_ns = handled_stored_ns.max(stored_ns);
                                 progress.handled_up_to(sequence);
                                 self.remember_position(sequence, stream_created_ns).await;
                             }
@@ -570,7 +574,7 @@ impl<B: CacheBackend> Agent<B> {
                     retry("flush the cache", || self.flush(gap.reason())).await;
                     events = consumer.events;
                     last_sequence = consumer.starts_after;
-                    caught_up_from = consumer.starts_after;
+                    handled_stored_ns = state.last_stored_ns;
                     left_in_consumer = consumer.pending;
                     stream_created_ns = state.created_ns;
                     progress.record(last_sequence, consumer.pending, 0);
@@ -671,7 +675,7 @@ impl<B: CacheBackend> Agent<B> {
                 events,
                 live,
                 live_copies,
-                caught_up_from,
+                handled_stored_ns,
                 catch_up_due: false,
                 live_arrived: false,
                 last_handled_at: Instant::now(),
@@ -741,9 +745,9 @@ impl<B: CacheBackend> RunningAgent<B> {
                         // A live copy may have been lost with none after it to show it: catch up.
                         // Not while a consumer delivers, nor while copies are being handled (a
                         // backlog; a lost one among them breaks the chain of the next).
-                        Signal::Behind if self.events.is_none() && self.last_handled_at.elapsed() >= self.agent.config.heartbeat => {
+                        Signal::Behind if self.events.is_none() && self.last_handled_at.elapsed() >= self.agent.config.heartbeat / 4 => {
                             if !self.live_arrived && self.live.take().is_some() {
-                                tracing::warn!(subject = %Subjects::live(&self.agent.env), "no live copy of this environment's events ever arrived (may its NATS user subscribe to the subject? does the leaf link carry it?): a consumer delivers every event from now on");
+                                tracing::warn!(subject = %Subjects::live(&self.agent.env), "no live copy of this environment's events has arrived, and the stream holds one this agent has not seen: its NATS user may not be allowed to subscribe to the subject, or the leaf link does not carry it (or the first copy was lost); a consumer delivers every event from now on");
                             } else {
                                 tracing::info!(handled = self.last_sequence, "the stream holds an event this agent has not seen live; catching up");
                             }
@@ -780,10 +784,11 @@ impl<B: CacheBackend> RunningAgent<B> {
                             self.agent.handle(&message, Delivery::Fast, &mut self.acknowledged).await;
                         }
                         Next::Stored(Some(Ok(message))) => {
-                            let (sequence, pending) = match message.info() {
+                            let (sequence, pending, stored_ns) = match message.info() {
                                 Ok(info) => {
-                                    self.progress.record(info.stream_sequence, info.pending, unix_ms(info.published.unix_timestamp_nanos()));
-                                    (info.stream_sequence, info.pending)
+                                    let stored_ns = info.published.unix_timestamp_nanos();
+                                    self.progress.record(info.stream_sequence, info.pending, unix_ms(stored_ns));
+                                    (info.stream_sequence, info.pending, stored_ns)
                                 }
                                 Err(err) => {
                                     self.agent.reject("no_metadata", 0, &message.subject, &err.to_string());
@@ -799,7 +804,7 @@ impl<B: CacheBackend> RunningAgent<B> {
                                 tracing::debug!(sequence, "skipping an event already handled");
                                 continue;
                             }
-                            self.handle_stored(&message, sequence).await;
+                            self.handle_stored(&message, sequence, stored_ns).await;
                         }
                         Next::Live(Some(message)) => {
                             self.live_arrived = true;
@@ -807,10 +812,10 @@ impl<B: CacheBackend> RunningAgent<B> {
                                 self.agent.reject("no_metadata", 0, &message.subject, "a live copy without its stream sequence");
                                 continue;
                             };
-                            match crate::live::place(copy, self.last_sequence, self.caught_up_from) {
+                            match crate::live::place(copy, self.last_sequence, self.handled_stored_ns) {
                                 Place::Next => {
-                                    self.progress.record(copy.sequence, 0, copy.stored_ms);
-                                    self.handle_stored(&message, copy.sequence).await;
+                                    self.progress.record(copy.sequence, 0, unix_ms(copy.stored_ns));
+                                    self.handle_stored(&message, copy.sequence, copy.stored_ns).await;
                                 }
                                 Place::Handled => {
                                     tracing::debug!(sequence = copy.sequence, "skipping a live copy already handled");
@@ -909,9 +914,14 @@ impl<B: CacheBackend> RunningAgent<B> {
         self.live.is_some() && self.live_copies
     }
 
-    /// Applies and acknowledges the stored event at `sequence` (from the consumer or a live
-    /// copy), then moves the position on to it.
-    async fn handle_stored(&mut self, message: &async_nats::Message, sequence: u64) {
+    /// Applies and acknowledges the stored event at `sequence`, stored at `stored_ns` (from
+    /// the consumer or a live copy), then moves the position on to it.
+    async fn handle_stored(
+        &mut self,
+        message: &async_nats::Message,
+        sequence: u64,
+        stored_ns: i128,
+    ) {
         let delivery = Delivery::Stored {
             sequence,
             stream_created_ns: self.stream_created_ns,
@@ -920,6 +930,7 @@ impl<B: CacheBackend> RunningAgent<B> {
             .handle(message, delivery, &mut self.acknowledged)
             .await;
         self.last_sequence = sequence;
+        self.handled_stored_ns = self.handled_stored_ns.max(stored_ns);
         self.last_handled_at = Instant::now();
         self.progress.handled_up_to(sequence);
         self.agent
@@ -978,7 +989,13 @@ impl<B: CacheBackend> RunningAgent<B> {
         };
         // The server moved the start past events it no longer holds: missed too.
         let gap = gap.or((consumer.starts_after > after).then_some(Gap::Retention));
-        self.caught_up_from = after.max(consumer.starts_after);
+        // Checked just now: the stream is the one the position counts in (or, after a gap, the
+        // position moves to its end), so no copy stored before this look is a new event.
+        self.handled_stored_ns = if gap.is_some() {
+            stream.last_stored_ns
+        } else {
+            self.handled_stored_ns.max(stream.last_stored_ns)
+        };
         self.events = (consumer.pending > 0 || !self.on_live_copies()).then_some(consumer.events);
         if let Some(gap) = gap {
             metrics::counter!("cachecast_agent_gaps_total", "env" => self.agent.env.to_string(), "reason" => gap.reason())

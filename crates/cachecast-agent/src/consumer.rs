@@ -79,6 +79,8 @@ pub(crate) struct StreamState {
     pub(crate) last_sequence: u64,
     /// The stream's creation time, in Unix nanoseconds.
     pub(crate) created_ns: i128,
+    /// When the stream stored its last message, in Unix nanoseconds (by the server's clock).
+    pub(crate) last_stored_ns: i128,
 }
 
 impl StreamState {
@@ -88,6 +90,7 @@ impl StreamState {
             first_sequence: info.state.first_sequence,
             last_sequence: info.state.last_sequence,
             created_ns: info.created.unix_timestamp_nanos(),
+            last_stored_ns: info.state.last_timestamp.unix_timestamp_nanos(),
         }
     }
 }
@@ -121,6 +124,7 @@ mod tests {
             first_sequence: first,
             last_sequence: last,
             created_ns: CREATED,
+            last_stored_ns: 0,
         }
     }
 

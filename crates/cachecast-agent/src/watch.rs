@@ -545,6 +545,7 @@ mod tests {
                 first_sequence: first,
                 last_sequence: last,
                 created_ns: CREATED,
+                last_stored_ns: 0,
             },
             last_of_env,
             max_age: DAY,
