@@ -256,3 +256,49 @@ async fn an_agent_refused_the_live_copies_takes_events_from_a_consumer() {
     );
     agent.stop().await;
 }
+
+/// A stream from before live copies gets them when a publisher starts; a republish an
+/// operator set up for something else is left alone (agents then keep consumers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_turns_live_copies_on_but_keeps_an_operators_republish() {
+    let stack = Stack::start().await;
+    let original = stream(&stack)
+        .await
+        .info()
+        .await
+        .expect("info")
+        .config
+        .clone();
+    set_live_copies(&stack, false, &original).await;
+    let _second = cachecast_e2e::start_publisher(&stack.bus, "second").await;
+    let config = stream(&stack)
+        .await
+        .info()
+        .await
+        .expect("info")
+        .config
+        .clone();
+    assert!(cachecast_bus::republishes_live(&config), "{config:?}");
+
+    let theirs = async_nats::jetstream::stream::Republish {
+        source: cachecast_proto::Subjects::ALL_EVENTS.into(),
+        destination: "audit-feed.{{wildcard(1)}}".into(),
+        headers_only: true,
+    };
+    let js = jetstream(&stack).await;
+    js.update_stream(async_nats::jetstream::stream::Config {
+        republish: Some(theirs.clone()),
+        ..original.clone()
+    })
+    .await
+    .expect("stream updated");
+    let _third = cachecast_e2e::start_publisher(&stack.bus, "third").await;
+    let config = stream(&stack)
+        .await
+        .info()
+        .await
+        .expect("info")
+        .config
+        .clone();
+    assert_eq!(config.republish, Some(theirs));
+}

@@ -449,13 +449,28 @@ pub async fn ensure_stream(
             reason: err.to_string(),
         })?;
     // A stream created by an older version lacks direct gets or live copies: turn them on
-    // (nothing else in its configuration changes), or say how to.
+    // (nothing else in its configuration changes), or say how to. A republish an operator
+    // set up for something else is theirs: agents then use consumers.
     if let Ok(info) = stream.info().await
-        && (!info.config.allow_direct || !republishes_live(&info.config))
+        && let Some(other) = info
+            .config
+            .republish
+            .as_ref()
+            .filter(|_| !republishes_live(&info.config))
+    {
+        tracing::warn!(
+            stream = %config.name,
+            source = %other.source,
+            destination = %other.destination,
+            "the stream republishes elsewhere, so agents cannot take live copies of events and keep a consumer each"
+        );
+    }
+    if let Ok(info) = stream.info().await
+        && (!info.config.allow_direct || info.config.republish.is_none())
     {
         let mut updated = info.config.clone();
         updated.allow_direct = true;
-        updated.republish = Some(live_republish());
+        updated.republish.get_or_insert_with(live_republish);
         match js.update_stream(updated).await {
             Ok(_) => {
                 tracing::info!(stream = %config.name, "direct gets (agents' progress checks) and live copies (agents' events) turned on")
