@@ -531,7 +531,7 @@ impl<B: CacheBackend> Agent<B> {
                             let Ok(info) = message.info() else { continue };
                             let (sequence, left) = (info.stream_sequence, info.pending);
                             let stored_ns = info.published.unix_timestamp_nanos();
-                            progress.record(sequence, left, unix_ms(info.published.unix_timestamp_nanos()));
+                            progress.record(sequence, left, unix_ms(stored_ns));
                             if sequence > last_sequence {
                                 let delivery = Delivery::Stored { sequence, stream_created_ns };
                                 self.handle(&message, delivery, &mut acknowledged).await;

@@ -49,8 +49,8 @@ pub struct AgentConfig {
     /// `redis.keyed_caches`).
     pub keyed_caches: Vec<CacheName>,
     /// Also apply each event as NATS delivers it to the environment's subject, before the
-    /// stream stores and dispatches it. The event consumer stays the record and applies
-    /// whatever the fast path missed. Off by default: every agent then receives each event
+    /// stream stores it. The stored events (live copies, or the consumer) stay the record and
+    /// bring whatever the fast path missed. Off by default: every agent then receives each event
     /// twice, and on the benchmark's machine that cost more than it saved from 10 agents up
     /// (docs/BENCHMARKS.md, "The fast path"). Needs the agent's NATS user to be allowed to
     /// subscribe to `cachecast.v1.<env>.inval`.
