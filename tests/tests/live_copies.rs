@@ -96,24 +96,10 @@ async fn a_copy_missing_from_the_chain_is_caught_up_from_the_stream() {
         .start(cache.clone())
         .await;
     stack.wait_for_agents("dev", 1).await;
-    let original = stream(&stack)
-        .await
-        .info()
-        .await
-        .expect("info")
-        .config
-        .clone();
     for scope in ["lost", "next", "bystander"] {
         fill_scope(&cache, scope);
     }
-
-    set_live_copies(&stack, false, &original).await;
-    let lost = stack
-        .publisher
-        .begin(scope_request("lost", Duration::from_secs(10)))
-        .await
-        .expect("stored");
-    set_live_copies(&stack, true, &original).await;
+    let lost = published_without_copy(&stack, "lost", Duration::from_secs(10)).await;
     let next = stack
         .publisher
         .invalidate(scope_request("next", Duration::from_secs(10)))
@@ -151,23 +137,9 @@ async fn a_last_copy_lost_is_caught_up_by_the_progress_check() {
         .start(cache.clone())
         .await;
     stack.wait_for_agents("dev", 1).await;
-    let original = stream(&stack)
-        .await
-        .info()
-        .await
-        .expect("info")
-        .config
-        .clone();
     fill_scope(&cache, "lost");
     fill_scope(&cache, "bystander");
-
-    set_live_copies(&stack, false, &original).await;
-    let lost = stack
-        .publisher
-        .begin(scope_request("lost", Duration::from_secs(20)))
-        .await
-        .expect("stored");
-    set_live_copies(&stack, true, &original).await;
+    let lost = published_without_copy(&stack, "lost", Duration::from_secs(20)).await;
     let lost = finish(lost).await;
     assert!(all_applied(&lost), "the event without a copy: {lost:?}");
     assert!(
@@ -179,6 +151,30 @@ async fn a_last_copy_lost_is_caught_up_by_the_progress_check() {
         "the agent flushed instead of catching up"
     );
     agent.stop().await;
+}
+
+/// Publishes an eviction of `scope` that the stream stores but sends no live copy of (its
+/// republish off for that one event, as an operator editing it would); returns it in flight.
+async fn published_without_copy(
+    stack: &Stack,
+    scope: &str,
+    timeout: Duration,
+) -> cachecast_publisher::InFlight {
+    let original = stream(stack)
+        .await
+        .info()
+        .await
+        .expect("info")
+        .config
+        .clone();
+    set_live_copies(stack, false, &original).await;
+    let in_flight = stack
+        .publisher
+        .begin(scope_request(scope, timeout))
+        .await
+        .expect("stored");
+    set_live_copies(stack, true, &original).await;
+    in_flight
 }
 
 async fn finish(mut in_flight: cachecast_publisher::InFlight) -> Outcome {

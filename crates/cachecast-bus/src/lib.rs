@@ -451,38 +451,37 @@ pub async fn ensure_stream(
     // A stream created by an older version lacks direct gets or live copies: turn them on
     // (nothing else in its configuration changes), or say how to. A republish an operator
     // set up for something else is theirs: agents then use consumers.
-    if let Ok(info) = stream.info().await
-        && let Some(other) = info
-            .config
+    if let Ok(info) = stream.info().await {
+        let current = info.config.clone();
+        if let Some(other) = current
             .republish
             .as_ref()
-            .filter(|_| !republishes_live(&info.config))
-    {
-        tracing::warn!(
-            stream = %config.name,
-            source = %other.source,
-            destination = %other.destination,
-            "the stream republishes elsewhere, so agents cannot take live copies of events and keep a consumer each"
-        );
-    }
-    if let Ok(info) = stream.info().await
-        && (!info.config.allow_direct || info.config.republish.is_none())
-    {
-        let mut updated = info.config.clone();
-        updated.allow_direct = true;
-        updated.republish.get_or_insert_with(live_republish);
-        match js.update_stream(updated).await {
-            Ok(_) => {
-                tracing::info!(stream = %config.name, "direct gets (agents' progress checks) and live copies (agents' events) turned on")
-            }
-            Err(err) => tracing::warn!(
+            .filter(|_| !republishes_live(&current))
+        {
+            tracing::warn!(
                 stream = %config.name,
-                error = %err,
-                "the stream lacks direct gets (agents' progress checks: without them agents report `lagging`) or live copies (agents then keep a consumer each); turn them on: nats stream edit {} --allow-direct --republish-source '{}' --republish-destination '{}'",
-                config.name,
-                cachecast_proto::Subjects::ALL_EVENTS,
-                cachecast_proto::Subjects::LIVE_TEMPLATE,
-            ),
+                source = %other.source,
+                destination = %other.destination,
+                "the stream republishes elsewhere, so agents cannot take live copies of events and keep a consumer each"
+            );
+        }
+        if !current.allow_direct || current.republish.is_none() {
+            let mut updated = current;
+            updated.allow_direct = true;
+            updated.republish.get_or_insert_with(live_republish);
+            match js.update_stream(updated).await {
+                Ok(_) => {
+                    tracing::info!(stream = %config.name, "direct gets (agents' progress checks) and live copies (agents' events) turned on")
+                }
+                Err(err) => tracing::warn!(
+                    stream = %config.name,
+                    error = %err,
+                    "the stream lacks direct gets (agents' progress checks: without them agents report `lagging`) or live copies (agents then keep a consumer each); turn them on: nats stream edit {} --allow-direct --republish-source '{}' --republish-destination '{}'",
+                    config.name,
+                    cachecast_proto::Subjects::ALL_EVENTS,
+                    cachecast_proto::Subjects::LIVE_TEMPLATE,
+                ),
+            }
         }
     }
     // An existing stream keeps its own limit (publishers may not update the stream): say so.
