@@ -128,6 +128,45 @@ async fn every_invalidation_leaves_a_record_paged_newest_first() {
     assert!(!text.contains(signature), "a token in the audit trail");
 }
 
+/// Records answered together go out in one message; each still has its own place, and pages
+/// reach every one of them exactly once. The publisher that answered has them at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_written_together_are_paged_one_by_one() {
+    let stack = Stack::start().await;
+    let _m1 = stack.memory_agent("dev", "m1").await;
+    stack.wait_for_agents("dev", 1).await;
+
+    let requests = 40;
+    let ids: Vec<String> = (0..requests).map(|i| format!("together-{i}")).collect();
+    let answers =
+        futures::future::join_all(ids.iter().map(|id| invalidate(&stack, "dev", id, "{}"))).await;
+    for answer in &answers {
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+
+    // No waiting: the publisher that answered writes its queued records before it reads.
+    let records = all_records(&stack, "dev", 3).await;
+    let mut read: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["requestId"].as_str())
+        .collect();
+    read.sort_unstable();
+    let mut sent: Vec<&str> = ids.iter().map(String::as_str).collect();
+    sent.sort_unstable();
+    assert_eq!(read, sent, "each record once");
+    let places: Vec<u64> = records
+        .iter()
+        .filter_map(|r| r["auditSequence"].as_u64())
+        .collect();
+    assert!(places.windows(2).all(|w| w[0] > w[1]), "{places:?}");
+    let mut messages: Vec<u64> = places.iter().map(|p| p / 1024).collect();
+    messages.dedup();
+    assert!(
+        messages.len() < requests,
+        "answered together, yet every record went out alone: {places:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_trail_needs_the_read_right() {
     let stack = Stack::start().await;

@@ -10,7 +10,7 @@ use std::time::Instant;
 use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::{self, stream};
-use cachecast_bus::{BusConfig, Client, JetStream, LogLimiter, REQUEST_ID_HEADER};
+use cachecast_bus::{BusConfig, Client, JetStream, LogLimiter};
 use cachecast_proto::{
     Ack, AckStatus, AgentId, CacheId, CacheName, EnvId, Invalidation, Subjects, Target, Wire,
 };
@@ -1056,7 +1056,10 @@ impl<B: CacheBackend> Agent<B> {
             tracing::debug!(sequence, cache = %selector.cache, "not serving this keyed cache: nothing to evict");
             return;
         }
-        if acknowledged.contains(&event.event_id) {
+        // Only the fast path brings an event twice under different deliveries; the stream's
+        // copies are told apart by sequence.
+        let on_both_paths = self.config.fast_path;
+        if on_both_paths && acknowledged.contains(&event.event_id) {
             if let Delivery::Stored { .. } = delivery {
                 tracing::debug!(sequence, event_id = %event.event_id, "applied from the fast path already");
                 self.notice_restart().await;
@@ -1066,14 +1069,10 @@ impl<B: CacheBackend> Agent<B> {
             }
             return;
         }
-        acknowledged.insert(&event.event_id);
-        let request_id = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(REQUEST_ID_HEADER))
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_else(|| event.request_id.clone());
-        let span = tracing::info_span!("event", request_id = %request_id, event_id = %event.event_id, sequence, path = delivery.path());
+        if on_both_paths {
+            acknowledged.insert(&event.event_id);
+        }
+        let span = tracing::info_span!("event", request_id = %event.request_id, event_id = %event.event_id, sequence, path = delivery.path());
         cachecast_bus::trace_context::adopt_parent(&span, message.headers.as_ref());
         async {
             tracing::debug!("applying the eviction");
@@ -1111,18 +1110,18 @@ impl<B: CacheBackend> Agent<B> {
                     .map(|c| c.to_string())
                     .unwrap_or_default(),
             };
+            // Headers only for a trace to carry on: the publisher parses every ack.
             let mut headers = HeaderMap::new();
-            headers.insert(REQUEST_ID_HEADER, request_id.as_str());
             cachecast_bus::trace_context::inject_current(&mut headers);
-            if let Err(err) = self
-                .client
-                .publish_with_headers(
-                    Subjects::ack_from(&event.ack_subject, &self.id),
-                    headers,
-                    ack.to_bytes(),
-                )
-                .await
-            {
+            let subject = Subjects::ack_from(&event.ack_subject, &self.id);
+            let sent = if headers.is_empty() {
+                self.client.publish(subject, ack.to_bytes()).await
+            } else {
+                self.client
+                    .publish_with_headers(subject, headers, ack.to_bytes())
+                    .await
+            };
+            if let Err(err) = sent {
                 tracing::warn!(error = %err, "could not send the ack");
             }
         }

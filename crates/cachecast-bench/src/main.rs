@@ -5,6 +5,7 @@
 //! started for the run, agents as real NATS connections in this process. Run it through
 //! `scripts/bench`, which builds in release mode and writes docs/BENCHMARKS.md.
 
+mod budget;
 mod fleet;
 mod floors;
 mod memory;
@@ -112,7 +113,13 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let nats = cachecast_testkit::nats().await;
+    // Its monitoring endpoint tells what each operation costs the server in messages and bytes.
+    let monitor_port = cachecast_testkit::free_port();
+    let nats = cachecast_testkit::NatsServer::builder(cachecast_testkit::nats_binary())
+        .args(["-m", &monitor_port.to_string()])
+        .start()
+        .await
+        .context("could not start nats-server")?;
     let mut bus = BusConfig::default();
     bus.nats.url = nats.url();
     let mut report = Report::new(&cli.agents, cli.concurrency, cli.quick, &nats);
@@ -133,6 +140,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         budget,
         window,
         concurrency: cli.concurrency,
+        meter: nats.pid().map(|pid| budget::Meter::new(monitor_port, pid)),
     };
     if !sizes.is_empty() {
         let empty = fleet::Http::empty().await?;
@@ -176,6 +184,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     if cli.parts.contains(&Part::Sites) {
         let sizes: Vec<usize> = cli.agents.iter().copied().filter(|&n| n <= 100).collect();
+        // The sites run on servers of their own, which the meter does not read.
+        let settings = Settings {
+            meter: None,
+            ..settings.clone()
+        };
         sites::measure_sites(&mut report, &sizes, &settings).await?;
     }
 
@@ -429,12 +442,14 @@ impl Floors {
 }
 
 /// How long each measure runs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Settings {
     iterations: usize,
     budget: Duration,
     window: Duration,
     concurrency: usize,
+    /// Reads what each operation of a throughput run costs, where the server tells.
+    meter: Option<budget::Meter>,
 }
 
 /// Latency at concurrency 1, then throughput at the configured concurrency, of one operation.
@@ -449,12 +464,17 @@ where
     Fut: std::future::Future<Output = ()> + Send,
 {
     let latency = stats::latency(settings.iterations, settings.budget, op.clone()).await;
-    let ops = stats::throughput(settings.concurrency, settings.window, op).await;
+    let run = stats::throughput(settings.concurrency, settings.window, op);
+    let (run, budget) = match &settings.meter {
+        Some(meter) => meter.around(run).await,
+        None => (run.await, None),
+    };
     let row = LatencyRow {
         what,
         agents,
         latency,
-        ops,
+        ops: run.per_second(),
+        budget,
     };
     row.print();
     row

@@ -18,6 +18,8 @@ pub(crate) struct LatencyRow {
     pub(crate) latency: Latency,
     /// Confirmed operations per second at the run's concurrency.
     pub(crate) ops: f64,
+    /// What one operation of the throughput run cost the server and this process.
+    pub(crate) budget: Option<crate::budget::Budget>,
 }
 
 impl LatencyRow {
@@ -31,6 +33,12 @@ impl LatencyRow {
             ms(self.latency.p99),
             self.ops
         );
+        if let Some(b) = &self.budget {
+            eprintln!(
+                "    per op: {:.1} msgs in, {:.1} out, {:.0} B in, {:.0} B out, server {:.1} µs, bench {:.1} µs CPU",
+                b.in_msgs, b.out_msgs, b.in_bytes, b.out_bytes, b.server_cpu_us, b.bench_cpu_us
+            );
+        }
     }
 }
 
@@ -149,6 +157,7 @@ impl Report {
                 row.ops
             );
         }
+        self.render_budgets(&mut out);
         let _ = writeln!(out, "\nResident memory (VmRSS).\n");
         let _ = writeln!(out, "| process | RSS (MiB) | per tracked agent |");
         let _ = writeln!(out, "|---|---:|---:|");
@@ -251,6 +260,46 @@ fn render_sites(out: &mut String, round_trip: Duration, rows: &[LatencyRow]) {
             row.latency.p50.as_secs_f64() / round_trip.as_secs_f64(),
             row.ops
         );
+    }
+}
+
+impl Report {
+    /// What one operation of each throughput run cost, next to the durable floor's.
+    fn render_budgets(&self, out: &mut String) {
+        if self.latency.iter().all(|r| r.budget.is_none()) {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "\nWhat one operation of the throughput run cost: messages and bytes the nats-server received and sent (its `/varz`), and CPU microseconds of the nats-server and of the benchmark's process (which holds the requester, the publisher and every agent), with their sum next to the durable floor's.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| what | N | msgs in | msgs out | bytes in | bytes out | server CPU µs | bench CPU µs | CPU / durable |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let cpu = |b: &crate::budget::Budget| b.server_cpu_us + b.bench_cpu_us;
+        for row in &self.latency {
+            let Some(budget) = &row.budget else { continue };
+            let floor = self
+                .latency
+                .iter()
+                .find(|r| r.what == "durable floor" && r.agents == row.agents)
+                .and_then(|f| f.budget.as_ref());
+            let versus = floor.map_or("-".into(), |f| format!("{:.2}x", cpu(budget) / cpu(f)));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} | {versus} |",
+                row.what,
+                row.agents,
+                budget.in_msgs,
+                budget.out_msgs,
+                budget.in_bytes,
+                budget.out_bytes,
+                budget.server_cpu_us,
+                budget.bench_cpu_us,
+            );
+        }
     }
 }
 

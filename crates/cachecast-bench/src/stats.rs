@@ -50,8 +50,27 @@ where
     Latency::from_samples(samples)
 }
 
-/// Runs `op` from `concurrency` workers for `duration`; returns completed operations per second.
-pub(crate) async fn throughput<F, Fut>(concurrency: usize, duration: Duration, op: F) -> f64
+/// What a throughput run completed, and in how long.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Throughput {
+    pub(crate) completed: u64,
+    pub(crate) elapsed: Duration,
+}
+
+impl Throughput {
+    pub(crate) fn per_second(&self) -> f64 {
+        self.completed as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+impl crate::budget::Completed for Throughput {
+    fn completed(&self) -> u64 {
+        self.completed
+    }
+}
+
+/// Runs `op` from `concurrency` workers for `duration`.
+pub(crate) async fn throughput<F, Fut>(concurrency: usize, duration: Duration, op: F) -> Throughput
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send,
@@ -75,7 +94,10 @@ where
     for worker in workers {
         worker.await.ok();
     }
-    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    Throughput {
+        completed: done.load(Ordering::Relaxed),
+        elapsed: started.elapsed(),
+    }
 }
 
 pub(crate) fn ms(d: Duration) -> String {

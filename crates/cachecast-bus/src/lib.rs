@@ -19,12 +19,12 @@ pub use async_nats::{Client, jetstream::Context as JetStream};
 pub use log_limit::LogLimiter;
 pub use secret::{Secret, redact_url, serialize_redacted_url};
 
-/// NATS header carrying the caller's request id to every agent.
+/// NATS header carrying the request id of a request to the NATS service, and of its answer.
 pub const REQUEST_ID_HEADER: &str = "RequestID";
 
-/// NATS header carrying the wire version of an event. Publishers set [`WIRE_VERSION`]; an
-/// agent ignores (and counts) an event with any other version, and treats an event without
-/// the header as this version.
+/// NATS header carrying the wire version of an event. An event without it is version 1, which
+/// is what publishers of this version send (no header: every agent parses every header); an
+/// agent ignores (and counts) an event with any other version than [`WIRE_VERSION`].
 pub const WIRE_VERSION_HEADER: &str = "Cachecast-Wire-Version";
 
 /// The wire version this build speaks: the `cachecast.v1` messages.

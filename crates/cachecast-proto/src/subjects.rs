@@ -43,7 +43,11 @@ impl Subjects {
     /// agent id as the last token, so NATS permissions can bind each agent user to its own
     /// acks (`cachecast.v1.<env>.ack.*.*.<agentId>`).
     pub fn ack_from(ack_subject: &str, agent: &AgentId) -> String {
-        format!("{ack_subject}.{agent}")
+        let mut subject = String::with_capacity(ack_subject.len() + 1 + agent.as_str().len());
+        subject.push_str(ack_subject);
+        subject.push('.');
+        subject.push_str(agent.as_str());
+        subject
     }
 
     /// What every ack subject of `env` starts with.

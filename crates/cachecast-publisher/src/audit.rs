@@ -3,8 +3,10 @@
 //! stream sequence, and the outcome with each cache that did not confirm and why. Never a token;
 //! values as the caller sent them.
 //!
-//! Records are written after the answer is known, without delaying it: a record that cannot be
-//! written is logged, not retried. Pages are read newest first, by the audit stream's sequence.
+//! Records are written after the answer is known, without delaying it, in batches: one message
+//! per environment holds the records that came within a few milliseconds of each other. A
+//! record that cannot be written is logged, not retried. Pages are read newest first, by place
+//! in the trail (the message's stream sequence, then the record's index in it).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -23,7 +25,8 @@ use crate::outcome::Outcome;
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
-    /// The record's position in the audit stream: pass it as `before` for older records.
+    /// The record's place in the trail (its message's stream sequence × 1024 + its index
+    /// there): pass it as `before` for older records.
     #[serde(default)]
     pub audit_sequence: u64,
     pub request_id: String,
@@ -159,28 +162,181 @@ pub(crate) fn unavailable(
     }
 }
 
-/// Writes `record` in the background.
-pub(crate) fn write(js: &jetstream::Context, record: AuditRecord) {
-    let Ok(env) = EnvId::new(record.env_id.as_str()) else {
-        return;
-    };
-    let Ok(payload) = serde_json::to_vec(&record) else {
-        return;
-    };
-    let js = js.clone();
-    tokio::spawn(async move {
-        let written = async {
-            js.publish(Subjects::audit(&env), payload.into())
-                .await?
-                .await
-                .map(|_| ())
-                .map_err(Into::into)
-        };
-        let result: Result<(), async_nats::Error> = written.await;
-        if let Err(err) = result {
-            tracing::warn!(error = %err, request_id = %record.request_id, "could not write the audit record");
+/// Records wait this long at most for others to go out in the same message.
+const LINGER: Duration = Duration::from_millis(5);
+/// At most this many records in one message. A record's place in the trail (its
+/// `auditSequence`) is its message's stream sequence times this, plus its index there.
+pub(crate) const PER_MESSAGE: u64 = 1024;
+/// A message holds records up to about this many bytes (servers take 1 MiB by default).
+const MESSAGE_BYTES: usize = 256 * 1024;
+/// Records waiting beyond this many are dropped and logged: a trail that cannot keep up
+/// (its stream does not answer) must not hold the publisher's memory without bound.
+const QUEUE: usize = 100_000;
+
+enum Command {
+    /// Boxed: a queue of waiting records holds pointers, not records.
+    Record(Box<AuditRecord>),
+    /// Answered once every record sent before it was written (or failed).
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The audit trail of one publisher: its stream, and the task that writes records into it in
+/// the background, without delaying any answer. Records that come together go out together:
+/// one message per environment holds every record waiting (a publish per batch, not per
+/// invalidation). A record that cannot be written is logged, not retried.
+#[derive(Debug, Clone)]
+pub(crate) struct Trail {
+    /// Shared: a trail is cloned into every request in flight.
+    stream: std::sync::Arc<stream::Stream>,
+    records: tokio::sync::mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Record(_) => "Record",
+            Command::Flush(_) => "Flush",
+        })
+    }
+}
+
+impl Trail {
+    /// Starts the writer; it ends once every `Trail` is dropped and what waits is written.
+    pub(crate) fn start(js: jetstream::Context, stream: stream::Stream) -> Self {
+        let (records, rx) = tokio::sync::mpsc::channel(QUEUE);
+        tokio::spawn(write_batches(js, rx));
+        Self {
+            stream: std::sync::Arc::new(stream),
+            records,
         }
-    });
+    }
+
+    /// Queues `record` to be written.
+    pub(crate) fn write(&self, record: AuditRecord) {
+        if let Err(err) = self.records.try_send(Command::Record(Box::new(record))) {
+            let request_id = match err.into_inner() {
+                Command::Record(r) => r.request_id,
+                Command::Flush(_) => String::new(),
+            };
+            tracing::warn!(%request_id, "the audit trail is {QUEUE} records behind its stream: this record is dropped (is the audit stream reachable?)");
+        }
+    }
+
+    /// Waits until every record queued so far was written (or failed).
+    async fn flush(&self) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.records.send(Command::Flush(done)).await.is_ok() {
+            let _ = written.await;
+        }
+    }
+
+    /// Up to `limit` records of `env` older than `before` (all when `None`), newest first.
+    /// This publisher's own records queued so far are in it.
+    pub(crate) async fn page(
+        &self,
+        env: &EnvId,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<AuditPage, String> {
+        self.flush().await;
+        page(&mut stream::Stream::clone(&self.stream), env, limit, before).await
+    }
+}
+
+async fn write_batches(js: jetstream::Context, mut commands: tokio::sync::mpsc::Receiver<Command>) {
+    let mut batch: Vec<AuditRecord> = Vec::new();
+    let mut flushes = Vec::new();
+    while let Some(first) = commands.recv().await {
+        let mut next = Some(first);
+        let until = tokio::time::Instant::now() + LINGER;
+        // Gather until the linger ends, the batch is full, or someone waits for a flush.
+        while let Some(command) = next.take() {
+            match command {
+                Command::Record(record) => batch.push(*record),
+                Command::Flush(done) => {
+                    flushes.push(done);
+                    break;
+                }
+            }
+            if batch.len() >= PER_MESSAGE as usize {
+                break;
+            }
+            next = tokio::time::timeout_at(until, commands.recv())
+                .await
+                .ok()
+                .flatten();
+        }
+        publish(&js, std::mem::take(&mut batch)).await;
+        for done in flushes.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Writes `records`: per environment, as few messages as [`PER_MESSAGE`] and
+/// [`MESSAGE_BYTES`] allow, each a JSON array; all published before any acknowledgement is
+/// awaited.
+async fn publish(js: &jetstream::Context, records: Vec<AuditRecord>) {
+    let mut by_env: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+    for record in &records {
+        match serde_json::to_vec(record) {
+            Ok(json) => by_env.entry(record.env_id.clone()).or_default().push(json),
+            Err(err) => {
+                tracing::warn!(error = %err, request_id = %record.request_id, "could not write the audit record")
+            }
+        }
+    }
+    let mut sent = Vec::new();
+    for (env, jsons) in by_env {
+        let Ok(env) = EnvId::new(env) else { continue };
+        let mut jsons = jsons.into_iter().peekable();
+        while jsons.peek().is_some() {
+            let mut payload = b"[".to_vec();
+            let mut count = 0;
+            while let Some(json) = jsons.next_if(|json| {
+                count == 0
+                    || ((count as u64) < PER_MESSAGE && payload.len() + json.len() < MESSAGE_BYTES)
+            }) {
+                if count > 0 {
+                    payload.push(b',');
+                }
+                payload.extend_from_slice(&json);
+                count += 1;
+            }
+            payload.push(b']');
+            let written = js.publish(Subjects::audit(&env), payload.into()).await;
+            sent.push((env.clone(), count, written));
+        }
+    }
+    for (env, count, written) in sent {
+        let result = match written {
+            Ok(acknowledged) => acknowledged.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        if let Err(err) = result {
+            tracing::warn!(error = %err, %env, records = count, "could not write audit records");
+        }
+    }
+}
+
+/// The records a message of the audit stream holds, with their places in the trail: a JSON
+/// array (how records are written), or one record (how earlier versions wrote them).
+fn records_in(payload: &[u8], stream_sequence: u64) -> Vec<AuditRecord> {
+    let records = if payload.first() == Some(&b'[') {
+        serde_json::from_slice::<Vec<AuditRecord>>(payload).unwrap_or_default()
+    } else {
+        serde_json::from_slice::<AuditRecord>(payload)
+            .map(|r| vec![r])
+            .unwrap_or_default()
+    };
+    records
+        .into_iter()
+        .zip(0..PER_MESSAGE)
+        .map(|(mut record, index)| {
+            record.audit_sequence = stream_sequence * PER_MESSAGE + index;
+            record
+        })
+        .collect()
 }
 
 /// At most this many records in a page.
@@ -188,7 +344,7 @@ pub const MAX_PAGE: usize = 500;
 
 /// Up to `limit` records of `env` older than audit sequence `before` (all when `None`), newest
 /// first. Reads windows of the stream backwards with a short-lived filtered consumer.
-pub(crate) async fn page(
+async fn page(
     stream: &mut stream::Stream,
     env: &EnvId,
     limit: usize,
@@ -197,13 +353,15 @@ pub(crate) async fn page(
     let limit = limit.clamp(1, MAX_PAGE);
     let info = stream.info().await.map_err(|e| e.to_string())?;
     let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-    let end = before.map_or(last, |b| b.saturating_sub(1).min(last));
+    // The message that holds the newest record older than `before`.
+    let end = before.map_or(last, |b| (b.saturating_sub(1) / PER_MESSAGE).min(last));
     let mut newest_first: Vec<AuditRecord> = Vec::new();
     let mut upper = end;
     let mut window = (limit as u64 * 4).max(64);
     while newest_first.len() < limit && upper >= first && upper > 0 {
         let lower = upper.saturating_sub(window - 1).max(first).max(1);
         let mut found = read_range(stream, env, lower, upper).await?;
+        found.retain(|r| before.is_none_or(|b| r.audit_sequence < b));
         found.reverse();
         newest_first.extend(found);
         if lower <= first {
@@ -227,7 +385,7 @@ pub(crate) async fn page(
     })
 }
 
-/// The records of `env` with audit sequences in `lower..=upper`, oldest first.
+/// The records of `env` in the messages at stream sequences `lower..=upper`, oldest first.
 async fn read_range(
     stream: &stream::Stream,
     env: &EnvId,
@@ -262,10 +420,39 @@ async fn read_range(
         if sequence > upper {
             break;
         }
-        if let Ok(mut record) = serde_json::from_slice::<AuditRecord>(&message.payload) {
-            record.audit_sequence = sequence;
-            records.push(record);
-        }
+        records.extend(records_in(&message.payload, sequence));
     }
     Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(request_id: &str) -> AuditRecord {
+        let env = EnvId::new("dev").expect("env id");
+        let target = Target::Response(Default::default());
+        unavailable(&env, request_id, None, &target, "down".into())
+    }
+
+    #[test]
+    fn records_of_one_message_take_its_sequence_times_1024_plus_their_index() {
+        let batch = serde_json::to_vec(&[record("a"), record("b"), record("c")]).expect("JSON");
+        let read = records_in(&batch, 7);
+        let places: Vec<(u64, &str)> = read
+            .iter()
+            .map(|r| (r.audit_sequence, r.request_id.as_str()))
+            .collect();
+        assert_eq!(places, [(7168, "a"), (7169, "b"), (7170, "c")]);
+    }
+
+    #[test]
+    fn a_record_written_alone_by_an_earlier_version_is_read_too() {
+        let single = serde_json::to_vec(&record("old")).expect("JSON");
+        let read = records_in(&single, 3);
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].audit_sequence, 3 * PER_MESSAGE);
+        assert_eq!(read[0].request_id, "old");
+        assert!(records_in(b"not json", 4).is_empty());
+    }
 }

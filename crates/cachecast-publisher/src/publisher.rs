@@ -6,10 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage;
-use cachecast_bus::{
-    BusConfig, Client, JetStream, LogLimiter, REQUEST_ID_HEADER, StreamConfig, WIRE_VERSION,
-    WIRE_VERSION_HEADER,
-};
+use cachecast_bus::{BusConfig, Client, JetStream, LogLimiter, StreamConfig};
 use cachecast_proto::{
     Ack, AckStatus, AgentId, CacheId, EnvId, Invalidation, Subjects, Target, Wire,
 };
@@ -130,8 +127,8 @@ struct Inner {
     caches: async_nats::jetstream::kv::Store,
     /// The presence bucket, asked directly about agents the view holds as gone.
     presence: async_nats::jetstream::kv::Store,
-    /// The audit stream; none when it could not be created (the trail is off).
-    audit: Option<async_nats::jetstream::stream::Stream>,
+    /// The audit trail; none when its stream could not be created (the trail is off).
+    audit: Option<crate::audit::Trail>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -197,7 +194,7 @@ impl Publisher {
         tracing::debug!("the presence and caches buckets are there");
         // The audit trail must not stop invalidations: without it, they go on unrecorded.
         let audit = match cachecast_bus::ensure_audit_stream(&js, &bus.audit).await {
-            Ok(stream) => Some(stream),
+            Ok(stream) => Some(crate::audit::Trail::start(js.clone(), stream)),
             Err(err) => {
                 tracing::warn!(error = %err, "the audit trail is off: invalidations are not recorded");
                 None
@@ -288,10 +285,10 @@ impl Publisher {
         limit: usize,
         before: Option<u64>,
     ) -> Result<crate::audit::AuditPage, String> {
-        let mut stream = self.inner.audit.clone().ok_or(
+        let trail = self.inner.audit.as_ref().ok_or(
             "the audit trail is off: this publisher could not create the audit stream (see its log; check its NATS permissions for audit.stream)",
         )?;
-        crate::audit::page(&mut stream, env, limit, before).await
+        trail.page(env, limit, before).await
     }
 
     /// Every environment with a live agent or a registered persistent cache.
@@ -412,12 +409,19 @@ impl Publisher {
             (env, id, request.caller.clone(), request.target.clone())
         });
         let begun = self.begin_publishing(request).await;
-        if let (Err(err @ PublishError::Unavailable(_)), Some((env, id, caller, target))) =
-            (&begun, audit)
+        if let (
+            Err(err @ PublishError::Unavailable(_)),
+            Some((env, id, caller, target)),
+            Some(trail),
+        ) = (&begun, audit, &self.inner.audit)
         {
-            let record =
-                crate::audit::unavailable(&env, &id, caller.as_deref(), &target, err.to_string());
-            crate::audit::write(&self.inner.js, record);
+            trail.write(crate::audit::unavailable(
+                &env,
+                &id,
+                caller.as_deref(),
+                &target,
+                err.to_string(),
+            ));
         }
         begun
     }
@@ -513,7 +517,7 @@ impl Publisher {
             env: request.env,
             caller: request.caller,
             target: request.target,
-            audit: inner.audit.as_ref().map(|_| inner.js.clone()),
+            audit: inner.audit.clone(),
             event_id,
             sequence,
             started,
@@ -532,10 +536,10 @@ impl Publisher {
         event: Invalidation,
     ) -> Result<u64, PublishError> {
         let inner = &self.inner;
+        // Every header is parsed by every agent: the request id is in the payload, and wire
+        // version 1 is what an event without a version header is.
         let mut headers = HeaderMap::new();
-        headers.insert(REQUEST_ID_HEADER, request.request_id.as_str());
         cachecast_bus::trace_context::inject_current(&mut headers);
-        headers.insert(WIRE_VERSION_HEADER, WIRE_VERSION);
         let message = PublishMessage::build()
             .payload(event.to_bytes())
             .headers(headers)
@@ -616,7 +620,7 @@ pub struct InFlight {
     caller: Option<String>,
     target: Target,
     /// Where the outcome is recorded, when the audit trail is on.
-    audit: Option<JetStream>,
+    audit: Option<crate::audit::Trail>,
     event_id: String,
     sequence: u64,
     started: Instant,
@@ -788,9 +792,12 @@ impl InFlight {
             agents,
             took,
         };
-        if let Some(js) = &self.audit {
-            let record = crate::audit::answered(&outcome, self.caller.as_deref(), &self.target);
-            crate::audit::write(js, record);
+        if let Some(trail) = &self.audit {
+            trail.write(crate::audit::answered(
+                &outcome,
+                self.caller.as_deref(),
+                &self.target,
+            ));
         }
         outcome
     }
@@ -861,11 +868,12 @@ async fn demux_acks(mut acks: async_nats::Subscriber, inner: std::sync::Weak<Inn
         // cachecast.v1.<env>.ack.<publisherId>.<eventId>[.<agentId>]: the subject names the
         // event and (from current agents) the sender, whom NATS permissions can bind to its
         // user; both must agree with the payload.
-        let tokens: Vec<&str> = subject.split('.').collect();
-        let agrees = tokens.get(5) == Some(&ack.event_id.as_str())
-            && match tokens.get(6) {
-                None => true,
-                Some(agent) => *agent == ack.agent_id && tokens.len() == 7,
+        let mut named = subject.split('.').skip(5);
+        let agrees = named.next() == Some(ack.event_id.as_str())
+            && match (named.next(), named.next()) {
+                (None, _) => true,
+                (Some(agent), None) => agent == ack.agent_id,
+                (Some(_), Some(_)) => false,
             };
         if !agrees {
             let detail = format!(
