@@ -522,6 +522,7 @@ impl Publisher {
             sequence,
             started,
             deadline,
+            deadline_timer: Box::pin(tokio::time::sleep_until(deadline)),
             rx,
             ack_seconds,
             ack_subject,
@@ -625,6 +626,8 @@ pub struct InFlight {
     sequence: u64,
     started: Instant,
     deadline: tokio::time::Instant,
+    /// Fires at `deadline`: one timer for the whole request, not one per ack awaited.
+    deadline_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// Every expected cache by node id, with its answer once it came.
     agents: BTreeMap<AgentId, Option<AgentOutcome>>,
     /// The persistent caches among them: acknowledged by any of their agents, and reported
@@ -669,7 +672,7 @@ impl InFlight {
             let received = tokio::select! {
                 biased;
                 received = self.rx.recv() => received,
-                () = tokio::time::sleep_until(self.deadline) => None,
+                () = self.deadline_timer.as_mut() => None,
             };
             let (ack, at) = received?;
             if tokio::time::Instant::from_std(at) > self.deadline {
@@ -693,7 +696,9 @@ impl InFlight {
                 continue;
             };
             let shared = self.persistent.contains_key(&id);
-            let slot = self.agents.entry(id.clone()).or_default();
+            let Some(slot) = self.agents.get_mut(&id) else {
+                continue;
+            };
             let applied = AckStatus::try_from(ack.status) == Ok(AckStatus::Applied);
             let lagging = matches!(slot, Some(AgentOutcome::Lagging { .. }));
             if (shared || lagging) && slot.is_some() {
