@@ -206,6 +206,19 @@ async fn sigterm_to_the_api_mid_request_still_answers_it_correctly() {
     assert_eq!(body["agents"]["held"]["status"], "applied");
     let exit = serve.wait_exit(EXIT).await.expect("serve exits");
     assert!(exit.success(), "{exit:?}: {}", serve.output());
+    // Its audit record, queued as it was answered, was written before the process exited.
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let mut trail = async_nats::jetstream::new(client)
+        .get_stream("CACHECAST_AUDIT")
+        .await
+        .expect("the audit stream");
+    let last = trail.info().await.expect("stream info").state.last_sequence;
+    let written = trail
+        .get_raw_message(last)
+        .await
+        .expect("the last audit message");
+    let text = String::from_utf8_lossy(&written.payload);
+    assert!(text.contains(r#""requestId":"held-1""#), "{text}");
     agent.signal(Signal::SIGTERM);
     agent.wait_exit(EXIT).await.expect("agent exits");
 }

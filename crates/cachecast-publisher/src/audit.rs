@@ -223,7 +223,7 @@ impl Trail {
     }
 
     /// Waits until every record queued so far was written (or failed).
-    async fn flush(&self) {
+    pub(crate) async fn flush(&self) {
         let (done, written) = tokio::sync::oneshot::channel();
         if self.records.send(Command::Flush(done)).await.is_ok() {
             let _ = written.await;

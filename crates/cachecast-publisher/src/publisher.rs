@@ -278,6 +278,14 @@ impl Publisher {
         Ok(())
     }
 
+    /// Waits until the audit records queued so far were written (or failed to be): records
+    /// wait a few milliseconds to go out together, and a stopping process must not drop them.
+    pub(crate) async fn flush_audit(&self) {
+        if let Some(trail) = &self.inner.audit {
+            trail.flush().await;
+        }
+    }
+
     /// Up to `limit` audit records of `env` older than audit sequence `before`, newest first.
     pub async fn invalidations(
         &self,

@@ -5,7 +5,8 @@
 //! (another replica takes them); HTTP takes new requests for `api.shutdown_delay` more, so a
 //! load balancer sees the failing readiness first. Then in-flight HTTP requests and NATS-service
 //! requests get their real answers, each by its own deadline (`api.max_timeout` plus 5 s at
-//! most), and what the client still holds is flushed.
+//! most); then the audit records still waiting are written, and what the client still holds is
+//! flushed.
 
 use std::future::Future;
 use std::time::Duration;
@@ -62,6 +63,7 @@ impl Server {
                 stopped,
             ))
         });
+        let audit = publisher.clone();
         let (router, peers) = http::router(publisher, verifier, config.clone());
         let router = router.merge(admin);
         let peers = tokio::spawn(peers);
@@ -104,7 +106,18 @@ impl Server {
         // Nothing is served any more: no status to tell other replicas about.
         peers.abort();
         peers.await.ok();
-        cachecast_bus::flush(&client, config.max_timeout.min(Duration::from_secs(5))).await;
+        // The last answers' audit records may still wait for company.
+        let last_writes = config.max_timeout.min(Duration::from_secs(5));
+        if tokio::time::timeout(last_writes, audit.flush_audit())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?last_writes,
+                "audit records still unwritten at shutdown are lost"
+            );
+        }
+        cachecast_bus::flush(&client, last_writes).await;
         served
     }
 }
