@@ -189,6 +189,8 @@ pub(crate) struct Trail {
     /// Shared: a trail is cloned into every request in flight.
     stream: std::sync::Arc<stream::Stream>,
     records: tokio::sync::mpsc::Sender<Command>,
+    /// A trail that fell behind would otherwise log every request.
+    dropped_log: std::sync::Arc<cachecast_bus::LogLimiter>,
 }
 
 impl std::fmt::Debug for Command {
@@ -208,6 +210,9 @@ impl Trail {
         Self {
             stream: std::sync::Arc::new(stream),
             records,
+            dropped_log: std::sync::Arc::new(cachecast_bus::LogLimiter::new(Duration::from_secs(
+                10,
+            ))),
         }
     }
 
@@ -218,7 +223,9 @@ impl Trail {
                 Command::Record(r) => r.request_id,
                 Command::Flush(_) => String::new(),
             };
-            tracing::warn!(%request_id, "the audit trail is {QUEUE} records behind its stream: this record is dropped (is the audit stream reachable?)");
+            if let Some(left_out) = self.dropped_log.allow("behind") {
+                tracing::warn!(%request_id, left_out, "the audit trail is {QUEUE} records behind its stream: this record is dropped (is the audit stream reachable?)");
+            }
         }
     }
 
