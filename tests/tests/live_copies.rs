@@ -26,6 +26,17 @@ async fn stream(stack: &Stack) -> async_nats::jetstream::stream::Stream {
         .expect("the stream")
 }
 
+/// The stream's configuration as the server holds it now.
+async fn stream_config(stack: &Stack) -> async_nats::jetstream::stream::Config {
+    stream(stack)
+        .await
+        .info()
+        .await
+        .expect("info")
+        .config
+        .clone()
+}
+
 /// Turns the stream's live copies off or back on, as an operator editing it would.
 async fn set_live_copies(
     stack: &Stack,
@@ -160,13 +171,7 @@ async fn published_without_copy(
     scope: &str,
     timeout: Duration,
 ) -> cachecast_publisher::InFlight {
-    let original = stream(stack)
-        .await
-        .info()
-        .await
-        .expect("info")
-        .config
-        .clone();
+    let original = stream_config(stack).await;
     set_live_copies(stack, false, &original).await;
     let in_flight = stack
         .publisher
@@ -258,22 +263,10 @@ async fn an_agent_refused_the_live_copies_takes_events_from_a_consumer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publisher_turns_live_copies_on_but_keeps_an_operators_republish() {
     let stack = Stack::start().await;
-    let original = stream(&stack)
-        .await
-        .info()
-        .await
-        .expect("info")
-        .config
-        .clone();
+    let original = stream_config(&stack).await;
     set_live_copies(&stack, false, &original).await;
     let _second = cachecast_e2e::start_publisher(&stack.bus, "second").await;
-    let config = stream(&stack)
-        .await
-        .info()
-        .await
-        .expect("info")
-        .config
-        .clone();
+    let config = stream_config(&stack).await;
     assert!(cachecast_bus::republishes_live(&config), "{config:?}");
 
     let theirs = async_nats::jetstream::stream::Republish {
@@ -289,12 +282,6 @@ async fn a_publisher_turns_live_copies_on_but_keeps_an_operators_republish() {
     .await
     .expect("stream updated");
     let _third = cachecast_e2e::start_publisher(&stack.bus, "third").await;
-    let config = stream(&stack)
-        .await
-        .info()
-        .await
-        .expect("info")
-        .config
-        .clone();
+    let config = stream_config(&stack).await;
     assert_eq!(config.republish, Some(theirs));
 }

@@ -173,6 +173,7 @@ const MESSAGE_BYTES: usize = 256 * 1024;
 /// (its stream does not answer) must not hold the publisher's memory without bound.
 const QUEUE: usize = 100_000;
 
+#[derive(Debug)]
 enum Command {
     /// Boxed: a queue of waiting records holds pointers, not records.
     Record(Box<AuditRecord>),
@@ -191,15 +192,6 @@ pub(crate) struct Trail {
     records: tokio::sync::mpsc::Sender<Command>,
     /// A trail that fell behind would otherwise log every request.
     dropped_log: std::sync::Arc<cachecast_bus::LogLimiter>,
-}
-
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Command::Record(_) => "Record",
-            Command::Flush(_) => "Flush",
-        })
-    }
 }
 
 impl Trail {

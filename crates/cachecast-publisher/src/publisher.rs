@@ -412,16 +412,19 @@ impl Publisher {
     /// Publishes one invalidation and returns at once with the acks still to come: for
     /// callers that show progress ([`InFlight::next_ack`]) or answer before the outcome.
     pub async fn begin(&self, request: InvalidationRequest) -> Result<InFlight, PublishError> {
-        let audit = self.inner.audit.as_ref().map(|_| {
+        let audit = self.inner.audit.as_ref().map(|trail| {
             let (env, id) = (request.env.clone(), request.request_id.clone());
-            (env, id, request.caller.clone(), request.target.clone())
+            (
+                trail,
+                env,
+                id,
+                request.caller.clone(),
+                request.target.clone(),
+            )
         });
         let begun = self.begin_publishing(request).await;
-        if let (
-            Err(err @ PublishError::Unavailable(_)),
-            Some((env, id, caller, target)),
-            Some(trail),
-        ) = (&begun, audit, &self.inner.audit)
+        if let (Err(err @ PublishError::Unavailable(_)), Some((trail, env, id, caller, target))) =
+            (&begun, audit)
         {
             trail.write(crate::audit::unavailable(
                 &env,
@@ -529,8 +532,7 @@ impl Publisher {
             event_id,
             sequence,
             started,
-            deadline,
-            deadline_timer: Box::pin(tokio::time::sleep_until(deadline)),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
             rx,
             ack_seconds,
             ack_subject,
@@ -633,9 +635,9 @@ pub struct InFlight {
     event_id: String,
     sequence: u64,
     started: Instant,
-    deadline: tokio::time::Instant,
-    /// Fires at `deadline`: one timer for the whole request, not one per ack awaited.
-    deadline_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Fires at the request's deadline: one timer for the whole request, not one per ack
+    /// awaited.
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// Every expected cache by node id, with its answer once it came.
     agents: BTreeMap<AgentId, Option<AgentOutcome>>,
     /// The persistent caches among them: acknowledged by any of their agents, and reported
@@ -680,10 +682,10 @@ impl InFlight {
             let received = tokio::select! {
                 biased;
                 received = self.rx.recv() => received,
-                () = self.deadline_timer.as_mut() => None,
+                () = self.deadline.as_mut() => None,
             };
             let (ack, at) = received?;
-            if tokio::time::Instant::from_std(at) > self.deadline {
+            if tokio::time::Instant::from_std(at) > self.deadline.deadline() {
                 return None;
             }
             // A persistent cache answers through whichever of its agents applied the event.
