@@ -12,14 +12,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
-use cachecast_proto::{EnvId, Subjects, Target};
+use cachecast_proto::{AgentId, EnvId, Subjects, Target};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::api::answer::{AgentResult, agent_result};
-use crate::outcome::Outcome;
+use crate::outcome::{AgentOutcome, Outcome};
 
 /// One invalidation as the audit trail keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -74,27 +74,85 @@ pub struct AuditPage {
     pub next_before: Option<u64>,
 }
 
-/// The target as the caller sent it.
-pub(crate) fn target_json(target: &Target) -> Value {
-    match target {
-        Target::Response(s) => json!({ "response": {
-            "scopeClientIds": s.scope_client_ids,
-            "identityId": s.identity_id,
-        }}),
-        Target::Identity(s) => json!({ "identity": {
-            "identityTemplate": s.identity_template,
-            "identityId": s.identity_id,
-        }}),
-        Target::Keyed(s) => json!({ "keyed": {
-            "cache": s.cache,
-            "ids": s.ids,
-            "all": s.all,
-        }}),
+/// The target as the caller sent it: `{"response": {...}}`, `{"identity": {...}}` or
+/// `{"keyed": {...}}`, borrowed (the shape [`AuditRecord::target`] reads back).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
+enum TargetView<'a> {
+    Response {
+        scope_client_ids: &'a [String],
+        identity_id: &'a Option<String>,
+    },
+    Identity {
+        identity_template: &'a Option<String>,
+        identity_id: &'a Option<String>,
+    },
+    Keyed {
+        cache: &'a str,
+        ids: &'a [String],
+        all: bool,
+    },
+}
+
+impl<'a> From<&'a Target> for TargetView<'a> {
+    fn from(target: &'a Target) -> Self {
+        match target {
+            Target::Response(s) => Self::Response {
+                scope_client_ids: &s.scope_client_ids,
+                identity_id: &s.identity_id,
+            },
+            Target::Identity(s) => Self::Identity {
+                identity_template: &s.identity_template,
+                identity_id: &s.identity_id,
+            },
+            Target::Keyed(s) => Self::Keyed {
+                cache: &s.cache,
+                ids: &s.ids,
+                all: s.all,
+            },
+        }
     }
 }
 
+/// The record of an answered invalidation, written straight from its outcome (no copy of
+/// every cache's answer on the way: at a thousand caches that copy cost more than the rest of
+/// the request); read back as an [`AuditRecord`].
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Answered<'a> {
+    request_id: &'a str,
+    env_id: &'a str,
+    caller: Option<&'a str>,
+    target: TargetView<'a>,
+    event_id: &'a str,
+    sequence: u64,
+    outcome: &'static str,
+    at_unix_ms: i64,
+    took_ms: u64,
+    expected: usize,
+    successful: usize,
+    failures: Vec<AuditFailure>,
+    #[serde(serialize_with = "answers")]
+    agents: &'a BTreeMap<AgentId, AgentOutcome>,
+}
+
+fn answers<S: serde::Serializer>(
+    agents: &BTreeMap<AgentId, AgentOutcome>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(
+        agents
+            .iter()
+            .map(|(id, o)| (id.as_str(), agent_result(Some(o)))),
+    )
+}
+
 /// The record of an answered invalidation.
-pub(crate) fn answered(outcome: &Outcome, caller: Option<&str>, target: &Target) -> AuditRecord {
+pub(crate) fn answered<'a>(
+    outcome: &'a Outcome,
+    caller: Option<&'a str>,
+    target: &'a Target,
+) -> Answered<'a> {
     let failures: Vec<AuditFailure> = outcome
         .failures()
         .filter_map(|(id, o)| {
@@ -105,30 +163,24 @@ pub(crate) fn answered(outcome: &Outcome, caller: Option<&str>, target: &Target)
             })
         })
         .collect();
-    AuditRecord {
-        audit_sequence: 0,
-        request_id: outcome.request_id.clone(),
-        env_id: outcome.env.to_string(),
-        caller: caller.map(str::to_owned),
-        target: target_json(target),
-        event_id: outcome.event_id.clone(),
+    Answered {
+        request_id: &outcome.request_id,
+        env_id: outcome.env.as_str(),
+        caller,
+        target: target.into(),
+        event_id: &outcome.event_id,
         sequence: outcome.sequence,
         outcome: if failures.is_empty() {
             "confirmed"
         } else {
             "failed_dependency"
-        }
-        .into(),
+        },
         at_unix_ms: cachecast_proto::now_unix_ms(),
         took_ms: u64::try_from(outcome.took.as_millis()).unwrap_or(u64::MAX),
         expected: outcome.agents.len(),
         successful: outcome.successful(),
         failures,
-        agents: outcome
-            .agents
-            .iter()
-            .map(|(id, o)| (id.to_string(), agent_result(Some(o))))
-            .collect(),
+        agents: &outcome.agents,
     }
 }
 
@@ -145,7 +197,7 @@ pub(crate) fn unavailable(
         request_id: request_id.to_owned(),
         env_id: env.to_string(),
         caller: caller.map(str::to_owned),
-        target: target_json(target),
+        target: serde_json::to_value(TargetView::from(target)).unwrap_or_default(),
         event_id: String::new(),
         sequence: 0,
         outcome: "unavailable".into(),
@@ -175,8 +227,8 @@ const QUEUE: usize = 100_000;
 
 #[derive(Debug)]
 enum Command {
-    /// Boxed: a queue of waiting records holds pointers, not records.
-    Record(Box<AuditRecord>),
+    /// A record of `env`, as JSON.
+    Record(EnvId, Vec<u8>),
     /// Answered once every record sent before it was written (or failed).
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -208,16 +260,22 @@ impl Trail {
         }
     }
 
-    /// Queues `record` to be written.
-    pub(crate) fn write(&self, record: AuditRecord) {
-        if let Err(err) = self.records.try_send(Command::Record(Box::new(record))) {
-            let request_id = match err.into_inner() {
-                Command::Record(r) => r.request_id,
-                Command::Flush(_) => String::new(),
-            };
-            if let Some(left_out) = self.dropped_log.allow("behind") {
-                tracing::warn!(%request_id, left_out, "the audit trail is {QUEUE} records behind its stream: this record is dropped (is the audit stream reachable?)");
+    /// Queues `record` (of `request_id` in `env`) to be written.
+    pub(crate) fn write(&self, env: &EnvId, request_id: &str, record: &impl Serialize) {
+        let json = match serde_json::to_vec(record) {
+            Ok(json) => json,
+            Err(err) => {
+                tracing::warn!(error = %err, %request_id, "could not write the audit record");
+                return;
             }
+        };
+        if self
+            .records
+            .try_send(Command::Record(env.clone(), json))
+            .is_err()
+            && let Some(left_out) = self.dropped_log.allow("behind")
+        {
+            tracing::warn!(%request_id, left_out, "the audit trail is {QUEUE} records behind its stream: this record is dropped (is the audit stream reachable?)");
         }
     }
 
@@ -243,7 +301,7 @@ impl Trail {
 }
 
 async fn write_batches(js: jetstream::Context, mut commands: tokio::sync::mpsc::Receiver<Command>) {
-    let mut batch: Vec<AuditRecord> = Vec::new();
+    let mut batch: Vec<(EnvId, Vec<u8>)> = Vec::new();
     let mut flushes = Vec::new();
     while let Some(first) = commands.recv().await {
         let mut next = Some(first);
@@ -251,7 +309,7 @@ async fn write_batches(js: jetstream::Context, mut commands: tokio::sync::mpsc::
         // Gather until the linger ends, the batch is full, or someone waits for a flush.
         while let Some(command) = next.take() {
             match command {
-                Command::Record(record) => batch.push(*record),
+                Command::Record(env, json) => batch.push((env, json)),
                 Command::Flush(done) => {
                     flushes.push(done);
                     break;
@@ -275,19 +333,13 @@ async fn write_batches(js: jetstream::Context, mut commands: tokio::sync::mpsc::
 /// Writes `records`: per environment, as few messages as [`PER_MESSAGE`] and
 /// [`MESSAGE_BYTES`] allow, each a JSON array; all published before any acknowledgement is
 /// awaited.
-async fn publish(js: &jetstream::Context, records: Vec<AuditRecord>) {
-    let mut by_env: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
-    for record in &records {
-        match serde_json::to_vec(record) {
-            Ok(json) => by_env.entry(record.env_id.clone()).or_default().push(json),
-            Err(err) => {
-                tracing::warn!(error = %err, request_id = %record.request_id, "could not write the audit record")
-            }
-        }
+async fn publish(js: &jetstream::Context, records: Vec<(EnvId, Vec<u8>)>) {
+    let mut by_env: BTreeMap<&EnvId, Vec<&[u8]>> = BTreeMap::new();
+    for (env, json) in &records {
+        by_env.entry(env).or_default().push(json);
     }
     let mut sent = Vec::new();
     for (env, jsons) in by_env {
-        let Ok(env) = EnvId::new(env) else { continue };
         let mut jsons = jsons.into_iter().peekable();
         while jsons.peek().is_some() {
             let mut payload = b"[".to_vec();
@@ -299,11 +351,11 @@ async fn publish(js: &jetstream::Context, records: Vec<AuditRecord>) {
                 if count > 0 {
                     payload.push(b',');
                 }
-                payload.extend_from_slice(&json);
+                payload.extend_from_slice(json);
                 count += 1;
             }
             payload.push(b']');
-            let written = js.publish(Subjects::audit(&env), payload.into()).await;
+            let written = js.publish(Subjects::audit(env), payload.into()).await;
             sent.push((env.clone(), count, written));
         }
     }
@@ -426,6 +478,8 @@ async fn read_range(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn record(request_id: &str) -> AuditRecord {
@@ -443,6 +497,76 @@ mod tests {
             .map(|r| (r.audit_sequence, r.request_id.as_str()))
             .collect();
         assert_eq!(places, [(7168, "a"), (7169, "b"), (7170, "c")]);
+    }
+
+    #[test]
+    fn an_answered_record_reads_back_with_every_cache_and_the_target_as_sent() {
+        let id = |s: &str| AgentId::new(s).expect("agent id");
+        let outcome = Outcome {
+            request_id: "r1".into(),
+            event_id: "e1".into(),
+            env: EnvId::new("dev").expect("env id"),
+            sequence: 42,
+            agents: BTreeMap::from([
+                (
+                    id("a"),
+                    AgentOutcome::Applied {
+                        evicted: 3,
+                        latency: Duration::from_millis(2),
+                    },
+                ),
+                (
+                    id("b"),
+                    AgentOutcome::Failed {
+                        reason: "redis down".into(),
+                        latency: Duration::from_millis(5),
+                    },
+                ),
+            ]),
+            took: Duration::from_millis(7),
+        };
+        let target = Target::Response(cachecast_proto::ResponseSelector {
+            scope_client_ids: vec!["s1".into()],
+            identity_id: None,
+        });
+        let json = serde_json::to_vec(&answered(&outcome, Some("alice"), &target)).expect("JSON");
+        let [read] = &records_in(&json, 1)[..] else {
+            panic!("one record")
+        };
+        assert_eq!(
+            (
+                read.request_id.as_str(),
+                read.env_id.as_str(),
+                read.event_id.as_str()
+            ),
+            ("r1", "dev", "e1")
+        );
+        assert_eq!(read.caller.as_deref(), Some("alice"));
+        assert_eq!(
+            read.target,
+            json!({"response": {"scopeClientIds": ["s1"], "identityId": null}})
+        );
+        assert_eq!((read.sequence, read.took_ms), (42, 7));
+        assert_eq!(read.outcome, "failed_dependency");
+        assert_eq!((read.expected, read.successful), (2, 1));
+        let failures: Vec<_> = read
+            .failures
+            .iter()
+            .map(|f| (f.node_id.as_str(), f.kind.as_str(), f.reason.as_str()))
+            .collect();
+        assert_eq!(failures, [("b", "eviction_failed", "redis down")]);
+        let agents: Vec<_> = read
+            .agents
+            .iter()
+            .map(|(id, r)| (id.as_str(), &*r.status, r.evicted, r.error.as_deref()))
+            .collect();
+        assert_eq!(
+            agents,
+            [
+                ("a", "applied", Some(3), None),
+                ("b", "failed", None, Some("redis down"))
+            ]
+        );
     }
 
     #[test]

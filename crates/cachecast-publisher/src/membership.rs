@@ -363,7 +363,10 @@ impl Membership {
         {
             let envs = self.lock();
             for (id, member) in envs.get(env).into_iter().flatten() {
-                let cache = CacheId::new(member.presence.cache_id.as_str()).ok();
+                // Most agents serve a cache of their own process: no id to check.
+                let cache = Some(member.presence.cache_id.as_str())
+                    .filter(|c| !c.is_empty())
+                    .and_then(|c| CacheId::new(c).ok());
                 let lagging = member.lagging();
                 match cache {
                     None if member.is_live() && holds(&member.presence.keyed_caches) => {

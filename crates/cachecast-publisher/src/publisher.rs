@@ -412,35 +412,59 @@ impl Publisher {
     /// Publishes one invalidation and returns at once with the acks still to come: for
     /// callers that show progress ([`InFlight::next_ack`]) or answer before the outcome.
     pub async fn begin(&self, request: InvalidationRequest) -> Result<InFlight, PublishError> {
-        let audit = self.inner.audit.as_ref().map(|trail| {
-            let (env, id) = (request.env.clone(), request.request_id.clone());
-            (
-                trail,
-                env,
-                id,
-                request.caller.clone(),
-                request.target.clone(),
-            )
-        });
-        let begun = self.begin_publishing(request).await;
-        if let (Err(err @ PublishError::Unavailable(_)), Some((trail, env, id, caller, target))) =
-            (&begun, audit)
-        {
-            trail.write(crate::audit::unavailable(
-                &env,
-                &id,
-                caller.as_deref(),
-                &target,
-                err.to_string(),
-            ));
-        }
-        begun
+        let published = match self.publish_event(&request).await {
+            Ok(published) => published,
+            Err(err) => {
+                if let (PublishError::Unavailable(_), Some(trail)) = (&err, &self.inner.audit) {
+                    let record = crate::audit::unavailable(
+                        &request.env,
+                        &request.request_id,
+                        request.caller.as_deref(),
+                        &request.target,
+                        err.to_string(),
+                    );
+                    trail.write(&request.env, &request.request_id, &record);
+                }
+                return Err(err);
+            }
+        };
+        let Published {
+            event_id,
+            sequence,
+            started,
+            deadline,
+            nodes,
+            rx,
+            ack_seconds,
+            ack_subject,
+            registration,
+        } = published;
+        Ok(InFlight {
+            outstanding: nodes.answers.values().filter(|a| a.is_none()).count(),
+            agents: nodes.answers,
+            persistent: nodes.persistent,
+            request_id: request.request_id,
+            env: request.env,
+            caller: request.caller,
+            target: request.target,
+            audit: self.inner.audit.clone(),
+            event_id,
+            sequence,
+            started,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            rx,
+            ack_seconds,
+            ack_subject,
+            registration,
+        })
     }
 
-    async fn begin_publishing(
+    /// Publishes the event of `request` and registers for its acks: the half of [`Self::begin`]
+    /// that borrows the request, so an unavailable one can still be recorded.
+    async fn publish_event(
         &self,
-        request: InvalidationRequest,
-    ) -> Result<InFlight, PublishError> {
+        request: &InvalidationRequest,
+    ) -> Result<Published, PublishError> {
         crate::validate::request_id(&request.request_id).map_err(PublishError::Invalid)?;
         crate::validate::target(&request.target).map_err(PublishError::Invalid)?;
         let started = Instant::now();
@@ -486,7 +510,7 @@ impl Publisher {
             issued_at_unix_ms: cachecast_proto::now_unix_ms(),
             target: Some(request.target.clone()),
         };
-        let publish = tokio::time::timeout(inner.request_timeout, self.publish(&request, event));
+        let publish = tokio::time::timeout(inner.request_timeout, self.publish(request, event));
         let sequence = match publish.await {
             Ok(result) => result,
             Err(_) => Err(Unavailable::NotAcknowledged(inner.request_timeout).into()),
@@ -500,19 +524,20 @@ impl Publisher {
             metrics::histogram!("cachecast_agent_ack_seconds", "env" => request.env.to_string());
         let mut nodes = Nodes::default();
         for cache in expected {
-            let id = AgentId::new(cache.node_id()).expect("agent and cache ids follow one rule");
-            let lagging = match cache {
-                ExpectedCache::Agent { lagging, .. } => lagging,
+            let (id, lagging) = match cache {
+                ExpectedCache::Agent { id, lagging } => (id, lagging),
                 ExpectedCache::Persistent {
+                    id,
                     attended,
                     unattended_for,
                     lagging,
-                    ..
                 } => {
+                    let id =
+                        AgentId::new(id.as_str()).expect("agent and cache ids follow one rule");
                     nodes
                         .persistent
                         .insert(id.clone(), (!attended).then_some(unattended_for));
-                    lagging
+                    (id, lagging)
                 }
             };
             // Not waited for: its agent said it cannot vouch. An ack that comes anyway counts.
@@ -520,19 +545,12 @@ impl Publisher {
                 .answers
                 .insert(id, lagging.map(|reason| AgentOutcome::Lagging { reason }));
         }
-        Ok(InFlight {
-            outstanding: nodes.answers.values().filter(|a| a.is_none()).count(),
-            agents: nodes.answers,
-            persistent: nodes.persistent,
-            request_id: request.request_id,
-            env: request.env,
-            caller: request.caller,
-            target: request.target,
-            audit: inner.audit.clone(),
+        Ok(Published {
             event_id,
             sequence,
             started,
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            deadline,
+            nodes,
             rx,
             ack_seconds,
             ack_subject,
@@ -621,6 +639,19 @@ struct Nodes {
     /// The persistent caches among them; `Some` when none of their agents was live at publish
     /// time, with how long it had been unattended.
     persistent: HashMap<AgentId, Option<Option<Duration>>>,
+}
+
+/// What [`Publisher::publish_event`] hands to the [`InFlight`] it begins.
+struct Published {
+    event_id: String,
+    sequence: u64,
+    started: Instant,
+    deadline: tokio::time::Instant,
+    nodes: Nodes,
+    rx: mpsc::UnboundedReceiver<Received>,
+    ack_seconds: metrics::Histogram,
+    ack_subject: String,
+    registration: Registration,
 }
 
 /// A published invalidation whose acks are still arriving.
@@ -808,11 +839,8 @@ impl InFlight {
             took,
         };
         if let Some(trail) = &self.audit {
-            trail.write(crate::audit::answered(
-                &outcome,
-                self.caller.as_deref(),
-                &self.target,
-            ));
+            let record = crate::audit::answered(&outcome, self.caller.as_deref(), &self.target);
+            trail.write(&outcome.env, &outcome.request_id, &record);
         }
         outcome
     }

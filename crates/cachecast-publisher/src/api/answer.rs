@@ -77,7 +77,8 @@ pub struct NodeInfo {
 pub struct AgentResult {
     /// `applied`, `failed`, `timeout`, `unattended`, `lagging`, or (while a request runs)
     /// `pending`.
-    pub status: String,
+    #[schema(value_type = String)]
+    pub status: std::borrow::Cow<'static, str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evicted: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
