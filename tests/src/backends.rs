@@ -1,5 +1,5 @@
 //! Cache backends for tests: one that records what it was asked, one that holds evictions at
-//! a gate, one whose evictions a test slows down or makes fail.
+//! a gate, one whose evictions a test slows down, makes fail or holds.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -129,18 +129,30 @@ pub enum EvictionMode {
     Failing,
 }
 
-/// An in-process memory cache whose evictions a test can slow down or make fail.
+/// An in-process memory cache whose evictions a test can slow down, make fail, or hold.
 #[derive(Debug, Clone, Default)]
 pub struct FaultyCache {
     pub cache: MemoryCache,
     mode: Arc<Mutex<EvictionMode>>,
     started: Arc<std::sync::atomic::AtomicU64>,
+    /// While true, evictions wait (after counting as started).
+    held: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl FaultyCache {
     /// How many evictions (and flushes) have begun.
     pub fn evictions_started(&self) -> u64 {
         self.started.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Evictions (those waiting, and those to come) wait until [`FaultyCache::release`].
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Lets held evictions go on.
+    pub fn release(&self) {
+        self.held.send_replace(false);
     }
 
     /// Evictions from now on behave as `mode` says.
@@ -151,6 +163,8 @@ impl FaultyCache {
     async fn fault(&self) -> Result<(), BackendError> {
         self.started
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // The sender lives in `self`: waiting cannot fail.
+        let _ = self.held.subscribe().wait_for(|held| !held).await;
         let mode = *self.mode.lock().expect("lock");
         match mode {
             EvictionMode::Normal => Ok(()),

@@ -1,7 +1,7 @@
 //! What a peer with the right to publish on cachecast's subjects can make of a bad message:
 //! nothing but a count. Garbage, truncated, oversized, unknown-version and misaddressed events
-//! on an environment's events subject, and acks that are malformed, misaddressed, for no
-//! request, or from an agent that was not expected, are counted by reason
+//! on an environment's events subject, and acks (alone or together) that are malformed,
+//! misaddressed, for no request, or from an agent that was not expected, are counted by reason
 //! (`cachecast_agent_rejected_events_total`, `cachecast_rejected_acks_total`) and ignored: the
 //! agent stays ready and applies the next real invalidation, and a request in flight gets its
 //! right answer. Real NATS, the real publisher and agent in this process.
@@ -13,7 +13,8 @@ use cachecast_agent::{Agent, AgentConfig, CacheBackend};
 use cachecast_bus::{WIRE_VERSION, WIRE_VERSION_HEADER};
 use cachecast_e2e::{GatedCache, JOIN_TIMEOUT, Recorder, Stack, eventually};
 use cachecast_proto::{
-    Ack, AckStatus, AgentId, EnvId, Invalidation, MAX_MESSAGE_BYTES, ResponseSelector, Target, Wire,
+    Ack, AckStatus, Acks, AgentId, EnvId, Invalidation, MAX_MESSAGE_BYTES, ResponseSelector,
+    Target, Wire,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -36,6 +37,7 @@ fn event(env: &str) -> Invalidation {
         env: env.into(),
         request_id: "forged".into(),
         issued_at_unix_ms: cachecast_proto::now_unix_ms(),
+        takes_acks_together: true,
         target: Some(Target::Response(ResponseSelector {
             scope_client_ids: vec!["forged-scope".into()],
             identity_id: None,
@@ -268,6 +270,21 @@ async fn a_publisher_refuses_forged_acks_and_answers_correctly() {
             format!("cachecast.v1.{env}.ack.{publisher}.{unknown_id}"),
             ack(&unknown_id, "honest", AckStatus::Applied),
         ),
+        // Acks together from one agent, one of them naming another: if it counted, the answer
+        // would be a 424.
+        (
+            format!("cachecast.v1.{env}.ack.{publisher}.acks.intruder"),
+            Acks {
+                acks: vec![
+                    Ack::from_bytes(&ack(&real.event_id, "honest", AckStatus::Failed))
+                        .expect("an ack"),
+                    Ack::from_bytes(&ack(&unknown_id, "intruder", AckStatus::Applied))
+                        .expect("an ack"),
+                ],
+            }
+            .to_bytes()
+            .to_vec(),
+        ),
     ];
     for (subject, payload) in forgeries {
         spy.publish(subject, payload.into()).await.expect("publish");
@@ -275,13 +292,13 @@ async fn a_publisher_refuses_forged_acks_and_answers_correctly() {
     spy.flush().await.expect("flush");
     let name = "cachecast_rejected_acks_total";
     let expected = [
-        (env, "malformed"),
-        (env, "truncated"),
-        (env, "oversized"),
-        (env, "mismatched_subject"),
-        ("other", "wrong_env"),
-        (env, "unexpected_agent"),
-        (env, "unknown_event"),
+        (env, "malformed", 1),
+        (env, "truncated", 1),
+        (env, "oversized", 1),
+        (env, "mismatched_subject", 2),
+        ("other", "wrong_env", 1),
+        (env, "unexpected_agent", 1),
+        (env, "unknown_event", 2),
     ];
     eventually(
         "every forged ack is counted",
@@ -289,7 +306,7 @@ async fn a_publisher_refuses_forged_acks_and_answers_correctly() {
         || async {
             expected
                 .iter()
-                .all(|(env, reason)| counter(&metrics, name, env, reason) == 1)
+                .all(|(env, reason, n)| counter(&metrics, name, env, reason) == *n)
         },
     )
     .await;
@@ -314,8 +331,8 @@ async fn a_publisher_refuses_forged_acks_and_answers_correctly() {
         || async { counter(&metrics, name, env, "late") == 1 },
     )
     .await;
-    for (env, reason) in expected {
-        assert_eq!(counter(&metrics, name, env, reason), 1, "{env} {reason}");
+    for (env, reason, n) in expected {
+        assert_eq!(counter(&metrics, name, env, reason), n, "{env} {reason}");
     }
     stop.send(()).ok();
 }

@@ -14,7 +14,7 @@ use cachecast_bus::{BusConfig, Client, JetStream, LogLimiter};
 use cachecast_proto::{
     Ack, AckStatus, AgentId, CacheId, CacheName, EnvId, Invalidation, Subjects, Target, Wire,
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tracing::Instrument;
 
 use crate::admission::REJECT_LOG_INTERVAL;
@@ -534,7 +534,8 @@ impl<B: CacheBackend> Agent<B> {
                             progress.record(sequence, left, unix_ms(stored_ns));
                             if sequence > last_sequence {
                                 let delivery = Delivery::Stored { sequence, stream_created_ns };
-                                self.handle(&message, delivery, &mut acknowledged).await;
+                                let answer = self.handle(&message, delivery, &mut acknowledged).await;
+                                self.answer(answer).await;
                                 last_sequence = sequence;
                                 handled_stored_ns = handled_stored_ns.max(stored_ns);
                                 progress.handled_up_to(sequence);
@@ -781,7 +782,8 @@ impl<B: CacheBackend> RunningAgent<B> {
                     }
                     next = next_event(&mut self.events, &mut self.live, &mut self.fast) => match next {
                         Next::Fast(message) => {
-                            self.agent.handle(&message, Delivery::Fast, &mut self.acknowledged).await;
+                            let answer = self.agent.handle(&message, Delivery::Fast, &mut self.acknowledged).await;
+                            self.agent.answer(answer).await;
                         }
                         Next::Stored(Some(Ok(message))) => {
                             let (sequence, pending, stored_ns) = match message.info() {
@@ -804,27 +806,23 @@ impl<B: CacheBackend> RunningAgent<B> {
                                 tracing::debug!(sequence, "skipping an event already handled");
                                 continue;
                             }
-                            self.handle_stored(&message, sequence, stored_ns).await;
+                            let answer = self.handle_stored(&message, sequence, stored_ns).await;
+                            self.agent.answer(answer).await;
                         }
                         Next::Live(Some(message)) => {
-                            self.live_arrived = true;
-                            let Some(copy) = LiveCopy::of(&message) else {
-                                self.agent.reject("no_metadata", 0, &message.subject, "a live copy without its stream sequence");
-                                continue;
-                            };
-                            match crate::live::place(copy, self.last_sequence, self.handled_stored_ns) {
-                                Place::Next => {
-                                    self.progress.record(copy.sequence, 0, unix_ms(copy.stored_ns));
-                                    self.handle_stored(&message, copy.sequence, copy.stored_ns).await;
+                            // Copies that already arrived are applied before any is answered, so
+                            // their acks go together; for a moment at most, so no ack waits long.
+                            let started = Instant::now();
+                            let mut answers = Vec::new();
+                            let mut next = Some(message);
+                            while let Some(message) = next.take() {
+                                answers.extend(self.take_live_copy(&message).await);
+                                if answers.len() >= MAX_ACKS_TOGETHER || started.elapsed() >= ACKS_TOGETHER_FOR || self.events.is_some() {
+                                    break;
                                 }
-                                Place::Handled => {
-                                    tracing::debug!(sequence = copy.sequence, "skipping a live copy already handled");
-                                }
-                                Place::CatchUp => {
-                                    tracing::info!(sequence = copy.sequence, previous = copy.previous, handled = self.last_sequence, "a live copy does not follow the last event handled; catching up from the stream");
-                                    self.catch_up_due = !self.resume(None).await;
-                                }
+                                next = self.live.as_mut().and_then(|live| live.next().now_or_never()).flatten();
                             }
+                            self.agent.answer(answers).await;
                         }
                         Next::Live(None) => {
                             tracing::warn!("the live copies' subscription ended; a consumer delivers every event");
@@ -914,19 +912,60 @@ impl<B: CacheBackend> RunningAgent<B> {
         self.live.is_some() && self.live_copies
     }
 
-    /// Applies and acknowledges the stored event at `sequence`, stored at `stored_ns` (from
-    /// the consumer or a live copy), then moves the position on to it.
+    /// Applies a live copy if it is the next event (returning its ack), skips it if handled,
+    /// or catches up from the stream if it shows a gap.
+    async fn take_live_copy(&mut self, message: &async_nats::Message) -> Option<Answer> {
+        self.live_arrived = true;
+        let Some(copy) = LiveCopy::of(message) else {
+            self.agent.reject(
+                "no_metadata",
+                0,
+                &message.subject,
+                "a live copy without its stream sequence",
+            );
+            return None;
+        };
+        match crate::live::place(copy, self.last_sequence, self.handled_stored_ns) {
+            Place::Next => {
+                self.progress
+                    .record(copy.sequence, 0, unix_ms(copy.stored_ns));
+                self.handle_stored(message, copy.sequence, copy.stored_ns)
+                    .await
+            }
+            Place::Handled => {
+                tracing::debug!(
+                    sequence = copy.sequence,
+                    "skipping a live copy already handled"
+                );
+                None
+            }
+            Place::CatchUp => {
+                tracing::info!(
+                    sequence = copy.sequence,
+                    previous = copy.previous,
+                    handled = self.last_sequence,
+                    "a live copy does not follow the last event handled; catching up from the stream"
+                );
+                self.catch_up_due = !self.resume(None).await;
+                None
+            }
+        }
+    }
+
+    /// Applies the stored event at `sequence`, stored at `stored_ns` (from the consumer or a
+    /// live copy), moves the position on to it, and returns its ack.
     async fn handle_stored(
         &mut self,
         message: &async_nats::Message,
         sequence: u64,
         stored_ns: i128,
-    ) {
+    ) -> Option<Answer> {
         let delivery = Delivery::Stored {
             sequence,
             stream_created_ns: self.stream_created_ns,
         };
-        self.agent
+        let answer = self
+            .agent
             .handle(message, delivery, &mut self.acknowledged)
             .await;
         self.last_sequence = sequence;
@@ -936,6 +975,7 @@ impl<B: CacheBackend> RunningAgent<B> {
         self.agent
             .remember_position(sequence, self.stream_created_ns)
             .await;
+        answer
     }
 
     /// Replaces the consumer with one that starts right after the last handled event (or
@@ -1031,18 +1071,18 @@ impl<B: CacheBackend> RunningAgent<B> {
 }
 
 impl<B: CacheBackend> Agent<B> {
-    /// Applies and acknowledges one event, unless it was acknowledged already on the other
-    /// path: then the stream's delivery only checks that a persistent cache did not restart
-    /// since (its position moves on after this).
+    /// Applies one event and returns its ack (for [`Self::answer`]), unless this agent refuses
+    /// it, has nothing to do with it, or acknowledged it already on the other path: then the
+    /// stream's delivery only checks that a persistent cache did not restart since (its
+    /// position moves on after this).
+    #[must_use = "the ack goes to the publisher through `answer`"]
     async fn handle(
         &self,
         message: &async_nats::Message,
         delivery: Delivery,
         acknowledged: &mut Acknowledged,
-    ) {
-        let Some(event) = self.admit(message, delivery) else {
-            return;
-        };
+    ) -> Option<Answer> {
+        let event = self.admit(message, delivery)?;
         let sequence = delivery.sequence();
         // Every agent of the environment receives a keyed cache's events, but publishers expect
         // only the agents that announced that cache: the others have nothing to evict and
@@ -1054,7 +1094,7 @@ impl<B: CacheBackend> Agent<B> {
                 .any(|c| c.as_str() == selector.cache)
         {
             tracing::debug!(sequence, cache = %selector.cache, "not serving this keyed cache: nothing to evict");
-            return;
+            return None;
         }
         // Only the fast path brings an event twice under different deliveries; the stream's
         // copies are told apart by sequence.
@@ -1067,7 +1107,7 @@ impl<B: CacheBackend> Agent<B> {
                     tracing::warn!(%err, "the cache is still dirty");
                 }
             }
-            return;
+            return None;
         }
         if on_both_paths {
             acknowledged.insert(&event.event_id);
@@ -1111,22 +1151,64 @@ impl<B: CacheBackend> Agent<B> {
                     .unwrap_or_default(),
             };
             // Headers only for a trace to carry on: the publisher parses every ack.
-            let mut headers = HeaderMap::new();
-            cachecast_bus::trace_context::inject_current(&mut headers);
-            let subject = Subjects::ack_from(&event.ack_subject, &self.id);
-            let sent = if headers.is_empty() {
-                self.client.publish(subject, ack.to_bytes()).await
-            } else {
-                self.client
-                    .publish_with_headers(subject, headers, ack.to_bytes())
-                    .await
-            };
-            if let Err(err) = sent {
-                tracing::warn!(error = %err, "could not send the ack");
-            }
+            let mut trace = HeaderMap::new();
+            cachecast_bus::trace_context::inject_current(&mut trace);
+            Some(Answer {
+                ack_subject: event.ack_subject,
+                together: event.takes_acks_together,
+                trace,
+                ack,
+            })
         }
         .instrument(span)
         .await
+    }
+
+    /// Sends `answers`, in order. Several to one publisher that takes acks together go in one
+    /// message (fewer messages for the server to route and the publisher to read, when events
+    /// come faster than one at a time); an ack with a trace to carry on goes alone.
+    async fn answer(&self, answers: impl IntoIterator<Item = Answer>) {
+        let mut together: Vec<(String, Vec<Answer>)> = Vec::new();
+        for answer in answers {
+            // A failure goes alone: its reason has no bound here.
+            let batch = Some(&answer)
+                .filter(|a| {
+                    a.together && a.trace.is_empty() && a.ack.status == AckStatus::Applied as i32
+                })
+                .and_then(|a| Subjects::acks_from(&a.ack_subject, &self.id));
+            match batch {
+                Some(subject) => match together.iter_mut().find(|(s, _)| *s == subject) {
+                    Some((_, batch)) => batch.push(answer),
+                    None => together.push((subject, vec![answer])),
+                },
+                None => self.send_ack(answer).await,
+            }
+        }
+        for (subject, mut batch) in together {
+            if batch.len() == 1 {
+                self.send_ack(batch.pop().expect("one answer")).await;
+                continue;
+            }
+            let acks = batch.into_iter().map(|a| a.ack).collect();
+            let payload = cachecast_proto::Acks { acks }.to_bytes();
+            if let Err(err) = self.client.publish(subject, payload).await {
+                tracing::warn!(error = %err, "could not send the acks");
+            }
+        }
+    }
+
+    async fn send_ack(&self, answer: Answer) {
+        let subject = Subjects::ack_from(&answer.ack_subject, &self.id);
+        let sent = if answer.trace.is_empty() {
+            self.client.publish(subject, answer.ack.to_bytes()).await
+        } else {
+            self.client
+                .publish_with_headers(subject, answer.trace, answer.ack.to_bytes())
+                .await
+        };
+        if let Err(err) = sent {
+            tracing::warn!(error = %err, "could not send the ack");
+        }
     }
 
     /// Marks a persistent cache dirty (so it is flushed) if it restarted since it was last
@@ -1275,6 +1357,18 @@ async fn next_stored(
 /// The next event from either path, neither preferred: when both are ready the choice is
 /// random, so a busy fast path cannot starve the stored events, whose progress is the record.
 /// Without a fast path (off, or its subscription ended), the stored events only.
+/// An applied (or failed) event's ack, on its way to the publisher that awaits it.
+#[derive(Debug)]
+struct Answer {
+    /// Where the event asked for its ack.
+    ack_subject: String,
+    /// Its publisher takes several acks in one message.
+    together: bool,
+    /// The event's trace, to carry on (empty without one).
+    trace: HeaderMap,
+    ack: Ack,
+}
+
 async fn next_event(
     events: &mut Option<pull::Ordered>,
     live: &mut Option<async_nats::Subscriber>,
@@ -1295,6 +1389,11 @@ async fn next_event(
         },
     }
 }
+
+/// At most this many acks in one message to a publisher.
+const MAX_ACKS_TOGETHER: usize = 64;
+/// Live copies that already arrived are applied for at most this long before their acks go.
+const ACKS_TOGETHER_FOR: Duration = Duration::from_millis(1);
 
 /// How often a dirty cache is flushed again while the flush keeps failing.
 const REPAIR_INTERVAL: Duration = Duration::from_secs(1);

@@ -18,7 +18,7 @@ pub mod v1 {
 }
 
 pub use v1::{
-    Ack, AckStatus, AgentOutcome as AgentOutcomeReply, CacheRegistration, ErrorReply,
+    Ack, AckStatus, Acks, AgentOutcome as AgentOutcomeReply, CacheRegistration, ErrorReply,
     IdentitySelector, InvalidateReply, InvalidateRequest, Invalidation, KeyedSelector, Presence,
     ResponseSelector, invalidate_request::Target as RequestTarget, invalidation::Target,
 };
@@ -126,6 +126,7 @@ mod tests {
             request_id: "r-1".into(),
             ack_subject: "cachecast.v1.dev.ack.p.e".into(),
             issued_at_unix_ms: 42,
+            takes_acks_together: true,
             target: Some(Target::Response(ResponseSelector {
                 scope_client_ids: vec!["s1".into(), "s2".into()],
                 identity_id: Some("alice".into()),

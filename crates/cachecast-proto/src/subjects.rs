@@ -2,7 +2,8 @@
 //!
 //! Events: `cachecast.v1.<env>.inval`; the stream's copy of each as it stores it (republish):
 //! `cachecast.v1.<env>.live`. Acks:
-//! `cachecast.v1.<env>.ack.<publisherId>.<eventId>.<agentId>`.
+//! `cachecast.v1.<env>.ack.<publisherId>.<eventId>.<agentId>`, several together
+//! `cachecast.v1.<env>.ack.<publisherId>.acks.<agentId>`.
 //! Service requests: `cachecast.svc.v1.<env>.invalidate`.
 //! Presence: key `<env>.<agentId>` in the presence bucket. Registration of a persistent cache:
 //! key `<env>.<cacheId>` in the caches bucket. Every token here is either a
@@ -48,6 +49,18 @@ impl Subjects {
         subject.push('.');
         subject.push_str(agent.as_str());
         subject
+    }
+
+    /// The token that stands for the event id in the subject of several acks together
+    /// (event ids are hex, so it names no event).
+    pub const ACKS_TOGETHER: &'static str = "acks";
+
+    /// Where `agent` publishes several acks together (`Acks`) to the publisher of the event
+    /// whose ack subject is `ack_subject`: that subject with [`Self::ACKS_TOGETHER`] for the
+    /// event id, so the same permission binds it to the agent.
+    pub fn acks_from(ack_subject: &str, agent: &AgentId) -> Option<String> {
+        let (publisher, _event) = ack_subject.rsplit_once('.')?;
+        Some(format!("{publisher}.{}.{agent}", Self::ACKS_TOGETHER))
     }
 
     /// What every ack subject of `env` starts with.
@@ -157,6 +170,10 @@ mod tests {
         assert_eq!(
             Subjects::ack_from(&Subjects::ack(&env, "p1", "e1"), &agent),
             "cachecast.v1.dev.ack.p1.e1.paa-1"
+        );
+        assert_eq!(
+            Subjects::acks_from(&Subjects::ack(&env, "p1", "e1"), &agent).as_deref(),
+            Some("cachecast.v1.dev.ack.p1.acks.paa-1")
         );
     }
 

@@ -25,16 +25,20 @@ fn invalidation() -> impl Strategy<Value = Invalidation> {
         ".{0,32}",
         ".{0,40}",
         any::<i64>(),
+        any::<bool>(),
         prop::option::of(selector()),
     )
         .prop_map(
-            |(event_id, env, request_id, ack_subject, issued_at_unix_ms, selector)| Invalidation {
-                event_id,
-                env,
-                request_id,
-                ack_subject,
-                issued_at_unix_ms,
-                target: selector.map(Target::Response),
+            |(event_id, env, request_id, ack_subject, issued_at_unix_ms, together, selector)| {
+                Invalidation {
+                    event_id,
+                    env,
+                    request_id,
+                    ack_subject,
+                    issued_at_unix_ms,
+                    takes_acks_together: together,
+                    target: selector.map(Target::Response),
+                }
             },
         )
 }
@@ -47,6 +51,7 @@ proptest! {
         // Each message type: Ok or a DecodeError, never a panic.
         let _ = Invalidation::from_bytes(&payload);
         let _ = Ack::from_bytes(&payload);
+        let _ = cachecast_proto::Acks::from_bytes(&payload);
         let _ = Presence::from_bytes(&payload);
         let _ = ResponseSelector::from_bytes(&payload);
     }

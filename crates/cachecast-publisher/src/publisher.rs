@@ -508,6 +508,7 @@ impl Publisher {
             request_id: request.request_id.clone(),
             ack_subject: ack_subject.clone(),
             issued_at_unix_ms: cachecast_proto::now_unix_ms(),
+            takes_acks_together: true,
             target: Some(request.target.clone()),
         };
         let publish = tokio::time::timeout(inner.request_timeout, self.publish(request, event));
@@ -895,30 +896,17 @@ async fn demux_acks(mut acks: async_nats::Subscriber, inner: std::sync::Weak<Inn
         let at = Instant::now();
         let Some(inner) = inner.upgrade() else { return };
         let subject = message.subject.as_str();
-        // cachecast.v1.<env>.ack.<publisherId>.<eventId>: the subscription fixes the rest.
-        let subject_env = subject
-            .split('.')
-            .nth(2)
-            .and_then(|env| EnvId::new(env).ok());
+        // cachecast.v1.<env>.ack.<publisherId>.<eventId>[.<agentId>]: the subscription fixes
+        // the rest. The subject names the sender, whom NATS permissions can bind to its user,
+        // and the event, or `acks` for several events' acks together; the payload must agree.
+        let mut tokens = subject.split('.');
+        let subject_env = tokens.nth(2).and_then(|env| EnvId::new(env).ok());
         let env_label = subject_env.as_ref().map_or("invalid", EnvId::as_str);
-        let ack = match Ack::from_bytes(&message.payload) {
-            Ok(ack) => ack,
-            Err(err) => {
-                inner.reject(env_label, err.reason(), subject, "", &err.to_string());
-                continue;
-            }
+        let (event, sender) = match (tokens.nth(2), tokens.next(), tokens.next()) {
+            (event, sender, None) => (event, sender),
+            (event, _, Some(_)) => (event, Some("")),
         };
-        // cachecast.v1.<env>.ack.<publisherId>.<eventId>[.<agentId>]: the subject names the
-        // event and (from current agents) the sender, whom NATS permissions can bind to its
-        // user; both must agree with the payload.
-        let mut named = subject.split('.').skip(5);
-        let agrees = named.next() == Some(ack.event_id.as_str())
-            && match (named.next(), named.next()) {
-                (None, _) => true,
-                (Some(agent), None) => agent == ack.agent_id,
-                (Some(_), Some(_)) => false,
-            };
-        if !agrees {
+        let mismatched = |ack: &Ack| {
             let detail = format!(
                 "the payload names event {:?} from agent {:?}",
                 ack.event_id, ack.agent_id
@@ -930,49 +918,96 @@ async fn demux_acks(mut acks: async_nats::Subscriber, inner: std::sync::Weak<Inn
                 &ack.agent_id,
                 &detail,
             );
+        };
+        if event == Some(Subjects::ACKS_TOGETHER) {
+            let acks = match cachecast_proto::Acks::from_bytes(&message.payload) {
+                Ok(together) if sender.is_some_and(|s| !s.is_empty()) => together.acks,
+                Ok(_) => {
+                    let detail = "acks together from no named agent";
+                    inner.reject(env_label, "mismatched_subject", subject, "", detail);
+                    continue;
+                }
+                Err(err) => {
+                    inner.reject(env_label, err.reason(), subject, "", &err.to_string());
+                    continue;
+                }
+            };
+            for ack in acks {
+                if sender == Some(ack.agent_id.as_str()) {
+                    route_ack(&inner, subject_env.as_ref(), env_label, subject, ack, at);
+                } else {
+                    mismatched(&ack);
+                }
+            }
             continue;
         }
-        // Decided under the lock, so the common case clones only the sender.
-        let waiting = match inner
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&ack.event_id)
-        {
-            Some((env, tx)) if subject_env.as_ref() == Some(env) => Some(Ok(tx.clone())),
-            Some((env, _)) => Some(Err(env.to_string())),
-            None => None,
+        let ack = match Ack::from_bytes(&message.payload) {
+            Ok(ack) => ack,
+            Err(err) => {
+                inner.reject(env_label, err.reason(), subject, "", &err.to_string());
+                continue;
+            }
         };
-        match waiting {
-            Some(Ok(tx)) => {
-                let _ = tx.send((ack, at));
-            }
-            Some(Err(env)) => {
-                let detail = format!("the event is for environment {env}");
-                inner.reject(env_label, "wrong_env", subject, &ack.agent_id, &detail);
-            }
-            None if inner
-                .finished
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&ack.event_id) =>
-            {
-                metrics::counter!("cachecast_rejected_acks_total", "env" => env_label.to_owned(), "reason" => "late")
-                    .increment(1);
-                tracing::debug!(event_id = %ack.event_id, agent = %ack.agent_id, "ack after its request finished")
-            }
-            None => inner.reject(
-                env_label,
-                "unknown_event",
-                subject,
-                &ack.agent_id,
-                "no request of this publisher published that event",
-            ),
+        let agrees = event == Some(ack.event_id.as_str())
+            && sender.is_none_or(|agent| agent == ack.agent_id);
+        if agrees {
+            route_ack(&inner, subject_env.as_ref(), env_label, subject, ack, at);
+        } else {
+            mismatched(&ack);
         }
     }
     tracing::error!(
         "the ack subscription ended: no request can be confirmed any more; restart the publisher"
     );
+}
+
+/// Hands `ack` (received at `at` on `subject`, of environment `subject_env`) to the request
+/// waiting for it, or counts why none is.
+fn route_ack(
+    inner: &Inner,
+    subject_env: Option<&EnvId>,
+    env_label: &str,
+    subject: &str,
+    ack: Ack,
+    at: Instant,
+) {
+    // Decided under the lock, so the common case clones only the sender.
+    let waiting = match inner
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&ack.event_id)
+    {
+        Some((env, tx)) if subject_env == Some(env) => Some(Ok(tx.clone())),
+        Some((env, _)) => Some(Err(env.to_string())),
+        None => None,
+    };
+    match waiting {
+        Some(Ok(tx)) => {
+            let _ = tx.send((ack, at));
+        }
+        Some(Err(env)) => {
+            let detail = format!("the event is for environment {env}");
+            inner.reject(env_label, "wrong_env", subject, &ack.agent_id, &detail);
+        }
+        None if inner
+            .finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&ack.event_id) =>
+        {
+            metrics::counter!("cachecast_rejected_acks_total", "env" => env_label.to_owned(), "reason" => "late")
+                .increment(1);
+            tracing::debug!(event_id = %ack.event_id, agent = %ack.agent_id, "ack after its request finished")
+        }
+        None => inner.reject(
+            env_label,
+            "unknown_event",
+            subject,
+            &ack.agent_id,
+            "no request of this publisher published that event",
+        ),
+    }
 }
 
 /// How often unattended caches are counted (and, when configured, forgotten).

@@ -1,0 +1,81 @@
+//! Acks together: an agent that finds several live copies waiting applies them all, then
+//! answers their publisher in one `Acks` message (`cachecast.v1.<env>.ack.<publisherId>.acks.
+//! <agentId>`). Every request those acks answer must still be confirmed only by an eviction
+//! that happened: the test holds the agent's first eviction so that the next events pile up,
+//! lets them through, and then looks into the cache for each confirmed request.
+
+use std::time::Duration;
+
+use cachecast_e2e::scopes::{all_applied, fill_scope, scope_request};
+use cachecast_e2e::{FaultyCache, Stack, eventually};
+use cachecast_proto::{AckStatus, Acks, Wire};
+use futures::StreamExt as _;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_arrived_together_are_acknowledged_together_and_applied() {
+    let stack = Stack::start().await;
+    let cache = FaultyCache::default();
+    let _agent = stack.agent("dev", "a1", cache.clone()).await;
+    stack.wait_for_agents("dev", 1).await;
+    let spy = async_nats::connect(stack.nats.url()).await.expect("spy");
+    let mut together = spy
+        .subscribe("cachecast.v1.dev.ack.*.acks.*")
+        .await
+        .expect("subscribe");
+    spy.flush().await.expect("flush");
+
+    let scopes: Vec<String> = (0..30).map(|n| format!("s{n}")).collect();
+    for scope in &scopes {
+        fill_scope(&cache.cache, scope);
+    }
+    // The first event's eviction is held: the others arrive while the agent waits on it.
+    cache.hold();
+    let first = {
+        let publisher = stack.publisher.clone();
+        let request = scope_request(&scopes[0], Duration::from_secs(20));
+        tokio::spawn(async move { publisher.invalidate(request).await })
+    };
+    eventually(
+        "the first eviction is held",
+        Duration::from_secs(10),
+        || async { cache.evictions_started() == 1 },
+    )
+    .await;
+    // Each begun request's event is stored, so its live copy is on its way to the agent.
+    let mut rest = Vec::new();
+    for scope in &scopes[1..] {
+        let request = scope_request(scope, Duration::from_secs(20));
+        rest.push(stack.publisher.begin(request).await.expect("published"));
+    }
+    cache.release();
+
+    let mut outcomes = vec![first.await.expect("the first request").expect("published")];
+    for mut in_flight in rest {
+        while in_flight.next_ack().await.is_some() {}
+        outcomes.push(in_flight.finish());
+    }
+    for (scope, outcome) in scopes.iter().zip(&outcomes) {
+        assert!(all_applied(outcome), "{scope}: {outcome:?}");
+        assert!(
+            !cache.cache.contains(&format!("{scope}/k")),
+            "{scope} was confirmed but is still cached"
+        );
+    }
+
+    // At least one message carried several acks, each for a request confirmed above.
+    let message = tokio::time::timeout(Duration::from_secs(5), together.next())
+        .await
+        .expect("acks went together")
+        .expect("the spy's subscription");
+    assert!(message.subject.ends_with(".acks.a1"), "{}", message.subject);
+    let acks = Acks::from_bytes(&message.payload).expect("Acks").acks;
+    assert!(acks.len() > 1, "one message, several acks: {acks:?}");
+    for ack in &acks {
+        assert_eq!(ack.agent_id, "a1");
+        assert_eq!(ack.status, AckStatus::Applied as i32);
+        assert!(
+            outcomes.iter().any(|o| o.event_id == ack.event_id),
+            "an ack for an event no request here published: {ack:?}"
+        );
+    }
+}
