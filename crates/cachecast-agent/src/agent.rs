@@ -813,7 +813,7 @@ impl<B: CacheBackend> RunningAgent<B> {
                             // Copies that already arrived are applied before any is answered, so
                             // their acks go together; for a moment at most, so no ack waits long.
                             let started = Instant::now();
-                            let mut answers = Vec::new();
+                            let mut answers = Vec::with_capacity(8);
                             let mut next = Some(message);
                             while let Some(message) = next.take() {
                                 answers.extend(self.take_live_copy(&message).await);
@@ -1168,28 +1168,34 @@ impl<B: CacheBackend> Agent<B> {
     /// message (fewer messages for the server to route and the publisher to read, when events
     /// come faster than one at a time); an ack with a trace to carry on goes alone.
     async fn answer(&self, answers: impl IntoIterator<Item = Answer>) {
-        let mut together: Vec<(String, Vec<Answer>)> = Vec::new();
+        // By publisher: the ack subject up to its event id.
+        let mut together: Vec<Vec<Answer>> = Vec::new();
         for answer in answers {
             // A failure goes alone: its reason has no bound here.
-            let batch = Some(&answer)
-                .filter(|a| {
-                    a.together && a.trace.is_empty() && a.ack.status == AckStatus::Applied as i32
-                })
-                .and_then(|a| Subjects::acks_from(&a.ack_subject, &self.id));
-            match batch {
-                Some(subject) => match together.iter_mut().find(|(s, _)| *s == subject) {
-                    Some((_, batch)) => batch.push(answer),
-                    None => together.push((subject, vec![answer])),
-                },
-                None => self.send_ack(answer).await,
-            }
-        }
-        for (subject, mut batch) in together {
-            if batch.len() == 1 {
-                self.send_ack(batch.pop().expect("one answer")).await;
+            let batched = answer.together
+                && answer.trace.is_empty()
+                && answer.ack.status == AckStatus::Applied as i32;
+            let publisher = answer.ack_subject.rsplit_once('.').map(|(p, _)| p);
+            if !batched || publisher.is_none() {
+                self.send_ack(answer).await;
                 continue;
             }
-            let acks = batch.into_iter().map(|a| a.ack).collect();
+            let same = together
+                .iter_mut()
+                .find(|group| group[0].ack_subject.rsplit_once('.').map(|(p, _)| p) == publisher);
+            match same {
+                Some(group) => group.push(answer),
+                None => together.push(vec![answer]),
+            }
+        }
+        for mut group in together {
+            if group.len() == 1 {
+                self.send_ack(group.pop().expect("one answer")).await;
+                continue;
+            }
+            let subject = Subjects::acks_from(&group[0].ack_subject, &self.id)
+                .expect("grouped by the publisher part of the ack subject");
+            let acks = group.into_iter().map(|a| a.ack).collect();
             let payload = cachecast_proto::Acks { acks }.to_bytes();
             if let Err(err) = self.client.publish(subject, payload).await {
                 tracing::warn!(error = %err, "could not send the acks");
