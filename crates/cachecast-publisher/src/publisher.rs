@@ -428,35 +428,7 @@ impl Publisher {
                 return Err(err);
             }
         };
-        let Published {
-            event_id,
-            sequence,
-            started,
-            deadline,
-            nodes,
-            rx,
-            ack_seconds,
-            ack_subject,
-            registration,
-        } = published;
-        Ok(InFlight {
-            outstanding: nodes.answers.values().filter(|a| a.is_none()).count(),
-            agents: nodes.answers,
-            persistent: nodes.persistent,
-            request_id: request.request_id,
-            env: request.env,
-            caller: request.caller,
-            target: request.target,
-            audit: self.inner.audit.clone(),
-            event_id,
-            sequence,
-            started,
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
-            rx,
-            ack_seconds,
-            ack_subject,
-            registration,
-        })
+        Ok(published.in_flight(request, self.inner.audit.clone()))
     }
 
     /// Publishes the event of `request` and registers for its acks: the half of [`Self::begin`]
@@ -653,6 +625,34 @@ struct Published {
     ack_seconds: metrics::Histogram,
     ack_subject: String,
     registration: Registration,
+}
+
+impl Published {
+    /// The request in flight, now that its event is out.
+    fn in_flight(
+        self,
+        request: InvalidationRequest,
+        audit: Option<crate::audit::Trail>,
+    ) -> InFlight {
+        InFlight {
+            outstanding: self.nodes.answers.values().filter(|a| a.is_none()).count(),
+            agents: self.nodes.answers,
+            persistent: self.nodes.persistent,
+            request_id: request.request_id,
+            env: request.env,
+            caller: request.caller,
+            target: request.target,
+            audit,
+            event_id: self.event_id,
+            sequence: self.sequence,
+            started: self.started,
+            deadline: Box::pin(tokio::time::sleep_until(self.deadline)),
+            rx: self.rx,
+            ack_seconds: self.ack_seconds,
+            ack_subject: self.ack_subject,
+            registration: self.registration,
+        }
+    }
 }
 
 /// A published invalidation whose acks are still arriving.
@@ -888,9 +888,9 @@ impl Drop for Registration {
     }
 }
 
-/// Routes each ack to the request waiting for it. Refuses (counts, logs, ignores) an ack that
-/// does not decode, whose subject and payload disagree, that comes from another environment's
-/// subject than its request's, or that names no request.
+/// Routes each ack (alone, or one of several together) to the request waiting for it. Refuses
+/// (counts, logs, ignores) an ack that does not decode, whose subject and payload disagree,
+/// that comes from another environment's subject than its request's, or that names no request.
 async fn demux_acks(mut acks: async_nats::Subscriber, inner: std::sync::Weak<Inner>) {
     while let Some(message) = acks.next().await {
         let at = Instant::now();
@@ -904,6 +904,7 @@ async fn demux_acks(mut acks: async_nats::Subscriber, inner: std::sync::Weak<Inn
         let env_label = subject_env.as_ref().map_or("invalid", EnvId::as_str);
         let (event, sender) = match (tokens.nth(2), tokens.next(), tokens.next()) {
             (event, sender, None) => (event, sender),
+            // A token too many: a sender no ack can name.
             (event, _, Some(_)) => (event, Some("")),
         };
         let mismatched = |ack: &Ack| {
