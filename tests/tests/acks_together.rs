@@ -2,13 +2,15 @@
 //! answers their publisher in one `Acks` message (`cachecast.v1.<env>.ack.<publisherId>.acks.
 //! <agentId>`). Every request those acks answer must still be confirmed only by an eviction
 //! that happened: the test holds the agent's first eviction so that the next events pile up,
-//! lets them through, and then looks into the cache for each confirmed request.
+//! lets them through, and then looks into the cache for each confirmed request. And an ack in
+//! hand goes once its moment is over, whatever eviction comes behind it.
 
 use std::time::Duration;
 
 use cachecast_e2e::scopes::{all_applied, fill_scope, scope_request};
-use cachecast_e2e::{FaultyCache, Stack, eventually};
-use cachecast_proto::{AckStatus, Acks, Wire};
+use cachecast_e2e::{FaultyCache, GatedCache, Stack, eventually};
+use cachecast_proto::{AckStatus, Acks, ResponseSelector, Target, Wire};
+use cachecast_publisher::InvalidationRequest;
 use futures::StreamExt as _;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,4 +80,67 @@ async fn events_that_arrived_together_are_acknowledged_together_and_applied() {
             "an ack for an event no request here published: {ack:?}"
         );
     }
+}
+
+/// Waits for every ack of `in_flight` (or its deadline).
+async fn outcome(mut in_flight: cachecast_publisher::InFlight) -> cachecast_publisher::Outcome {
+    while in_flight.next_ack().await.is_some() {}
+    in_flight.finish()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_in_hand_does_not_wait_for_a_slow_eviction_behind_it() {
+    let stack = Stack::start().await;
+    let gate = GatedCache::default();
+    let _agent = stack.agent("dev", "a1", gate.clone()).await;
+    stack.wait_for_agents("dev", 1).await;
+    let spy = async_nats::connect(stack.nats.url()).await.expect("spy");
+    let mut copies = spy
+        .subscribe("cachecast.v1.dev.live")
+        .await
+        .expect("subscribe");
+    spy.flush().await.expect("flush");
+
+    // A scope eviction held at the gate; behind it, one of every response (which the gate lets
+    // by) and another scope (held too).
+    let first = stack
+        .publisher
+        .begin(scope_request("s0", Duration::from_secs(30)))
+        .await
+        .expect("published");
+    let everything = stack
+        .publisher
+        .begin(InvalidationRequest {
+            target: Target::Response(ResponseSelector::default()),
+            ..scope_request("all", Duration::from_secs(30))
+        })
+        .await
+        .expect("published");
+    let slow = stack
+        .publisher
+        .begin(scope_request("s2", Duration::from_secs(30)))
+        .await
+        .expect("published");
+    // The copies reach the agent as they reach this spy: all three are there.
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(10), copies.next())
+            .await
+            .expect("a live copy")
+            .expect("the spy's subscription");
+    }
+
+    gate.let_one_through();
+    assert!(all_applied(&outcome(first).await), "the first");
+    // The flush is applied at once; its ack goes while the scope behind it is still held.
+    let everything = tokio::time::timeout(Duration::from_secs(10), outcome(everything))
+        .await
+        .expect("the ack of an applied eviction waited for a held one");
+    assert!(all_applied(&everything), "{everything:?}");
+    assert!(
+        slow.agents().values().all(Option::is_none),
+        "the held eviction was not answered: {:?}",
+        slow.agents()
+    );
+    gate.open();
+    assert!(all_applied(&outcome(slow).await), "the last");
 }

@@ -132,6 +132,11 @@ async fn an_agent_counts_and_ignores_events_it_cannot_apply() {
     let mut wrong_ack = event(env);
     wrong_ack.ack_subject = format!("cachecast.v1.{env}.ack.test-publisher.another-event");
     store(HeaderMap::new(), wrong_ack.to_bytes().to_vec()).await;
+    // An event named like acks together: its ack would read as a batch.
+    let mut named_acks = event(env);
+    named_acks.event_id = cachecast_proto::Subjects::ACKS_TOGETHER.into();
+    named_acks.ack_subject = format!("cachecast.v1.{env}.ack.test-publisher.acks");
+    store(HeaderMap::new(), named_acks.to_bytes().to_vec()).await;
     // The current version, said out loud, is fine (and nobody waits for this ack).
     let mut current = HeaderMap::new();
     current.insert(WIRE_VERSION_HEADER, WIRE_VERSION);
@@ -156,7 +161,7 @@ async fn an_agent_counts_and_ignores_events_it_cannot_apply() {
         ("oversized", 1),
         ("unknown_version", 1),
         ("wrong_env", 1),
-        ("invalid", 1),
+        ("invalid", 2),
     ] {
         assert_eq!(
             counter(&metrics, name, env, reason),
@@ -285,6 +290,23 @@ async fn a_publisher_refuses_forged_acks_and_answers_correctly() {
             .to_bytes()
             .to_vec(),
         ),
+        // More acks together than any agent sends, and none at all.
+        (
+            format!("cachecast.v1.{env}.ack.{publisher}.acks.honest"),
+            Acks {
+                acks: vec![
+                    Ack::from_bytes(&ack(&real.event_id, "honest", AckStatus::Failed))
+                        .expect("an ack");
+                    cachecast_proto::MAX_ACKS_TOGETHER + 1
+                ],
+            }
+            .to_bytes()
+            .to_vec(),
+        ),
+        (
+            format!("cachecast.v1.{env}.ack.{publisher}.acks.honest"),
+            Acks { acks: vec![] }.to_bytes().to_vec(),
+        ),
     ];
     for (subject, payload) in forgeries {
         spy.publish(subject, payload.into()).await.expect("publish");
@@ -292,9 +314,9 @@ async fn a_publisher_refuses_forged_acks_and_answers_correctly() {
     spy.flush().await.expect("flush");
     let name = "cachecast_rejected_acks_total";
     let expected = [
-        (env, "malformed", 1),
+        (env, "malformed", 2),
         (env, "truncated", 1),
-        (env, "oversized", 1),
+        (env, "oversized", 2),
         (env, "mismatched_subject", 2),
         ("other", "wrong_env", 1),
         (env, "unexpected_agent", 1),

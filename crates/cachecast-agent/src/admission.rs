@@ -77,11 +77,15 @@ impl<B: CacheBackend> Agent<B> {
             reject("wrong_env", &detail);
             return None;
         }
-        // The ack subject ends `<publisherId>.<eventId>`, and names this event.
+        // The ack subject ends `<publisherId>.<eventId>`, and names this event (never the
+        // token of acks together).
         let tail = &event.ack_subject[self.ack_prefix.len()..];
         let well_formed = match tail.split_once('.') {
             Some((publisher, event_id)) => {
-                is_plain_token(publisher) && is_plain_token(event_id) && event_id == event.event_id
+                is_plain_token(publisher)
+                    && is_plain_token(event_id)
+                    && event_id == event.event_id
+                    && event_id != cachecast_proto::Subjects::ACKS_TOGETHER
             }
             None => false,
         };

@@ -809,21 +809,7 @@ impl<B: CacheBackend> RunningAgent<B> {
                             let answer = self.handle_stored(&message, sequence, stored_ns).await;
                             self.agent.answer(answer).await;
                         }
-                        Next::Live(Some(message)) => {
-                            // Copies that already arrived are applied before any is answered, so
-                            // their acks go together; for a moment at most, so no ack waits long.
-                            let started = Instant::now();
-                            let mut answers = Vec::with_capacity(8);
-                            let mut next = Some(message);
-                            while let Some(message) = next.take() {
-                                answers.extend(self.take_live_copy(&message).await);
-                                if answers.len() >= MAX_ACKS_TOGETHER || started.elapsed() >= ACKS_TOGETHER_FOR || self.events.is_some() {
-                                    break;
-                                }
-                                next = self.live.as_mut().and_then(|live| live.next().now_or_never()).flatten();
-                            }
-                            self.agent.answer(answers).await;
-                        }
+                        Next::Live(Some(message)) => self.take_live_copies(message).await,
                         Next::Live(None) => {
                             tracing::warn!("the live copies' subscription ended; a consumer delivers every event");
                             self.live = None;
@@ -910,6 +896,45 @@ impl<B: CacheBackend> RunningAgent<B> {
     /// Whether the live copies bring events whenever no consumer is catching up.
     fn on_live_copies(&self) -> bool {
         self.live.is_some() && self.live_copies
+    }
+
+    /// Takes `first` and the live copies that already arrived behind it (at most
+    /// [`MAX_ACKS_TOGETHER`]), and answers them together: the acks in hand wait for the next
+    /// copy only until [`ACKS_TOGETHER_FOR`] has passed since the first, then go.
+    async fn take_live_copies(&mut self, first: async_nats::Message) {
+        let until = tokio::time::Instant::now() + ACKS_TOGETHER_FOR;
+        let mut answers = Vec::with_capacity(8);
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            if answers.is_empty() {
+                answers.extend(self.take_live_copy(&message).await);
+            } else {
+                // This copy's eviction (or a catch-up) may take long: not the acks in hand.
+                let (client, id) = (self.agent.client.clone(), self.agent.id.clone());
+                let take = self.take_live_copy(&message);
+                tokio::pin!(take);
+                let answer = match tokio::time::timeout_at(until, &mut take).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        send_answers(&client, &id, std::mem::take(&mut answers)).await;
+                        take.await
+                    }
+                };
+                answers.extend(answer);
+            }
+            if answers.len() >= MAX_ACKS_TOGETHER
+                || tokio::time::Instant::now() >= until
+                || self.events.is_some()
+            {
+                break;
+            }
+            next = self
+                .live
+                .as_mut()
+                .and_then(|live| live.next().now_or_never())
+                .flatten();
+        }
+        self.agent.answer(answers).await;
     }
 
     /// Applies a live copy if it is the next event (returning its ack), skips it if handled,
@@ -1164,57 +1189,9 @@ impl<B: CacheBackend> Agent<B> {
         .await
     }
 
-    /// Sends `answers`, in order. Several to one publisher that takes acks together go in one
-    /// message (fewer messages for the server to route and the publisher to read, when events
-    /// come faster than one at a time); an ack with a trace to carry on goes alone.
+    /// Sends `answers` as this agent, in order (see [`send_answers`]).
     async fn answer(&self, answers: impl IntoIterator<Item = Answer>) {
-        // By publisher: the ack subject up to its event id.
-        let mut together: Vec<Vec<Answer>> = Vec::new();
-        for answer in answers {
-            // A failure goes alone: its reason has no bound here.
-            let batched = answer.together
-                && answer.trace.is_empty()
-                && answer.ack.status == AckStatus::Applied as i32;
-            let publisher = answer.ack_subject.rsplit_once('.').map(|(p, _)| p);
-            if !batched || publisher.is_none() {
-                self.send_ack(answer).await;
-                continue;
-            }
-            let same = together
-                .iter_mut()
-                .find(|group| group[0].ack_subject.rsplit_once('.').map(|(p, _)| p) == publisher);
-            match same {
-                Some(group) => group.push(answer),
-                None => together.push(vec![answer]),
-            }
-        }
-        for mut group in together {
-            if group.len() == 1 {
-                self.send_ack(group.pop().expect("one answer")).await;
-                continue;
-            }
-            let subject = Subjects::acks_from(&group[0].ack_subject, &self.id)
-                .expect("grouped by the publisher part of the ack subject");
-            let acks = group.into_iter().map(|a| a.ack).collect();
-            let payload = cachecast_proto::Acks { acks }.to_bytes();
-            if let Err(err) = self.client.publish(subject, payload).await {
-                tracing::warn!(error = %err, "could not send the acks");
-            }
-        }
-    }
-
-    async fn send_ack(&self, answer: Answer) {
-        let subject = Subjects::ack_from(&answer.ack_subject, &self.id);
-        let sent = if answer.trace.is_empty() {
-            self.client.publish(subject, answer.ack.to_bytes()).await
-        } else {
-            self.client
-                .publish_with_headers(subject, answer.trace, answer.ack.to_bytes())
-                .await
-        };
-        if let Err(err) = sent {
-            tracing::warn!(error = %err, "could not send the ack");
-        }
+        send_answers(&self.client, &self.id, answers).await;
     }
 
     /// Marks a persistent cache dirty (so it is flushed) if it restarted since it was last
@@ -1363,18 +1340,6 @@ async fn next_stored(
 /// The next event from either path, neither preferred: when both are ready the choice is
 /// random, so a busy fast path cannot starve the stored events, whose progress is the record.
 /// Without a fast path (off, or its subscription ended), the stored events only.
-/// An applied (or failed) event's ack, on its way to the publisher that awaits it.
-#[derive(Debug)]
-struct Answer {
-    /// Where the event asked for its ack.
-    ack_subject: String,
-    /// Its publisher takes several acks in one message.
-    together: bool,
-    /// The event's trace, to carry on (empty without one).
-    trace: HeaderMap,
-    ack: Ack,
-}
-
 async fn next_event(
     events: &mut Option<pull::Ordered>,
     live: &mut Option<async_nats::Subscriber>,
@@ -1396,8 +1361,76 @@ async fn next_event(
     }
 }
 
-/// At most this many acks in one message to a publisher.
-const MAX_ACKS_TOGETHER: usize = 64;
+/// An applied (or failed) event's ack, on its way to the publisher that awaits it.
+#[derive(Debug)]
+struct Answer {
+    /// Where the event asked for its ack.
+    ack_subject: String,
+    /// Its publisher takes several acks in one message.
+    together: bool,
+    /// The event's trace, to carry on (empty without one).
+    trace: HeaderMap,
+    ack: Ack,
+}
+
+/// Sends `answers` as `agent`, in order. Several to one publisher that takes acks together go
+/// in one message (fewer messages for the server to route and the publisher to read, when
+/// events come faster than one at a time); an ack with a trace to carry on goes alone.
+async fn send_answers(client: &Client, agent: &AgentId, answers: impl IntoIterator<Item = Answer>) {
+    // By publisher: the ack subject up to its event id.
+    let mut together: Vec<Vec<Answer>> = Vec::new();
+    for answer in answers {
+        // A failure goes alone: its reason has no bound here.
+        let batched = answer.together
+            && answer.trace.is_empty()
+            && answer.ack.status == AckStatus::Applied as i32;
+        let publisher = answer.ack_subject.rsplit_once('.').map(|(p, _)| p);
+        if !batched || publisher.is_none() {
+            send_ack(client, agent, answer).await;
+            continue;
+        }
+        let same = together
+            .iter_mut()
+            .find(|group| group[0].ack_subject.rsplit_once('.').map(|(p, _)| p) == publisher);
+        match same {
+            Some(group) => group.push(answer),
+            None => together.push(vec![answer]),
+        }
+    }
+    for mut group in together {
+        if group.len() == 1 {
+            send_ack(client, agent, group.pop().expect("one answer")).await;
+            continue;
+        }
+        let subject = Subjects::acks_from(&group[0].ack_subject, agent)
+            .expect("grouped by the publisher part of the ack subject");
+        let events = group.len();
+        let acks = group.into_iter().map(|a| a.ack).collect();
+        let payload = cachecast_proto::Acks { acks }.to_bytes();
+        if let Err(err) = client.publish(subject, payload).await {
+            tracing::warn!(error = %err, events, "could not send the acks");
+        }
+    }
+}
+
+/// Sends one ack alone, with its trace if it has one.
+async fn send_ack(client: &Client, agent: &AgentId, answer: Answer) {
+    let subject = Subjects::ack_from(&answer.ack_subject, agent);
+    let event_id = answer.ack.event_id.clone();
+    let sent = if answer.trace.is_empty() {
+        client.publish(subject, answer.ack.to_bytes()).await
+    } else {
+        client
+            .publish_with_headers(subject, answer.trace, answer.ack.to_bytes())
+            .await
+    };
+    if let Err(err) = sent {
+        tracing::warn!(error = %err, %event_id, "could not send the ack");
+    }
+}
+
+/// At most this many acks in one message to a publisher (publishers refuse more).
+const MAX_ACKS_TOGETHER: usize = cachecast_proto::MAX_ACKS_TOGETHER;
 /// Live copies that already arrived are applied for at most this long before their acks go.
 const ACKS_TOGETHER_FOR: Duration = Duration::from_millis(1);
 

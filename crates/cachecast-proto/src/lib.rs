@@ -23,6 +23,9 @@ pub use v1::{
     ResponseSelector, invalidate_request::Target as RequestTarget, invalidation::Target,
 };
 
+/// At most this many acks in one `Acks` message: agents send no more, publishers refuse more.
+pub const MAX_ACKS_TOGETHER: usize = 64;
+
 /// The largest message cachecast accepts on the bus. Larger payloads are refused before
 /// decoding, so a hostile peer cannot make an agent allocate without bound.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;

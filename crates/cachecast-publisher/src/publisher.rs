@@ -922,12 +922,26 @@ async fn demux_acks(mut acks: async_nats::Subscriber, inner: std::sync::Weak<Inn
         };
         if event == Some(Subjects::ACKS_TOGETHER) {
             let acks = match cachecast_proto::Acks::from_bytes(&message.payload) {
-                Ok(together) if sender.is_some_and(|s| !s.is_empty()) => together.acks,
-                Ok(_) => {
-                    let detail = "acks together from no named agent";
-                    inner.reject(env_label, "mismatched_subject", subject, "", detail);
+                Ok(together) if sender.is_none_or(str::is_empty) => {
+                    let detail =
+                        format!("{} acks together from no named agent", together.acks.len());
+                    inner.reject(env_label, "mismatched_subject", subject, "", &detail);
                     continue;
                 }
+                Ok(together) if together.acks.is_empty() => {
+                    inner.reject(env_label, "malformed", subject, "", "no acks");
+                    continue;
+                }
+                Ok(together) if together.acks.len() > cachecast_proto::MAX_ACKS_TOGETHER => {
+                    let detail = format!(
+                        "{} acks in one message, over {}",
+                        together.acks.len(),
+                        cachecast_proto::MAX_ACKS_TOGETHER
+                    );
+                    inner.reject(env_label, "oversized", subject, "", &detail);
+                    continue;
+                }
+                Ok(together) => together.acks,
                 Err(err) => {
                     inner.reject(env_label, err.reason(), subject, "", &err.to_string());
                     continue;
