@@ -7,24 +7,37 @@
 
 use std::time::Duration;
 
+use cachecast_agent::CacheBackend;
 use cachecast_e2e::scopes::{all_applied, fill_scope, scope_request};
-use cachecast_e2e::{FaultyCache, GatedCache, Stack, eventually};
+use cachecast_e2e::{AgentHandle, FaultyCache, GatedCache, Stack, eventually};
 use cachecast_proto::{AckStatus, Acks, ResponseSelector, Target, Wire};
 use cachecast_publisher::InvalidationRequest;
 use futures::StreamExt as _;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_that_arrived_together_are_acknowledged_together_and_applied() {
+/// A stack with agent `a1` of `dev` on `backend`, live, and a spy (its client kept with it)
+/// subscribed to `subject`.
+async fn agent_a1_watched<B: CacheBackend>(
+    backend: B,
+    subject: &str,
+) -> (
+    Stack,
+    AgentHandle,
+    (async_nats::Client, async_nats::Subscriber),
+) {
     let stack = Stack::start().await;
-    let cache = FaultyCache::default();
-    let _agent = stack.agent("dev", "a1", cache.clone()).await;
+    let agent = stack.agent("dev", "a1", backend).await;
     stack.wait_for_agents("dev", 1).await;
     let spy = async_nats::connect(stack.nats.url()).await.expect("spy");
-    let mut together = spy
-        .subscribe("cachecast.v1.dev.ack.*.acks.*")
-        .await
-        .expect("subscribe");
+    let watched = spy.subscribe(subject.to_owned()).await.expect("subscribe");
     spy.flush().await.expect("flush");
+    (stack, agent, (spy, watched))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_arrived_together_are_acknowledged_together_and_applied() {
+    let cache = FaultyCache::default();
+    let (stack, _agent, (_spy, mut together)) =
+        agent_a1_watched(cache.clone(), "cachecast.v1.dev.ack.*.acks.*").await;
 
     let scopes: Vec<String> = (0..30).map(|n| format!("s{n}")).collect();
     for scope in &scopes {
@@ -90,16 +103,9 @@ async fn outcome(mut in_flight: cachecast_publisher::InFlight) -> cachecast_publ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_in_hand_does_not_wait_for_a_slow_eviction_behind_it() {
-    let stack = Stack::start().await;
     let gate = GatedCache::default();
-    let _agent = stack.agent("dev", "a1", gate.clone()).await;
-    stack.wait_for_agents("dev", 1).await;
-    let spy = async_nats::connect(stack.nats.url()).await.expect("spy");
-    let mut copies = spy
-        .subscribe("cachecast.v1.dev.live")
-        .await
-        .expect("subscribe");
-    spy.flush().await.expect("flush");
+    let (stack, _agent, (_spy, mut copies)) =
+        agent_a1_watched(gate.clone(), "cachecast.v1.dev.live").await;
 
     // A scope eviction held at the gate; behind it, one of every response (which the gate lets
     // by) and another scope (held too).
