@@ -2,6 +2,7 @@
 //! the event loop, and acknowledgements.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -903,20 +904,30 @@ impl<B: CacheBackend> RunningAgent<B> {
     /// copy only until [`ACKS_TOGETHER_FOR`] has passed since the first, then go.
     async fn take_live_copies(&mut self, first: async_nats::Message) {
         let until = tokio::time::Instant::now() + ACKS_TOGETHER_FOR;
+        // Armed at the second copy: the moment's end, and what to send the acks in hand with.
+        let mut window: Option<(Pin<Box<tokio::time::Sleep>>, Client, AgentId)> = None;
         let mut answers = Vec::with_capacity(8);
         let mut next = Some(first);
         while let Some(message) = next.take() {
             if answers.is_empty() {
                 answers.extend(self.take_live_copy(&message).await);
             } else {
+                let (end, client, id) = window.get_or_insert_with(|| {
+                    let end = Box::pin(tokio::time::sleep_until(until));
+                    (end, self.agent.client.clone(), self.agent.id.clone())
+                });
                 // This copy's eviction (or a catch-up) may take long: not the acks in hand.
-                let (client, id) = (self.agent.client.clone(), self.agent.id.clone());
                 let take = self.take_live_copy(&message);
                 tokio::pin!(take);
-                let answer = match tokio::time::timeout_at(until, &mut take).await {
-                    Ok(answer) => answer,
-                    Err(_) => {
-                        send_answers(&client, &id, std::mem::take(&mut answers)).await;
+                let in_time = tokio::select! {
+                    biased;
+                    answer = &mut take => Some(answer),
+                    () = end.as_mut() => None,
+                };
+                let answer = match in_time {
+                    Some(answer) => answer,
+                    None => {
+                        send_answers(client, id, std::mem::take(&mut answers)).await;
                         take.await
                     }
                 };
