@@ -1427,22 +1427,22 @@ async fn send_answers(client: &Client, agent: &AgentId, answers: impl IntoIterat
 /// Sends one ack alone, with its trace if it has one.
 async fn send_ack(client: &Client, agent: &AgentId, answer: Answer) {
     let subject = Subjects::ack_from(&answer.ack_subject, agent);
-    let event_id = answer.ack.event_id.clone();
+    let payload = answer.ack.to_bytes();
     let sent = if answer.trace.is_empty() {
-        client.publish(subject, answer.ack.to_bytes()).await
+        client.publish(subject, payload).await
     } else {
         client
-            .publish_with_headers(subject, answer.trace, answer.ack.to_bytes())
+            .publish_with_headers(subject, answer.trace, payload)
             .await
     };
     if let Err(err) = sent {
-        tracing::warn!(error = %err, %event_id, "could not send the ack");
+        tracing::warn!(error = %err, event_id = %answer.ack.event_id, "could not send the ack");
     }
 }
 
 /// At most this many acks in one message to a publisher (publishers refuse more).
 const MAX_ACKS_TOGETHER: usize = cachecast_proto::MAX_ACKS_TOGETHER;
-/// Live copies that already arrived are applied for at most this long before their acks go.
+/// The acks in hand wait at most this long (from the batch's first copy) for the next copy.
 const ACKS_TOGETHER_FOR: Duration = Duration::from_millis(1);
 
 /// How often a dirty cache is flushed again while the flush keeps failing.
