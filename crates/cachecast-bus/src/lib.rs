@@ -346,8 +346,19 @@ pub struct BusConfig {
 /// Connects to NATS. Returns at once even when no server is up: the client keeps trying in
 /// the background, so a process can start before NATS and survive NATS restarts.
 pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Client, BusError> {
+    Ok(connect_closable(config, client_name).await?.0)
+}
+
+/// [`connect`], with a [`Closed`] that tells when the connection has really ended after a
+/// drain: `drain` only asks the client to close, and a server stopped before it has would
+/// leave the client reporting a lost connection.
+pub async fn connect_closable(
+    config: &NatsConfig,
+    client_name: &str,
+) -> Result<(Client, Closed), BusError> {
     let max_delay = config.max_reconnect_delay;
     let name = client_name.to_owned();
+    let (closed_tx, closed_rx) = tokio::sync::watch::channel(false);
     config
         .options()
         .await?
@@ -364,6 +375,9 @@ pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Client, B
         })
         .event_callback(move |event| {
             let name = name.clone();
+            if matches!(event, async_nats::Event::Closed) {
+                closed_tx.send_replace(true);
+            }
             async move {
                 match event {
                     async_nats::Event::Connected => {
@@ -391,10 +405,29 @@ pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<Client, B
         })
         .connect(config.servers())
         .await
+        .map(|client| (client, Closed(closed_rx)))
         .map_err(|source| BusError::Address {
             url: redact_url(&config.url),
             source,
         })
+}
+
+/// The end of one client's connection; see [`connect_closable`].
+#[derive(Debug)]
+pub struct Closed(tokio::sync::watch::Receiver<bool>);
+
+impl Closed {
+    /// Drains `client` and waits, at most `timeout`, until its connection has closed: after
+    /// that it sends and reports nothing. False when it did not close in time.
+    pub async fn drain(mut self, client: &Client, timeout: Duration) -> bool {
+        if let Err(err) = client.drain().await {
+            tracing::debug!(error = %err, "closing a NATS connection");
+            return false;
+        }
+        tokio::time::timeout(timeout, self.0.wait_for(|closed| *closed))
+            .await
+            .is_ok_and(|closed| closed.is_ok())
+    }
 }
 
 /// Sends what the client still buffers (acks, presence deletes), waiting at most `timeout`:

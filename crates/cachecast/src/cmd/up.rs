@@ -47,15 +47,16 @@ pub(crate) async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<Exit
 
 async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
     let bus = config.bus();
-    let client = super::connect(&bus, "cachecast-up-api").await?;
+    let (client, closed) = cachecast_bus::connect_closable(&bus.nats, "cachecast-up-api").await?;
     let publisher = Publisher::start(client.clone(), &bus).await?;
 
     let mut agents = Vec::new();
-    let mut clients = vec![client.clone()];
+    let mut clients = vec![(client.clone(), closed)];
     for n in 1..=args.agents {
         let id = AgentId::new(format!("{}-agent-{n}", args.env))?;
-        let agent_client = super::connect(&bus, &format!("cachecast-up-{id}")).await?;
-        clients.push(agent_client.clone());
+        let (agent_client, closed) =
+            cachecast_bus::connect_closable(&bus.nats, &format!("cachecast-up-{id}")).await?;
+        clients.push((agent_client.clone(), closed));
         let agent = Agent::new(
             agent_client.clone(),
             &bus,
@@ -154,9 +155,11 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
     }
     api.await??;
     // Closed before the nats-server child stops, so none of them reports a lost connection.
-    for client in clients {
-        if let Err(err) = client.drain().await {
-            tracing::debug!(error = %err, "closing a NATS connection");
+    for (client, closed) in clients {
+        if !closed.drain(&client, Duration::from_secs(5)).await {
+            tracing::warn!(
+                "a NATS connection did not close within 5s; stopping nats-server anyway"
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
