@@ -46,35 +46,27 @@ impl Meter {
         }
     }
 
-    /// Runs `work`, which reports how many operations it completed, and returns that with
-    /// each one's budget (none when a counter could not be read).
-    pub(crate) async fn around<F>(&self, work: F) -> (F::Output, Option<Budget>)
-    where
-        F: std::future::Future,
-        F::Output: Completed,
-    {
+    /// Runs `work` and returns its output with what the server and this process spent
+    /// meanwhile (none when a counter could not be read).
+    pub(crate) async fn around<F: std::future::Future>(
+        &self,
+        work: F,
+    ) -> (F::Output, Option<Spent>) {
         let before = self.read().await;
         let output = work.await;
         let after = self.read().await;
-        let budget = match (before, after) {
-            (Some(b), Some(a)) if output.completed() > 0 => {
-                let ops = output.completed() as f64;
-                let per = |x: u64, y: u64| y.saturating_sub(x) as f64 / ops;
-                let per_cpu = |x: Duration, y: Duration| {
-                    y.saturating_sub(x).as_secs_f64() * 1_000_000.0 / ops
-                };
-                Some(Budget {
-                    in_msgs: per(b.in_msgs, a.in_msgs),
-                    out_msgs: per(b.out_msgs, a.out_msgs),
-                    in_bytes: per(b.in_bytes, a.in_bytes),
-                    out_bytes: per(b.out_bytes, a.out_bytes),
-                    server_cpu_us: per_cpu(b.server_cpu, a.server_cpu),
-                    bench_cpu_us: per_cpu(b.bench_cpu, a.bench_cpu),
-                })
-            }
+        let spent = match (before, after) {
+            (Some(b), Some(a)) => Some(Spent(Reading {
+                server_cpu: a.server_cpu.saturating_sub(b.server_cpu),
+                bench_cpu: a.bench_cpu.saturating_sub(b.bench_cpu),
+                in_msgs: a.in_msgs.saturating_sub(b.in_msgs),
+                out_msgs: a.out_msgs.saturating_sub(b.out_msgs),
+                in_bytes: a.in_bytes.saturating_sub(b.in_bytes),
+                out_bytes: a.out_bytes.saturating_sub(b.out_bytes),
+            })),
             _ => None,
         };
-        (output, budget)
+        (output, spent)
     }
 
     async fn read(&self) -> Option<Reading> {
@@ -100,9 +92,37 @@ impl Meter {
     }
 }
 
-/// What a measured run completed.
-pub(crate) trait Completed {
-    fn completed(&self) -> u64;
+/// What the server and this process spent over one or more metered runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Spent(Reading);
+
+impl Spent {
+    /// One operation's share, of `ops` completed (none without any).
+    pub(crate) fn per_op(&self, ops: u64) -> Option<Budget> {
+        let Spent(spent) = self;
+        let ops = (ops > 0).then_some(ops as f64)?;
+        let cpu_us = |d: Duration| d.as_secs_f64() * 1_000_000.0 / ops;
+        Some(Budget {
+            in_msgs: spent.in_msgs as f64 / ops,
+            out_msgs: spent.out_msgs as f64 / ops,
+            in_bytes: spent.in_bytes as f64 / ops,
+            out_bytes: spent.out_bytes as f64 / ops,
+            server_cpu_us: cpu_us(spent.server_cpu),
+            bench_cpu_us: cpu_us(spent.bench_cpu),
+        })
+    }
+}
+
+impl std::ops::AddAssign for Spent {
+    fn add_assign(&mut self, Spent(other): Self) {
+        let Spent(spent) = self;
+        spent.server_cpu += other.server_cpu;
+        spent.bench_cpu += other.bench_cpu;
+        spent.in_msgs += other.in_msgs;
+        spent.out_msgs += other.out_msgs;
+        spent.in_bytes += other.in_bytes;
+        spent.out_bytes += other.out_bytes;
+    }
 }
 
 /// User plus system CPU time of a process, from its `/proc/<pid>/stat`.

@@ -26,7 +26,9 @@ use cachecast_proto::EnvId;
 use cachecast_publisher::Publisher;
 use clap::{Parser, Subcommand};
 
-use crate::report::{LatencyRow, Report};
+use crate::budget::Spent;
+use crate::report::{LatencyRow, Report, Versus};
+use crate::stats::{Op, Throughput};
 
 /// Benchmark cachecast against the NATS floors.
 #[derive(Debug, Parser)]
@@ -145,10 +147,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if !sizes.is_empty() {
         let empty = fleet::Http::empty().await?;
         report.latency(
-            measure("HTTP round trip alone", 0, &settings, move || {
-                let empty = empty.clone();
-                async move { empty.round().await }
-            })
+            measure(
+                "HTTP round trip alone",
+                0,
+                &settings,
+                stats::op(move || {
+                    let empty = empty.clone();
+                    async move { empty.round().await }
+                }),
+                None,
+            )
             .await,
         );
     }
@@ -158,24 +166,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
         // Each fleet gets an environment of its own, so no agent of one size counts in the next.
         let env = EnvId::new(format!("bench-{round}"))?;
-        let (rows, agents) = floors.and_library(&fleet, &bus, &env, &settings).await?;
+        let (rows, agents, durable) = floors.and_library(&fleet, &bus, &env, &settings).await?;
         rows.into_iter().for_each(|row| report.latency(row));
         let publisher = &floors.publisher;
         let http = fleet::Http::start(publisher.clone(), &env).await?;
         report.latency(
-            measure("cachecast HTTP", n, &settings, move || {
-                let http = http.clone();
-                async move { http.round().await }
-            })
+            measure(
+                "cachecast HTTP",
+                n,
+                &settings,
+                stats::op(move || {
+                    let http = http.clone();
+                    async move { http.round().await }
+                }),
+                Some(&durable.op),
+            )
             .await,
         );
 
         let service = fleet::Service::start(publisher.clone(), &bus, &env).await?;
         report.latency(
-            measure("cachecast NATS service", n, &settings, move || {
-                let service = service.clone();
-                async move { service.round().await }
-            })
+            measure(
+                "cachecast NATS service",
+                n,
+                &settings,
+                stats::op(move || {
+                    let service = service.clone();
+                    async move { service.round().await }
+                }),
+                Some(&durable.op),
+            )
             .await,
         );
         agents.stop().await;
@@ -358,49 +378,57 @@ impl Floors {
     }
 
     /// The core and durable floors with `fleet` answering, then cachecast with an agent on each
-    /// of `fleet`'s connections (on `agent_bus`) in `env`, through the library. The agents are
-    /// returned running, for more measures.
+    /// of `fleet`'s connections (on `agent_bus`) in `env`, through the library, in turns with
+    /// the durable floor. The agents and the durable floor are returned running, for more
+    /// measures.
     async fn and_library(
         &self,
         fleet: &[async_nats::Client],
         agent_bus: &BusConfig,
         env: &EnvId,
         settings: &Settings,
-    ) -> anyhow::Result<(Vec<LatencyRow>, fleet::Agents)> {
+    ) -> anyhow::Result<(Vec<LatencyRow>, fleet::Agents, Durable)> {
         let n = fleet.len();
         let mut rows = Vec::new();
         let responders = floors::core_responders(fleet).await?;
         floors::await_core_interest(&self.requester).await?;
         let (r, rs) = (self.requester.clone(), self.replies.clone());
         rows.push(
-            measure("core floor", n, settings, move || {
-                let (r, rs) = (r.clone(), rs.clone());
-                async move { floors::core_round(&r, &rs, n).await }
-            })
+            measure(
+                "core floor",
+                n,
+                settings,
+                stats::op(move || {
+                    let (r, rs) = (r.clone(), rs.clone());
+                    async move { floors::core_round(&r, &rs, n).await }
+                }),
+                None,
+            )
             .await,
         );
         drop(responders);
 
-        let consumers = floors::durable_consumers(fleet, &agent_bus.nats).await?;
+        // Its consumers stay: cachecast is measured in turns with it.
         let (j, rs) = (self.js.clone(), self.replies.clone());
-        rows.push(
-            measure("durable floor", n, settings, move || {
+        let durable = Durable {
+            _consumers: floors::durable_consumers(fleet, &agent_bus.nats).await?,
+            op: stats::op(move || {
                 let (j, rs) = (j.clone(), rs.clone());
                 async move { floors::durable_round(&j, &rs, n).await }
-            })
-            .await,
-        );
-        drop(consumers);
+            }),
+        };
+        rows.push(measure("durable floor", n, settings, durable.op.clone(), None).await);
 
         // The same agents taking every event from a consumer (`agent.live_events = false`),
         // then with `agent.fast_path`, each in an environment of its own; then the default
         // agents (live copies), which the other ways in are measured with.
         let library = |label: &'static str, env: EnvId| {
             let p = self.publisher.clone();
-            measure(label, n, settings, move || {
+            let op = stats::op(move || {
                 let (p, e) = (p.clone(), env.clone());
                 async move { fleet::library_round(&p, &e).await }
-            })
+            });
+            measure(label, n, settings, op, Some(&durable.op))
         };
         let variants = [
             (
@@ -437,8 +465,14 @@ impl Floors {
         )
         .await?;
         rows.push(library("cachecast library", env.clone()).await);
-        Ok((rows, agents))
+        Ok((rows, agents, durable))
     }
+}
+
+/// The durable floor, its consumers running, to measure cachecast in turns with.
+struct Durable {
+    op: Op,
+    _consumers: floors::Responders,
 }
 
 /// How long each measure runs.
@@ -452,29 +486,59 @@ struct Settings {
     meter: Option<budget::Meter>,
 }
 
-/// Latency at concurrency 1, then throughput at the configured concurrency, of one operation.
-async fn measure<F, Fut>(
+/// Throughput runs of an operation measured in turns with the durable floor: each gets this
+/// many turns of `window / THROUGHPUT_TURNS`.
+const THROUGHPUT_TURNS: u32 = 6;
+
+/// Latency at concurrency 1, then throughput at the configured concurrency, of `op`; with
+/// `versus` (the durable floor), in turns with it, which the row's ratios are then taken to.
+async fn measure(
     what: &'static str,
     agents: usize,
     settings: &Settings,
-    op: F,
-) -> LatencyRow
-where
-    F: Fn() -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let latency = stats::latency(settings.iterations, settings.budget, op.clone()).await;
-    let run = stats::throughput(settings.concurrency, settings.window, op);
-    let (run, budget) = match &settings.meter {
-        Some(meter) => meter.around(run).await,
-        None => (run.await, None),
-    };
+    op: Op,
+    versus: Option<&Op>,
+) -> LatencyRow {
+    let ops: Vec<Op> = std::iter::once(op).chain(versus.cloned()).collect();
+    let latencies = stats::latencies(settings.iterations, settings.budget, &ops).await;
+    let turns = if ops.len() > 1 { THROUGHPUT_TURNS } else { 1 };
+    let mut runs = vec![
+        (
+            Throughput::default(),
+            settings.meter.as_ref().map(|_| Spent::default())
+        );
+        ops.len()
+    ];
+    for _ in 0..turns {
+        for (op, (done, spent)) in ops.iter().zip(&mut runs) {
+            let run = stats::throughput(settings.concurrency, settings.window / turns, op.clone());
+            let (run, cost) = match &settings.meter {
+                Some(meter) => meter.around(run).await,
+                None => (run.await, None),
+            };
+            *done += run;
+            *spent = spent.zip(cost).map(|(mut spent, cost)| {
+                spent += cost;
+                spent
+            });
+        }
+    }
+    let mut measured = latencies
+        .into_iter()
+        .zip(runs)
+        .map(|(latency, (done, spent))| Versus {
+            latency,
+            ops: done.per_second(),
+            budget: spent.and_then(|spent| spent.per_op(done.completed)),
+        });
+    let own = measured.next().expect("one latency per operation");
     let row = LatencyRow {
         what,
         agents,
-        latency,
-        ops: run.per_second(),
-        budget,
+        latency: own.latency,
+        ops: own.ops,
+        budget: own.budget,
+        versus: measured.next(),
     };
     row.print();
     row

@@ -20,6 +20,32 @@ pub(crate) struct LatencyRow {
     pub(crate) ops: f64,
     /// What one operation of the throughput run cost the server and this process.
     pub(crate) budget: Option<crate::budget::Budget>,
+    /// The durable floor, measured in turns with this row: its ratios are taken to this.
+    pub(crate) versus: Option<Versus>,
+}
+
+/// One operation's measures: the durable floor's, next to the row measured in turns with it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Versus {
+    pub(crate) latency: Latency,
+    pub(crate) ops: f64,
+    pub(crate) budget: Option<crate::budget::Budget>,
+}
+
+impl LatencyRow {
+    /// What this row's ratios are taken to: the durable floor measured in turns with it, or
+    /// else the durable floor's row at the same N among `rows`.
+    fn floor(&self, rows: &[LatencyRow]) -> Option<Versus> {
+        self.versus.or_else(|| {
+            rows.iter()
+                .find(|r| r.what == "durable floor" && r.agents == self.agents)
+                .map(|f| Versus {
+                    latency: f.latency,
+                    ops: f.ops,
+                    budget: f.budget,
+                })
+        })
+    }
 }
 
 impl LatencyRow {
@@ -37,6 +63,18 @@ impl LatencyRow {
             eprintln!(
                 "    per op: {:.1} msgs in, {:.1} out, {:.0} B in, {:.0} B out, server {:.1} µs, bench {:.1} µs CPU",
                 b.in_msgs, b.out_msgs, b.in_bytes, b.out_bytes, b.server_cpu_us, b.bench_cpu_us
+            );
+        }
+        if let Some(floor) = &self.versus {
+            let cpu = |b: &crate::budget::Budget| b.server_cpu_us + b.bench_cpu_us;
+            let cpu = match (&self.budget, &floor.budget) {
+                (Some(own), Some(floor)) => format!(", CPU {:.2}x", cpu(own) / cpu(floor)),
+                _ => String::new(),
+            };
+            eprintln!(
+                "    to the durable floor in turns with it: p50 {}, per second {:.2}x{cpu}",
+                ratio(self.latency.p50, Some(floor.latency.p50)),
+                self.ops / floor.ops
             );
         }
     }
@@ -130,22 +168,22 @@ impl Report {
         let _ = writeln!(out, "{}", self.header);
         let _ = writeln!(
             out,
-            "Latency of one confirmed invalidation at concurrency 1 (ms), the ratio of its p50 and p99 to the durable floor's at the same N, and confirmed invalidations per second at concurrency {}.\n",
+            "Latency of one confirmed invalidation at concurrency 1 (ms), and confirmed invalidations per second at concurrency {}. The ratios are to the durable floor at the same N, measured in turns with each cachecast row (100 samples, then half a second of throughput, each in turn), so that what else the machine does falls on both alike.\n",
             self.concurrency
         );
         let _ = writeln!(
             out,
-            "| what | N | samples | p50 | p99 | p99.9 | p50 / durable | p99 / durable | per second |"
+            "| what | N | samples | p50 | p99 | p99.9 | p50 / durable | p99 / durable | per second | per second / durable |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in &self.latency {
-            let floor = self
-                .latency
-                .iter()
-                .find(|r| r.what == "durable floor" && r.agents == row.agents);
+            let floor = row.floor(&self.latency);
+            let per_second = floor
+                .filter(|f| f.ops > 0.0)
+                .map_or("-".into(), |f| format!("{:.2}x", row.ops / f.ops));
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {per_second} |",
                 row.what,
                 row.agents,
                 row.latency.samples,
@@ -244,10 +282,7 @@ fn render_sites(out: &mut String, round_trip: Duration, rows: &[LatencyRow]) {
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for row in rows {
-        let floor = rows
-            .iter()
-            .find(|r| r.what == "durable floor" && r.agents == row.agents)
-            .map(|f| f.latency.p50);
+        let floor = row.floor(rows).map(|f| f.latency.p50);
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {} | {:.2}x | {:.0} |",
@@ -281,12 +316,8 @@ impl Report {
         let cpu = |b: &crate::budget::Budget| b.server_cpu_us + b.bench_cpu_us;
         for row in &self.latency {
             let Some(budget) = &row.budget else { continue };
-            let floor = self
-                .latency
-                .iter()
-                .find(|r| r.what == "durable floor" && r.agents == row.agents)
-                .and_then(|f| f.budget.as_ref());
-            let versus = floor.map_or("-".into(), |f| format!("{:.2}x", cpu(budget) / cpu(f)));
+            let floor = row.floor(&self.latency).and_then(|f| f.budget);
+            let versus = floor.map_or("-".into(), |f| format!("{:.2}x", cpu(budget) / cpu(&f)));
             let _ = writeln!(
                 out,
                 "| {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} | {versus} |",

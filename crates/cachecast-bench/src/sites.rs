@@ -34,7 +34,7 @@ pub(crate) async fn measure_sites(
         eprintln!("sites: fleet of {n} at the site");
         let fleet = crate::fleet::connect(&site_bus.nats, "site-fleet", n).await?;
         let env = EnvId::new(format!("bench-site-{round}"))?;
-        let (measured, agents) = floors
+        let (measured, agents, _durable) = floors
             .and_library(&fleet, &site_bus, &env, settings)
             .await?;
         rows.extend(measured);

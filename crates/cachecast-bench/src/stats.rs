@@ -5,6 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
 /// Percentiles of a set of latency samples.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Latency {
@@ -30,28 +33,54 @@ impl Latency {
     }
 }
 
-/// Runs `op` one at a time, `iterations` times or until `budget` is spent (at least 20
-/// times), after `warmup` unmeasured runs.
-pub(crate) async fn latency<F, Fut>(iterations: usize, budget: Duration, mut op: F) -> Latency
+/// An operation to measure, type-erased so that several can be measured in turns.
+pub(crate) type Op = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+pub(crate) fn op<F, Fut>(f: F) -> Op
 where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = ()>,
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
 {
-    for _ in 0..iterations.min(50) / 5 {
-        op().await;
+    Arc::new(move || f().boxed())
+}
+
+/// Samples each operation takes in one turn of [`latencies`].
+const TURN_SAMPLES: usize = 100;
+
+/// The latency of each of `ops`, run one at a time, `iterations` times each or until `budget`
+/// each is spent (at least 20 times), after a few unmeasured runs. The operations take turns
+/// of [`TURN_SAMPLES`] samples, so whatever else the machine does meanwhile falls on each of
+/// them alike: their ratio holds where their absolute times swing.
+pub(crate) async fn latencies(iterations: usize, budget: Duration, ops: &[Op]) -> Vec<Latency> {
+    for op in ops {
+        for _ in 0..iterations.min(50) / 5 {
+            op().await;
+        }
     }
+    let budget = budget * ops.len() as u32;
     let started = Instant::now();
-    let mut samples = Vec::with_capacity(iterations);
-    while samples.len() < iterations && (samples.len() < 20 || started.elapsed() < budget) {
-        let t = Instant::now();
-        op().await;
-        samples.push(t.elapsed());
+    let wants_more = |taken: &[Duration]| {
+        taken.len() < iterations && (taken.len() < 20 || started.elapsed() < budget)
+    };
+    let mut samples: Vec<Vec<Duration>> =
+        ops.iter().map(|_| Vec::with_capacity(iterations)).collect();
+    while samples.iter().any(|taken| wants_more(taken)) {
+        for (op, taken) in ops.iter().zip(&mut samples) {
+            for _ in 0..TURN_SAMPLES {
+                if !wants_more(taken) {
+                    break;
+                }
+                let t = Instant::now();
+                op().await;
+                taken.push(t.elapsed());
+            }
+        }
     }
-    Latency::from_samples(samples)
+    samples.into_iter().map(Latency::from_samples).collect()
 }
 
 /// What a throughput run completed, and in how long.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Throughput {
     pub(crate) completed: u64,
     pub(crate) elapsed: Duration,
@@ -63,19 +92,15 @@ impl Throughput {
     }
 }
 
-impl crate::budget::Completed for Throughput {
-    fn completed(&self) -> u64 {
-        self.completed
+impl std::ops::AddAssign for Throughput {
+    fn add_assign(&mut self, other: Self) {
+        self.completed += other.completed;
+        self.elapsed += other.elapsed;
     }
 }
 
 /// Runs `op` from `concurrency` workers for `duration`.
-pub(crate) async fn throughput<F, Fut>(concurrency: usize, duration: Duration, op: F) -> Throughput
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let op = Arc::new(op);
+pub(crate) async fn throughput(concurrency: usize, duration: Duration, op: Op) -> Throughput {
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + duration;
