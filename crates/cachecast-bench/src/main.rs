@@ -30,6 +30,10 @@ use crate::budget::Spent;
 use crate::report::{LatencyRow, Report, Versus};
 use crate::stats::{Op, Throughput};
 
+/// The allocator of the `cachecast` binary, so the benchmark measures what is deployed.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Benchmark cachecast against the NATS floors.
 #[derive(Debug, Parser)]
 // `scripts/bench` passes `--write docs/BENCHMARKS.md`; a later `--write ""` replaces it.

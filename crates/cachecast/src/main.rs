@@ -12,6 +12,10 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command};
 
+// glibc's malloc took a sixth of the CPU of a publisher and its agents (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let telemetry = telemetry::init(
