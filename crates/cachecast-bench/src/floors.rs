@@ -166,6 +166,9 @@ pub(crate) async fn durable_stream(js: &jetstream::Context) -> anyhow::Result<()
         name: "BENCHFLOOR".into(),
         subjects: vec![DURABLE_SUBJECT.into()],
         storage: stream::StorageType::File,
+        // As cachecast's stream: nats-server 2.15 allows 1 000 consumers per stream unless it
+        // says otherwise, and a fleet's consumers linger a while after the next fleet's start.
+        max_consumers: 100_000,
         ..Default::default()
     })
     .await?;
