@@ -421,8 +421,9 @@ impl Closed {
     /// that it sends and reports nothing. False when it did not close in time.
     pub async fn drain(mut self, client: &Client, timeout: Duration) -> bool {
         if let Err(err) = client.drain().await {
-            tracing::debug!(error = %err, "closing a NATS connection");
-            return false;
+            // Only a client whose connection already ended cannot take the command.
+            tracing::debug!(error = %err, "the NATS connection was closed already");
+            return true;
         }
         tokio::time::timeout(timeout, self.0.wait_for(|closed| *closed))
             .await
