@@ -513,8 +513,9 @@ async fn measure(
         );
         ops.len()
     ];
-    for _ in 0..turns {
-        for (op, (done, spent)) in ops.iter().zip(&mut runs) {
+    for turn in 0..turns {
+        for i in stats::turn_order(turn as usize, ops.len()) {
+            let (op, (done, spent)) = (&ops[i], &mut runs[i]);
             let run = stats::throughput(settings.concurrency, settings.window / turns, op.clone());
             let (run, cost) = match &settings.meter {
                 Some(meter) => meter.around(run).await,

@@ -168,7 +168,7 @@ impl Report {
         let _ = writeln!(out, "{}", self.header);
         let _ = writeln!(
             out,
-            "Latency of one confirmed invalidation at concurrency 1 (ms), and confirmed invalidations per second at concurrency {}. The ratios are to the durable floor at the same N, measured in turns with each cachecast row (100 samples, then half a second of throughput, each in turn), so that what else the machine does falls on both alike.\n",
+            "Latency of one confirmed invalidation at concurrency 1 (ms), and confirmed invalidations per second at concurrency {}. The ratios are to the durable floor at the same N, measured in turns with each cachecast row (latency samples, then throughput, a share at a time each, in alternating order), so that what else the machine does falls on both alike.\n",
             self.concurrency
         );
         let _ = writeln!(

@@ -64,8 +64,12 @@ pub(crate) async fn latencies(iterations: usize, budget: Duration, ops: &[Op]) -
     };
     let mut samples: Vec<Vec<Duration>> =
         ops.iter().map(|_| Vec::with_capacity(iterations)).collect();
-    while samples.iter().any(|taken| wants_more(taken)) {
-        for (op, taken) in ops.iter().zip(&mut samples) {
+    for turn in 0.. {
+        if !samples.iter().any(|taken| wants_more(taken)) {
+            break;
+        }
+        for i in turn_order(turn, ops.len()) {
+            let (op, taken) = (&ops[i], &mut samples[i]);
             for _ in 0..TURN_SAMPLES {
                 if !wants_more(taken) {
                     break;
@@ -77,6 +81,12 @@ pub(crate) async fn latencies(iterations: usize, budget: Duration, ops: &[Op]) -
         }
     }
     samples.into_iter().map(Latency::from_samples).collect()
+}
+
+/// The order in which `n` operations take turn `turn`: reversed every other turn, so none
+/// always runs right after another (and meets the work it left behind).
+pub(crate) fn turn_order(turn: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |i| if turn.is_multiple_of(2) { i } else { n - 1 - i })
 }
 
 /// What a throughput run completed, and in how long.
@@ -132,6 +142,14 @@ pub(crate) fn ms(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn turns_alternate_their_order() {
+        let order = |turn| turn_order(turn, 3).collect::<Vec<_>>();
+        assert_eq!(order(0), [0, 1, 2]);
+        assert_eq!(order(1), [2, 1, 0]);
+        assert_eq!(order(2), [0, 1, 2]);
+    }
 
     #[test]
     fn percentiles_pick_the_right_samples() {

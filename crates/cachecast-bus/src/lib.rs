@@ -417,17 +417,20 @@ pub async fn connect_closable(
 pub struct Closed(tokio::sync::watch::Receiver<bool>);
 
 impl Closed {
-    /// Drains `client` and waits, at most `timeout`, until its connection has closed: after
-    /// that it sends and reports nothing. False when it did not close in time.
+    /// Drains `client` and waits, at most `timeout` in all, until its connection has closed:
+    /// after that it sends and reports nothing. False when it did not close in time.
     pub async fn drain(mut self, client: &Client, timeout: Duration) -> bool {
-        if let Err(err) = client.drain().await {
-            // Only a client whose connection already ended cannot take the command.
-            tracing::debug!(error = %err, "the NATS connection was closed already");
-            return true;
-        }
-        tokio::time::timeout(timeout, self.0.wait_for(|closed| *closed))
-            .await
-            .is_ok_and(|closed| closed.is_ok())
+        let closed = async {
+            if let Err(err) = client.drain().await {
+                // Only a client whose connection already ended cannot take the command.
+                tracing::debug!(error = %err, "the NATS connection was closed already");
+                return;
+            }
+            // An error means the client's event task ended, which it does only after its
+            // connection did (even if the `Closed` event itself was dropped).
+            let _ = self.0.wait_for(|closed| *closed).await;
+        };
+        tokio::time::timeout(timeout, closed).await.is_ok()
     }
 }
 

@@ -155,12 +155,19 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
     }
     api.await??;
     // Closed before the nats-server child stops, so none of them reports a lost connection.
-    for (client, closed) in clients {
-        if !closed.drain(&client, Duration::from_secs(5)).await {
-            tracing::warn!(
-                "a NATS connection did not close within 5s; stopping nats-server anyway"
-            );
-        }
+    let closing = clients
+        .into_iter()
+        .map(|(client, closed)| async move { closed.drain(&client, Duration::from_secs(5)).await });
+    let open = futures::future::join_all(closing)
+        .await
+        .into_iter()
+        .filter(|closed| !closed)
+        .count();
+    if open > 0 {
+        tracing::warn!(
+            open,
+            "NATS connections did not close within 5s; stopping nats-server anyway"
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
