@@ -29,6 +29,13 @@ pub(crate) struct Budget {
     pub(crate) bench_cpu_us: f64,
 }
 
+impl Budget {
+    /// CPU microseconds of the server and this process together.
+    pub(crate) fn cpu_us(&self) -> f64 {
+        self.server_cpu_us + self.bench_cpu_us
+    }
+}
+
 /// Reads the counters of one nats-server (started with `-m <monitor_port>`) and this process.
 #[derive(Debug, Clone)]
 pub(crate) struct Meter {

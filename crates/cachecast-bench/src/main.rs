@@ -173,35 +173,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let (rows, agents, durable) = floors.and_library(&fleet, &bus, &env, &settings).await?;
         rows.into_iter().for_each(|row| report.latency(row));
         let publisher = &floors.publisher;
+        // The other ways in, each in turns with the durable floor.
+        let paired = |what, op| measure(what, n, &settings, op, Some(&durable.op));
         let http = fleet::Http::start(publisher.clone(), &env).await?;
-        report.latency(
-            measure(
-                "cachecast HTTP",
-                n,
-                &settings,
-                stats::op(move || {
-                    let http = http.clone();
-                    async move { http.round().await }
-                }),
-                Some(&durable.op),
-            )
-            .await,
-        );
+        let op = stats::op(move || {
+            let http = http.clone();
+            async move { http.round().await }
+        });
+        report.latency(paired("cachecast HTTP", op).await);
 
         let service = fleet::Service::start(publisher.clone(), &bus, &env).await?;
-        report.latency(
-            measure(
-                "cachecast NATS service",
-                n,
-                &settings,
-                stats::op(move || {
-                    let service = service.clone();
-                    async move { service.round().await }
-                }),
-                Some(&durable.op),
-            )
-            .await,
-        );
+        let op = stats::op(move || {
+            let service = service.clone();
+            async move { service.round().await }
+        });
+        report.latency(paired("cachecast NATS service", op).await);
         agents.stop().await;
         drop(fleet);
     }

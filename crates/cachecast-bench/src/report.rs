@@ -66,9 +66,8 @@ impl LatencyRow {
             );
         }
         if let Some(floor) = &self.versus {
-            let cpu = |b: &crate::budget::Budget| b.server_cpu_us + b.bench_cpu_us;
             let cpu = match (&self.budget, &floor.budget) {
-                (Some(own), Some(floor)) => format!(", CPU {:.2}x", cpu(own) / cpu(floor)),
+                (Some(own), Some(floor)) => format!(", CPU {:.2}x", own.cpu_us() / floor.cpu_us()),
                 _ => String::new(),
             };
             eprintln!(
@@ -313,11 +312,12 @@ impl Report {
             "| what | N | msgs in | msgs out | bytes in | bytes out | server CPU µs | bench CPU µs | CPU / durable |"
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-        let cpu = |b: &crate::budget::Budget| b.server_cpu_us + b.bench_cpu_us;
         for row in &self.latency {
             let Some(budget) = &row.budget else { continue };
             let floor = row.floor(&self.latency).and_then(|f| f.budget);
-            let versus = floor.map_or("-".into(), |f| format!("{:.2}x", cpu(budget) / cpu(&f)));
+            let versus = floor.map_or("-".into(), |f| {
+                format!("{:.2}x", budget.cpu_us() / f.cpu_us())
+            });
             let _ = writeln!(
                 out,
                 "| {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} | {versus} |",
