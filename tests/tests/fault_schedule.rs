@@ -276,9 +276,10 @@ struct World {
     published: Vec<Request>,
     /// `503`s by request id, until found in the stream.
     unavailable: BTreeMap<String, Request>,
-    /// Where each request's event was seen in the stream (its creation time and sequence):
-    /// a request is published once, however many times the publisher retried.
-    seen_at: BTreeMap<String, (i128, u64)>,
+    /// Each request's event as first seen in the stream (its id, the stream's creation time
+    /// and the sequence): a request is one event, however many times the publisher retried
+    /// (a retry may store that event twice).
+    seen_at: BTreeMap<String, (String, (i128, u64))>,
     ongoing: Vec<(usize, Ongoing)>,
     /// Each answered request (by index in `published`) and the caches its answer named failed.
     vouched: Vec<(usize, BTreeSet<String>)>,
@@ -1108,11 +1109,15 @@ impl World {
                 continue;
             };
             let at = (created, sequence);
-            let first = *self.seen_at.entry(event.request_id.clone()).or_insert(at);
-            if first != at {
+            let (first_event, first_at) = self
+                .seen_at
+                .entry(event.request_id.clone())
+                .or_insert_with(|| (event.event_id.clone(), at))
+                .clone();
+            if first_event != event.event_id {
                 self.violation(format!(
-                    "step {}: request {} is in the stream twice (stream created {}, sequence {}; and {:?})",
-                    self.step, event.request_id, first.0, first.1, at
+                    "step {}: request {} is two events in the stream: {first_event} (stream created {}, sequence {}) and {} at {at:?}",
+                    self.step, event.request_id, first_at.0, first_at.1, event.event_id
                 ));
             }
             if let Some(request) = self.unavailable.remove(&event.request_id) {

@@ -179,7 +179,7 @@ async fn an_agent_cut_off_during_a_hanging_eviction_still_flushes_in_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_publish_ack_is_retried_without_doubling_the_event() {
+async fn a_lost_publish_ack_is_retried_and_the_event_applied_once() {
     let stack = Stack::start().await;
     let (_cache, agent) = stack.memory_agent("dev", "steady").await;
     // A generous budget (2 s an attempt), so a loaded machine resumes the server in time.
@@ -194,6 +194,7 @@ async fn a_lost_publish_ack_is_retried_without_doubling_the_event() {
     // A paused server keeps the connection open and answers nothing: the first publish
     // acknowledgement never comes in time.
     stack.nats.pause().expect("pause");
+    let base = api.clone();
     let request = tokio::spawn(async move {
         reqwest::Client::new()
             .post(format!(
@@ -215,7 +216,9 @@ async fn a_lost_publish_ack_is_retried_without_doubling_the_event() {
     assert_eq!(response.status().as_u16(), 200);
     let body: serde_json::Value = response.json().await.expect("JSON");
     assert_eq!(body["_nodes"]["successful"], 1, "{body}");
-    // Both attempts reached the server; the stream kept one event.
+    // Both attempts reached the server (the pause is shorter than the client's ping interval,
+    // so the first stayed in the connection): events carry no Nats-Msg-Id, so the stream
+    // stored the event twice.
     let client = cachecast_bus::connect(&stack.bus.nats, "observer")
         .await
         .expect("client");
@@ -223,7 +226,38 @@ async fn a_lost_publish_ack_is_retried_without_doubling_the_event() {
         .get_stream("CACHECAST")
         .await
         .expect("stream");
-    assert_eq!(stream.info().await.expect("info").state.messages, 1);
+    assert_eq!(stream.info().await.expect("info").state.messages, 2);
+    // The agent acknowledged it once. Its ack of the next event follows any ack of the second
+    // copy on the same connection, so once that request is answered the publisher has seen
+    // every ack the agent sent.
+    let next = reqwest::Client::new()
+        .post(format!(
+            "{base}/api/1.0/runtime/caches/response/dev/invalidate?timeout=5s"
+        ))
+        .bearer_auth(stack.token(&["dev"]))
+        .body("{}")
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(next.status().as_u16(), 200);
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .expect("text");
+    let duplicates: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            // A second ack is `duplicate` while the request waits, `late` once it is answered.
+            l.starts_with("cachecast_rejected_acks_total")
+                && (l.contains("\"duplicate\"") || l.contains("\"late\""))
+        })
+        .collect();
+    assert!(
+        duplicates.is_empty(),
+        "the agent acknowledged the event twice: {duplicates:?}"
+    );
     agent.stop().await;
 }
 

@@ -1108,9 +1108,9 @@ impl<B: CacheBackend> RunningAgent<B> {
 
 impl<B: CacheBackend> Agent<B> {
     /// Applies one event and returns its ack (for [`Self::answer`]), unless this agent refuses
-    /// it, has nothing to do with it, or acknowledged it already on the other path: then the
-    /// stream's delivery only checks that a persistent cache did not restart since (its
-    /// position moves on after this).
+    /// it, has nothing to do with it, or acknowledged it already (on the other path, or at an
+    /// earlier stream sequence): then the stream's delivery only checks that a persistent
+    /// cache did not restart since (its position moves on after this).
     #[must_use = "the ack goes to the publisher through `answer`"]
     async fn handle(
         &self,
@@ -1132,12 +1132,12 @@ impl<B: CacheBackend> Agent<B> {
             tracing::debug!(sequence, cache = %selector.cache, "not serving this keyed cache: nothing to evict");
             return None;
         }
-        // Only the fast path brings an event twice under different deliveries; the stream's
-        // copies are told apart by sequence.
-        let on_both_paths = self.config.fast_path;
-        if on_both_paths && acknowledged.contains(&event.event_id) {
+        // One event can come twice: on the fast path and from the stream, or at two stream
+        // sequences (a publish retried after its first attempt was stored: events carry no
+        // `Nats-Msg-Id`). It is applied and acknowledged once.
+        if acknowledged.contains(&event.event_id) {
             if let Delivery::Stored { .. } = delivery {
-                tracing::debug!(sequence, event_id = %event.event_id, "applied from the fast path already");
+                tracing::debug!(sequence, event_id = %event.event_id, "applied already (on the fast path, or at an earlier sequence)");
                 self.notice_restart().await;
                 if let Err(err) = self.repair().await {
                     tracing::warn!(%err, "the cache is still dirty");
@@ -1145,9 +1145,7 @@ impl<B: CacheBackend> Agent<B> {
             }
             return None;
         }
-        if on_both_paths {
-            acknowledged.insert(&event.event_id);
-        }
+        acknowledged.insert(&event.event_id);
         let span = tracing::info_span!("event", request_id = %event.request_id, event_id = %event.event_id, sequence, path = delivery.path());
         cachecast_bus::trace_context::adopt_parent(&span, message.headers.as_ref());
         async {

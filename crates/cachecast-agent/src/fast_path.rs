@@ -44,10 +44,11 @@ impl Delivery {
     }
 }
 
-/// How many acknowledged events an agent remembers, so that an event applied on one path is
-/// not applied and acknowledged again on the other. The stream delivers an event a moment
-/// after its live copy; this covers thousands of events in between. An event that falls out
-/// of it is applied again (idempotent) and its second ack is ignored by the publisher.
+/// How many acknowledged events an agent remembers, so that an event that arrives twice (on
+/// both paths, or stored twice by a publish retried after its first attempt was stored) is
+/// applied and acknowledged once. Both copies come moments apart; this covers thousands of
+/// events in between. An event that falls out of it is applied again (idempotent) and its
+/// second ack is ignored by the publisher.
 const REMEMBERED: usize = 4096;
 
 /// The event ids an agent acknowledged lately, on either path.

@@ -468,9 +468,6 @@ pub async fn ensure_stream(
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
         max_age: config.max_age,
-        // Publisher retries of one event carry its event id as Nats-Msg-Id. The server
-        // refuses a window longer than the stream's max age.
-        duplicate_window: Duration::from_secs(120).min(config.max_age),
         max_consumers: config.max_consumers,
         // Agents check their progress with a direct get of their environment's last event,
         // on a subject that carries the environment (so it can be permitted per environment).

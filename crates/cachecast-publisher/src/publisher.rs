@@ -542,14 +542,16 @@ impl Publisher {
         // version 1 is what an event without a version header is.
         let mut headers = HeaderMap::new();
         cachecast_bus::trace_context::inject_current(&mut headers);
+        // No `Nats-Msg-Id`: the stream's de-duplication costs every event (the server's work,
+        // and one more header on every agent's copy) to spare a rare retry. A retry whose first
+        // attempt was stored after all stores the same event twice; agents apply it once (they
+        // remember the event ids they acknowledged lately) and applying it twice would change
+        // nothing anyway.
         let message = PublishMessage::build()
             .payload(event.to_bytes())
-            .headers(headers)
-            .message_id(&event.event_id);
+            .headers(headers);
         let subject = Subjects::events(&request.env);
         // Each attempt gets half the budget, so a lost acknowledgement leaves time for a retry.
-        // Every attempt carries the same Nats-Msg-Id: the stream keeps one event however many
-        // of them arrive.
         let attempt_budget = inner.request_timeout / 2;
         let mut recreated = false;
         loop {
@@ -690,7 +692,7 @@ impl InFlight {
         &self.request_id
     }
 
-    /// The event id (also its `Nats-Msg-Id`).
+    /// The event id.
     pub fn event_id(&self) -> &str {
         &self.event_id
     }

@@ -28,7 +28,7 @@ pub struct OutcomeBody {
     pub message: Option<String>,
     pub request_id: String,
     pub env_id: String,
-    /// The event's id (also its JetStream `Nats-Msg-Id`).
+    /// The event's id (in its payload; agents acknowledge each event id once).
     pub event_id: String,
     /// The event's position in the invalidation stream.
     pub sequence: u64,
