@@ -13,7 +13,8 @@ use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::{self, stream};
 use cachecast_bus::{BusConfig, Client, JetStream, LogLimiter};
 use cachecast_proto::{
-    Ack, AckStatus, AgentId, CacheId, CacheName, EnvId, Invalidation, Subjects, Target, Wire,
+    Ack, AckStatus, AgentId, CacheId, CacheName, EnvId, Invalidation, RecentEventIds, Subjects,
+    Target, Wire,
 };
 use futures::{FutureExt, StreamExt};
 use tracing::Instrument;
@@ -22,7 +23,7 @@ use crate::admission::REJECT_LOG_INTERVAL;
 use crate::backend::{BackendError, CacheBackend};
 use crate::config::{AgentConfig, AgentError, OnStart};
 use crate::consumer::{Consumer, StreamState, consume, missed_events};
-use crate::fast_path::{Acknowledged, Delivery};
+use crate::fast_path::{ACKNOWLEDGED_REMEMBERED, Delivery};
 use crate::live::{LiveCopy, Place};
 use crate::presence::{AnnounceError, Announcement, Heartbeat, Progress};
 use crate::watch::{Flusher, Gap, ProgressCheck, Signal, Tracker};
@@ -152,7 +153,7 @@ pub struct RunningAgent<B> {
     /// The fast path: the environment's events as they are published (none when off).
     fast: Option<async_nats::Subscriber>,
     /// The events acknowledged lately, on either path.
-    acknowledged: Acknowledged,
+    acknowledged: RecentEventIds,
     /// The stream sequence of the last event handled; the consumer resumes after it.
     last_sequence: u64,
     /// Which stream `last_sequence` counts in (its creation time).
@@ -463,7 +464,7 @@ impl<B: CacheBackend> Agent<B> {
             progress.record(last_sequence, pending, 0);
             progress.handled_up_to(last_sequence);
             let mut stream_created_ns = point.stream.created_ns;
-            let mut acknowledged = Acknowledged::default();
+            let mut acknowledged = RecentEventIds::new(ACKNOWLEDGED_REMEMBERED);
             // Registered before the cache is flushed or caught up: from here on publishers
             // expect it, so no request can be answered without it while a PDP refills it.
             let mut registered = None;
@@ -1116,7 +1117,7 @@ impl<B: CacheBackend> Agent<B> {
         &self,
         message: &async_nats::Message,
         delivery: Delivery,
-        acknowledged: &mut Acknowledged,
+        acknowledged: &mut RecentEventIds,
     ) -> Option<Answer> {
         let event = self.admit(message, delivery)?;
         let sequence = delivery.sequence();

@@ -4,6 +4,7 @@
 //! (a dot, `*`, `>`, whitespace, a non-ASCII letter) is refused, so a caller can never turn an
 //! id into a wildcard or reach another environment's subject.
 
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 
 /// The longest id accepted.
@@ -131,9 +132,113 @@ pub fn new_publisher_id() -> String {
     format!("p{}", &new_event_id()[16..])
 }
 
+/// The event ids seen lately, forgetting the oldest beyond a bound: an agent's acknowledged
+/// events (an event that arrives twice is applied once), a publisher's finished requests (an
+/// ack after its request ended is told from one for no request). An id is kept as the number
+/// its 32 hex digits spell, so a lookup hashes 16 bytes in place and compares no strings.
+#[derive(Debug)]
+pub struct RecentEventIds {
+    bound: usize,
+    order: VecDeque<u128>,
+    ids: HashSet<u128>,
+}
+
+impl RecentEventIds {
+    /// Remembers at most `bound` ids.
+    pub fn new(bound: usize) -> Self {
+        Self {
+            bound,
+            order: VecDeque::with_capacity(bound),
+            ids: HashSet::with_capacity(bound),
+        }
+    }
+
+    /// Whether `event_id` was inserted lately.
+    pub fn contains(&self, event_id: &str) -> bool {
+        event_key(event_id).is_some_and(|key| self.ids.contains(&key))
+    }
+
+    /// Remembers `event_id`, forgetting the oldest beyond the bound. An id no publisher makes
+    /// (not 32 hex digits) is not remembered: [`Self::contains`] never finds it.
+    pub fn insert(&mut self, event_id: &str) {
+        let Some(key) = event_key(event_id) else {
+            return;
+        };
+        if !self.ids.insert(key) {
+            return;
+        }
+        if self.order.len() == self.bound
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.ids.remove(&oldest);
+        }
+        self.order.push_back(key);
+    }
+}
+
+/// An event id ([`new_event_id`]: 32 hex digits) as a number.
+fn event_key(event_id: &str) -> Option<u128> {
+    (event_id.len() == 32)
+        .then(|| u128::from_str_radix(event_id, 16).ok())
+        .flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(n: u128) -> String {
+        format!("{n:032x}")
+    }
+
+    #[test]
+    fn remembers_recent_event_ids() {
+        let mut recent = RecentEventIds::new(16);
+        let event = new_event_id();
+        assert!(!recent.contains(&event));
+        recent.insert(&event);
+        assert!(recent.contains(&event));
+        assert!(!recent.contains(&new_event_id()), "another event");
+    }
+
+    #[test]
+    fn forgets_the_oldest_beyond_its_bound() {
+        let mut recent = RecentEventIds::new(100);
+        for n in 0..110 {
+            recent.insert(&id(n));
+        }
+        assert_eq!(recent.order.len(), 100);
+        assert_eq!(recent.ids.len(), 100);
+        assert!(!recent.contains(&id(9)), "the oldest are forgotten");
+        assert!(recent.contains(&id(10)));
+        assert!(recent.contains(&id(109)));
+    }
+
+    #[test]
+    fn a_second_insert_does_not_push_another_out() {
+        let mut recent = RecentEventIds::new(100);
+        for n in 0..100 {
+            recent.insert(&id(n));
+        }
+        recent.insert(&id(5));
+        assert!(recent.contains(&id(0)), "nothing was forgotten");
+        assert_eq!(recent.order.len(), 100);
+    }
+
+    #[test]
+    fn ids_no_publisher_makes_are_never_remembered() {
+        let mut recent = RecentEventIds::new(16);
+        for odd in [
+            "",
+            "abc",
+            "not-a-uuid-but-32-characters-xyz",
+            &"f".repeat(33),
+        ] {
+            recent.insert(odd);
+            assert!(!recent.contains(odd), "{odd:?}");
+        }
+        assert!(recent.order.is_empty());
+    }
 
     #[test]
     fn accepts_subject_safe_tokens() {

@@ -8,7 +8,9 @@
 mod ids;
 mod subjects;
 
-pub use ids::{AgentId, CacheId, CacheName, EnvId, InvalidId, new_event_id, new_publisher_id};
+pub use ids::{
+    AgentId, CacheId, CacheName, EnvId, InvalidId, RecentEventIds, new_event_id, new_publisher_id,
+};
 pub use subjects::{Subjects, cache_key, parse_cache_key, parse_presence_key};
 
 /// Generated protobuf types of `cachecast.v1`.

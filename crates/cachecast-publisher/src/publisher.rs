@@ -1,6 +1,6 @@
 //! Publishing one invalidation and collecting its acknowledgements.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -8,7 +8,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage;
 use cachecast_bus::{BusConfig, Client, JetStream, LogLimiter, StreamConfig};
 use cachecast_proto::{
-    Ack, AckStatus, AgentId, CacheId, EnvId, Invalidation, Subjects, Target, Wire,
+    Ack, AckStatus, AgentId, CacheId, EnvId, Invalidation, RecentEventIds, Subjects, Target, Wire,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -120,7 +120,7 @@ struct Inner {
     /// Requests waiting for acks, by event id: their environment and where acks go.
     pending: Mutex<HashMap<String, (EnvId, mpsc::UnboundedSender<Received>)>>,
     /// The event ids of the latest finished requests.
-    finished: Mutex<Finished>,
+    finished: Mutex<RecentEventIds>,
     /// Keeps a flood of refused acks from flooding the log.
     log_limit: LogLimiter,
     /// The registrations of persistent caches.
@@ -130,29 +130,6 @@ struct Inner {
     /// The audit trail; none when its stream could not be created (the trail is off).
     audit: Option<crate::audit::Trail>,
     tasks: Vec<JoinHandle<()>>,
-}
-
-/// The last [`FINISHED_REMEMBERED`] finished event ids.
-#[derive(Debug, Default)]
-struct Finished {
-    order: VecDeque<String>,
-    ids: HashSet<String>,
-}
-
-impl Finished {
-    fn insert(&mut self, event_id: String) {
-        if self.order.len() == FINISHED_REMEMBERED
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.ids.remove(&oldest);
-        }
-        self.ids.insert(event_id.clone());
-        self.order.push_back(event_id);
-    }
-
-    fn contains(&self, event_id: &str) -> bool {
-        self.ids.contains(event_id)
-    }
 }
 
 impl Inner {
@@ -240,7 +217,7 @@ impl Publisher {
                 request_timeout: bus.nats.request_timeout,
                 membership,
                 pending: Mutex::default(),
-                finished: Mutex::default(),
+                finished: Mutex::new(RecentEventIds::new(FINISHED_REMEMBERED)),
                 log_limit: LogLimiter::new(REJECT_LOG_INTERVAL),
                 caches,
                 presence,
@@ -886,7 +863,7 @@ impl Drop for Registration {
             .finished
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(std::mem::take(&mut self.event_id));
+            .insert(&self.event_id);
     }
 }
 
