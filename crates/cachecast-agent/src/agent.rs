@@ -23,10 +23,18 @@ use crate::admission::REJECT_LOG_INTERVAL;
 use crate::backend::{BackendError, CacheBackend};
 use crate::config::{AgentConfig, AgentError, OnStart};
 use crate::consumer::{Consumer, StreamState, consume, missed_events};
-use crate::fast_path::{ACKNOWLEDGED_REMEMBERED, Delivery};
+use crate::fast_path::Delivery;
 use crate::live::{LiveCopy, Place};
 use crate::presence::{AnnounceError, Announcement, Heartbeat, Progress};
 use crate::watch::{Flusher, Gap, ProgressCheck, Signal, Tracker};
+
+/// How many acknowledged event ids an agent remembers, so that an event that arrives twice (on
+/// both paths, or stored twice by a publish retried after its first attempt was stored) is
+/// applied and acknowledged once. A retry comes at least half of the publisher's
+/// `nats.request_timeout` after the first attempt (0.5 s by default): this covers about 8 000
+/// events a second in between. An event that falls out of it is applied again (idempotent)
+/// and its second ack is ignored by the publisher.
+const ACKNOWLEDGED_REMEMBERED: usize = 4096;
 
 /// An agent, configured but not started.
 #[derive(Debug)]
@@ -152,7 +160,7 @@ pub struct RunningAgent<B> {
     last_handled_at: Instant,
     /// The fast path: the environment's events as they are published (none when off).
     fast: Option<async_nats::Subscriber>,
-    /// The events acknowledged lately, on either path.
+    /// The events acknowledged lately, on either path or at an earlier stream sequence.
     acknowledged: RecentEventIds,
     /// The stream sequence of the last event handled; the consumer resumes after it.
     last_sequence: u64,

@@ -41,10 +41,3 @@ impl Delivery {
         }
     }
 }
-
-/// How many acknowledged event ids an agent remembers, so that an event that arrives twice (on
-/// both paths, or stored twice by a publish retried after its first attempt was stored) is
-/// applied and acknowledged once. Both copies come moments apart; this covers thousands of
-/// events in between. An event that falls out of it is applied again (idempotent) and its
-/// second ack is ignored by the publisher.
-pub(crate) const ACKNOWLEDGED_REMEMBERED: usize = 4096;

@@ -144,12 +144,13 @@ pub struct RecentEventIds {
 }
 
 impl RecentEventIds {
-    /// Remembers at most `bound` ids.
+    /// Remembers at most `bound` ids (at least one); the set grows as ids come, so an idle
+    /// agent holds none.
     pub fn new(bound: usize) -> Self {
         Self {
-            bound,
-            order: VecDeque::with_capacity(bound),
-            ids: HashSet::with_capacity(bound),
+            bound: bound.max(1),
+            order: VecDeque::new(),
+            ids: HashSet::new(),
         }
     }
 
@@ -167,7 +168,7 @@ impl RecentEventIds {
         if !self.ids.insert(key) {
             return;
         }
-        if self.order.len() == self.bound
+        if self.order.len() >= self.bound
             && let Some(oldest) = self.order.pop_front()
         {
             self.ids.remove(&oldest);

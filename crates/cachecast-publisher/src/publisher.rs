@@ -854,16 +854,17 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.inner
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.event_id);
+        // Finished first: an ack routed in between is `late`, never `unknown_event`.
         self.inner
             .finished
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(&self.event_id);
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.event_id);
     }
 }
 
