@@ -88,6 +88,29 @@ async fn up_starts_a_stack_whose_curl_line_works_and_ctrl_c_stops_everything() {
     );
 }
 
+/// A stack that cannot finish starting (its API port is taken, found after the agents are up)
+/// stops what it started as Ctrl-C would: the agents leave, every client closes before the
+/// nats-server child stops, and the error says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_that_cannot_listen_stops_its_agents_and_clients_before_nats() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to hold");
+    let port = taken.local_addr().expect("address").port();
+    let mut command = tokio::process::Command::new(cachecast_testkit::cachecast_bin());
+    command
+        .args(["up", "--listen", &format!("127.0.0.1:{port}")])
+        .env("NATS_SERVER_BIN", cachecast_testkit::nats_binary())
+        .env("NO_COLOR", "1")
+        .env_remove("CACHECAST_CONFIG");
+    let up = refused_naming(ChildProcess::from_command(command), "pass --listen").await;
+    let output = up.output();
+    assert_eq!(output.matches("agent stopped").count(), 3, "{output}");
+    assert!(
+        !output.contains("disconnected from NATS"),
+        "a client outlived the nats-server: {output}"
+    );
+    drop(taken);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_reads_its_secret_from_the_environment_and_answers() {
     let nats = cachecast_testkit::nats().await;

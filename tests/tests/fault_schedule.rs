@@ -280,6 +280,9 @@ struct World {
     /// and the sequence): a request is one event, however many times the publisher retried
     /// (a retry may store that event twice).
     seen_at: BTreeMap<String, (String, (i128, u64))>,
+    /// Requests whose event was seen at two places (a publish retried after its first attempt
+    /// was stored): counted, so a soak shows whether it met any.
+    stored_twice: BTreeSet<String>,
     ongoing: Vec<(usize, Ongoing)>,
     /// Each answered request (by index in `published`) and the caches its answer named failed.
     vouched: Vec<(usize, BTreeSet<String>)>,
@@ -435,6 +438,7 @@ impl World {
             published: Vec::new(),
             unavailable: BTreeMap::new(),
             seen_at: BTreeMap::new(),
+            stored_twice: BTreeSet::new(),
             ongoing: Vec::new(),
             vouched: Vec::new(),
             reported: BTreeSet::new(),
@@ -1114,6 +1118,9 @@ impl World {
                 .entry(event.request_id.clone())
                 .or_insert_with(|| (event.event_id.clone(), at))
                 .clone();
+            if first_event == event.event_id && first_at != at {
+                self.stored_twice.insert(event.request_id.clone());
+            }
             if first_event != event.event_id {
                 self.violation(format!(
                     "step {}: request {} is two events in the stream: {first_event} (stream created {}, sequence {}) and {} at {at:?}",
@@ -1254,6 +1261,7 @@ impl World {
             "answers": self.answers,
             "faults": self.faults,
             "vacuous_probes": self.vacuous,
+            "stored_twice": self.stored_twice.len(),
             "stale_windows_ms": self.windows.iter().map(|w| w.as_millis() as u64).collect::<Vec<_>>(),
         });
         println!("fault-schedule-result {result}");

@@ -36,27 +36,64 @@ pub(crate) async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<Exit
     tracing::info!(url = %nats.url(), pid = nats.pid(), binary = %binary.display(), "nats-server started");
     config.nats.url = nats.url();
 
-    let result = stack(&config, &args, shutdown.clone()).await;
-    if result.is_err() {
-        shutdown.trigger();
-    }
+    let mut opened = Opened::default();
+    let result = stack(&config, &args, shutdown.clone(), &mut opened).await;
+    // On every way out, an error included: the agents stop, then every client closes before
+    // the nats-server child stops, so none of them reports a lost connection.
+    shutdown.trigger();
+    opened.close().await;
     nats.stop().await;
     tracing::info!("nats-server stopped");
     result
 }
 
-async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
+/// What the stack opened, to be closed however it ends.
+#[derive(Default)]
+struct Opened {
+    clients: Vec<(cachecast_bus::Client, cachecast_bus::Closed)>,
+    agents: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Opened {
+    /// Waits for the agents (the shutdown has begun), then drains every client at once, each
+    /// for 5 s at most.
+    async fn close(self) {
+        for agent in self.agents {
+            agent.await.ok();
+        }
+        let closing = self.clients.into_iter().map(|(client, closed)| async move {
+            closed.drain(&client, Duration::from_secs(5)).await
+        });
+        let open = futures::future::join_all(closing)
+            .await
+            .into_iter()
+            .filter(|closed| !closed)
+            .count();
+        if open > 0 {
+            tracing::warn!(
+                open,
+                "NATS connections did not close within 5s; stopping nats-server anyway"
+            );
+        }
+    }
+}
+
+async fn stack(
+    config: &Config,
+    args: &UpArgs,
+    shutdown: Shutdown,
+    opened: &mut Opened,
+) -> anyhow::Result<ExitCode> {
     let bus = config.bus();
     let (client, closed) = cachecast_bus::connect_closable(&bus.nats, "cachecast-up-api").await?;
+    opened.clients.push((client.clone(), closed));
     let publisher = Publisher::start(client.clone(), &bus).await?;
 
-    let mut agents = Vec::new();
-    let mut clients = vec![(client.clone(), closed)];
     for n in 1..=args.agents {
         let id = AgentId::new(format!("{}-agent-{n}", args.env))?;
         let (agent_client, closed) =
             cachecast_bus::connect_closable(&bus.nats, &format!("cachecast-up-{id}")).await?;
-        clients.push((agent_client.clone(), closed));
+        opened.clients.push((agent_client.clone(), closed));
         let agent = Agent::new(
             agent_client.clone(),
             &bus,
@@ -67,7 +104,7 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
         );
         let running = agent.start().await?;
         let stop = shutdown.clone().wait();
-        agents.push(tokio::spawn(async move {
+        opened.agents.push(tokio::spawn(async move {
             if let Err(err) = running.run(stop).await {
                 tracing::error!(error = %err, "an agent of the local stack stopped");
             }
@@ -150,24 +187,6 @@ async fn stack(config: &Config, args: &UpArgs, shutdown: Shutdown) -> anyhow::Re
     println!("Press Ctrl-C to stop.");
 
     shutdown.wait().await;
-    for agent in agents {
-        agent.await.ok();
-    }
     api.await??;
-    // Closed before the nats-server child stops, so none of them reports a lost connection.
-    let closing = clients
-        .into_iter()
-        .map(|(client, closed)| async move { closed.drain(&client, Duration::from_secs(5)).await });
-    let open = futures::future::join_all(closing)
-        .await
-        .into_iter()
-        .filter(|closed| !closed)
-        .count();
-    if open > 0 {
-        tracing::warn!(
-            open,
-            "NATS connections did not close within 5s; stopping nats-server anyway"
-        );
-    }
     Ok(ExitCode::SUCCESS)
 }
