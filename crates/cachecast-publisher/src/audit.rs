@@ -371,21 +371,30 @@ async fn publish(js: &jetstream::Context, records: Vec<(EnvId, Vec<u8>)>) {
 }
 
 /// The records a message of the audit stream holds, with their places in the trail: a JSON
-/// array (how records are written), or one record (how earlier versions wrote them).
+/// array (how records are written), or one record (how earlier versions wrote them). A record
+/// this version cannot read (written by a newer one, or not by a publisher) is left out alone:
+/// the others keep their places.
 fn records_in(payload: &[u8], stream_sequence: u64) -> Vec<AuditRecord> {
-    let records = if payload.first() == Some(&b'[') {
-        serde_json::from_slice::<Vec<AuditRecord>>(payload).unwrap_or_default()
-    } else {
-        serde_json::from_slice::<AuditRecord>(payload)
-            .map(|r| vec![r])
-            .unwrap_or_default()
+    let values = match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Array(values)) => values,
+        Ok(value) => vec![value],
+        Err(err) => {
+            tracing::warn!(stream_sequence, error = %err, "an audit message that is not JSON: left out of the trail");
+            return Vec::new();
+        }
     };
-    records
+    values
         .into_iter()
         .zip(0..PER_MESSAGE)
-        .map(|(mut record, index)| {
-            record.audit_sequence = stream_sequence * PER_MESSAGE + index;
-            record
+        .filter_map(|(value, index)| match serde_json::from_value::<AuditRecord>(value) {
+            Ok(mut record) => {
+                record.audit_sequence = stream_sequence * PER_MESSAGE + index;
+                Some(record)
+            }
+            Err(err) => {
+                tracing::warn!(stream_sequence, index, error = %err, "an audit record this version cannot read: left out of the trail");
+                None
+            }
         })
         .collect()
 }
@@ -497,6 +506,24 @@ mod tests {
             .map(|r| (r.audit_sequence, r.request_id.as_str()))
             .collect();
         assert_eq!(places, [(7168, "a"), (7169, "b"), (7170, "c")]);
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_read_is_left_out_alone() {
+        let mut batch =
+            serde_json::to_value([record("a"), record("b"), record("c")]).expect("JSON");
+        batch[1] = json!({"requestId": "b", "outcome": 7});
+        let read = records_in(&serde_json::to_vec(&batch).expect("JSON"), 7);
+        let places: Vec<(u64, &str)> = read
+            .iter()
+            .map(|r| (r.audit_sequence, r.request_id.as_str()))
+            .collect();
+        assert_eq!(
+            places,
+            [(7168, "a"), (7170, "c")],
+            "the others keep their places"
+        );
+        assert!(records_in(b"not json", 7).is_empty());
     }
 
     #[test]
