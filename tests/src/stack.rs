@@ -77,6 +77,20 @@ impl Stack {
         (base_url, Replica { _stop: stop, task })
     }
 
+    /// A client that sees every ack of environment `env` from now on (alone, or together), as
+    /// publishers receive them, and its subscription.
+    pub async fn ack_observer(&self, env: &str) -> (async_nats::Client, async_nats::Subscriber) {
+        let observer = cachecast_bus::connect(&self.bus.nats, "observer")
+            .await
+            .expect("observer");
+        let acks = observer
+            .subscribe(format!("cachecast.v1.{env}.ack.>"))
+            .await
+            .expect("subscribe to acks");
+        observer.flush().await.expect("flush");
+        (observer, acks)
+    }
+
     /// A token for `envs`, valid for an hour.
     pub fn token(&self, envs: &[&str]) -> String {
         token(TEST_SECRET, envs)

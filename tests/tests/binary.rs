@@ -21,16 +21,21 @@ fn log_field(output: &str, line_marker: &str, key: &str) -> Option<String> {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_starts_a_stack_whose_curl_line_works_and_ctrl_c_stops_everything() {
-    let port = cachecast_testkit::free_port();
+/// `cachecast up` with its API on `port`, nats-server from the test kit.
+fn up_on(port: u16) -> ChildProcess {
     let mut command = tokio::process::Command::new(cachecast_testkit::cachecast_bin());
     command
         .args(["up", "--listen", &format!("127.0.0.1:{port}")])
         .env("NATS_SERVER_BIN", cachecast_testkit::nats_binary())
         .env("NO_COLOR", "1")
         .env_remove("CACHECAST_CONFIG");
-    let mut up = ChildProcess::from_command(command);
+    ChildProcess::from_command(command)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_starts_a_stack_whose_curl_line_works_and_ctrl_c_stops_everything() {
+    let port = cachecast_testkit::free_port();
+    let mut up = up_on(port);
     up.wait_for_output("Press Ctrl-C to stop.", STARTUP)
         .await
         .unwrap_or_else(|e| panic!("up did not start: {e}"));
@@ -95,13 +100,7 @@ async fn up_starts_a_stack_whose_curl_line_works_and_ctrl_c_stops_everything() {
 async fn up_that_cannot_listen_stops_its_agents_and_clients_before_nats() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to hold");
     let port = taken.local_addr().expect("address").port();
-    let mut command = tokio::process::Command::new(cachecast_testkit::cachecast_bin());
-    command
-        .args(["up", "--listen", &format!("127.0.0.1:{port}")])
-        .env("NATS_SERVER_BIN", cachecast_testkit::nats_binary())
-        .env("NO_COLOR", "1")
-        .env_remove("CACHECAST_CONFIG");
-    let up = refused_naming(ChildProcess::from_command(command), "pass --listen").await;
+    let up = refused_naming(up_on(port), "pass --listen").await;
     let output = up.output();
     assert_eq!(output.matches("agent stopped").count(), 3, "{output}");
     assert!(

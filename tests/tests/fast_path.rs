@@ -48,19 +48,6 @@ async fn subscribers(monitor: u16, subject: &str) -> usize {
         .count()
 }
 
-/// A client that sees every ack of environment `dev` from now on, and its subscription.
-async fn ack_observer(stack: &Stack) -> (async_nats::Client, async_nats::Subscriber) {
-    let observer = cachecast_bus::connect(&stack.bus.nats, "observer")
-        .await
-        .expect("observer");
-    let acks = observer
-        .subscribe("cachecast.v1.dev.ack.>")
-        .await
-        .expect("sub");
-    observer.flush().await.expect("flush");
-    (observer, acks)
-}
-
 /// Every ack received on `acks` so far (after a round trip of its client).
 fn drain(acks: &mut async_nats::Subscriber) -> Vec<Ack> {
     let mut received = Vec::new();
@@ -83,7 +70,7 @@ async fn events_are_applied_from_the_fast_path_and_acknowledged_once() {
         .start(cache.clone())
         .await;
     stack.wait_for_agents("dev", 1).await;
-    let (observer, mut acks) = ack_observer(&stack).await;
+    let (observer, mut acks) = stack.ack_observer("dev").await;
 
     let mut last = 0;
     for n in 0..10 {
@@ -159,7 +146,7 @@ async fn an_event_the_fast_path_missed_is_applied_from_the_stream() {
         1,
         "the agent takes the fast path"
     );
-    let (observer, mut acks) = ack_observer(&stack).await;
+    let (observer, mut acks) = stack.ack_observer("dev").await;
     fill_scope(&cache, "s1");
     fill_scope(&cache, "s2");
 

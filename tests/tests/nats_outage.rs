@@ -192,15 +192,7 @@ async fn a_lost_publish_ack_is_retried_and_the_event_applied_once() {
     .await;
     stack.wait_for_agents("dev", 1).await;
     let token = stack.token(&["dev"]);
-    // Every ack the agent sends, alone or together, as the publisher receives them.
-    let observer = cachecast_bus::connect(&stack.bus.nats, "observer")
-        .await
-        .expect("observer");
-    let mut acks = observer
-        .subscribe("cachecast.v1.dev.ack.>")
-        .await
-        .expect("subscribe");
-    observer.flush().await.expect("flush");
+    let (observer, mut acks) = stack.ack_observer("dev").await;
     let invalidate = {
         let (api, token) = (api.clone(), token.clone());
         move || {
