@@ -81,10 +81,14 @@ enum Fault {
     Cut,
     /// A Redis cache's agent paused, and a new process started with its id.
     IdReused,
+    /// nats-server frozen while a request is sent, past one publish attempt and within the
+    /// publish's whole budget: the publish is retried, and both attempts are stored (events
+    /// carry no `Nats-Msg-Id`). Single-server worlds only.
+    NatsPause,
 }
 
 impl Fault {
-    const ALL: [Fault; 15] = [
+    const ALL: [Fault; 16] = [
         Fault::AgentKill,
         Fault::AgentPause,
         Fault::AgentTerm,
@@ -100,6 +104,7 @@ impl Fault {
         Fault::Cut,
         Fault::IdReused,
         Fault::NodeLost,
+        Fault::NatsPause,
     ];
 
     /// Whether it keeps a cache from applying for a while (so a `424` must come).
@@ -112,7 +117,18 @@ impl Fault {
                 | Fault::TwoPublishers
                 | Fault::NatsKill
                 | Fault::NodeLost
+                | Fault::NatsPause
         )
+    }
+
+    /// Whether the world can take it: a lost node needs a cluster; a paused server is one
+    /// process only in a single-server world.
+    fn fits(self, clustered: bool) -> bool {
+        match self {
+            Fault::NodeLost => clustered,
+            Fault::NatsPause => !clustered,
+            _ => true,
+        }
     }
 
     fn name(self) -> &'static str {
@@ -132,16 +148,17 @@ impl Fault {
             Fault::Cut => "cut",
             Fault::IdReused => "id_reused",
             Fault::NodeLost => "node_lost",
+            Fault::NatsPause => "nats_pause",
         }
     }
 
-    /// `CACHECAST_FAULTS`: `all` or a comma-separated list of names. A lost node needs a
-    /// cluster: `all` leaves it out of a single-server world.
+    /// `CACHECAST_FAULTS`: `all` or a comma-separated list of names. `all` leaves out what
+    /// the world cannot take ([`Fault::fits`]).
     fn asked(clustered: bool) -> Vec<Fault> {
         let asked: Vec<Fault> = match std::env::var("CACHECAST_FAULTS").as_deref() {
             Err(_) | Ok("all") | Ok("") => Self::ALL
                 .into_iter()
-                .filter(|f| clustered || *f != Fault::NodeLost)
+                .filter(|f| f.fits(clustered))
                 .collect(),
             Ok(list) => list
                 .split(',')
@@ -156,10 +173,12 @@ impl Fault {
                 })
                 .collect(),
         };
-        assert!(
-            clustered || !asked.contains(&Fault::NodeLost),
-            "CACHECAST_FAULTS: node_lost needs a cluster world (CACHECAST_FAULT_WORLD=cluster)"
-        );
+        if let Some(unfit) = asked.iter().find(|f| !f.fits(clustered)) {
+            panic!(
+                "CACHECAST_FAULTS: {} does not fit this world (node_lost needs CACHECAST_FAULT_WORLD=cluster, nats_pause a single server)",
+                unfit.name()
+            );
+        }
         asked
     }
 }
@@ -694,6 +713,20 @@ impl World {
                     if let Err(err) = started {
                         panic!("seed {seed}: nats-server did not start again: {err}");
                     }
+                }
+            }
+            Fault::NatsPause => {
+                // Past one attempt (half of `nats.request_timeout`, 500 ms) and within the
+                // publish's budget (1 s): the first attempt is stored when the server goes on,
+                // and so is the retry.
+                let paused = self.stack.nats.pause_held().expect("pause nats-server");
+                let resume = async move {
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                    paused.resume()
+                };
+                let (resumed, _) = tokio::join!(resume, self.request());
+                if let Err(err) = resumed {
+                    panic!("seed {}: nats-server did not go on: {err}", self.seed);
                 }
             }
             Fault::NodeLost => {

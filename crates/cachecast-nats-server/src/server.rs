@@ -277,6 +277,13 @@ impl NatsServer {
         Ok(())
     }
 
+    /// Freezes the process like [`Self::pause`] and returns what resumes it, for a caller
+    /// that goes on using what borrows the server meanwhile.
+    pub fn pause_held(&self) -> Result<Paused, Error> {
+        self.pause()?;
+        self.pid().map(Paused).ok_or(Error::NotRunning)
+    }
+
     /// Lets a paused process go on (SIGCONT).
     pub fn resume(&self) -> Result<(), Error> {
         self.signal(Signal::SIGCONT)?;
@@ -403,6 +410,25 @@ impl Drop for NatsServer {
 async fn kill_and_wait(child: &mut Child) {
     if let Err(error) = child.kill().await {
         warn!(%error, "could not kill nats-server");
+    }
+}
+
+/// A nats-server paused by [`NatsServer::pause_held`]: it answers nothing until resumed.
+#[derive(Debug)]
+#[must_use = "a paused server answers nothing until resumed"]
+pub struct Paused(u32);
+
+impl Paused {
+    /// Lets the server go on (SIGCONT) and waits until it runs.
+    pub fn resume(self) -> Result<(), Error> {
+        let target = nix_pid(self.0).ok_or(Error::NotRunning)?;
+        signal::kill(target, Signal::SIGCONT).map_err(|source| Error::Signal {
+            signal: Signal::SIGCONT,
+            pid: self.0,
+            source,
+        })?;
+        wait_until_stopped(self.0, false);
+        Ok(())
     }
 }
 
