@@ -691,8 +691,8 @@ impl World {
                 let (a, b) = (self.draw_request(), self.draw_request());
                 let first = self.stack.publisher.clone();
                 let (ra, rb) = tokio::join!(
-                    send(&first, &a, self.caches()),
-                    send(&second, &b, self.caches())
+                    send(&first, &a, REQUEST_TIMEOUT, self.caches()),
+                    send(&second, &b, REQUEST_TIMEOUT, self.caches())
                 );
                 self.answered(a, ra).await;
                 self.answered(b, rb).await;
@@ -718,13 +718,18 @@ impl World {
             Fault::NatsPause => {
                 // Past one attempt (half of `nats.request_timeout`, 500 ms) and within the
                 // publish's budget (1 s): the first attempt is stored when the server goes on,
-                // and so is the retry.
+                // and so is the retry. The request waits for acks past the pause, so a `200`
+                // can vouch for the event stored twice.
                 let paused = self.stack.nats.pause_held().expect("pause nats-server");
                 let resume = async move {
                     tokio::time::sleep(Duration::from_millis(700)).await;
                     paused.resume()
                 };
-                let (resumed, _) = tokio::join!(resume, self.request());
+                let selector = self.draw_selector();
+                let (resumed, _) = tokio::join!(
+                    resume,
+                    self.request_within(selector, Duration::from_secs(2))
+                );
                 if let Err(err) = resumed {
                     panic!("seed {}: nats-server did not go on: {err}", self.seed);
                 }
@@ -954,6 +959,11 @@ impl World {
 
     /// Like [`World::request`], for `selector`.
     async fn request_for(&mut self, selector: Selector) -> String {
+        self.request_within(selector, REQUEST_TIMEOUT).await
+    }
+
+    /// Like [`World::request_for`], waiting for acks until `timeout`.
+    async fn request_within(&mut self, selector: Selector, timeout: Duration) -> String {
         let racing: Vec<_> = (0..self.memory.len())
             .flat_map(|slot| [slot, slot])
             .map(|slot| (slot, self.ticket(slot), self.rng.random_range(0..40)))
@@ -978,7 +988,7 @@ impl World {
             }
             kept
         };
-        let (answer, kept) = tokio::join!(send(&publisher, &request, looker), fills);
+        let (answer, kept) = tokio::join!(send(&publisher, &request, timeout, looker), fills);
         for (slot, written, key, scope, identity) in kept {
             self.record(&self.memory[slot].id.clone(), key, scope, identity, written);
         }
@@ -1313,6 +1323,7 @@ impl World {
 async fn send(
     publisher: &Publisher,
     request: &Request,
+    timeout: Duration,
     mut caches: Caches,
 ) -> (Result<Outcome, PublishError>, Contents) {
     let result = publisher
@@ -1323,7 +1334,7 @@ async fn send(
                 identity_id: request.selector.identity.clone(),
             }),
             request_id: request.id.clone(),
-            timeout: REQUEST_TIMEOUT,
+            timeout,
             caller: None,
         })
         .await;
