@@ -1144,7 +1144,7 @@ impl<B: CacheBackend> Agent<B> {
         // One event can come twice: on the fast path and from the stream, or at two stream
         // sequences (a publish retried after its first attempt was stored: events carry no
         // `Nats-Msg-Id`). It is applied and acknowledged once.
-        if acknowledged.contains(&event.event_id) {
+        if !acknowledged.insert(&event.event_id) {
             if let Delivery::Stored { .. } = delivery {
                 tracing::debug!(sequence, event_id = %event.event_id, "applied already (on the fast path, or at an earlier sequence)");
                 self.notice_restart().await;
@@ -1154,7 +1154,6 @@ impl<B: CacheBackend> Agent<B> {
             }
             return None;
         }
-        acknowledged.insert(&event.event_id);
         let span = tracing::info_span!("event", request_id = %event.request_id, event_id = %event.event_id, sequence, path = delivery.path());
         cachecast_bus::trace_context::adopt_parent(&span, message.headers.as_ref());
         async {

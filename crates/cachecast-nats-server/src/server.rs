@@ -286,22 +286,12 @@ impl NatsServer {
 
     /// Lets a paused process go on (SIGCONT).
     pub fn resume(&self) -> Result<(), Error> {
-        self.signal(Signal::SIGCONT)?;
-        if let Some(pid) = self.pid() {
-            wait_until_stopped(pid, false);
-        }
-        Ok(())
+        Paused(self.pid().ok_or(Error::NotRunning)?).resume()
     }
 
     /// Sends `signal` to the process (for example SIGHUP to reload a configuration file).
     pub fn signal(&self, signal: Signal) -> Result<(), Error> {
-        let pid = self.pid().ok_or(Error::NotRunning)?;
-        let target = nix_pid(pid).ok_or(Error::NotRunning)?;
-        signal::kill(target, signal).map_err(|source| Error::Signal {
-            signal,
-            pid,
-            source,
-        })
+        send_signal(self.pid().ok_or(Error::NotRunning)?, signal)
     }
 
     /// The last lines of the log file (all runs), for error messages.
@@ -421,15 +411,19 @@ pub struct Paused(u32);
 impl Paused {
     /// Lets the server go on (SIGCONT) and waits until it runs.
     pub fn resume(self) -> Result<(), Error> {
-        let target = nix_pid(self.0).ok_or(Error::NotRunning)?;
-        signal::kill(target, Signal::SIGCONT).map_err(|source| Error::Signal {
-            signal: Signal::SIGCONT,
-            pid: self.0,
-            source,
-        })?;
+        send_signal(self.0, Signal::SIGCONT)?;
         wait_until_stopped(self.0, false);
         Ok(())
     }
+}
+
+fn send_signal(pid: u32, signal: Signal) -> Result<(), Error> {
+    let target = nix_pid(pid).ok_or(Error::NotRunning)?;
+    signal::kill(target, signal).map_err(|source| Error::Signal {
+        signal,
+        pid,
+        source,
+    })
 }
 
 fn nix_pid(pid: u32) -> Option<Pid> {

@@ -159,14 +159,15 @@ impl RecentEventIds {
         event_key(event_id).is_some_and(|key| self.ids.contains(&key))
     }
 
-    /// Remembers `event_id`, forgetting the oldest beyond the bound. An id no publisher makes
-    /// (not 32 hex digits) is not remembered: [`Self::contains`] never finds it.
-    pub fn insert(&mut self, event_id: &str) {
+    /// Remembers `event_id`, forgetting the oldest beyond the bound; false when it was
+    /// remembered already. An id no publisher makes (not 32 hex digits) is not remembered:
+    /// it is new every time, and [`Self::contains`] never finds it.
+    pub fn insert(&mut self, event_id: &str) -> bool {
         let Some(key) = event_key(event_id) else {
-            return;
+            return true;
         };
         if !self.ids.insert(key) {
-            return;
+            return false;
         }
         if self.order.len() >= self.bound
             && let Some(oldest) = self.order.pop_front()
@@ -174,6 +175,7 @@ impl RecentEventIds {
             self.ids.remove(&oldest);
         }
         self.order.push_back(key);
+        true
     }
 }
 
@@ -197,8 +199,9 @@ mod tests {
         let mut recent = RecentEventIds::new(16);
         let event = new_event_id();
         assert!(!recent.contains(&event));
-        recent.insert(&event);
+        assert!(recent.insert(&event), "new");
         assert!(recent.contains(&event));
+        assert!(!recent.insert(&event), "remembered already");
         assert!(!recent.contains(&new_event_id()), "another event");
     }
 
@@ -235,7 +238,8 @@ mod tests {
             "not-a-uuid-but-32-characters-xyz",
             &"f".repeat(33),
         ] {
-            recent.insert(odd);
+            assert!(recent.insert(odd), "{odd:?} is new every time");
+            assert!(recent.insert(odd), "{odd:?} is new every time");
             assert!(!recent.contains(odd), "{odd:?}");
         }
         assert!(recent.order.is_empty());
