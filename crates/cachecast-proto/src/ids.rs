@@ -4,8 +4,8 @@
 //! (a dot, `*`, `>`, whitespace, a non-ASCII letter) is refused, so a caller can never turn an
 //! id into a wildcard or reach another environment's subject.
 
-use std::collections::{HashSet, VecDeque};
 use std::fmt;
+use std::hash::BuildHasher;
 
 /// The longest id accepted.
 const MAX_ID_LEN: usize = 128;
@@ -135,28 +135,39 @@ pub fn new_publisher_id() -> String {
 /// The event ids seen lately, forgetting the oldest beyond a bound: an agent's acknowledged
 /// events (an event that arrives twice is applied once), a publisher's finished requests (an
 /// ack after its request ended is told from one for no request). An id is kept as the number
-/// its 32 hex digits spell, so a lookup hashes 16 bytes in place and compares no strings.
+/// its 32 hex digits spell, so a lookup compares no strings.
+///
+/// Every agent asks this once per event, so it is laid out for the cache: the ids in a ring in
+/// arrival order (written in sequence; the oldest is overwritten), found through a small hash
+/// index of ring slots. Forgetting the oldest touches only the index, never a random place in
+/// a large table, which mattered with a thousand agents in one process.
 #[derive(Debug)]
 pub struct RecentEventIds {
     bound: usize,
-    order: VecDeque<u128>,
-    ids: HashSet<u128>,
+    /// The ids in arrival order, up to `bound`; once full, `next` is the oldest's slot.
+    ring: Vec<u128>,
+    next: usize,
+    /// Slots of `ring`, by the hash of the id they hold.
+    index: hashbrown::HashTable<u16>,
+    hasher: hashbrown::DefaultHashBuilder,
 }
 
 impl RecentEventIds {
-    /// Remembers at most `bound` ids (at least one); the set grows as ids come, so an idle
-    /// agent holds none.
+    /// Remembers at most `bound` ids (at least one, at most 65 536); the set grows as ids
+    /// come, so an idle agent holds none.
     pub fn new(bound: usize) -> Self {
         Self {
-            bound: bound.max(1),
-            order: VecDeque::new(),
-            ids: HashSet::new(),
+            bound: bound.clamp(1, usize::from(u16::MAX) + 1),
+            ring: Vec::new(),
+            next: 0,
+            index: hashbrown::HashTable::new(),
+            hasher: hashbrown::DefaultHashBuilder::default(),
         }
     }
 
     /// Whether `event_id` was inserted lately.
     pub fn contains(&self, event_id: &str) -> bool {
-        event_key(event_id).is_some_and(|key| self.ids.contains(&key))
+        event_key(event_id).is_some_and(|key| self.slot_of(key).is_some())
     }
 
     /// Remembers `event_id`, forgetting the oldest beyond the bound; false when it was
@@ -166,16 +177,43 @@ impl RecentEventIds {
         let Some(key) = event_key(event_id) else {
             return true;
         };
-        if !self.ids.insert(key) {
+        if self.slot_of(key).is_some() {
             return false;
         }
-        if self.order.len() >= self.bound
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.ids.remove(&oldest);
-        }
-        self.order.push_back(key);
+        let slot = if self.ring.len() < self.bound {
+            self.ring.push(key);
+            self.ring.len() - 1
+        } else {
+            let slot = self.next;
+            let oldest = self.hasher.hash_one(self.ring[slot]);
+            if let Ok(entry) = self.index.find_entry(oldest, |&s| usize::from(s) == slot) {
+                entry.remove();
+            }
+            self.ring[slot] = key;
+            slot
+        };
+        self.next = (slot + 1) % self.bound;
+        let (ring, hasher) = (&self.ring, &self.hasher);
+        self.index.insert_unique(
+            hasher.hash_one(key),
+            u16::try_from(slot).expect("the bound fits the index"),
+            |&s| hasher.hash_one(ring[usize::from(s)]),
+        );
         true
+    }
+
+    fn slot_of(&self, key: u128) -> Option<u16> {
+        self.index
+            .find(self.hasher.hash_one(key), |&s| {
+                self.ring[usize::from(s)] == key
+            })
+            .copied()
+    }
+
+    /// How many ids it holds.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.ring.len()
     }
 }
 
@@ -211,8 +249,8 @@ mod tests {
         for n in 0..110 {
             recent.insert(&id(n));
         }
-        assert_eq!(recent.order.len(), 100);
-        assert_eq!(recent.ids.len(), 100);
+        assert_eq!(recent.len(), 100);
+        assert_eq!(recent.index.len(), 100);
         assert!(!recent.contains(&id(9)), "the oldest are forgotten");
         assert!(recent.contains(&id(10)));
         assert!(recent.contains(&id(109)));
@@ -226,7 +264,30 @@ mod tests {
         }
         recent.insert(&id(5));
         assert!(recent.contains(&id(0)), "nothing was forgotten");
-        assert_eq!(recent.order.len(), 100);
+        assert_eq!(recent.len(), 100);
+    }
+
+    proptest::proptest! {
+        /// It answers as a list of the last `bound` distinct ids would, however the ring
+        /// wraps: an id is new exactly when the list does not hold it.
+        #[test]
+        fn answers_as_the_last_ids_inserted(bound in 1usize..9, ids in proptest::collection::vec(0u128..12, 0..200)) {
+            let mut recent = RecentEventIds::new(bound);
+            let mut model: std::collections::VecDeque<u128> = std::collections::VecDeque::new();
+            for n in ids {
+                let new = !model.contains(&n);
+                proptest::prop_assert_eq!(recent.insert(&id(n)), new);
+                if new {
+                    if model.len() == bound {
+                        model.pop_front();
+                    }
+                    model.push_back(n);
+                }
+                for m in 0..12 {
+                    proptest::prop_assert_eq!(recent.contains(&id(m)), model.contains(&m));
+                }
+            }
+        }
     }
 
     #[test]
@@ -242,7 +303,7 @@ mod tests {
             assert!(recent.insert(odd), "{odd:?} is new every time");
             assert!(!recent.contains(odd), "{odd:?}");
         }
-        assert!(recent.order.is_empty());
+        assert_eq!(recent.len(), 0);
     }
 
     #[test]
