@@ -214,6 +214,8 @@ pub(crate) fn unavailable(
     }
 }
 
+/// About the size of one cache's record, so that most records are written without growing.
+const RECORD_BYTES: usize = 512;
 /// Records wait this long at most for others to go out in the same message.
 const LINGER: Duration = Duration::from_millis(5);
 /// At most this many records in one message. A record's place in the trail (its
@@ -262,13 +264,11 @@ impl Trail {
 
     /// Queues `record` (of `request_id` in `env`) to be written.
     pub(crate) fn write(&self, env: &EnvId, request_id: &str, record: &impl Serialize) {
-        let json = match serde_json::to_vec(record) {
-            Ok(json) => json,
-            Err(err) => {
-                tracing::warn!(error = %err, %request_id, "could not write the audit record");
-                return;
-            }
-        };
+        let mut json = Vec::with_capacity(RECORD_BYTES);
+        if let Err(err) = serde_json::to_writer(&mut json, record) {
+            tracing::warn!(error = %err, %request_id, "could not write the audit record");
+            return;
+        }
         if self
             .records
             .try_send(Command::Record(env.clone(), json))
@@ -304,24 +304,18 @@ async fn write_batches(js: jetstream::Context, mut commands: tokio::sync::mpsc::
     let mut batch: Vec<(EnvId, Vec<u8>)> = Vec::new();
     let mut flushes = Vec::new();
     while let Some(first) = commands.recv().await {
+        // The first record waits out the linger, and what came meanwhile goes with it. Not
+        // woken per record: a sender wakes only a task that waits in `recv`.
+        if matches!(first, Command::Record(..)) {
+            tokio::time::sleep(LINGER).await;
+        }
         let mut next = Some(first);
-        let until = tokio::time::Instant::now() + LINGER;
-        // Gather until the linger ends, the batch is full, or someone waits for a flush.
         while let Some(command) = next.take() {
             match command {
                 Command::Record(env, json) => batch.push((env, json)),
-                Command::Flush(done) => {
-                    flushes.push(done);
-                    break;
-                }
+                Command::Flush(done) => flushes.push(done),
             }
-            if batch.len() >= PER_MESSAGE as usize {
-                break;
-            }
-            next = tokio::time::timeout_at(until, commands.recv())
-                .await
-                .ok()
-                .flatten();
+            next = commands.try_recv().ok();
         }
         publish(&js, std::mem::take(&mut batch)).await;
         for done in flushes.drain(..) {
