@@ -119,6 +119,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Recorded as `serve` and `agent` record: every row pays what metrics cost in production.
+    cachecast_admin::install_metrics();
     // Its monitoring endpoint tells what each operation costs the server in messages and bytes.
     let monitor_port = cachecast_testkit::free_port();
     let nats = cachecast_testkit::NatsServer::builder(cachecast_testkit::nats_binary())
