@@ -217,9 +217,15 @@ impl RecentEventIds {
     }
 }
 
-/// An event id ([`new_event_id`]: 32 hex digits) as a number.
+/// An event id ([`new_event_id`]: 32 lower-case hex digits) as a number. Only that spelling:
+/// `from_str_radix` alone also takes a sign and upper case, and two ids spelled differently
+/// must never be taken for one (an agent would skip the second as applied).
 fn event_key(event_id: &str) -> Option<u128> {
-    (event_id.len() == 32)
+    let canonical = event_id.len() == 32
+        && event_id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    canonical
         .then(|| u128::from_str_radix(event_id, 16).ok())
         .flatten()
 }
@@ -298,12 +304,20 @@ mod tests {
             "abc",
             "not-a-uuid-but-32-characters-xyz",
             &"f".repeat(33),
+            // Numbers `from_str_radix` would read, spelled as no publisher spells an id.
+            &format!("+{}", "f".repeat(31)),
+            &"F".repeat(32),
         ] {
             assert!(recent.insert(odd), "{odd:?} is new every time");
             assert!(recent.insert(odd), "{odd:?} is new every time");
             assert!(!recent.contains(odd), "{odd:?}");
         }
         assert_eq!(recent.len(), 0);
+        // Nor taken for the id whose number they spell.
+        assert!(recent.insert(&"f".repeat(32)));
+        assert!(!recent.contains(&"F".repeat(32)));
+        assert!(recent.insert(&format!("0{}", "e".repeat(31))));
+        assert!(!recent.contains(&format!("+{}", "e".repeat(31))));
     }
 
     #[test]

@@ -847,19 +847,20 @@ impl InFlight {
     pub fn finish(self) -> Outcome {
         let took = self.started.elapsed();
         let persistent = self.persistent;
-        // Inserted in order, not collected: collecting sorts a copy first, a cost that showed
-        // in profiles of one-agent requests.
-        let mut agents = BTreeMap::new();
-        for (id, answer) in self.agents {
-            let outcome = answer.unwrap_or_else(|| match persistent.get(&id) {
-                Some(Some(unattended_for)) => AgentOutcome::Unattended {
-                    unattended_for: *unattended_for,
-                    after: took,
-                },
-                _ => AgentOutcome::TimedOut { after: took },
-            });
-            agents.insert(id, outcome);
-        }
+        let agents: BTreeMap<AgentId, AgentOutcome> = self
+            .agents
+            .into_iter()
+            .map(|(id, answer)| {
+                let outcome = answer.unwrap_or_else(|| match persistent.get(&id) {
+                    Some(Some(unattended_for)) => AgentOutcome::Unattended {
+                        unattended_for: *unattended_for,
+                        after: took,
+                    },
+                    _ => AgentOutcome::TimedOut { after: took },
+                });
+                (id, outcome)
+            })
+            .collect();
         for outcome in agents.values() {
             let kind = match outcome {
                 AgentOutcome::Applied { .. } => continue,
