@@ -104,7 +104,7 @@ async fn outcome(mut in_flight: cachecast_publisher::InFlight) -> cachecast_publ
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_in_hand_does_not_wait_for_a_slow_eviction_behind_it() {
     let gate = GatedCache::default();
-    let (stack, _agent, (_spy, mut copies)) =
+    let (stack, _agent, (spy, mut copies)) =
         agent_a1_watched(gate.clone(), "cachecast.v1.dev.live").await;
 
     // A scope eviction held at the gate; behind it, one of every response (which the gate lets
@@ -128,11 +128,30 @@ async fn an_ack_in_hand_does_not_wait_for_a_slow_eviction_behind_it() {
         .await
         .expect("published");
     // The copies reach the agent as they reach this spy: all three are there.
-    for _ in 0..3 {
-        tokio::time::timeout(Duration::from_secs(10), copies.next())
-            .await
-            .expect("a live copy")
-            .expect("the spy's subscription");
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(10), copies.next()).await {
+            Ok(Some(copy)) => seen.push(copy.headers.as_ref().and_then(|h| {
+                h.get(async_nats::header::NATS_SEQUENCE)
+                    .map(|v| v.to_string())
+            })),
+            Ok(None) => panic!("the spy's subscription ended"),
+            // Seen once in CI and not reproduced: say what the stream held.
+            Err(_) => {
+                let js = async_nats::jetstream::new(spy.clone());
+                let state = match js.get_stream("CACHECAST").await {
+                    Ok(mut stream) => format!("{:?}", stream.info().await.map(|i| i.state.clone())),
+                    Err(err) => err.to_string(),
+                };
+                panic!(
+                    "{} of 3 live copies within 10 s (sequences {seen:?}); published at {}, {}, {}; the stream: {state}",
+                    seen.len(),
+                    first.sequence(),
+                    everything.sequence(),
+                    slow.sequence()
+                );
+            }
+        }
     }
 
     gate.let_one_through();
