@@ -151,9 +151,7 @@ impl Inner {
             );
         }
     }
-}
 
-impl Inner {
     /// The request metrics of `env`. Registered once: registering builds the labelled key
     /// and looks it up, which per request cost more than recording.
     fn request_metrics(&self, env: &EnvId) -> Arc<RequestMetrics> {
