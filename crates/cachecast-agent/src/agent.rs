@@ -413,6 +413,9 @@ impl<B: CacheBackend> Agent<B> {
         let span = tracing::info_span!("agent", env = %self.env, agent = %self.id);
         async move {
             self.config.check(&self.bus)?;
+            // A cache of this process serves nothing until publishers can know of it: until
+            // its presence is stored, below. What it held before is flushed on the way.
+            self.backend.set_serving(false);
             self.refuse_unsupported_cache().await?;
             if self.config.cache_id.is_some() && self.cache.is_none() {
                 tracing::warn!("agent.cache_id is ignored: this backend's cache ends with the agent");
@@ -507,9 +510,6 @@ impl<B: CacheBackend> Agent<B> {
             if point.resume_after.is_none() {
                 retry("flush the cache", || self.flush("start")).await;
             }
-            // A cache whose previous agent stopped (in the same process) serves again. (Before
-            // publishers have seen this agent's presence: see "Not yet built" in ARCHITECTURE.)
-            self.backend.set_serving(true);
             // Catch up before saying it is live: the events published while the cache was
             // unattended, in order (publishers still waiting for them get their acks).
             if let Some(resumed_from) = point.resume_after.filter(|_| pending > 0) {
@@ -642,6 +642,10 @@ impl<B: CacheBackend> Agent<B> {
                     }
                 }
             };
+            // Only now may a cache of this process serve (again, if a previous agent stopped):
+            // its presence is stored, so every request from here on expects it (publishers
+            // read their view through to the presence bucket's last write first).
+            self.backend.set_serving(true);
             self.live.store(true, Ordering::Relaxed);
             let cache = self.cache.as_ref().map_or("none", CacheId::as_str);
             tracing::info!(backend = self.backend.kind(), %cache, "agent is live");

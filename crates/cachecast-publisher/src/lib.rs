@@ -19,7 +19,7 @@ pub mod server;
 pub mod service;
 pub mod validate;
 
-pub use membership::{KnownCache, LiveAgent, Progress};
+pub use membership::{KnownCache, LiveAgent, Progress, ViewBehind};
 pub use outcome::{AgentOutcome, Outcome};
 pub use publisher::{
     InFlight, InvalidationRequest, PublishError, Publisher, PublisherError, Unavailable,

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use cachecast_bus::{CachesConfig, Client, JetStream, PresenceConfig};
 use cachecast_proto::{
     AgentId, CacheId, CacheRegistration, EnvId, Presence, Wire, parse_cache_key, parse_presence_key,
@@ -137,6 +138,45 @@ pub(crate) enum Feed {
     Caches,
 }
 
+impl Feed {
+    fn index(self) -> usize {
+        match self {
+            Feed::Presence => 0,
+            Feed::Caches => 1,
+        }
+    }
+
+    fn bucket(self) -> &'static str {
+        match self {
+            Feed::Presence => "presence",
+            Feed::Caches => "caches",
+        }
+    }
+}
+
+/// Why a request could not be shown a view that holds every write its environment's buckets
+/// held when it came: it is answered `503`, since an agent or cache the view has not seen yet
+/// may already be serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewBehind {
+    #[error(
+        "could not ask the {bucket} bucket for its last write (is JetStream up? the request may be retried): {reason}"
+    )]
+    Unreadable {
+        bucket: &'static str,
+        reason: String,
+    },
+    #[error(
+        "the {bucket} bucket holds revision {holds} for this environment, and the view had applied only {applied} after {within:?} (its watch is slow or stalled; the request may be retried)"
+    )]
+    Late {
+        bucket: &'static str,
+        holds: u64,
+        applied: u64,
+        within: Duration,
+    },
+}
+
 #[derive(Debug)]
 struct Member {
     seen_at: Instant,
@@ -172,6 +212,9 @@ pub(crate) struct Membership {
     synced: watch::Sender<bool>,
     /// Per feed: replayed and current.
     feeds_synced: Mutex<(bool, bool)>,
+    /// Per feed (presence, caches): the highest revision of its bucket the view holds, in the
+    /// current reading of the bucket (0 until its replay is applied).
+    applied: [watch::Sender<u64>; 2],
     /// Why each feed last stopped following its bucket, for an error that says why.
     feed_failures: Mutex<(Option<String>, Option<String>)>,
     /// When the last agent attending each persistent cache left gracefully (its presence key
@@ -190,6 +233,7 @@ impl Membership {
             changes: watch::Sender::new(0),
             synced: watch::Sender::new(false),
             feeds_synced: Mutex::new((false, false)),
+            applied: [watch::Sender::new(0), watch::Sender::new(0)],
             feed_failures: Mutex::default(),
             departed: Mutex::default(),
             began: Instant::now(),
@@ -343,6 +387,74 @@ impl Membership {
                 Some(Err(_)) | None => member.seen_at = Instant::now(),
             }
         }
+    }
+
+    /// Waits until the view holds every write of `env` that the presence and caches buckets
+    /// held when this was called: one read of each bucket's last write for `env`, from its
+    /// stream's leader. An agent's in-process cache serves only after its presence is written,
+    /// and a persistent cache is registered before its agent flushes it; without this, a watch
+    /// that had not delivered such a write yet would leave a serving cache out of a request
+    /// sent after it began serving (a `200` while it still held what the request covers).
+    pub(crate) async fn read_through(
+        &self,
+        env: &EnvId,
+        presence: &kv::Store,
+        caches: &kv::Store,
+        within: Duration,
+    ) -> Result<(), ViewBehind> {
+        let deadline = tokio::time::Instant::now() + within;
+        let (presence, caches) = tokio::join!(
+            self.read_feed_through(env, Feed::Presence, presence, deadline, within),
+            self.read_feed_through(env, Feed::Caches, caches, deadline, within),
+        );
+        presence.and(caches)
+    }
+
+    async fn read_feed_through(
+        &self,
+        env: &EnvId,
+        feed: Feed,
+        store: &kv::Store,
+        deadline: tokio::time::Instant,
+        within: Duration,
+    ) -> Result<(), ViewBehind> {
+        let bucket = feed.bucket();
+        let subject = format!("{}{env}.>", store.prefix);
+        let last = store.stream.get_last_raw_message_by_subject(&subject);
+        let holds = match tokio::time::timeout_at(deadline, last).await {
+            Ok(Ok(message)) => message.sequence,
+            Ok(Err(err)) if err.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
+            Ok(Err(err)) => {
+                return Err(ViewBehind::Unreadable {
+                    bucket,
+                    reason: err.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(ViewBehind::Unreadable {
+                    bucket,
+                    reason: format!("no answer within {within:?}"),
+                });
+            }
+        };
+        let mut applied = self.applied[feed.index()].subscribe();
+        let caught_up = tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= holds))
+            .await
+            .is_ok_and(|waited| waited.is_ok());
+        if caught_up {
+            return Ok(());
+        }
+        Err(ViewBehind::Late {
+            bucket,
+            holds,
+            applied: *applied.borrow(),
+            within,
+        })
+    }
+
+    /// The view now holds `feed`'s bucket up to `revision` (0: it is being read again).
+    fn set_applied(&self, feed: Feed, revision: u64) {
+        self.applied[feed.index()].send_if_modified(|a| std::mem::replace(a, revision) != revision);
     }
 
     pub(crate) fn expected(&self, env: &EnvId, serving: Option<&str>) -> Vec<ExpectedCache> {
@@ -791,6 +903,7 @@ async fn follow_once(follower: &Follower, membership: &Membership) -> String {
     let feed = follower.feed;
     let mut replayed = stored == 0;
     let replay_started = Instant::now();
+    membership.set_applied(feed, 0);
     membership.set_synced(feed, replayed);
     let mut replay = Vec::new();
     let mut tick = tokio::time::interval(TICK);
@@ -820,6 +933,7 @@ async fn follow_once(follower: &Follower, membership: &Membership) -> String {
                     && info.state.messages == 0
                 {
                     apply_replay(membership, &mut replay);
+                    membership.set_applied(feed, seen.revision);
                     membership.set_synced(feed, true);
                     replayed = true;
                     continue;
@@ -847,6 +961,7 @@ async fn follow_once(follower: &Follower, membership: &Membership) -> String {
         seen.revision = seen.revision.max(entry.revision);
         if feed == Feed::Caches {
             membership.apply_cache(&entry);
+            membership.set_applied(feed, seen.revision);
             if !replayed && entry.delta == 0 {
                 membership.set_synced(feed, true);
                 replayed = true;
@@ -856,12 +971,14 @@ async fn follow_once(follower: &Follower, membership: &Membership) -> String {
         if replayed {
             // A live change: it happened just now.
             membership.apply(&entry, Duration::ZERO);
+            membership.set_applied(feed, seen.revision);
             continue;
         }
         let last = entry.delta == 0;
         replay.push(entry);
         if last {
             apply_replay(membership, &mut replay);
+            membership.set_applied(feed, seen.revision);
             membership.set_synced(feed, true);
             replayed = true;
         }

@@ -14,7 +14,9 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::membership::{self, ExpectedCache, Feed, Follower, KnownCache, LiveAgent, Membership};
+use crate::membership::{
+    self, ExpectedCache, Feed, Follower, KnownCache, LiveAgent, Membership, ViewBehind,
+};
 use crate::outcome::{AgentOutcome, Outcome};
 
 /// How long [`Publisher::start`] waits for its first full view of live agents.
@@ -69,6 +71,9 @@ pub enum Unavailable {
     /// The caches bucket (registrations of persistent caches) did not answer.
     #[error("the caches bucket did not answer: {0}")]
     Caches(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The view could not be shown to hold the buckets' last writes for the environment.
+    #[error(transparent)]
+    ViewBehind(#[from] ViewBehind),
 }
 
 impl Unavailable {
@@ -81,6 +86,7 @@ impl Unavailable {
             Unavailable::Publish(_) => "publish",
             Unavailable::Stream(_) => "stream",
             Unavailable::Caches(_) => "caches_bucket",
+            Unavailable::ViewBehind(_) => "view_behind",
         }
     }
 }
@@ -475,6 +481,16 @@ impl Publisher {
         if !inner.membership.is_synced() {
             return Err(Unavailable::NotSynced.into());
         }
+        inner
+            .membership
+            .read_through(
+                &request.env,
+                &inner.presence,
+                &inner.caches,
+                inner.request_timeout,
+            )
+            .await
+            .map_err(Unavailable::from)?;
         // The expected set is fixed before publishing: an agent announces itself only after
         // its consumer exists, so every agent in this set will receive the event. A keyed
         // cache is cleared by the agents that serve it.
