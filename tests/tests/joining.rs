@@ -16,6 +16,9 @@ use cachecast_publisher::InvalidationRequest;
 /// Presences written just before a request, one per round: the watch that feeds the
 /// publisher's view races each request, so some rounds would leave the newcomer out.
 const ROUNDS: usize = 20;
+/// Writes of another environment stored just before each newcomer's: its watch delivers them
+/// first, so it lags well behind the request's own round trip to the stream.
+const AHEAD: usize = 1000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_expects_every_agent_whose_presence_was_stored_before_it() {
@@ -24,6 +27,24 @@ async fn a_request_expects_every_agent_whose_presence_was_stored_before_it() {
     let js = async_nats::jetstream::new(writer);
     let bucket = &stack.bus.presence.bucket;
     for n in 0..ROUNDS {
+        let mut ahead = Vec::with_capacity(AHEAD);
+        for k in 0..AHEAD {
+            let other = Presence {
+                agent_id: format!("busy-{k}"),
+                env: "other".into(),
+                heartbeat_ms: 60_000,
+                ..Default::default()
+            };
+            let subject = format!("$KV.{bucket}.other.busy-{k}");
+            ahead.push(
+                js.publish(subject, other.to_bytes())
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for stored in ahead {
+            stored.await.expect("stored");
+        }
         let joiner = format!("joiner-{n}");
         // An agent that announced itself (it applies nothing: these rounds only look at
         // whom the request expected).

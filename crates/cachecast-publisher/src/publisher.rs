@@ -481,28 +481,6 @@ impl Publisher {
         if !inner.membership.is_synced() {
             return Err(Unavailable::NotSynced.into());
         }
-        inner
-            .membership
-            .read_through(
-                &request.env,
-                &inner.presence,
-                &inner.caches,
-                inner.request_timeout,
-            )
-            .await
-            .map_err(Unavailable::from)?;
-        // The expected set is fixed before publishing: an agent announces itself only after
-        // its consumer exists, so every agent in this set will receive the event. A keyed
-        // cache is cleared by the agents that serve it.
-        let serving = match &request.target {
-            Target::Keyed(selector) => Some(selector.cache.as_str()),
-            _ => None,
-        };
-        inner
-            .membership
-            .confirm_lapsed(&request.env, &inner.presence, inner.request_timeout)
-            .await;
-        let expected = inner.membership.expected(&request.env, serving);
         let event_id = cachecast_proto::new_event_id();
         let (tx, rx) = mpsc::unbounded_channel();
         let registration = Registration::new(inner.clone(), &event_id, &request.env, tx);
@@ -518,14 +496,41 @@ impl Publisher {
             target: Some(request.target.clone()),
         };
         let publish = tokio::time::timeout(inner.request_timeout, self.publish(request, event));
-        let sequence = match publish.await {
+        // While the event is published, the view is read through to the buckets' last writes
+        // for the environment (`Membership::read_through`): every agent whose presence, and
+        // every cache whose registration, was stored before this request came is expected.
+        let read_through = inner.membership.read_through(
+            &request.env,
+            &inner.presence,
+            &inner.caches,
+            inner.request_timeout,
+        );
+        let (published, read_through) = tokio::join!(publish, read_through);
+        let sequence = match published {
             Ok(result) => result,
             Err(_) => Err(Unavailable::NotAcknowledged(inner.request_timeout).into()),
         }
+        // A view not shown complete is a `503` even for a stored event: its agents apply it,
+        // and a retry is harmless.
+        .and_then(|sequence| read_through.map(|()| sequence).map_err(|e| Unavailable::from(e).into()))
         .inspect_err(|_| {
             metrics::counter!("cachecast_invalidations_total", "env" => request.env.to_string(), "outcome" => "unavailable")
                 .increment(1);
         })?;
+        // The expected set is fixed once the event is stored: an agent announces itself only
+        // after its consumer exists, so every agent in it receives the event, unless it
+        // announced itself in the instant between the event's storing and the read-through
+        // with a consumer begun after the event (it flushed after the event; its missing ack
+        // is a `424` at worst). A keyed cache is cleared by the agents that serve it.
+        let serving = match &request.target {
+            Target::Keyed(selector) => Some(selector.cache.as_str()),
+            _ => None,
+        };
+        inner
+            .membership
+            .confirm_lapsed(&request.env, &inner.presence, inner.request_timeout)
+            .await;
+        let expected = inner.membership.expected(&request.env, serving);
         tracing::debug!(request_id = %request.request_id, %event_id, sequence, expected = expected.len(), kind = request.target.kind(), "event published");
         let metrics = inner.request_metrics(&request.env);
         let mut nodes = Nodes::default();
