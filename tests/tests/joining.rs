@@ -11,7 +11,7 @@ use cachecast_agent::{Agent, AgentConfig, MemoryCache};
 use cachecast_bus::BusConfig;
 use cachecast_e2e::{Stack, env_id, eventually, init_logs, start_publisher};
 use cachecast_proto::{AgentId, Presence, Target, Wire};
-use cachecast_publisher::InvalidationRequest;
+use cachecast_publisher::{InvalidationRequest, Outcome, Publisher};
 
 /// Presences written just before a request, one per round: the watch that feeds the
 /// publisher's view races each request, so some rounds would leave the newcomer out.
@@ -19,6 +19,22 @@ const ROUNDS: usize = 20;
 /// Writes of another environment stored just before each newcomer's: its watch delivers them
 /// first, so it lags well behind the request's own round trip to the stream.
 const AHEAD: usize = 1000;
+
+/// Invalidates every response of `dev` and waits for its acks (or `timeout`).
+async fn everything(publisher: &Publisher, request_id: &str, timeout: Duration) -> Outcome {
+    let mut in_flight = publisher
+        .begin(InvalidationRequest {
+            env: env_id("dev"),
+            target: Target::Response(Default::default()),
+            request_id: request_id.into(),
+            timeout,
+            caller: None,
+        })
+        .await
+        .expect("published");
+    while in_flight.next_ack().await.is_some() {}
+    in_flight.finish()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_expects_every_agent_whose_presence_was_stored_before_it() {
@@ -59,19 +75,12 @@ async fn a_request_expects_every_agent_whose_presence_was_stored_before_it() {
             .expect("publish the presence")
             .await
             .expect("the presence is stored");
-        let mut in_flight = stack
-            .publisher
-            .begin(InvalidationRequest {
-                env: env_id("dev"),
-                target: Target::Response(Default::default()),
-                request_id: format!("after-{joiner}"),
-                timeout: Duration::from_millis(100),
-                caller: None,
-            })
-            .await
-            .expect("published");
-        while in_flight.next_ack().await.is_some() {}
-        let outcome = in_flight.finish();
+        let outcome = everything(
+            &stack.publisher,
+            &format!("after-{joiner}"),
+            Duration::from_millis(100),
+        )
+        .await;
         let joiner = AgentId::new(&joiner).expect("agent id");
         assert!(
             outcome.agents.contains_key(&joiner),
@@ -141,18 +150,7 @@ async fn a_memory_cache_serves_nothing_until_its_agent_is_announced() {
         stopped.await.ok();
     }));
     // The first request after the start expects the agent, and is applied by it.
-    let mut in_flight = publisher
-        .begin(InvalidationRequest {
-            env: env_id("dev"),
-            target: Target::Response(Default::default()),
-            request_id: "after-start".into(),
-            timeout: Duration::from_secs(10),
-            caller: None,
-        })
-        .await
-        .expect("published");
-    while in_flight.next_ack().await.is_some() {}
-    let outcome = in_flight.finish();
+    let outcome = everything(&publisher, "after-start", Duration::from_secs(10)).await;
     assert!(
         outcome.confirmed()
             && outcome
