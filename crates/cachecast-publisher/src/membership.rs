@@ -13,12 +13,11 @@
 //! been replayed, because heartbeats missed meanwhile would otherwise make live agents look gone.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use cachecast_bus::{CachesConfig, Client, JetStream, PresenceConfig};
 use cachecast_proto::{
     AgentId, CacheId, CacheRegistration, EnvId, Presence, Wire, parse_cache_key, parse_presence_key,
@@ -154,20 +153,91 @@ impl Feed {
     }
 }
 
+/// Requests asking for the buckets' last revisions, and the last answer.
+#[derive(Debug, Default)]
+struct Reads {
+    /// How many requests asked so far: a read that began after the `n`th asked covers it.
+    asked: AtomicU64,
+    wake: tokio::sync::Notify,
+    done: watch::Sender<Reading>,
+}
+
+/// One read of both buckets' last revisions.
+#[derive(Debug, Clone)]
+struct Reading {
+    /// Every request up to this count asked before the read began.
+    covers: u64,
+    /// The last revision of each bucket (presence, caches), or why it could not be read.
+    revisions: Result<[u64; 2], ViewBehind>,
+}
+
+impl Default for Reading {
+    fn default() -> Self {
+        Self {
+            covers: 0,
+            revisions: Ok([0, 0]),
+        }
+    }
+}
+
+/// Answers [`Membership::read_through`]: whenever requests asked, reads both buckets' streams
+/// (`STREAM.INFO`, from each stream's leader) and hands the last revisions to every request
+/// that asked before the read began. One read at a time, so under load many requests share
+/// one. Runs until the task is dropped.
+pub(crate) async fn read_revisions(
+    membership: Arc<Membership>,
+    presence: async_nats::jetstream::stream::Stream,
+    caches: async_nats::jetstream::stream::Stream,
+    within: Duration,
+) {
+    let reads = &membership.reads;
+    loop {
+        reads.wake.notified().await;
+        let covers = reads.asked.load(Ordering::SeqCst);
+        let (presence, caches) = tokio::join!(
+            last_revision(&presence, Feed::Presence, within),
+            last_revision(&caches, Feed::Caches, within),
+        );
+        let revisions = presence.and_then(|p| caches.map(|c| [p, c]));
+        reads.done.send_replace(Reading { covers, revisions });
+    }
+}
+
+/// The revision the watch of `feed`'s bucket must reach to hold everything the bucket holds:
+/// its stream's last sequence, or 0 when it holds nothing (its last writes expired, and a
+/// replay would not bring them). Keys expire oldest first, and a key's newer write replaces
+/// its older one, so a bucket that holds anything holds its last write.
+async fn last_revision(
+    stream: &async_nats::jetstream::stream::Stream,
+    feed: Feed,
+    within: Duration,
+) -> Result<u64, ViewBehind> {
+    let unreadable = |reason: String| ViewBehind::Unreadable {
+        bucket: feed.bucket(),
+        reason,
+    };
+    match tokio::time::timeout(within, stream.get_info()).await {
+        Ok(Ok(info)) if info.state.messages == 0 => Ok(0),
+        Ok(Ok(info)) => Ok(info.state.last_sequence),
+        Ok(Err(err)) => Err(unreadable(err.to_string())),
+        Err(_) => Err(unreadable(format!("no answer within {within:?}"))),
+    }
+}
+
 /// Why a request could not be shown a view that holds every write its environment's buckets
 /// held when it came: it is answered `503`, since an agent or cache the view has not seen yet
 /// may already be serving.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ViewBehind {
     #[error(
-        "could not ask the {bucket} bucket for its last write (is JetStream up? the request may be retried): {reason}"
+        "could not ask the {bucket} bucket for its last revision (is JetStream up? the request may be retried): {reason}"
     )]
     Unreadable {
         bucket: &'static str,
         reason: String,
     },
     #[error(
-        "the {bucket} bucket holds revision {holds} for this environment, and the view had applied only {applied} after {within:?} (its watch is slow or stalled; the request may be retried)"
+        "the {bucket} bucket is at revision {holds}, and the view had applied only {applied} after {within:?} (its watch is slow or stalled; the request may be retried)"
     )]
     Late {
         bucket: &'static str,
@@ -215,6 +285,8 @@ pub(crate) struct Membership {
     /// Per feed (presence, caches): the highest revision of its bucket the view holds, in the
     /// current reading of the bucket (0 until its replay is applied).
     applied: [watch::Sender<u64>; 2],
+    /// Reads of the buckets' last revisions, shared by the requests waiting on them.
+    reads: Reads,
     /// Why each feed last stopped following its bucket, for an error that says why.
     feed_failures: Mutex<(Option<String>, Option<String>)>,
     /// When the last agent attending each persistent cache left gracefully (its presence key
@@ -234,6 +306,7 @@ impl Membership {
             synced: watch::Sender::new(false),
             feeds_synced: Mutex::new((false, false)),
             applied: [watch::Sender::new(0), watch::Sender::new(0)],
+            reads: Reads::default(),
             feed_failures: Mutex::default(),
             departed: Mutex::default(),
             began: Instant::now(),
@@ -389,67 +462,46 @@ impl Membership {
         }
     }
 
-    /// Waits until the view holds every write of `env` that the presence and caches buckets
-    /// held when this was called: one read of each bucket's last write for `env`, from its
-    /// stream's leader. An agent's in-process cache serves only after its presence is written,
-    /// and a persistent cache is registered before its agent flushes it; without this, a watch
-    /// that had not delivered such a write yet would leave a serving cache out of a request
-    /// sent after it began serving (a `200` while it still held what the request covers).
-    pub(crate) async fn read_through(
-        &self,
-        env: &EnvId,
-        presence: &kv::Store,
-        caches: &kv::Store,
-        within: Duration,
-    ) -> Result<(), ViewBehind> {
+    /// Waits until the view holds every write the presence and caches buckets held when this
+    /// was called. An agent's in-process cache serves only after its presence is written, and
+    /// a persistent cache is registered before its agent flushes it; without this, a watch that
+    /// had not delivered such a write yet would leave a serving cache out of a request sent
+    /// after it began serving (a `200` while it still held what the request covers).
+    ///
+    /// The buckets' last revisions come from [`read_revisions`], one read of both streams'
+    /// leaders shared by every request that asked before the read began.
+    pub(crate) async fn read_through(&self, within: Duration) -> Result<(), ViewBehind> {
         let deadline = tokio::time::Instant::now() + within;
-        let (presence, caches) = tokio::join!(
-            self.read_feed_through(env, Feed::Presence, presence, deadline, within),
-            self.read_feed_through(env, Feed::Caches, caches, deadline, within),
-        );
-        presence.and(caches)
-    }
-
-    async fn read_feed_through(
-        &self,
-        env: &EnvId,
-        feed: Feed,
-        store: &kv::Store,
-        deadline: tokio::time::Instant,
-        within: Duration,
-    ) -> Result<(), ViewBehind> {
-        let bucket = feed.bucket();
-        let subject = format!("{}{env}.>", store.prefix);
-        let last = store.stream.get_last_raw_message_by_subject(&subject);
-        let holds = match tokio::time::timeout_at(deadline, last).await {
-            Ok(Ok(message)) => message.sequence,
-            Ok(Err(err)) if err.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
-            Ok(Err(err)) => {
-                return Err(ViewBehind::Unreadable {
-                    bucket,
-                    reason: err.to_string(),
+        let ticket = self.reads.asked.fetch_add(1, Ordering::SeqCst) + 1;
+        self.reads.wake.notify_one();
+        let mut done = self.reads.done.subscribe();
+        let holds =
+            match tokio::time::timeout_at(deadline, done.wait_for(|r| r.covers >= ticket)).await {
+                Ok(Ok(reading)) => reading.revisions.clone()?,
+                // The sender lives in `self`: only the deadline ends the wait.
+                _ => {
+                    return Err(ViewBehind::Unreadable {
+                        bucket: "presence and caches",
+                        reason: format!("no answer within {within:?}"),
+                    });
+                }
+            };
+        for feed in [Feed::Presence, Feed::Caches] {
+            let holds = holds[feed.index()];
+            let mut applied = self.applied[feed.index()].subscribe();
+            let caught_up = tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= holds))
+                .await
+                .is_ok_and(|waited| waited.is_ok());
+            if !caught_up {
+                return Err(ViewBehind::Late {
+                    bucket: feed.bucket(),
+                    holds,
+                    applied: *applied.borrow(),
+                    within,
                 });
             }
-            Err(_) => {
-                return Err(ViewBehind::Unreadable {
-                    bucket,
-                    reason: format!("no answer within {within:?}"),
-                });
-            }
-        };
-        let mut applied = self.applied[feed.index()].subscribe();
-        let caught_up = tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= holds))
-            .await
-            .is_ok_and(|waited| waited.is_ok());
-        if caught_up {
-            return Ok(());
         }
-        Err(ViewBehind::Late {
-            bucket,
-            holds,
-            applied: *applied.borrow(),
-            within,
-        })
+        Ok(())
     }
 
     /// The view now holds `feed`'s bucket up to `revision` (0: it is being read again).

@@ -252,6 +252,12 @@ impl Publisher {
                 caches.clone(),
                 bus.presence.forget_unattended_after,
             )),
+            tokio::spawn(membership::read_revisions(
+                membership.clone(),
+                presence.stream.clone(),
+                caches.stream.clone(),
+                bus.nats.request_timeout,
+            )),
         ];
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
             let demux = tokio::spawn(demux_acks(acks, weak.clone()));
@@ -497,14 +503,9 @@ impl Publisher {
         };
         let publish = tokio::time::timeout(inner.request_timeout, self.publish(request, event));
         // While the event is published, the view is read through to the buckets' last writes
-        // for the environment (`Membership::read_through`): every agent whose presence, and
-        // every cache whose registration, was stored before this request came is expected.
-        let read_through = inner.membership.read_through(
-            &request.env,
-            &inner.presence,
-            &inner.caches,
-            inner.request_timeout,
-        );
+        // (`Membership::read_through`): every agent whose presence, and every cache whose
+        // registration, was stored before this request came is expected.
+        let read_through = inner.membership.read_through(inner.request_timeout);
         let (published, read_through) = tokio::join!(publish, read_through);
         let sequence = match published {
             Ok(result) => result,
