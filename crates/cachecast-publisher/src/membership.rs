@@ -203,10 +203,19 @@ pub(crate) async fn read_revisions(
     }
 }
 
-/// The revision the watch of `feed`'s bucket must reach to hold everything the bucket holds:
-/// its stream's last sequence, or 0 when it holds nothing (its last writes expired, and a
-/// replay would not bring them). Keys expire oldest first, and a key's newer write replaces
-/// its older one, so a bucket that holds anything holds its last write.
+/// The revision a bucket's watch must reach to hold everything the bucket holds: its stream's
+/// last sequence, or 0 when it holds nothing (its last writes expired, and no watch would
+/// deliver them). Keys expire oldest first, and a key's newer write replaces its older one, so
+/// a bucket that holds anything holds its last write.
+fn revision_held(state: &async_nats::jetstream::stream::State) -> u64 {
+    if state.messages == 0 {
+        0
+    } else {
+        state.last_sequence
+    }
+}
+
+/// [`revision_held`] of `feed`'s bucket, asked of its stream's leader.
 async fn last_revision(
     stream: &async_nats::jetstream::stream::Stream,
     feed: Feed,
@@ -217,8 +226,7 @@ async fn last_revision(
         reason,
     };
     match tokio::time::timeout(within, stream.get_info()).await {
-        Ok(Ok(info)) if info.state.messages == 0 => Ok(0),
-        Ok(Ok(info)) => Ok(info.state.last_sequence),
+        Ok(Ok(info)) => Ok(revision_held(&info.state)),
         Ok(Err(err)) => Err(unreadable(err.to_string())),
         Err(_) => Err(unreadable(format!("no answer within {within:?}"))),
     }
@@ -481,7 +489,7 @@ impl Membership {
                 // The sender lives in `self`: only the deadline ends the wait.
                 _ => {
                     return Err(ViewBehind::Unreadable {
-                        bucket: "presence and caches",
+                        bucket: "presence or caches",
                         reason: format!("no answer within {within:?}"),
                     });
                 }
@@ -994,12 +1002,12 @@ async fn follow_once(follower: &Follower, membership: &Membership) -> String {
                 // agents out on a stale view: compare it with the bucket's stream.
                 if replayed
                     && let Ok(info) = stream.info().await
-                    && let Some(behind) = seen.behind(info.state.last_sequence, Instant::now())
+                    && let Some(behind) = seen.behind(revision_held(&info.state), Instant::now())
                     && behind >= WATCH_STALE_AFTER
                 {
                     return format!(
                         "the watch stopped delivering: the bucket is at revision {}, the watch at {} for {behind:?}",
-                        info.state.last_sequence, seen.revision
+                        revision_held(&info.state), seen.revision
                     );
                 }
                 continue;
@@ -1129,6 +1137,29 @@ mod tests {
             }
             assert!(membership.is_synced(), "{}", membership.why_not_synced());
         }
+    }
+
+    /// A stream's state as the server reports it.
+    fn state(messages: u64, last_seq: u64) -> async_nats::jetstream::stream::State {
+        serde_json::from_value(serde_json::json!({
+            "messages": messages, "bytes": 0, "first_seq": last_seq + 1 - messages.min(last_seq),
+            "first_ts": "2026-12-01T00:00:00Z", "last_seq": last_seq,
+            "last_ts": "2026-12-01T00:00:00Z", "consumer_count": 1,
+        }))
+        .expect("a stream state")
+    }
+
+    #[test]
+    fn an_emptied_bucket_holds_nothing_to_wait_for() {
+        assert_eq!(revision_held(&state(3, 10)), 10);
+        // Every key expired: its writes are gone, no watch delivers them, and a watch that
+        // replayed nothing is not behind (nor a request's read-through).
+        assert_eq!(revision_held(&state(0, 10)), 0);
+        let mut seen = WatchProgress::default();
+        assert_eq!(
+            seen.behind(revision_held(&state(0, 10)), Instant::now()),
+            None
+        );
     }
 
     #[test]
